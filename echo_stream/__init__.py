@@ -1,0 +1,2 @@
+"""echo-stream: streaming interactive head generation (ECHO)."""
+__version__ = "0.1.0"

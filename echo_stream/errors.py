@@ -1,0 +1,35 @@
+"""Error types whose message is one line a user can act on."""
+from __future__ import annotations
+
+import os
+
+
+class EchoStreamError(Exception):
+    """Base class of every error echo-stream raises on purpose."""
+
+
+class InputError(EchoStreamError):
+    """A user-supplied input (file, message, argument) is unusable.
+
+    ``str(err)`` is one line: ``<what>: <problem>`` so that the CLI can print it
+    as is.
+    """
+
+    def __init__(self, what: str | os.PathLike, problem: str):
+        self.what = str(what)
+        self.problem = problem.strip().replace("\n", " ")
+        super().__init__(f"{self.what}: {self.problem}")
+
+
+class SchemaError(EchoStreamError):
+    """An Arrow batch crossing a stage boundary does not match its contract."""
+
+    def __init__(self, message_type: str, field: str, problem: str):
+        self.message_type = message_type
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{message_type} batch: field '{field}': {problem}")
+
+
+class CheckpointError(EchoStreamError):
+    """A checkpoint cannot be loaded (missing, corrupt, or config mismatch)."""

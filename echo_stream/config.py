@@ -1,0 +1,96 @@
+"""Named model configurations and pipeline constants.
+
+``tiny`` is the CPU default (real time on 2 cores); ``base`` is the GPU
+reference shape of the brief (d_model 512, 12 layers, 8 heads x 64,
+25 frames x 8 region tokens = 200 query tokens per window).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from . import motion
+
+SAMPLE_RATE = 16_000          # decoded audio: 16 kHz mono float32
+FPS = motion.FPS              # motion and video frames per second
+MEL_BINS = 80                 # log-mel bins
+MEL_HOP = SAMPLE_RATE // 50   # 50 Hz feature rate -> 320 samples
+MELS_PER_FRAME = 2            # two 50 Hz feature frames per 25 fps video frame
+PROSODY_DIM = 3               # log-energy, log-f0 (normalised), voicing probability
+AUDIO_FEAT_DIM = MEL_BINS + PROSODY_DIM
+USER_VIDEO_DIM = 16           # behaviour features computed from the user's webcam frames
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int = 32
+    ff_mult: int = 2
+    #: tokens per region block, in motion.REGIONS order (lips first, so that lip tokens fill whole kernel tiles)
+    region_tokens: tuple[int, ...] = (1, 1, 1, 1, 1)
+    window_frames: int = 20       # frames generated per model call (overlap + new)
+    overlap_frames: int = 4       # previous-motion frames fed back as known context
+    lookahead_frames: int = 2     # 2 frames = 80 ms of future audio
+    memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
+    memory_summary_tokens: int = 4
+    transcript_dim: int = 64      # hashed n-gram transcript embedding size
+    transcript_buckets: int = 4096
+    sampler_steps: int = 4
+    audio_dim: int = AUDIO_FEAT_DIM
+    mels_per_frame: int = MELS_PER_FRAME
+    user_video_dim: int = USER_VIDEO_DIM
+    motion_dim: int = motion.NUM_CHANNELS
+    fps: int = FPS
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def new_frames(self) -> int:
+        return self.window_frames - self.overlap_frames
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return sum(self.region_tokens)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "region_tokens" in d:
+            d["region_tokens"] = tuple(d["region_tokens"])
+        return cls(**d)
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "base": ModelConfig(
+        name="base", d_model=512, n_layers=12, n_heads=8, head_dim=64, ff_mult=4,
+        region_tokens=(2, 2, 1, 1, 2), window_frames=25, overlap_frames=5,
+        memory_slots=32, memory_summary_tokens=8, transcript_dim=128,
+    ),
+}
+
+
+def get_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """A named config (``tiny``, ``base``) or a JSON file of ModelConfig fields."""
+    key = str(name_or_path)
+    if key in CONFIGS:
+        return CONFIGS[key]
+    if os.path.isfile(key):
+        with open(key) as f:
+            try:
+                return ModelConfig.from_dict(json.load(f))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{key}: not a valid model config: {e}") from None
+    raise ValueError(f"unknown config '{key}': use one of {', '.join(CONFIGS)} or a path to a JSON config file")

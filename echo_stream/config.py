@@ -48,6 +48,13 @@ class ModelConfig:
     motion_dim: int = motion.NUM_CHANNELS
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
+    #: cross-attention fusion: "sdcm" (decoupled audio / user+context branches, lip tokens audio-only)
+    #: or "entangled" (ablation: one softmax over concatenated audio+user+context keys for every token)
+    fusion: str = "sdcm"
+    #: initial value of the learned per-head SDCM user gate, before the sigmoid (sigmoid(-2) ~ 0.12)
+    gate_init: float = -2.0
+    #: frames over which the sampler fades out its seam correction after the overlap (0 = off)
+    seam_blend_frames: int = 6
 
     @property
     def new_frames(self) -> int:

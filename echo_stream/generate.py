@@ -1,0 +1,183 @@
+"""``echo-stream generate``: files in -> mp4 (H.264 + AAC) and motion Parquet out, through the streaming pipeline.
+
+Inputs are checked before anything starts (a clear one-line error naming the
+file); outputs are written under temporary names and renamed into place only
+when complete, so a failure never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import config, media, motion, render, schemas, transcript
+from .errors import EchoStreamError, InputError
+from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateRequest:
+    portrait: str
+    avatar_audio: str
+    out: str | None = None
+    user_video: str | None = None
+    user_audio: str | None = None
+    transcript: str | None = None
+    motion_out: str | None = None
+    landmarks: str | None = None
+    checkpoint: str | None = None
+    config: str | None = None
+    size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+
+
+def motion_table(frames: np.ndarray, values: np.ndarray) -> pa.Table:
+    """Motion as a table: ``frame``, ``pts`` (s), then one float32 column per channel (ARKit names, head pose)."""
+    cols = {"frame": pa.array(frames.astype(np.int64)), "pts": pa.array(frames / config.FPS, pa.float64())}
+    for i, name in enumerate(motion.CHANNELS):
+        cols[name] = pa.array(values[:, i].astype(np.float32))
+    return pa.table(cols)
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_output(path: str, what: str) -> None:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(d):
+        raise InputError(path, f"{what}: directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise InputError(path, f"{what}: directory {d} is not writable")
+    if os.path.isdir(path):
+        raise InputError(path, f"{what}: is a directory, give a file name")
+
+
+def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
+    """Check every input up front; returns (transcript segments, the placed portrait)."""
+    if req.size <= 0 or req.size % 2:
+        raise InputError("--size", f"{req.size} is not a positive even number of pixels")
+    if req.out is None and req.motion_out is None:
+        raise InputError("-o/--out", "nothing to write: give -o OUT.mp4 and/or --motion-out MOTION.parquet")
+    if req.out is not None:
+        _check_output(req.out, "output video")
+    if req.motion_out is not None:
+        _check_output(req.motion_out, "motion output")
+    info = media.probe(req.avatar_audio)
+    if not info.has_audio:
+        raise InputError(req.avatar_audio, "no audio stream: --avatar-audio must contain the avatar's speech")
+    if req.user_video is not None:
+        if not media.probe(req.user_video).has_video:
+            raise InputError(req.user_video, "no video stream: --user-video must contain video")
+    if req.user_audio is not None and not media.probe(req.user_audio).has_audio:
+        raise InputError(req.user_audio, "no audio stream")
+    segments = transcript.load(req.transcript)
+    portrait = render.load_portrait(req.portrait, landmarks_path=req.landmarks)
+    return segments, portrait
+
+
+def unwrap_remote_error(e: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error (Ray wraps exceptions raised in actors)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return unwrap_remote_error(cause)
+    return e
+
+
+def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
+             address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Run one session end to end; returns timing figures (start-up separate from processing)."""
+    t0 = time.perf_counter()
+    segments, _ = validate_request(req)
+    audio_info = media.probe(req.avatar_audio)
+    opts = PipelineOptions(checkpoint=req.checkpoint, config=req.config, device=req.device,
+                           size=(req.size, req.size))
+    runner = RayRunner(opts, address=address, num_cpus=num_cpus) if use_ray else InlineRunner(opts)
+    writer = None
+    try:
+        setup_times = runner.setup()
+        startup_s = time.perf_counter() - t0
+        if req.out is not None:
+            writer = media.Mp4Writer(req.out, req.size, req.size, fps=config.FPS)
+        frames_out, motion_out = [], []
+        audio_samples = [0]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=round(audio_info.duration or 0, 2), unit="s audio", desc="generate",
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
+
+        def on_audio(samples: np.ndarray) -> None:
+            audio_samples[0] += len(samples)
+            if writer is not None:
+                writer.write_audio(samples)
+
+        def on_output(packet) -> None:
+            mw = packet.get(schemas.MOTION_WINDOW)
+            if mw is None or not mw.num_rows:
+                return
+            frames_out.append(schemas.column(mw, "frame"))
+            motion_out.append(schemas.column(mw, "motion"))
+            rf = packet.get(schemas.RENDERED_FRAMES)
+            if writer is not None and rf is not None:
+                writer.write(schemas.column(rf, "image"))
+
+        def on_progress(n_samples: int) -> None:
+            if bar is not None:
+                bar.update(min(n_samples / config.SAMPLE_RATE, bar.total - bar.n))
+
+        sid = f"generate-{uuid.uuid4().hex[:12]}"
+        inp = SessionInputs(portrait=req.portrait if req.out else None, avatar_audio=req.avatar_audio,
+                            user_video=req.user_video, user_audio=req.user_audio, transcript=segments,
+                            landmarks=req.landmarks, size=(req.size, req.size), seed=req.seed)
+        t_proc = time.perf_counter()
+        try:
+            run = stream_session(runner, sid, inp, on_audio, on_output, max_inflight=opts.max_inflight,
+                                 progress=on_progress)
+        except Exception as e:  # noqa: BLE001 - re-raised as the user-facing error
+            inner = unwrap_remote_error(e)
+            if inner is not e and isinstance(inner, EchoStreamError):
+                raise inner from None
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if writer is not None:
+            writer.close()
+        processing_s = time.perf_counter() - t_proc
+        frames = np.concatenate(frames_out) if frames_out else np.zeros(0, np.int64)
+        values = np.concatenate(motion_out) if motion_out else np.zeros((0, motion.NUM_CHANNELS), np.float32)
+        if req.motion_out is not None:
+            write_parquet_atomic(motion_table(frames, values), req.motion_out)
+        stats = runner.stats()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        runner.shutdown()
+    duration = audio_samples[0] / config.SAMPLE_RATE
+    return {
+        "audio_s": duration, "frames": int(len(frames)), "startup_s": startup_s, "setup_s": setup_times,
+        "processing_s": processing_s, "rtf": processing_s / max(duration, 1e-9),
+        "first_output_s": run["first_output_s"], "stages": stats,
+    }

@@ -1,0 +1,271 @@
+"""Pipeline wiring: stage hosts, the runners (inline or Ray actors), and the streaming session driver.
+
+::
+
+    ingress ─▶ decode ─▶ features ─▶ context memory ─▶ motion diffusion ─▶ render ─▶ egress
+
+The *same* driver loop (:func:`stream_session`) runs on either runner:
+
+* :class:`RayRunner` — each stage is a Ray actor (``echo_stream.actors``); the
+  driver chains object refs, so the stages work on consecutive chunks at the
+  same time; at most ``max_inflight`` chunks are in flight (backpressure);
+* :class:`InlineRunner` — the same stage objects called in-process (tests,
+  debugging, profiling).
+
+Chunks are fed in pts order as a live stream would arrive them: the driver
+pulls one chunk (``chunk_frames`` frames of audio) at a time from decode and
+never reads ahead of what it has submitted by more than ``max_inflight``
+chunks; features wait for 80 ms of lookahead at most.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import schemas
+from .stages import Packet, Stage
+from .stages.decode import DecodeStage
+from .stages.diffusion import DiffusionStage
+from .stages.features import FeaturesStage
+from .stages.memory import MemoryStage
+from .stages.render import RenderStage
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "features", "memory", "diffusion", "render")
+
+
+def load_model(checkpoint: str | None, config: str | None, device: str = "cpu"):
+    """Load the model a stage runs: a checkpoint path, or the bundled default checkpoint."""
+    from .model import load_checkpoint, load_default_model
+    from .config import get_config
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    if checkpoint:
+        return load_checkpoint(checkpoint, config=get_config(config) if config else None, device=device)
+    return load_default_model(get_config(config or "tiny")).to(device)
+
+
+@dataclass
+class PipelineOptions:
+    checkpoint: str | None = None
+    config: str | None = None
+    device: str = "cpu"
+    size: tuple[int, int] = (256, 256)
+    chunk_frames: int = 8
+    max_inflight: int = 4
+
+    def model_loader(self) -> Callable:
+        return functools.partial(load_model, self.checkpoint, self.config, self.device)
+
+
+def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
+    loader = opts.model_loader()
+    return {
+        "decode": DecodeStage(chunk_frames=opts.chunk_frames),
+        "features": FeaturesStage(),
+        "memory": MemoryStage(model_loader=loader),
+        "diffusion": DiffusionStage(model_loader=loader, device=opts.device),
+        "render": RenderStage(device=opts.device),
+    }
+
+
+class StageHost:
+    """Hosts one stage: calls its methods by name and accounts the time spent in each.
+
+    A Ray actor is this class made remote (``echo_stream.actors``); the inline
+    runner uses it directly, so both paths share the accounting.
+    """
+
+    def __init__(self, factory: Callable[[], Stage]):
+        self.stage = factory()
+        self.busy: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.setup_s = 0.0
+
+    def setup(self) -> float:
+        t = time.perf_counter()
+        self.stage.setup()
+        self.setup_s = time.perf_counter() - t
+        return self.setup_s
+
+    def call(self, method: str, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return getattr(self.stage, method)(*args, **kwargs)
+        finally:
+            self.busy[method] += time.perf_counter() - t
+            self.calls[method] += 1
+
+    def stats(self) -> dict:
+        import resource
+
+        return {"stage": self.stage.name, "setup_s": self.setup_s, "busy_s": dict(self.busy),
+                "calls": dict(self.calls), "pid": os.getpid(),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class InlineRunner:
+    """Runs every stage in this process (no Ray)."""
+
+    def __init__(self, opts: PipelineOptions, stages: dict[str, Stage] | None = None):
+        stages = stages or build_stages(opts)
+        self.hosts = {name: StageHost(lambda s=stages[name]: s) for name in STAGES}
+
+    def setup(self) -> dict[str, float]:
+        return {n: h.setup() for n, h in self.hosts.items()}
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        args = [a.value if isinstance(a, _Done) else a for a in args]
+        value = self.hosts[stage].call(method, *args)
+        return tuple(_Done(v) for v in value) if num_returns > 1 else _Done(value)
+
+    def get(self, handle):
+        if isinstance(handle, list):
+            return [h.value for h in handle]
+        return handle.value
+
+    def stats(self) -> dict:
+        return {n: h.stats() for n, h in self.hosts.items()}
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class _Done:
+    value: Any
+
+
+class RayRunner:
+    """Runs every stage as a Ray actor (local Ray unless ``address`` is given)."""
+
+    def __init__(self, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None):
+        import ray
+
+        from .actors import make_stage_actor
+
+        self.ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                                      "configure_logging": True, "logging_level": logging.WARNING}
+            if address:
+                kwargs["address"] = address
+            else:
+                kwargs["num_cpus"] = num_cpus or os.cpu_count()
+                kwargs["object_store_memory"] = 256 * 1024 * 1024
+            ray.init(**kwargs)
+            self._owns_ray = True
+        stages = build_stages(opts)
+        self.actors = {name: make_stage_actor(stages[name]) for name in STAGES}
+
+    def setup(self) -> dict[str, float]:
+        refs = {n: a.setup.remote() for n, a in self.actors.items()}
+        return {n: self.ray.get(r) for n, r in refs.items()}
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        actor = self.actors[stage]
+        if num_returns > 1:
+            return actor.call.options(num_returns=num_returns).remote(method, *args)
+        return actor.call.remote(method, *args)
+
+    def get(self, handle):
+        return self.ray.get(handle)
+
+    def stats(self) -> dict:
+        return dict(zip(self.actors, self.ray.get([a.stats.remote() for a in self.actors.values()])))
+
+    def shutdown(self) -> None:
+        for a in self.actors.values():
+            self.ray.kill(a)
+        if self._owns_ray:
+            self.ray.shutdown()
+
+
+@dataclass
+class SessionInputs:
+    portrait: str | bytes | None
+    avatar_audio: str
+    user_video: str | None = None
+    user_audio: str | None = None
+    transcript: list = field(default_factory=list)   # transcript.Segment list
+    landmarks: str | None = None
+    size: tuple[int, int] = (256, 256)
+    seed: int | None = None
+
+
+def transcript_batch(session_id: str, segments: Iterable, seq0: int = 0):
+    segs = list(segments)
+    return schemas.make_batch(schemas.TRANSCRIPT_SEGMENT, {
+        "session_id": [session_id] * len(segs), "seq": list(range(seq0, seq0 + len(segs))),
+        "pts": [s.start for s in segs], "end_pts": [s.end for s in segs],
+        "speaker": [s.speaker for s in segs], "text": [s.text for s in segs]})
+
+
+def open_session(runner, session_id: str, inp: SessionInputs) -> dict:
+    """Prepare every stage for a session; returns what decode found in the inputs."""
+    refs = [runner.call("decode", "open_session", session_id, inp.avatar_audio, inp.user_audio, inp.user_video),
+            runner.call("diffusion", "set_seed", session_id, inp.seed)]
+    if inp.portrait is not None:
+        refs.append(runner.call("render", "open_session", session_id, inp.portrait, tuple(inp.size), inp.landmarks))
+    return runner.get(refs)[0]
+
+
+def stream_session(runner, session_id: str, inp: SessionInputs,
+                   on_audio: Callable[[Any], None], on_output: Callable[[Packet], None],
+                   max_inflight: int = 4, progress: Callable[[int], None] | None = None) -> dict:
+    """Drive one session through the pipeline, chunk by chunk, in pts order.
+
+    ``on_audio(samples)`` receives the avatar audio as decoded (for muxing);
+    ``on_output(packet)`` receives each render-stage packet (MotionWindow and,
+    with a portrait, RenderedFrames) in order. Returns timing figures.
+    """
+    info = open_session(runner, session_id, inp)
+    pending_text = deque(sorted(inp.transcript, key=lambda s: s.start))
+    text_seq = 0
+    inflight: deque = deque()
+    t_start = time.perf_counter()
+    first_output = None
+    chunks = 0
+
+    def drain(n_keep: int) -> None:
+        nonlocal first_output
+        while len(inflight) > n_keep:
+            for p in runner.get(inflight.popleft()):
+                if first_output is None:
+                    first_output = time.perf_counter() - t_start
+                on_output(p)
+
+    fed_until = 0.0
+    while True:
+        packet_ref, info_ref = runner.call("decode", "next_chunk", session_id, num_returns=2)
+        chunk_info = runner.get(info_ref)
+        on_audio(chunk_info["avatar_audio"])
+        fed_until += len(chunk_info["avatar_audio"]) / 16000.0
+        # transcript segments that have "arrived" by this point of the stream go to memory first
+        due = []
+        while pending_text and (pending_text[0].start <= fed_until or chunk_info["end"]):
+            due.append(pending_text.popleft())
+        if due:
+            runner.call("memory", "add_transcript", transcript_batch(session_id, due, text_seq))
+            text_seq += len(due)
+        feats = runner.call("features", "process", packet_ref)
+        windows = runner.call("memory", "process", feats)
+        motion = runner.call("diffusion", "process", windows)
+        inflight.append(runner.call("render", "process", motion))
+        chunks += 1
+        if progress:
+            progress(len(chunk_info["avatar_audio"]))
+        drain(max_inflight)
+        if chunk_info["end"]:
+            break
+    drain(0)
+    return {"chunks": chunks, "wall_s": time.perf_counter() - t_start, "first_output_s": first_output,
+            "inputs": info}

@@ -1,0 +1,292 @@
+"""Batched warping renderer: animate one portrait photo from per-frame motion coefficients.
+
+Overview
+--------
+``load_portrait(path)`` reads a photo (png/jpeg/..., any size, EXIF orientation
+honoured) and places the face on it: either from a *landmarks sidecar* (see
+below) or, without one, with Viola-Jones Haar cascades (frontal face + eyes)
+bundled in ``echo_stream/assets/haarcascades`` (OpenCV's classic cascade files;
+OpenCV 5 no longer ships them nor the ``CascadeClassifier``, so this module
+evaluates them itself with numpy). A small set of 2-D landmarks (eyes, eyelids,
+brows, nose, mouth corners, lip centres, chin, jaw outline) is derived from
+the eyes and face box with canonical face proportions, refined a little from
+the image (lip line).
+
+``PortraitRenderer(portrait, size=(256, 256))`` crops a square around the face
+(face ~50% of the crop height, eyes level at 44% of the height, edges
+replicated where the crop leaves the photo), resizes it to the working size
+and precomputes everything that depends only on the portrait:
+
+* a basis of dense backward flows, one per motion channel that moves facial
+  geometry (jaw, lips, mouth corners, eyelids, brows, cheeks, nose), built from
+  sparse control displacements with smooth Gaussian / lip-line-split influence
+  maps, restricted to the face's bounding box;
+* per-frame: ``flow = motion @ basis`` (one matmul), one ``grid_sample`` of the
+  face box, then appearance layers that warping cannot produce (mouth interior
+  with a teeth hint revealed exactly where the warped lips part; eyelid skin
+  and lash line covering the eyes with ``eyeBlink``), blended with soft masks;
+* head pose (roll, yaw/pitch as depth-weighted shifts with foreshortening,
+  translation, scale) as a second sampling grid built by one matmul from
+  precomputed maps weighted by a soft head-and-neck mask, so the background
+  (image corners) stays put, and one full-frame ``grid_sample``.
+
+``render(motion)`` takes an ``(N, 58)`` array in :mod:`echo_stream.motion`
+order and returns ``(N, H, W, 3)`` uint8 frames. Everything per frame is torch
+and runs on CPU or CUDA.
+
+Conventions
+-----------
+* ``...Left`` / ``...Right`` channels follow ARKit: the *subject's* left, which
+  is the image right of an unmirrored photo.
+* ``headYaw > 0`` turns the face toward the image right, ``headPitch > 0``
+  tilts it down (nose toward the chin), ``headRoll > 0`` tilts the head
+  clockwise in the image (the top moves to the image right). ``headTx > 0``
+  moves right, ``headTy > 0`` moves down, ``headTz > 0`` moves closer (larger);
+  translations are in units of the face height (hairline to chin).
+
+Landmarks sidecar
+-----------------
+A JSON file, picked up automatically when ``<image>.landmarks.json`` (e.g.
+``me.jpg.landmarks.json``) sits beside the image, or passed explicitly as
+``landmarks_path``. Coordinates are pixels of the image as stored (after EXIF
+orientation), x to the right, y down::
+
+    {
+      "left_eye":    [x, y],   # eye centre on the image-left side
+      "right_eye":   [x, y],   # eye centre on the image-right side
+      "nose":        [x, y],   # nose tip
+      "mouth_left":  [x, y],   # mouth corner on the image-left side
+      "mouth_right": [x, y],   # mouth corner on the image-right side
+      "chin":        [x, y]    # optional: lowest point of the chin
+    }
+
+or ``{"points68": [[x, y], ... 68 points]}`` in the common iBUG-300W / dlib
+68-point order (jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67),
+which gives the most precise placement. Both forms may be combined (the five
+named points then win). Any extra keys are ignored.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SAMPLE_PORTRAIT = ASSETS_DIR / "portrait.jpg"
+_CASCADE_DIR = ASSETS_DIR / "haarcascades"
+
+
+# ----------------------------------------------------------------------------------------------
+# Haar cascade evaluation (Viola-Jones), numpy-vectorised over candidate windows.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Stage:
+    threshold: float
+    feat: np.ndarray       # (T, K) feature index of each node of each tree
+    thr: np.ndarray        # (T, K) node thresholds
+    left: np.ndarray       # (T, K) >0: next node, <=0: leaf -value
+    right: np.ndarray      # (T, K)
+    leaves: np.ndarray     # (T, K + 1)
+
+
+@dataclass
+class _Cascade:
+    width: int
+    height: int
+    rects: np.ndarray      # (F, 3, 5): x, y, w, h, weight (unused rects have weight 0)
+    stages: list[_Stage]
+
+
+_THRESHOLD_EPS = 1e-5
+
+
+@lru_cache(maxsize=None)
+def _load_cascade(name: str) -> _Cascade:
+    """Parse one of the bundled OpenCV cascade files (new-style XML, HAAR features, BOOST stages)."""
+    path = _CASCADE_DIR / f"{name}.xml.gz"
+    with gzip.open(path, "rb") as fh:
+        root = ET.parse(fh).getroot()
+    casc = root.find("cascade")
+    if casc is None or casc.findtext("featureType", "").strip() != "HAAR":
+        raise RuntimeError(f"{path}: not a HAAR cascade")
+    width = int(casc.findtext("width"))
+    height = int(casc.findtext("height"))
+    feats = casc.find("features")
+    rect_list = []
+    for f in feats:
+        if (f.findtext("tilted") or "0").strip() == "1":
+            raise RuntimeError(f"{path}: tilted features are not supported")
+        rs = np.zeros((3, 5), dtype=np.float64)
+        for i, r in enumerate(f.find("rects")):
+            rs[i] = [float(v) for v in r.text.split()]
+        rect_list.append(rs)
+    stages = []
+    for st in casc.find("stages"):
+        trees = []
+        for wc in st.find("weakClassifiers"):
+            nodes = wc.findtext("internalNodes").split()
+            leaves = [float(v) for v in wc.findtext("leafValues").split()]
+            k = len(nodes) // 4
+            trees.append(([int(nodes[4 * i]) for i in range(k)], [int(nodes[4 * i + 1]) for i in range(k)],
+                          [int(nodes[4 * i + 2]) for i in range(k)], [float(nodes[4 * i + 3]) for i in range(k)],
+                          leaves))
+        kmax = max(len(t[0]) for t in trees)
+        n = len(trees)
+        feat = np.zeros((n, kmax), np.int64)
+        thr = np.zeros((n, kmax), np.float64)
+        left = np.zeros((n, kmax), np.int64)
+        right = np.zeros((n, kmax), np.int64)
+        lv = np.zeros((n, kmax + 1), np.float64)
+        for i, (lf, rt, fi, th, lvs) in enumerate(trees):
+            k = len(lf)
+            left[i, :k], right[i, :k], feat[i, :k], thr[i, :k] = lf, rt, fi, th
+            lv[i, :len(lvs)] = lvs
+        stages.append(_Stage(float(st.findtext("stageThreshold")) - _THRESHOLD_EPS, feat, thr, left, right, lv))
+    return _Cascade(width, height, np.stack(rect_list), stages)
+
+
+def _cascade_windows(casc: _Cascade, gray: np.ndarray, step: int) -> np.ndarray:
+    """Top-left corners (M, 2) of all ``casc`` windows of ``gray`` (already scaled) that pass every stage."""
+    import cv2
+
+    h, w = gray.shape
+    ww, wh = casc.width, casc.height
+    if h < wh or w < ww:
+        return np.zeros((0, 2), np.int64)
+    ii, ii2 = cv2.integral2(gray, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F)
+    stride = w + 1
+    ii = ii.ravel()
+    ii2 = ii2.ravel()
+    ys, xs = np.mgrid[0:h - wh + 1:step, 0:w - ww + 1:step]
+    xs = xs.ravel()
+    ys = ys.ravel()
+    off = ys * stride + xs
+
+    # Variance normalisation over the window shrunk by one pixel (as OpenCV does).
+    a = 1 * stride + 1
+    b = 1 * stride + (ww - 1)
+    c = (wh - 1) * stride + 1
+    d = (wh - 1) * stride + (ww - 1)
+    area = float((ww - 2) * (wh - 2))
+    s = ii[off + a] - ii[off + b] - ii[off + c] + ii[off + d]
+    sq = ii2[off + a] - ii2[off + b] - ii2[off + c] + ii2[off + d]
+    nf = area * sq - s * s
+    inv = np.where(nf > 0, 1.0 / np.sqrt(np.maximum(nf, 1e-12)), 1.0)
+
+    r = casc.rects
+    rx, ry, rw, rh, rwt = (r[..., i] for i in range(5))
+    c00 = (ry * stride + rx).astype(np.int64)
+    c01 = (ry * stride + rx + rw).astype(np.int64)
+    c10 = ((ry + rh) * stride + rx).astype(np.int64)
+    c11 = ((ry + rh) * stride + rx + rw).astype(np.int64)
+
+    for stg in casc.stages:
+        if off.size == 0:
+            break
+        used, inverse = np.unique(stg.feat, return_inverse=True)
+        inverse = inverse.reshape(stg.feat.shape)
+        keep_mask = np.zeros(off.size, bool)
+        chunk = max(1, 4_000_000 // max(1, used.size * 12))
+        for lo in range(0, off.size, chunk):
+            o = off[lo:lo + chunk, None, None]
+            sums = (ii[o + c00[used]] - ii[o + c01[used]] - ii[o + c10[used]] + ii[o + c11[used]])
+            vals = (sums * rwt[used]).sum(-1) * inv[lo:lo + chunk, None]       # (n, U)
+            vals = vals[:, inverse]                                              # (n, T, K)
+            n = vals.shape[0]
+            t_idx = np.arange(stg.feat.shape[0])[None, :]
+            node = np.zeros((n, stg.feat.shape[0]), np.int64)
+            leaf = np.full((n, stg.feat.shape[0]), -1, np.int64)
+            for _ in range(stg.feat.shape[1]):
+                active = leaf < 0
+                v = np.take_along_axis(vals, node[..., None], axis=2)[..., 0]
+                go_left = v < stg.thr[t_idx, node]
+                nxt = np.where(go_left, stg.left[t_idx, node], stg.right[t_idx, node])
+                done = active & (nxt <= 0)
+                leaf = np.where(done, -nxt, leaf)
+                node = np.where(active & ~done, nxt, node)
+            total = stg.leaves[t_idx, np.maximum(leaf, 0)].sum(1)
+            keep_mask[lo:lo + chunk] = total >= stg.threshold
+        off = off[keep_mask]
+        inv = inv[keep_mask]
+    return np.stack([off % stride, off // stride], axis=1)
+
+
+def _group_rects(rects: np.ndarray, min_neighbors: int, eps: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster similar (x, y, w, h) rectangles (OpenCV's groupRectangles rule); returns (rects, counts)."""
+    n = len(rects)
+    if n == 0:
+        return np.zeros((0, 4)), np.zeros(0, np.int64)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    x, y, w, h = (rects[:, i].astype(np.float64) for i in range(4))
+    for i in range(n):
+        delta = eps * (np.minimum(w[i], w[i + 1:]) + np.minimum(h[i], h[i + 1:])) * 0.5
+        sim = ((np.abs(x[i] - x[i + 1:]) <= delta) & (np.abs(y[i] - y[i + 1:]) <= delta)
+               & (np.abs(x[i] + w[i] - x[i + 1:] - w[i + 1:]) <= delta)
+               & (np.abs(y[i] + h[i] - y[i + 1:] - h[i + 1:]) <= delta))
+        for j in np.nonzero(sim)[0] + i + 1:
+            ri, rj = find(i), find(int(j))
+            if ri != rj:
+                parent[rj] = ri
+    labels = np.array([find(i) for i in range(n)])
+    out, counts = [], []
+    for lab in np.unique(labels):
+        m = labels == lab
+        if m.sum() > min_neighbors:
+            out.append(rects[m].astype(np.float64).mean(0))
+            counts.append(int(m.sum()))
+    if not out:
+        return np.zeros((0, 4)), np.zeros(0, np.int64)
+    out = np.array(out)
+    counts = np.array(counts)
+    # Drop clusters that lie inside a better-supported bigger one.
+    keep = np.ones(len(out), bool)
+    for i in range(len(out)):
+        for j in range(len(out)):
+            if i == j or counts[j] <= max(3, counts[i]):
+                continue
+            dx, dy = eps * out[j, 2], eps * out[j, 3]
+            if (out[i, 0] >= out[j, 0] - dx and out[i, 1] >= out[j, 1] - dy
+                    and out[i, 0] + out[i, 2] <= out[j, 0] + out[j, 2] + dx
+                    and out[i, 1] + out[i, 3] <= out[j, 1] + out[j, 3] + dy):
+                keep[i] = False
+    return out[keep], counts[keep]
+
+
+def _detect(name: str, gray: np.ndarray, min_size: float, max_size: float | None = None,
+            scale_factor: float = 1.1, min_neighbors: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-scale detection of cascade ``name`` in uint8 ``gray``; (rects (M, 4) x, y, w, h; support counts)."""
+    import cv2
+
+    casc = _load_cascade(name)
+    h, w = gray.shape
+    max_size = min(h, w) if max_size is None else min(max_size, min(h, w))
+    found = []
+    factor = max(1.0, min_size / casc.width)
+    while casc.width * factor <= max_size and casc.height * factor <= max_size:
+        sw, sh = int(round(w / factor)), int(round(h / factor))
+        if sw < casc.width or sh < casc.height:
+            break
+        scaled = gray if factor == 1.0 else cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_LINEAR)
+        step = 1 if factor > 2.0 else 2
+        pts = _cascade_windows(casc, scaled, step)
+        for px, py in pts:
+            found.append((px * factor, py * factor, casc.width * factor, casc.height * factor))
+        factor *= scale_factor
+    return _group_rects(np.array(found, np.float64).reshape(-1, 4), min_neighbors)

@@ -1,0 +1,138 @@
+"""Motion-diffusion stage: generation windows (+ MemoryTokens) -> MotionWindow.
+
+Windows of *different sessions* are stacked into one model call (the serving
+layer hands it every window that is ready). Per session the stage keeps the
+previous motion (the last K frames it generated), which conditions the next
+window so windows join without seams, and a seed: sampling is deterministic
+for a given (session seed, window index), batched or not.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import motion, schemas
+from ..model import EchoModel
+from . import Packet, Stage
+from .memory import window_arrays
+
+
+@dataclass
+class _SessionMotion:
+    prev: np.ndarray   # (K, C) last generated frames
+    seed: int
+    seq: int = 0
+
+
+def session_seed(session_id: str, seed: int | None) -> int:
+    """A session's sampling seed: the user's, or one derived from the session id."""
+    if seed is not None:
+        return int(seed)
+    return zlib.crc32(session_id.encode()) & 0x7FFFFFFF
+
+
+class DiffusionStage(Stage):
+    name = "diffusion"
+    resources = {"num_cpus": 0.5}
+    input_contracts = (schemas.FEATURES, schemas.MEMORY_TOKENS)
+
+    def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu") -> None:
+        super().__init__()
+        self._model = model
+        self._loader = model_loader
+        self.device = device
+        self._sessions: dict[str, _SessionMotion] = {}
+        self._seeds: dict[str, int] = {}
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._model = self._loader()
+        self._model.to(self.device).eval()
+        super().setup()
+
+    @property
+    def model(self) -> EchoModel:
+        self.ensure_setup()
+        return self._model
+
+    def set_seed(self, session_id: str, seed: int | None) -> None:
+        self._seeds[session_id] = session_seed(session_id, seed)
+
+    def _session(self, sid: str) -> _SessionMotion:
+        s = self._sessions.get(sid)
+        if s is None:
+            K = self.model.cfg.overlap_frames
+            s = self._sessions[sid] = _SessionMotion(motion.neutral_motion(K),
+                                                     self._seeds.get(sid, session_seed(sid, None)))
+        return s
+
+    def process(self, packets: list[Packet] | Packet) -> list[Packet]:
+        """Generate one window for every packet (sessions batched in one model call)."""
+        if isinstance(packets, Packet):
+            packets = [packets]
+        work = [p for p in packets if p.get(schemas.MEMORY_TOKENS) is not None]
+        results: dict[int, np.ndarray] = {}
+        if work:
+            for p in work:
+                self.check_input(p)
+            results = dict(zip(map(id, work), self._sample(work)))
+        out = []
+        for p in packets:
+            sid = p.session_id
+            q = Packet(sid, end=p.end, meta=dict(p.meta))
+            if id(p) in results:
+                new = results[id(p)]
+                s = self._session(sid)
+                K = self.model.cfg.overlap_frames
+                s.prev = np.concatenate([s.prev, new])[-K:]
+                valid = int(p.meta.get("valid_frames", len(new)))
+                new = new[:valid]
+                t0 = int(p.meta["t0"])
+                frames = np.arange(t0, t0 + len(new))
+                fps = self.model.cfg.fps
+                q.put(schemas.make_batch(schemas.MOTION_WINDOW, {
+                    "session_id": [sid] * len(new), "seq": np.arange(s.seq, s.seq + len(new)),
+                    "pts": frames / fps, "frame": frames, "window": [int(p.meta["window"])] * len(new),
+                    "motion": new}), schemas.MOTION_WINDOW)
+                s.seq += len(new)
+            out.append(q)
+            if p.end:
+                self.close_session(sid)
+        return out
+
+    def _sample(self, packets: list[Packet]) -> list[np.ndarray]:
+        m = self.model
+        cfg = m.cfg
+        W = cfg.window_frames
+        arrays = [window_arrays(p) for p in packets]
+        sessions = [self._session(p.session_id) for p in packets]
+
+        def stack(name, n=None):
+            return torch.from_numpy(np.stack([a[name][:n] for a in arrays])).to(self.device)
+
+        with torch.inference_mode():
+            out = m.sample(
+                prev_motion=torch.from_numpy(np.stack([s.prev for s in sessions])).to(self.device),
+                avatar_audio=stack("avatar_audio"),
+                user_audio=stack("user_audio", W), user_video=stack("user_video", W),
+                user_blend=stack("user_blend", W), user_present=stack("user_present", W),
+                memory=stack("memory"),
+                seeds=[s.seed * 100_003 + int(p.meta["window"]) for s, p in zip(sessions, packets)],
+            )
+        out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        return [o.astype(np.float32) for o in out]
+
+    def export_state(self, session_id: str) -> dict:
+        s = self._session(session_id)
+        return {"prev": s.prev.copy(), "seed": s.seed, "seq": s.seq}
+
+    def import_state(self, session_id: str, state: dict) -> None:
+        self._sessions[session_id] = _SessionMotion(np.asarray(state["prev"], np.float32), int(state["seed"]),
+                                                    int(state["seq"]))
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._seeds.pop(session_id, None)

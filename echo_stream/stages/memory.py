@@ -1,0 +1,194 @@
+"""Context-memory stage (LCU): Features (+ TranscriptSegment) -> generation windows + MemoryTokens.
+
+Per session it holds the LCU memory (bounded: ``memory_slots`` tokens whatever
+the session length) and a short feature history. It cuts the feature stream
+into generation windows: window ``w`` generates frames ``[t0, t0 + S)``
+(``t0 = w * S``) and needs features for ``[t0 - K, t0 + S + L)`` (K overlap
+frames of context, L lookahead frames = 80 ms). Each window goes out with the
+memory tokens as they were *before* the window (generation is causal), then the
+memory is updated from the window's new frames of both sides' behaviour and
+the transcript text that has arrived by the window's end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import schemas
+from ..model import EchoModel, MemoryState
+from . import Packet, Stage
+
+_COLUMNS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
+
+
+@dataclass
+class _SessionMemory:
+    memory: torch.Tensor
+    steps: int = 0
+    window: int = 0
+    seq: int = 0
+    buf_start: int = 0                      # frame index of buf row 0
+    buf: dict = field(default_factory=dict)  # column -> (n, ...) array
+    total_frames: int | None = None
+    texts: list = field(default_factory=list)  # (pts, text) not yet consumed
+
+
+class MemoryStage(Stage):
+    name = "memory"
+    resources = {"num_cpus": 0.25}
+    input_contracts = (schemas.FEATURES,)
+
+    def __init__(self, model: EchoModel | None = None, model_loader=None) -> None:
+        super().__init__()
+        self._model = model
+        self._loader = model_loader
+        self._sessions: dict[str, _SessionMemory] = {}
+
+    def setup(self) -> None:
+        if self._model is None:
+            self._model = self._loader()
+        self._model.eval()
+        super().setup()
+
+    @property
+    def model(self) -> EchoModel:
+        self.ensure_setup()
+        return self._model
+
+    # -- state ---------------------------------------------------------------------------------
+    def _new_session(self) -> _SessionMemory:
+        cfg = self.model.cfg
+        with torch.inference_mode():
+            mem = self.model.memory_init(1)
+        s = _SessionMemory(memory=mem)
+        # K frames of silence before t = 0 give the first window its context rows
+        s.buf_start = -cfg.overlap_frames
+        s.buf = {name: np.zeros((cfg.overlap_frames, *shape), np.float32)
+                 for name, shape in self._shapes().items()}
+        return s
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(schemas.FEATURES.spec(name).shape) for name in _COLUMNS}
+
+    def export_state(self, session_id: str) -> bytes:
+        """The session's LCU memory as bytes (safetensors), for checkpointing."""
+        s = self._sessions[session_id]
+        return MemoryState(s.memory[0], steps=s.steps, config_name=self.model.cfg.name).to_bytes()
+
+    def import_state(self, session_id: str, data: bytes) -> None:
+        st = MemoryState.from_bytes(data, self.model.cfg)
+        s = self._sessions.get(session_id) or self._new_session()
+        s.memory = st.memory.unsqueeze(0)
+        s.steps = st.steps
+        self._sessions[session_id] = s
+
+    def add_transcript(self, batch) -> None:
+        """Transcript segments of a session (a control-path message: it does not wait behind features)."""
+        schemas.validate(batch, schemas.TRANSCRIPT_SEGMENT)
+        for sid, pts, text in zip(schemas.column(batch, "session_id"), schemas.column(batch, "pts").tolist(),
+                                  schemas.column(batch, "text").tolist()):
+            s = self._sessions.get(sid)
+            if s is None:
+                s = self._sessions[sid] = self._new_session()
+            s.texts.append((pts, text))
+
+    # -- processing ------------------------------------------------------------------------------
+    def process(self, packet: Packet) -> list[Packet]:
+        self.check_input(packet)
+        sid = packet.session_id
+        s = self._sessions.get(sid)
+        if s is None:
+            s = self._sessions[sid] = self._new_session()
+        feats = packet.get(schemas.FEATURES)
+        if feats is not None and feats.num_rows:
+            for name in _COLUMNS:
+                s.buf[name] = np.concatenate([s.buf[name], schemas.column(feats, name)])
+        if packet.end:
+            s.total_frames = s.buf_start + len(s.buf["avatar_audio"])
+        out = []
+        while True:
+            win = self._next_window(sid, s, packet.meta)
+            if win is None:
+                break
+            out.append(win)
+        if packet.end:
+            if out:
+                out[-1].end = True
+            else:
+                out.append(Packet(sid, end=True, meta=dict(packet.meta, total_frames=s.total_frames)))
+            self.close_session(sid)
+        return out
+
+    def _next_window(self, sid: str, s: _SessionMemory, meta: dict) -> Packet | None:
+        cfg = self.model.cfg
+        K, S, L = cfg.overlap_frames, cfg.new_frames, cfg.lookahead_frames
+        t0 = s.window * S
+        have_until = s.buf_start + len(s.buf["avatar_audio"])  # exclusive
+        if s.total_frames is not None:
+            if t0 >= s.total_frames:
+                return None
+        elif have_until < t0 + S + L:
+            return None
+        lo, hi = t0 - K - s.buf_start, t0 + S + L - s.buf_start
+        rows = {}
+        for name in _COLUMNS:
+            a = s.buf[name][lo:hi]
+            if len(a) < hi - lo:  # end of stream: silence after the last frame
+                a = np.concatenate([a, np.zeros((hi - lo - len(a), *a.shape[1:]), np.float32)])
+            rows[name] = a
+        frames = np.arange(t0 - K, t0 + S + L)
+        n = len(frames)
+        valid = S if s.total_frames is None else min(S, s.total_frames - t0)
+        win = Packet(sid, meta=dict(meta, window=s.window, t0=t0, valid_frames=valid,
+                                    total_frames=s.total_frames))
+        win.put(schemas.make_batch(schemas.FEATURES, {
+            "session_id": [sid] * n, "seq": np.arange(n) + s.seq, "pts": frames / cfg.fps, "frame": frames,
+            **rows}), schemas.FEATURES)
+        tokens = s.memory[0].detach().cpu().numpy()
+        win.put(schemas.make_batch(schemas.MEMORY_TOKENS, {
+            "session_id": [sid], "seq": [s.window], "pts": [t0 / cfg.fps], "window": [s.window],
+            "first_frame": [t0], "tokens": tokens[None]}), schemas.MEMORY_TOKENS)
+        s.seq += n
+        self._update(s, {k: v[K:K + S] for k, v in rows.items()}, (t0 + S) / cfg.fps)
+        s.window += 1
+        # keep only what the next window needs: frames from (t0 + S - K) on
+        drop = (t0 + S - K) - s.buf_start
+        if drop > 0:
+            for name in _COLUMNS:
+                s.buf[name] = s.buf[name][drop:]
+            s.buf_start += drop
+        return win
+
+    def _update(self, s: _SessionMemory, rows: dict, until_pts: float) -> None:
+        text = " ".join(t for p, t in s.texts if p < until_pts)
+        s.texts = [(p, t) for p, t in s.texts if p >= until_pts]
+        m = self.model
+        with torch.inference_mode():
+            t = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in rows.items()}
+            emb = m.encode_transcript([text])
+            s.memory = m.memory_update(s.memory, t["avatar_audio"], t["user_audio"], t["user_video"],
+                                       t["user_blend"], t["user_present"], emb)
+        s.steps += 1
+
+    def reset_session(self, session_id: str) -> None:
+        """Interrupt: drop buffered features and pending windows; the long-range memory stays."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            return
+        fresh = self._new_session()
+        fresh.memory, fresh.steps = s.memory, s.steps
+        self._sessions[session_id] = fresh
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+
+def window_arrays(packet: Packet) -> dict[str, np.ndarray]:
+    """The feature columns of a window packet as numpy arrays (plus its memory tokens)."""
+    feats = packet.get(schemas.FEATURES)
+    out = {name: schemas.column(feats, name) for name in _COLUMNS}
+    out["memory"] = schemas.column(packet.get(schemas.MEMORY_TOKENS), "tokens")[0]
+    return out
+

@@ -196,25 +196,26 @@ def _cascade_windows(casc: _Cascade, gray: np.ndarray, step: int) -> np.ndarray:
         used, inverse = np.unique(stg.feat, return_inverse=True)
         inverse = inverse.reshape(stg.feat.shape)
         keep_mask = np.zeros(off.size, bool)
-        chunk = max(1, 4_000_000 // max(1, used.size * 12))
+        chunk = max(1, 2_000_000 // max(1, used.size * 4))
+        w0, w1, w2 = (rwt[used, i] for i in range(3))
+        n_t, n_k = stg.feat.shape
+        t_idx = np.arange(n_t)[None, :]
         for lo in range(0, off.size, chunk):
-            o = off[lo:lo + chunk, None, None]
-            sums = (ii[o + c00[used]] - ii[o + c01[used]] - ii[o + c10[used]] + ii[o + c11[used]])
-            vals = (sums * rwt[used]).sum(-1) * inv[lo:lo + chunk, None]       # (n, U)
-            vals = vals[:, inverse]                                              # (n, T, K)
-            n = vals.shape[0]
-            t_idx = np.arange(stg.feat.shape[0])[None, :]
-            node = np.zeros((n, stg.feat.shape[0]), np.int64)
-            leaf = np.full((n, stg.feat.shape[0]), -1, np.int64)
-            for _ in range(stg.feat.shape[1]):
-                active = leaf < 0
-                v = np.take_along_axis(vals, node[..., None], axis=2)[..., 0]
-                go_left = v < stg.thr[t_idx, node]
-                nxt = np.where(go_left, stg.left[t_idx, node], stg.right[t_idx, node])
-                done = active & (nxt <= 0)
-                leaf = np.where(done, -nxt, leaf)
-                node = np.where(active & ~done, nxt, node)
-            total = stg.leaves[t_idx, np.maximum(leaf, 0)].sum(1)
+            o = off[lo:lo + chunk, None]
+            sums = [ii[o + c00[used, i]] - ii[o + c01[used, i]] - ii[o + c10[used, i]] + ii[o + c11[used, i]]
+                    for i in range(3)]
+            vals = (sums[0] * w0 + sums[1] * w1 + sums[2] * w2) * inv[lo:lo + chunk, None]   # (n, U)
+            if n_k == 1:                                                              # stumps
+                v = vals[:, inverse[:, 0]]
+                total = np.where(v < stg.thr[:, 0], stg.leaves[:, 0], stg.leaves[:, 1]).sum(1)
+            else:                                                                     # small trees
+                vals = vals[:, inverse]                                               # (n, T, K)
+                dec = np.where(vals < stg.thr, stg.left, stg.right)                   # next node / -leaf
+                cur = dec[:, :, 0]
+                for _ in range(n_k - 1):
+                    deeper = np.take_along_axis(dec, np.maximum(cur, 0)[..., None], axis=2)[..., 0]
+                    cur = np.where(cur > 0, deeper, cur)
+                total = stg.leaves[t_idx, -cur].sum(1)
             keep_mask[lo:lo + chunk] = total >= stg.threshold
         off = off[keep_mask]
         inv = inv[keep_mask]

@@ -1,0 +1,832 @@
+"""Media I/O with PyAV: decode audio/video, load images, write H.264+AAC MP4.
+
+Everything goes through PyAV (libav* in-process; no ffmpeg command line).
+
+Reading
+-------
+* :func:`decode_audio` / :func:`iter_audio_chunks`: any audio PyAV reads (wav,
+  mp3, m4a/aac, ogg/opus/vorbis, flac, the audio track of a video, ...), any
+  sample rate, mono/stereo/multichannel, resampled with ``av.AudioResampler`` to
+  16 kHz mono float32 in [-1, 1] (stereo is averaged, more channels are first
+  downmixed to stereo by libswresample).
+* :func:`iter_video_frames`: RGB frames resampled onto a constant frame-rate
+  grid by timestamp (variable frame rate input is handled).
+* :func:`probe` / :func:`read_mp4_info`: stream facts without decoding.
+* :func:`load_image`: a portrait image through Pillow.
+
+Timestamps: each stream's own start is t = 0. A file whose audio (or video)
+starts at a non-zero time (an mkv cut from a longer recording, an mp4 with an
+edit list, a webcam recording that began late) is decoded as if its first
+decoded frame were at 0 s: nothing is prepended and nothing is dropped.
+Encoder delay that the container marks for skipping (mp3 LAME/Info gapless
+data, mp4 AAC priming edit lists, Opus pre-skip) is skipped by the decoder.
+After the start, audio timestamps are honoured: a jump of more than
+``AUDIO_GAP_FILL_S`` between a frame's timestamp and the samples decoded so far
+(a recording with a dropout) is filled with silence so that later audio stays
+in place; smaller jitter and overlaps are ignored (samples stay contiguous).
+
+Errors: every problem with an input raises :class:`~echo_stream.errors.InputError`
+``(path, problem)`` with a one-line, actionable message; no ``av`` exception
+escapes these functions.
+
+Writing
+-------
+:class:`Mp4Writer` writes H.264 (libx264, yuv420p) + AAC MP4 atomically (temp
+file + ``os.replace``), or fragmented MP4 into any writable file-like object
+for streaming; :class:`FragmentedMp4Encoder` wraps the latter and hands back
+``bytes`` chunks.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO, Iterator
+
+import av
+import numpy as np
+
+from .config import FPS, SAMPLE_RATE
+from .errors import InputError
+
+__all__ = [
+    "MediaInfo", "probe", "read_mp4_info",
+    "decode_audio", "iter_audio_chunks", "AudioChunker",
+    "iter_video_frames", "load_image",
+    "Mp4Writer", "FragmentedMp4Encoder",
+    "AUDIO_GAP_FILL_S",
+]
+
+#: Timestamp gaps in an audio stream longer than this (seconds) are filled with silence.
+AUDIO_GAP_FILL_S = 0.1
+
+#: Decoded duration may fall short of the duration the file declares by this
+#: much (seconds, or this fraction of it when larger) before it counts as truncated.
+_TRUNCATION_SLACK_S = 0.5
+_TRUNCATION_SLACK_FRAC = 0.05
+
+# FFmpeg demuxers that "open" arbitrary text; a file they claim is not media for us.
+_TEXT_FORMATS = {"tty", "srt", "webvtt", "ass", "microdvd", "subviewer", "subviewer1",
+                 "mpl2", "vplayer", "pjs", "jacosub", "sami", "realtext", "stl", "lrc"}
+
+
+# =========================================================================== opening
+
+def _check_path(path: str | os.PathLike) -> str:
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise InputError(p, "file not found")
+    if os.path.isdir(p):
+        raise InputError(p, "is a directory, expected a media file")
+    if not os.access(p, os.R_OK):
+        raise InputError(p, "permission denied: the file is not readable")
+    if os.path.getsize(p) == 0:
+        raise InputError(p, "file is empty (0 bytes)")
+    return p
+
+
+def _av_reason(e: BaseException) -> str:
+    """A short reason from an av error (no file name, no traceback)."""
+    reason = getattr(e, "strerror", None) or str(e)
+    log = getattr(e, "log", None)
+    if log:
+        try:
+            last = log[-1] if isinstance(log, (list, tuple)) else log
+            msg = last[-1] if isinstance(last, (list, tuple)) else str(last)
+            msg = str(msg).strip()
+            if msg and msg not in reason:
+                reason = f"{reason}; {msg}"
+        except Exception:  # pragma: no cover - log layout differs between PyAV versions
+            pass
+    return " ".join(str(reason).split())
+
+
+def _open(path: str | os.PathLike):
+    p = _check_path(path)
+    try:
+        container = av.open(p, "r", metadata_errors="replace")
+    except av.error.InvalidDataError:
+        raise InputError(p, "not a media file FFmpeg can read (unknown format, or the header is corrupt)") from None
+    except av.error.PermissionError:
+        raise InputError(p, "permission denied: the file is not readable") from None
+    except av.error.EOFError:
+        raise InputError(p, "truncated media: the file ends inside its header") from None
+    except av.FFmpegError as e:
+        raise InputError(p, f"cannot open as media: {_av_reason(e)}") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(p, f"cannot open as media: {e}") from None
+    names = set((container.format.name or "").split(","))
+    if names & _TEXT_FORMATS or not (container.streams.audio or container.streams.video):
+        container.close()
+        raise InputError(p, "not a media file (no audio or video streams; is it a text file?)")
+    return p, container
+
+
+def _stream_or_fail(p: str, container, kind: str):
+    streams = container.streams.audio if kind == "audio" else container.streams.video
+    if not streams:
+        other = "video only" if kind == "audio" else "audio only"
+        container.close()
+        raise InputError(p, f"no {kind} stream in this file ({other}); pass a file that has {kind}")
+    # pick the first stream that has a decoder (attached cover pictures are not video)
+    for s in streams:
+        if kind == "video" and (s.disposition & av.stream.Disposition.attached_pic if hasattr(av.stream, "Disposition") else False):
+            continue
+        return s
+    container.close()
+    raise InputError(p, f"no {kind} stream in this file (only an attached cover picture)")
+
+
+# =========================================================================== probing
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """Facts about a media file (``None`` where the file does not say).
+
+    ``duration`` is the container duration in seconds. ``video_frames`` and the
+    per-stream durations come from the stream headers, or, from
+    :func:`read_mp4_info` (``counted=True``), from demuxing every packet.
+    ``width``/``height`` are the coded size (before any display rotation,
+    which :func:`iter_video_frames` applies).
+    """
+
+    path: str
+    format_name: str
+    duration: float | None
+    has_audio: bool
+    has_video: bool
+    audio_codec: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    audio_duration: float | None = None
+    audio_start: float | None = None
+    video_codec: str | None = None
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    pix_fmt: str | None = None
+    video_frames: int | None = None
+    video_duration: float | None = None
+    video_start: float | None = None
+    counted: bool = False
+
+
+def _seconds(value, time_base) -> float | None:
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def probe(path: str | os.PathLike, *, count_packets: bool = False) -> MediaInfo:
+    """Read stream facts of a media file without decoding.
+
+    With ``count_packets`` every packet is demuxed (not decoded) so that
+    ``video_frames`` and the per-stream durations are exact even when headers
+    omit them (mkv/webm).
+    """
+    p, c = _open(path)
+    try:
+        a = c.streams.audio[0] if c.streams.audio else None
+        v = c.streams.video[0] if c.streams.video else None
+        kw: dict = {}
+        if a is not None:
+            cc = a.codec_context
+            kw.update(audio_codec=cc.name, sample_rate=cc.sample_rate or a.rate,
+                      channels=cc.channels, audio_duration=_seconds(a.duration, a.time_base),
+                      audio_start=_seconds(a.start_time, a.time_base))
+        if v is not None:
+            cc = v.codec_context
+            rate = v.average_rate or v.guessed_rate or v.base_rate
+            kw.update(video_codec=cc.name, fps=float(rate) if rate else None, width=cc.width,
+                      height=cc.height, pix_fmt=cc.pix_fmt, video_frames=v.frames or None,
+                      video_duration=_seconds(v.duration, v.time_base),
+                      video_start=_seconds(v.start_time, v.time_base))
+        if count_packets:
+            spans: dict[int, list] = {}
+            counts: dict[int, int] = {}
+            wanted = [s for s in (a, v) if s is not None]
+            try:
+                for pkt in c.demux(wanted):
+                    if pkt.size == 0 or pkt.pts is None:
+                        continue
+                    i = pkt.stream.index
+                    t0 = float(pkt.pts * pkt.time_base)
+                    t1 = t0 + float((pkt.duration or 0) * pkt.time_base)
+                    lo_hi = spans.setdefault(i, [t0, t1])
+                    lo_hi[0] = min(lo_hi[0], t0)
+                    lo_hi[1] = max(lo_hi[1], t1)
+                    counts[i] = counts.get(i, 0) + 1
+            except av.FFmpegError as e:
+                raise InputError(p, f"corrupt or truncated media while reading packets: {_av_reason(e)}") from None
+            if a is not None and a.index in spans:
+                kw["audio_duration"] = spans[a.index][1] - spans[a.index][0]
+                kw["audio_start"] = spans[a.index][0]
+            if v is not None:
+                kw["video_frames"] = counts.get(v.index, 0)
+                if v.index in spans:
+                    kw["video_duration"] = spans[v.index][1] - spans[v.index][0]
+                    kw["video_start"] = spans[v.index][0]
+        return MediaInfo(
+            path=p, format_name=c.format.name, duration=(c.duration / 1e6) if c.duration else None,
+            has_audio=a is not None, has_video=v is not None,
+            counted=count_packets, **kw)
+    finally:
+        c.close()
+
+
+def read_mp4_info(path: str | os.PathLike) -> MediaInfo:
+    """:func:`probe` with exact packet counts/durations (what tests check an MP4 with)."""
+    return probe(path, count_packets=True)
+
+
+# =========================================================================== audio
+
+class AudioChunker:
+    """Cut a stream of sample arrays into fixed-size chunks.
+
+    ``push(samples)`` returns the list of ``(start_sample, chunk)`` that became
+    complete; ``flush()`` returns the final, shorter chunk (or ``[]``). Every
+    chunk but the last has exactly ``chunk_samples`` samples; ``start_sample``
+    counts from the first sample pushed.
+    """
+
+    def __init__(self, chunk_samples: int):
+        if int(chunk_samples) <= 0:
+            raise ValueError(f"chunk_samples must be positive, got {chunk_samples}")
+        self.chunk_samples = int(chunk_samples)
+        self._parts: list[np.ndarray] = []
+        self._pending = 0
+        self._next_start = 0
+
+    def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size:
+            self._parts.append(samples)
+            self._pending += samples.size
+        out = []
+        if self._pending >= self.chunk_samples:
+            buf = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+            n_full = buf.size // self.chunk_samples
+            for k in range(n_full):
+                out.append((self._next_start, buf[k * self.chunk_samples:(k + 1) * self.chunk_samples].copy()))
+                self._next_start += self.chunk_samples
+            rest = buf[n_full * self.chunk_samples:]
+            self._parts = [rest] if rest.size else []
+            self._pending = rest.size
+        return out
+
+    def flush(self) -> list[tuple[int, np.ndarray]]:
+        if not self._pending:
+            return []
+        buf = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+        out = [(self._next_start, buf.copy())]
+        self._next_start += buf.size
+        self._parts, self._pending = [], 0
+        return out
+
+
+def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[np.ndarray]:
+    """Yield 16 kHz (``sample_rate``) mono float32 blocks of an audio stream, in order."""
+    if int(sample_rate) <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    sample_rate = int(sample_rate)
+    p, c = _open(path)
+    try:
+        stream = _stream_or_fail(p, c, "audio")
+        stream.thread_type = "AUTO"
+        resampler = None
+        setup = None
+        t0 = None            # time of the first decoded frame: t = 0
+        emitted = 0          # output samples produced so far
+        t_now = 0.0          # last timestamp seen (for error messages)
+        declared = _seconds(stream.duration, stream.time_base)
+
+        def drain(frames):
+            nonlocal emitted
+            for fr in frames:
+                x = fr.to_ndarray()
+                x = x.reshape(fr.layout.nb_channels if hasattr(fr.layout, "nb_channels") else len(fr.layout.channels), -1)
+                y = x[0] if x.shape[0] == 1 else x.mean(axis=0)
+                y = np.clip(y, -1.0, 1.0, out=y.astype(np.float32, copy=False))
+                emitted += y.size
+                if y.size:
+                    yield y
+
+        try:
+            for packet in c.demux(stream):
+                if packet.pts is not None:
+                    t_now = float(packet.pts * packet.time_base) - (t0 or 0.0)
+                for frame in packet.decode():
+                    if frame.samples == 0:
+                        continue
+                    key = (frame.format.name, frame.layout.name, frame.sample_rate)
+                    if resampler is None or key != setup:
+                        if resampler is not None:
+                            yield from drain(resampler.resample(None))
+                        nch = len(frame.layout.channels)
+                        resampler = av.AudioResampler(format="fltp", layout="mono" if nch == 1 else "stereo",
+                                                      rate=sample_rate)
+                        setup = key
+                    ft = frame.time
+                    if ft is not None:
+                        if t0 is None:
+                            t0 = ft
+                        # honour timestamp gaps (dropouts) by inserting silence
+                        expected = (ft - t0) * sample_rate
+                        gap = int(round(expected - emitted))
+                        if gap > AUDIO_GAP_FILL_S * sample_rate:
+                            emitted += gap
+                            yield np.zeros(gap, dtype=np.float32)
+                    elif t0 is None:
+                        t0 = 0.0
+                    frame.pts = None  # the resampler must not re-time samples on its own
+                    yield from drain(resampler.resample(frame))
+            if resampler is not None:
+                yield from drain(resampler.resample(None))
+        except av.FFmpegError as e:
+            raise InputError(p, f"corrupt or truncated audio at t={max(t_now, emitted / sample_rate):.2f}s "
+                                f"({_av_reason(e)}); re-encode or re-download the file") from None
+        if emitted == 0:
+            raise InputError(p, "audio stream is empty (zero length): nothing to decode")
+        got = emitted / sample_rate
+        if declared and declared - got > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRAC * declared):
+            raise InputError(p, f"corrupt or truncated audio at t={got:.2f}s: decoding stopped there but the "
+                                f"file declares {declared:.2f}s; re-encode or re-download the file")
+    finally:
+        c.close()
+
+
+def decode_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The whole audio track of ``path`` as ``sample_rate`` Hz mono float32 in [-1, 1].
+
+    The stream's start is t = 0 (see the module docstring). Raises
+    :class:`InputError` for missing/unreadable/non-media/corrupt files, files
+    without an audio stream, and zero-length audio.
+    """
+    parts = list(_iter_decoded_audio(path, sample_rate))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def iter_audio_chunks(path: str | os.PathLike, chunk_samples: int,
+                      sample_rate: int = SAMPLE_RATE) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream ``(start_sample, samples)`` chunks of ``path``'s audio (mono float32 at ``sample_rate``).
+
+    Chunks come in timestamp order; all have ``chunk_samples`` samples except
+    possibly the last. Concatenated they equal :func:`decode_audio`. Errors are
+    raised when reached (a corrupt file fails mid-iteration, after the chunks
+    that decoded fine).
+    """
+    chunker = AudioChunker(chunk_samples)
+    for block in _iter_decoded_audio(path, sample_rate):
+        yield from chunker.push(block)
+    yield from chunker.flush()
+
+
+# =========================================================================== video
+
+def _frame_seconds(frame, stream) -> float | None:
+    if frame.pts is None:
+        return None
+    tb = frame.time_base or stream.time_base
+    return float(frame.pts * tb) if tb else None
+
+
+def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
+                      size: tuple[int, int] | None = None) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield ``(frame_index, t, rgb)`` on a constant ``fps`` grid: ``t = frame_index / fps``.
+
+    For each grid time ``t`` the latest source frame whose timestamp (relative
+    to the stream's first frame) is <= ``t`` (within 0.5 ms) is used: frames are
+    duplicated (low or variable frame rate input) or dropped (high frame rate)
+    as needed. The grid covers ``[0, end)`` where ``end`` is the last source
+    frame's timestamp plus its duration (the previous frame interval when the
+    file does not say), i.e. about ``ceil(duration * fps)`` frames. ``rgb`` is a
+    fresh ``(H, W, 3)`` uint8 array; display rotation metadata is applied;
+    ``size=(w, h)`` resizes to exactly that size (aspect ratio not preserved).
+    """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if size is not None:
+        w, h = (int(size[0]), int(size[1]))
+        if w <= 0 or h <= 0:
+            raise ValueError(f"size must be (width, height) > 0, got {size}")
+    p, c = _open(path)
+    try:
+        stream = _stream_or_fail(p, c, "video")
+        stream.thread_type = "AUTO"
+        eps = 5e-4
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        nominal = 1.0 / float(rate) if rate else 1.0 / fps
+        declared = _seconds(stream.duration, stream.time_base)
+        next_i = 0
+        t0 = None
+        prev = None          # (frame, t, cached rgb or None)
+        prev_interval = nominal
+        last_dur = None
+        t_now = 0.0
+
+        def convert(frame) -> np.ndarray:
+            rot = 0
+            try:
+                rot = int(round((frame.rotation or 0) / 90.0)) % 4
+            except Exception:  # pragma: no cover - frames without side data
+                rot = 0
+            if size is not None:
+                tw, th = (size[1], size[0]) if rot % 2 else (size[0], size[1])
+                img = frame.reformat(width=tw, height=th, format="rgb24").to_ndarray()
+            else:
+                img = frame.to_ndarray(format="rgb24")
+            if rot:
+                img = np.ascontiguousarray(np.rot90(img, k=rot))
+            return img
+
+        def emit_until(limit: float):
+            nonlocal next_i, prev
+            frame, t, img = prev
+            while next_i / fps < limit - eps:
+                if img is None:
+                    img = convert(frame)
+                    prev = (frame, t, img)
+                    out = img
+                else:
+                    out = img.copy()
+                yield next_i, next_i / fps, out
+                next_i += 1
+
+        try:
+            for packet in c.demux(stream):
+                if packet.pts is not None and t0 is not None:
+                    t_now = float(packet.pts * packet.time_base) - t0
+                for frame in packet.decode():
+                    t = _frame_seconds(frame, stream)
+                    if t0 is None:
+                        t0 = t if t is not None else 0.0
+                    if t is None:
+                        t = (prev[1] + prev_interval) if prev is not None else 0.0
+                    else:
+                        t -= t0
+                    if prev is not None:
+                        if t < prev[1]:
+                            t = prev[1]  # out-of-order timestamp: treat as the same instant
+                        if t > prev[1]:
+                            prev_interval = t - prev[1]
+                        yield from emit_until(t)
+                    prev = (frame, t, None)
+                    t_now = t
+                    d = frame.duration
+                    tb = frame.time_base or stream.time_base
+                    last_dur = float(d * tb) if d and tb else None
+        except av.FFmpegError as e:
+            raise InputError(p, f"corrupt or truncated video at t={t_now:.2f}s ({_av_reason(e)}); "
+                                "re-encode or re-download the file") from None
+        if prev is None:
+            raise InputError(p, "video stream has no decodable frames (zero length)")
+        end = prev[1] + (last_dur if last_dur and last_dur > 0 else prev_interval)
+        if declared and declared - end > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRAC * declared):
+            raise InputError(p, f"corrupt or truncated video at t={end:.2f}s: decoding stopped there but the "
+                                f"file declares {declared:.2f}s; re-encode or re-download the file")
+        yield from emit_until(max(end, prev[1] + eps * 2))
+    finally:
+        c.close()
+
+
+# =========================================================================== images
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8 ``(H, W, 3)`` via Pillow.
+
+    EXIF orientation is applied. Greyscale, palette, CMYK and 16-bit images are
+    converted to RGB; images with transparency (RGBA, LA, palette with a
+    transparent colour) are composited onto white.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = _check_path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # broken EXIF: keep the pixels as stored
+                pass
+            has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+                im.mode == "P" and "transparency" in im.info)
+            if has_alpha:
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba).convert("RGB")
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if a.max() > 255 else 255.0
+                g = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(g[:, :, None], 3, axis=2)
+            elif im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise InputError(p, "not a PNG/JPEG/WebP/BMP/GIF/TIFF image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(p, f"image is too large to load safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(p, f"corrupt or truncated image ({' '.join(str(e).split())})") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
+        raise InputError(p, f"image decoded to an unusable shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+# =========================================================================== writing
+
+_FRAG_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
+
+
+class Mp4Writer:
+    """Write RGB frames (and optional 16 kHz mono audio) as an H.264 + AAC MP4.
+
+    ``Mp4Writer(path, width, height, fps=25, audio=None, audio_rate=16000,
+    crf=23, preset='veryfast')``; use as a context manager or call
+    :meth:`close`. Frames are ``(N, H, W, 3)`` (or one ``(H, W, 3)``) uint8 RGB;
+    frame ``i`` gets pts ``i`` in time base ``1/fps``. Video is libx264 yuv420p
+    (width and height must be even). Audio is AAC at ``aac_rate`` (48 kHz by
+    default; resampled with ``av.AudioResampler``), interleaved with the video
+    as frames are written: ``audio`` given up front is the whole track;
+    ``with_audio=True`` without ``audio`` declares an audio track whose samples
+    come through :meth:`write_audio`.
+
+    Atomic when ``path`` is a filesystem path: output goes to
+    ``.<name>.tmp-<random>`` in the same directory and is renamed onto
+    ``path`` by a successful :meth:`close`; an exception inside the ``with``
+    block or :meth:`abort` deletes the temp file and leaves ``path`` untouched.
+    Finished files get ``movflags=faststart`` (index first, for web playback).
+
+    When ``path`` is a writable binary file-like object (``.write``), the
+    output is written there, fragmented (``movflags=frag_keyframe+empty_moov+
+    default_base_moof``, a keyframe every ``gop`` frames, default 1 s) so that
+    a server can send bytes as they are produced; ``fragmented=True`` does the
+    same for a path.
+    """
+
+    def __init__(self, path: str | os.PathLike | BinaryIO, width: int, height: int, fps: int = FPS,
+                 audio: np.ndarray | None = None, audio_rate: int = SAMPLE_RATE, crf: int = 23,
+                 preset: str = "veryfast", *, with_audio: bool | None = None, aac_rate: int = 48000,
+                 audio_bitrate: int = 96_000, fragmented: bool | None = None, gop: int | None = None,
+                 tune: str | None = None, format: str = "mp4", threads: int = 0):
+        self._is_file = hasattr(path, "write")
+        self.path = "<stream>" if self._is_file else os.fspath(path)
+        self.width, self.height, self.fps = int(width), int(height), int(fps)
+        self.frames_written = 0
+        self._closed = False
+        self._container = None
+        self._tmp = None
+        if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
+            raise InputError(self.path, f"H.264 (yuv420p) needs a positive even width and height, "
+                                        f"got {self.width}x{self.height}; crop or pad by one pixel")
+        if self.fps <= 0 or self.fps != fps:
+            raise InputError(self.path, f"fps must be a positive integer, got {fps}")
+        if fragmented is None:
+            fragmented = self._is_file
+        self.fragmented = bool(fragmented)
+        self.audio_rate = int(audio_rate)
+        with_audio = (audio is not None) if with_audio is None else bool(with_audio)
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise InputError(self.path, f"audio must be mono 1-D float32, got shape {audio.shape}")
+        if aac_rate not in (av.codec.Codec("aac", "w").audio_rates or (aac_rate,)):
+            raise InputError(self.path, f"AAC cannot encode at {aac_rate} Hz")
+        options = {"movflags": _FRAG_FLAGS} if self.fragmented else {"movflags": "+faststart"}
+        if self._is_file:
+            target = path
+        else:
+            d = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(d):
+                raise InputError(self.path, f"output directory {d} does not exist")
+            if os.path.isdir(self.path):
+                raise InputError(self.path, "is a directory; give a file name ending in .mp4")
+            self._tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(6)}")
+            target = self._tmp
+        try:
+            self._container = av.open(target, "w", format=format, container_options=options)
+            vs = self._container.add_stream("libx264", rate=self.fps)
+            vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+            vs.codec_context.time_base = Fraction(1, self.fps)
+            opts = {"crf": str(crf), "preset": str(preset)}
+            if tune:
+                opts["tune"] = str(tune)
+            vs.codec_context.options = opts
+            if gop is None and self.fragmented:
+                gop = self.fps
+            if gop:
+                vs.codec_context.gop_size = int(gop)
+            if threads:
+                vs.codec_context.thread_count = int(threads)
+            self._vstream = vs
+            self._astream = None
+            if with_audio:
+                a = self._container.add_stream("aac", rate=int(aac_rate))
+                a.codec_context.layout = "mono"
+                a.codec_context.bit_rate = int(audio_bitrate)
+                self._astream = a
+                self._aac_rate = int(aac_rate)
+                self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=int(aac_rate))
+                self._audio_in = 0      # input samples handed to the resampler
+                self._audio_out = 0     # samples (at aac_rate) handed to the encoder
+                self._audio_pending: list[np.ndarray] = []
+                if audio is not None:
+                    self._audio_pending.append(audio)
+        except InputError:
+            self._cleanup()
+            raise
+        except (av.FFmpegError, OSError, ValueError) as e:
+            self._cleanup()
+            raise InputError(self.path, f"cannot start MP4 encoding: {_av_reason(e)}") from None
+
+    # ------------------------------------------------------------------ writing
+    def write(self, frames: np.ndarray) -> None:
+        """Encode RGB uint8 frames ``(N, H, W, 3)`` or ``(H, W, 3)``."""
+        self._check_open()
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise InputError(self.path, f"frames must be (N, {self.height}, {self.width}, 3) RGB, got {frames.shape}")
+        if frames.dtype != np.uint8:
+            raise InputError(self.path, f"frames must be uint8, got {frames.dtype}")
+        try:
+            for img in frames:
+                fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                fr.pts = self.frames_written
+                fr.time_base = Fraction(1, self.fps)
+                self._mux(self._vstream.encode(fr))
+                self.frames_written += 1
+            self._pump_audio(until_input_sample=self.frames_written * self.audio_rate // self.fps)
+        except av.FFmpegError as e:
+            raise InputError(self.path, f"MP4 encoding failed: {_av_reason(e)}") from None
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append mono float32 samples (at ``audio_rate``) to the audio track."""
+        self._check_open()
+        if self._astream is None:
+            raise InputError(self.path, "this writer has no audio track (pass audio= or with_audio=True)")
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size:
+            self._audio_pending.append(samples)
+        try:
+            self._pump_audio(until_input_sample=self.frames_written * self.audio_rate // self.fps)
+        except av.FFmpegError as e:
+            raise InputError(self.path, f"MP4 encoding failed: {_av_reason(e)}") from None
+
+    def _mux(self, packets) -> None:
+        for pkt in packets:
+            self._container.mux(pkt)
+
+    def _pump_audio(self, until_input_sample: int | None) -> None:
+        """Encode pending audio up to input sample ``until_input_sample`` (all of it when None)."""
+        if self._astream is None or not self._audio_pending:
+            return
+        buf = np.concatenate(self._audio_pending) if len(self._audio_pending) > 1 else self._audio_pending[0]
+        take = buf.size if until_input_sample is None else max(0, min(buf.size, until_input_sample - self._audio_in))
+        if take == 0:
+            self._audio_pending = [buf]
+            return
+        chunk, rest = buf[:take], buf[take:]
+        self._audio_pending = [rest] if rest.size else []
+        fr = av.AudioFrame.from_ndarray(np.clip(chunk, -1.0, 1.0)[None, :].copy(), format="fltp", layout="mono")
+        fr.sample_rate = self.audio_rate
+        fr.pts = self._audio_in
+        fr.time_base = Fraction(1, self.audio_rate)
+        self._audio_in += take
+        self._encode_resampled(self._resampler.resample(fr))
+
+    def _encode_resampled(self, frames) -> None:
+        for out in frames:
+            out.pts = self._audio_out
+            out.time_base = Fraction(1, self._aac_rate)
+            self._audio_out += out.samples
+            self._mux(self._astream.encode(out))
+
+    # ------------------------------------------------------------------ finishing
+    def close(self) -> None:
+        """Flush the encoders, finalise the MP4 and (for a path) move it into place."""
+        if self._closed:
+            return
+        try:
+            if self._astream is not None:
+                self._pump_audio(None)
+                self._encode_resampled(self._resampler.resample(None))
+                self._mux(self._astream.encode(None))
+            self._mux(self._vstream.encode(None))
+            self._container.close()
+            self._container = None
+            if self._tmp is not None:
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        except av.FFmpegError as e:
+            self.abort()
+            raise InputError(self.path, f"MP4 encoding failed while finalising: {_av_reason(e)}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Stop without producing output: the temp file is deleted, ``path`` is untouched."""
+        self._closed = True
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        c, self._container = self._container, None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:
+                pass
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _check_open(self) -> None:
+        if self._closed or self._container is None:
+            raise InputError(self.path, "writer is closed")
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        try:
+            if not self._closed:
+                self.abort()
+        except Exception:
+            pass
+
+
+class _ByteSink(io.RawIOBase):
+    """A write-only, non-seekable sink collecting bytes until drained."""
+
+    def __init__(self):
+        super().__init__()
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        self._parts.append(data)
+        return len(data)
+
+    def drain(self) -> bytes:
+        out = b"".join(self._parts)
+        self._parts = []
+        return out
+
+
+class FragmentedMp4Encoder:
+    """Incremental fragmented-MP4 (H.264 + optional AAC) encoder for streaming.
+
+    ``encode(frames, audio=None)`` returns the bytes produced so far (possibly
+    ``b""``: a fragment is emitted at each keyframe, every ``gop`` frames,
+    default 1 s); ``close()`` returns the rest. Concatenated, the chunks are a
+    playable fragmented MP4 (init segment ``ftyp+moov`` first, then
+    ``moof+mdat`` pairs). x264 runs with ``tune=zerolatency`` so frames are
+    not held back for lookahead.
+    """
+
+    def __init__(self, width: int, height: int, fps: int = FPS, *, with_audio: bool = True,
+                 audio_rate: int = SAMPLE_RATE, crf: int = 23, preset: str = "veryfast",
+                 gop: int | None = None, aac_rate: int = 48000):
+        self._sink = _ByteSink()
+        self._writer = Mp4Writer(self._sink, width, height, fps, None, audio_rate, crf, preset,
+                                 with_audio=with_audio, aac_rate=aac_rate, fragmented=True,
+                                 gop=gop, tune="zerolatency")
+
+    @property
+    def frames_written(self) -> int:
+        return self._writer.frames_written
+
+    def encode(self, frames: np.ndarray, audio: np.ndarray | None = None) -> bytes:
+        """Add audio (mono float32 at ``audio_rate``) then frames; return new bytes."""
+        if audio is not None:
+            self._writer.write_audio(audio)
+        if frames is not None and len(frames):
+            self._writer.write(frames)
+        return self._sink.drain()
+
+    def close(self) -> bytes:
+        """Finish the stream; return its last bytes."""
+        self._writer.close()
+        return self._sink.drain()

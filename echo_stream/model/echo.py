@@ -1,0 +1,379 @@
+"""EchoModel: encoders + LCU context memory + SDCM denoiser + streaming sampler, behind the pipeline API.
+
+Shapes (``K = cfg.overlap_frames``, ``S = cfg.new_frames``, ``W = K + S = cfg.window_frames``,
+``L = cfg.lookahead_frames``, ``M = cfg.memory_slots``, ``d = cfg.d_model``):
+
+* ``encode_transcript(texts) -> (B, transcript_dim)``; ``""`` gives zeros.
+* ``memory_init(B) -> (B, M, d)``.
+* ``memory_update(mem, avatar_audio (B,T,2,83), user_audio (B,T,2,83), user_video (B,T,16),
+  user_blend (B,T,58), user_present (B,T,3), text_emb (B,Dt)) -> (B, M, d)``.
+* ``sample(prev_motion (B,K,58), avatar_audio (B,W+L,2,83) for frames [t0-K, t0+S+L),
+  user_* (B,W,...) for frames [t0-K, t0+S), memory (B,M,d), seeds [B ints]) -> (B, S, 58)``
+  torch float32 tensor in physical units, clamped to ``motion.CHANNEL_MIN/MAX``.
+* ``loss(batch, stage) -> (loss, logs)``.
+
+Physical motion units are those of :mod:`echo_stream.motion`; the network works on
+per-channel normalised motion ``(m - motion_mean) / motion_std`` (buffers saved
+in checkpoints; defaults mean 0, std ``(max - min) / 4``). Audio features are
+normalised with the ``audio_mean`` / ``audio_std`` buffers (defaults 0 / 1; the
+training command sets them from data with :meth:`EchoModel.set_audio_stats`).
+
+Outside training mode (``model.eval()``) ``memory_update`` and
+``encode_transcript`` run without autograd, so a long-running session never
+chains an autograd graph through its memory; ``sample`` always runs under
+``torch.inference_mode``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import motion
+from ..config import CONFIGS, ModelConfig, get_config
+from .denoiser import SDCMDenoiser
+from .encoders import AudioEncoder, HashedTranscriptEncoder, TranscriptEncoder, UserEncoder
+from .lcu import ContextMemory, MemoryState
+from .sampler import make_noise, sample_window
+
+FUSIONS = ("sdcm", "entangled")
+
+
+def validate_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the field when a config cannot build a model."""
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"fusion: must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
+    if len(cfg.region_tokens) != len(motion.REGIONS) or min(cfg.region_tokens) < 1:
+        raise ValueError(f"region_tokens: need {len(motion.REGIONS)} positive counts "
+                         f"({', '.join(motion.REGIONS)}), got {cfg.region_tokens}")
+    if not 0 <= cfg.overlap_frames < cfg.window_frames:
+        raise ValueError(f"overlap_frames: must be in [0, window_frames={cfg.window_frames}), got {cfg.overlap_frames}")
+    if cfg.lookahead_frames < 0:
+        raise ValueError(f"lookahead_frames: must be >= 0, got {cfg.lookahead_frames}")
+    if cfg.motion_dim != motion.NUM_CHANNELS:
+        raise ValueError(f"motion_dim: the motion space has {motion.NUM_CHANNELS} channels, got {cfg.motion_dim}")
+    for name in ("d_model", "n_layers", "n_heads", "head_dim", "ff_mult", "memory_slots",
+                 "memory_summary_tokens", "transcript_dim", "transcript_buckets", "sampler_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+
+
+def _resolve_config(config: ModelConfig | str | None) -> ModelConfig:
+    if config is None:
+        return CONFIGS["tiny"]
+    if isinstance(config, ModelConfig):
+        return config
+    return get_config(config)
+
+
+class EchoModel(nn.Module):
+    """The ECHO interactive-head-generation model (see the module docstring for the API)."""
+
+    def __init__(self, config: ModelConfig | str | None = None):
+        super().__init__()
+        cfg = _resolve_config(config)
+        validate_config(cfg)
+        self.cfg = cfg
+        self.audio_encoder = AudioEncoder(cfg)
+        self.user_encoder = UserEncoder(cfg)
+        self.transcript_encoder = HashedTranscriptEncoder(cfg)
+        self.lcu = ContextMemory(cfg)
+        self.denoiser = SDCMDenoiser(cfg)
+        self.register_buffer("motion_mean", torch.zeros(cfg.motion_dim))
+        self.register_buffer("motion_std", torch.from_numpy((motion.CHANNEL_MAX - motion.CHANNEL_MIN) / 4.0).float())
+        self.register_buffer("audio_mean", torch.zeros(cfg.audio_dim))
+        self.register_buffer("audio_std", torch.ones(cfg.audio_dim))
+        self.register_buffer("channel_min", torch.from_numpy(motion.CHANNEL_MIN.copy()), persistent=False)
+        self.register_buffer("channel_max", torch.from_numpy(motion.CHANNEL_MAX.copy()), persistent=False)
+        self._external_text_encoder: TranscriptEncoder | None = None
+
+    # ------------------------------------------------------------------ utils
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.motion_mean.device
+
+    def set_motion_stats(self, mean, std) -> None:
+        """Per-channel normalisation statistics (physical units), e.g. from the training corpus."""
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(np.asarray(std), dtype=torch.float32).reshape(-1)
+        if mean.numel() != self.cfg.motion_dim or std.numel() != self.cfg.motion_dim:
+            raise ValueError(f"motion stats: expected {self.cfg.motion_dim} values each")
+        self.motion_mean.copy_(mean)
+        self.motion_std.copy_(std.clamp_min(1e-4))
+
+    def set_audio_stats(self, mean, std) -> None:
+        """Per-feature (83) normalisation statistics of the audio features."""
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(np.asarray(std), dtype=torch.float32).reshape(-1)
+        if mean.numel() != self.cfg.audio_dim or std.numel() != self.cfg.audio_dim:
+            raise ValueError(f"audio stats: expected {self.cfg.audio_dim} values each")
+        self.audio_mean.copy_(mean)
+        self.audio_std.copy_(std.clamp_min(1e-4))
+
+    def normalise_motion(self, m: torch.Tensor) -> torch.Tensor:
+        return (m - self.motion_mean) / self.motion_std
+
+    def denormalise_motion(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.motion_std + self.motion_mean
+
+    def _norm_audio(self, a: torch.Tensor) -> torch.Tensor:
+        return (a - self.audio_mean) / self.audio_std
+
+    def _t(self, name: str, x, shape: tuple) -> torch.Tensor:
+        """``x`` as a float32 tensor on the model device; ``shape`` entries None match anything."""
+        if x is None:
+            raise ValueError(f"{name}: missing")
+        t = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+        return t
+
+    def _grad_ctx(self):
+        return contextlib.nullcontext() if self.training else torch.no_grad()
+
+    # ------------------------------------------------------------- transcript
+
+    def set_transcript_encoder(self, encoder: TranscriptEncoder | None) -> None:
+        """Plug in another transcript encoder (``None`` restores the built-in hashed one).
+
+        It must provide ``dim == cfg.transcript_dim`` and ``encode(texts) -> (B, dim)``; it is not part
+        of the checkpoint (the model's own weights see its embeddings through ``lcu.text_proj``).
+        """
+        if encoder is not None:
+            if not isinstance(encoder, TranscriptEncoder):
+                raise TypeError("transcript encoder: needs a 'dim' attribute and an 'encode(texts)' method")
+            if encoder.dim != self.cfg.transcript_dim:
+                raise ValueError(f"transcript encoder: dim {encoder.dim} != cfg.transcript_dim "
+                                 f"{self.cfg.transcript_dim}; wrap it with a projection")
+        self._external_text_encoder = encoder
+
+    def encode_transcript(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, transcript_dim) embedding of each text; ``""`` gives zeros."""
+        with self._grad_ctx():
+            enc = self._external_text_encoder or self.transcript_encoder
+            out = enc.encode(list(texts)).to(device=self.device, dtype=torch.float32)
+        return out
+
+    # ----------------------------------------------------------------- memory
+
+    def memory_init(self, batch: int) -> torch.Tensor:
+        """(B, M, d) initial memory of new sessions."""
+        with self._grad_ctx():
+            return self.lcu.init(batch)
+
+    def memory_state(self, memory: torch.Tensor, steps: int = 0) -> MemoryState:
+        """Wrap one session's (M, d) memory for serialisation."""
+        return MemoryState(memory=memory.detach().to("cpu", torch.float32).clone(), config_name=self.cfg.name,
+                           steps=steps)
+
+    def _user_tokens(self, user_audio, user_video, user_blend, user_present) -> torch.Tensor:
+        return self.user_encoder(self._norm_audio(user_audio), user_video, self.normalise_motion(user_blend),
+                                 user_present)
+
+    def _memory_step(self, mem, avatar_audio, user_audio, user_video, user_blend, user_present, text_emb):
+        audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=False)
+        user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
+        return self.lcu(mem, audio_tok, user_tok, user_present.any(dim=-1), text_emb)
+
+    def memory_update(self, mem, avatar_audio, user_audio, user_video, user_blend, user_present,
+                      text_emb=None) -> torch.Tensor:
+        """One LCU update per window; every input covers the same T frames (text: (B, Dt), None = no text)."""
+        cfg = self.cfg
+        mem = self._t("memory", mem, (None, cfg.memory_slots, cfg.d_model))
+        b = mem.shape[0]
+        avatar_audio = self._t("avatar_audio", avatar_audio, (b, None, cfg.mels_per_frame, cfg.audio_dim))
+        t = avatar_audio.shape[1]
+        user_audio = self._t("user_audio", user_audio, (b, t, cfg.mels_per_frame, cfg.audio_dim))
+        user_video = self._t("user_video", user_video, (b, t, cfg.user_video_dim))
+        user_blend = self._t("user_blend", user_blend, (b, t, cfg.motion_dim))
+        user_present = self._t("user_present", user_present, (b, t, 3))
+        if text_emb is None:
+            text_emb = torch.zeros(b, cfg.transcript_dim, device=self.device)
+        text_emb = self._t("text_emb", text_emb, (b, cfg.transcript_dim))
+        with self._grad_ctx():
+            return self._memory_step(mem, avatar_audio, user_audio, user_video, user_blend, user_present > 0.5,
+                                     text_emb)
+
+    # ----------------------------------------------------------------- sample
+
+    def _context(self, avatar_audio, user_tok, memory, user_lengths):
+        audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=True)
+        return self.denoiser.prepare(audio_tok, memory, user_tok, user_lengths)
+
+    @torch.inference_mode()
+    def sample(self, prev_motion, avatar_audio, user_audio=None, user_video=None, user_blend=None,
+               user_present=None, memory=None, seeds: Sequence[int] | None = None, steps: int | None = None, *,
+               return_window: bool = False, use_context: bool = True) -> torch.Tensor:
+        """Generate the S new frames of one window per session (see the module docstring).
+
+        ``user_*`` may be None (no user input: the user/context branch then sees the memory only);
+        ``memory`` None uses ``memory_init``; ``seeds`` None uses 0 for every item.
+        ``return_window=True`` returns all W frames (the first K equal ``prev_motion``).
+        ``use_context=False`` turns the user/context branch off (as in stage-1 training).
+        """
+        cfg = self.cfg
+        k, w, lk = cfg.overlap_frames, cfg.window_frames, cfg.lookahead_frames
+        prev = self._t("prev_motion", prev_motion, (None, k, cfg.motion_dim))
+        b = prev.shape[0]
+        avatar_audio = self._t("avatar_audio", avatar_audio, (b, w + lk, cfg.mels_per_frame, cfg.audio_dim))
+        if user_present is None:
+            user_present = torch.zeros(b, w, 3, device=self.device)
+        user_present = self._t("user_present", user_present, (b, w, 3)) > 0.5
+        zeros = torch.zeros
+        user_audio = (zeros(b, w, cfg.mels_per_frame, cfg.audio_dim, device=self.device) if user_audio is None else
+                      self._t("user_audio", user_audio, (b, w, cfg.mels_per_frame, cfg.audio_dim)))
+        user_video = (zeros(b, w, cfg.user_video_dim, device=self.device) if user_video is None else
+                      self._t("user_video", user_video, (b, w, cfg.user_video_dim)))
+        user_blend = (self.motion_mean.expand(b, w, -1) if user_blend is None else
+                      self._t("user_blend", user_blend, (b, w, cfg.motion_dim)))
+        memory = self.lcu.init(b) if memory is None else self._t("memory", memory, (b, cfg.memory_slots, cfg.d_model))
+        if seeds is None:
+            seeds = [0] * b
+        if len(seeds) != b:
+            raise ValueError(f"seeds: expected {b} seeds (one per window), got {len(seeds)}")
+        steps = cfg.sampler_steps if steps is None else int(steps)
+
+        if use_context:
+            user_any = user_present.flatten(1).any(dim=1)
+            user_lengths = cfg.memory_slots + w * user_any.long()
+        else:
+            user_lengths = torch.zeros(b, dtype=torch.long, device=self.device)
+        user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
+        ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
+        noise = make_noise(seeds, (w, cfg.motion_dim), device=self.device)
+
+        def denoise(x, tau, known, mask):
+            return self.denoiser(x, tau, known, mask, ctx)
+
+        x = sample_window(denoise, self.normalise_motion(prev), noise, steps, cfg.seam_blend_frames)
+        out = self.denormalise_motion(x)
+        out = torch.maximum(torch.minimum(out, self.channel_max), self.channel_min)
+        out[:, :k] = prev
+        return out if return_window else out[:, k:].contiguous()
+
+    # ------------------------------------------------------------------- loss
+
+    def _training_memory(self, batch: dict, b: int) -> torch.Tensor:
+        cfg = self.cfg
+        if batch.get("memory") is not None:
+            return self._t("memory", batch["memory"], (b, cfg.memory_slots, cfg.d_model))
+        mem = self.lcu.init(b)
+        if batch.get("context_avatar_audio") is None:
+            return mem
+        ca = self._t("context_avatar_audio", batch["context_avatar_audio"],
+                     (b, None, None, cfg.mels_per_frame, cfg.audio_dim))
+        n, t = ca.shape[1], ca.shape[2]
+
+        def get(key, tail, default):
+            v = batch.get(key)
+            return default if v is None else self._t(key, v, (b, n, t) + tail)
+
+        cu_a = get("context_user_audio", (cfg.mels_per_frame, cfg.audio_dim), torch.zeros_like(ca))
+        cu_v = get("context_user_video", (cfg.user_video_dim,), torch.zeros(b, n, t, cfg.user_video_dim, device=self.device))
+        cu_b = get("context_user_blend", (cfg.motion_dim,), self.motion_mean.expand(b, n, t, -1))
+        cu_p = get("context_user_present", (3,), torch.zeros(b, n, t, 3, device=self.device)) > 0.5
+        if batch.get("context_text_emb") is not None:
+            text = self._t("context_text_emb", batch["context_text_emb"], (b, n, cfg.transcript_dim))
+        elif batch.get("context_texts") is not None:
+            texts = batch["context_texts"]
+            if len(texts) != b or any(len(row) != n for row in texts):
+                raise ValueError(f"context_texts: expected {b} lists of {n} strings")
+            enc = self._external_text_encoder or self.transcript_encoder
+            text = enc.encode([s for row in texts for s in row]).to(self.device).view(b, n, -1)
+        else:
+            text = torch.zeros(b, n, cfg.transcript_dim, device=self.device)
+        for i in range(n):
+            mem = self._memory_step(mem, ca[:, i], cu_a[:, i], cu_v[:, i], cu_b[:, i], cu_p[:, i], text[:, i])
+        return mem
+
+    def loss(self, batch: dict, stage: int, *, vel_weight: float = 0.5, user_drop: float = 0.1,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Flow-matching (x0-prediction) loss on one batch of training windows.
+
+        ``batch`` (tensors, physical units; W = window_frames, L = lookahead_frames):
+
+        * ``motion`` (B, W, 58): the target window; its first K frames serve as the known context;
+        * ``avatar_audio`` (B, W+L, 2, 83);
+        * stage 2 only (absent keys mean "no user input"): ``user_audio`` (B,W,2,83), ``user_video``
+          (B,W,16), ``user_blend`` (B,W,58), ``user_present`` (B,W,3); and the memory, either
+          ``memory`` (B,M,d) or a history rolled through the LCU with gradients:
+          ``context_avatar_audio`` (B,N,T,2,83) + optional ``context_user_audio`` / ``_video`` /
+          ``_blend`` / ``_present`` (B,N,T,...) + ``context_text_emb`` (B,N,Dt) or ``context_texts``
+          (B lists of N strings).
+
+        Stage 1: own audio -> motion; the user/context branch is off (user_lengths = 0), no memory.
+        Stage 2: full SDCM + LCU; each item's user input is dropped with probability ``user_drop`` so
+        the model also learns sessions without user input.
+
+        Loss = MSE(x0_hat, x) on the new frames + ``vel_weight`` * MSE of frame-to-frame differences over
+        the window with the known frames in place (penalises seams and jitter).
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"stage: must be 1 or 2, got {stage}")
+        cfg = self.cfg
+        k, w, lk = cfg.overlap_frames, cfg.window_frames, cfg.lookahead_frames
+        target = self._t("motion", batch.get("motion"), (None, w, cfg.motion_dim))
+        b = target.shape[0]
+        avatar_audio = self._t("avatar_audio", batch.get("avatar_audio"),
+                               (b, w + lk, cfg.mels_per_frame, cfg.audio_dim))
+        x1 = self.normalise_motion(target)
+        dev = self.device
+
+        if stage == 1:
+            memory = self.lcu.init(b).detach()
+            user_tok = torch.zeros(b, w, cfg.d_model, device=dev)
+            user_lengths = torch.zeros(b, dtype=torch.long, device=dev)
+        else:
+            def get(key, tail, default):
+                v = batch.get(key)
+                return default if v is None else self._t(key, v, (b, w) + tail)
+
+            u_a = get("user_audio", (cfg.mels_per_frame, cfg.audio_dim),
+                      torch.zeros(b, w, cfg.mels_per_frame, cfg.audio_dim, device=dev))
+            u_v = get("user_video", (cfg.user_video_dim,), torch.zeros(b, w, cfg.user_video_dim, device=dev))
+            u_b = get("user_blend", (cfg.motion_dim,), self.motion_mean.expand(b, w, -1))
+            u_p = get("user_present", (3,), torch.zeros(b, w, 3, device=dev)) > 0.5
+            user_tok = self._user_tokens(u_a, u_v, u_b, u_p)
+            memory = self._training_memory(batch, b)
+            keep = torch.rand(b, generator=generator).to(dev) >= user_drop
+            user_any = u_p.flatten(1).any(dim=1) & keep
+            user_lengths = cfg.memory_slots + w * user_any.long()
+        ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
+
+        # flow time: half uniform in [0, 1), half on the sampler's grid
+        u = torch.rand(b, generator=generator)
+        grid = torch.randint(0, cfg.sampler_steps, (b,), generator=generator).float() / cfg.sampler_steps
+        pick = torch.rand(b, generator=generator) < 0.5
+        tau = torch.where(pick, u, grid).to(dev)
+        eps = torch.randn(x1.shape, generator=generator).to(dev)
+        tb = tau[:, None, None]
+        x_tau = tb * x1 + (1.0 - tb) * eps
+        known = torch.zeros_like(x1)
+        known[:, :k] = x1[:, :k]
+        mask = torch.zeros(b, w, device=dev)
+        mask[:, :k] = 1.0
+        x0 = self.denoiser(x_tau, tau, known, mask, ctx)
+
+        fm = F.mse_loss(x0[:, k:], x1[:, k:])
+        full = torch.cat([x1[:, :k], x0[:, k:]], dim=1)
+        vel = F.mse_loss(full[:, 1:] - full[:, :-1], x1[:, 1:] - x1[:, :-1])
+        total = fm + vel_weight * vel
+        lip = slice(*self.denoiser.ranges[0])
+        logs = {
+            "loss": float(total.detach()),
+            "fm": float(fm.detach()),
+            "vel": float(vel.detach()),
+            "lip_mse": float(F.mse_loss(x0[:, k:, lip], x1[:, k:, lip]).detach()),
+            "stage": stage,
+        }
+        return total, logs

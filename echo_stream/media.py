@@ -104,16 +104,76 @@ def _av_reason(e: BaseException) -> str:
     return " ".join(str(reason).split())
 
 
+def _sniff(p: str) -> str | None:
+    """A container family from the file's magic bytes (for better error messages)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[4:8] == b"ftyp" or head[4:8] in (b"moov", b"mdat", b"wide", b"free"):
+        return "mp4"
+    if head[:4] == b"RIFF":
+        return {b"WAVE": "wav", b"AVI ": "avi"}.get(head[8:12], "riff")
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
+def _wav_declared_seconds(p: str) -> float | None:
+    """Duration a RIFF/WAVE header declares (data chunk size / byte rate), or None."""
+    import struct
+
+    try:
+        with open(p, "rb") as f:
+            if f.read(12)[8:12] != b"WAVE":
+                return None
+            byte_rate = None
+            while True:
+                hdr = f.read(8)
+                if len(hdr) < 8:
+                    return None
+                cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(size + (size & 1))
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) >= 12 else None
+                elif cid == b"data":
+                    if not byte_rate or size in (0, 0xFFFFFFFF):
+                        return None  # streaming placeholder: no declared length
+                    return size / byte_rate
+                else:
+                    f.seek(size + (size & 1), 1)
+    except (OSError, struct.error):
+        return None
+
+
+_FAMILY_HINT = {
+    "mp4": "truncated or unfinished MP4/MOV/M4A (its 'moov' index is missing or damaged): re-download or re-export it",
+    "avi": "truncated or corrupt AVI header: re-download or re-export it",
+    "wav": "corrupt WAV header: re-export it",
+    "matroska": "truncated or corrupt MKV/WebM header: re-download or re-export it",
+    "ogg": "truncated or corrupt Ogg header: re-download or re-export it",
+    "flac": "truncated or corrupt FLAC header: re-download or re-export it",
+    "mp3": "truncated or corrupt MP3: no decodable audio frames found",
+}
+
+
 def _open(path: str | os.PathLike):
     p = _check_path(path)
     try:
         container = av.open(p, "r", metadata_errors="replace")
-    except av.error.InvalidDataError:
-        raise InputError(p, "not a media file FFmpeg can read (unknown format, or the header is corrupt)") from None
+    except (av.error.InvalidDataError, av.error.EOFError):
+        hint = _FAMILY_HINT.get(_sniff(p) or "")
+        raise InputError(p, hint or "not a media file FFmpeg can read (unknown format, "
+                                    "or a corrupt/truncated header)") from None
     except av.error.PermissionError:
         raise InputError(p, "permission denied: the file is not readable") from None
-    except av.error.EOFError:
-        raise InputError(p, "truncated media: the file ends inside its header") from None
     except av.FFmpegError as e:
         raise InputError(p, f"cannot open as media: {_av_reason(e)}") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:

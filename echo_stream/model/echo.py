@@ -90,6 +90,8 @@ class EchoModel(nn.Module):
         self.register_buffer("channel_min", torch.from_numpy(motion.CHANNEL_MIN.copy()), persistent=False)
         self.register_buffer("channel_max", torch.from_numpy(motion.CHANNEL_MAX.copy()), persistent=False)
         self._external_text_encoder: TranscriptEncoder | None = None
+        #: metadata of the checkpoint this model was loaded from (set by load_checkpoint)
+        self.checkpoint_meta: dict = {}
 
     # ------------------------------------------------------------------ utils
 

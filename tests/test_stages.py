@@ -1,0 +1,203 @@
+"""Each stage's core, without Ray, and the inline pipeline that chains them."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from echo_stream import config, motion, schemas
+from echo_stream.config import get_config
+from echo_stream.errors import InputError, SchemaError
+from echo_stream.model import EchoModel
+from echo_stream.pipeline import InlineRunner, PipelineOptions, SessionInputs, stream_session
+from echo_stream.stages import Packet
+from echo_stream.stages.decode import DecodeStage, chunks
+from echo_stream.stages.diffusion import DiffusionStage
+from echo_stream.stages.features import FeaturesStage
+from echo_stream.stages.memory import MemoryStage
+from echo_stream.stages.render import RenderStage
+from echo_stream.transcript import Segment
+
+from . import mediagen
+
+CFG = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EchoModel(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage_media")
+    avatar = mediagen.write_audio(d / "avatar.wav", mediagen.speech_like(2.13, 16000, seed=1), 16000)
+    frames = mediagen.face_frames(60, 160, 120, motion="nod")
+    user_video = mediagen.write_video(d / "user.mp4", frames, fps=25,
+                                      audio=mediagen.speech_like(2.4, 44100, seed=2), audio_rate=44100)
+    silent_video = mediagen.write_video(d / "silent.mp4", frames[:10], fps=25)
+    return {"avatar": str(avatar), "user_video": str(user_video), "silent_video": str(silent_video),
+            "samples": int(round(2.13 * 16000))}
+
+
+def _decode_all(media, **kw):
+    dec = DecodeStage(chunk_frames=8)
+    info = dec.open_session("s1", media["avatar"], **kw)
+    return info, list(chunks(dec, "s1"))
+
+
+def test_decode_chunks_in_pts_order_and_aligned(media):
+    info, out = _decode_all(media, user_video=media["user_video"])
+    assert info["has_user_audio"] and info["has_user_video"]  # user audio taken from the video's track
+    assert [i["end"] for _, i in out] == [False] * (len(out) - 1) + [True]
+    assert sum(len(i["avatar_audio"]) for _, i in out) == media["samples"]
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert sum(p.meta["frames"] for p, _ in out) == n_frames
+    pts, seqs = [], []
+    for p, _ in out:
+        a = p.get(schemas.AUDIO_CHUNK)
+        tracks = schemas.column(a, "track")
+        assert (tracks == "avatar").sum() == (tracks == "user").sum() == p.meta["frames"]
+        v = p.get(schemas.VIDEO_FRAMES)
+        assert v.num_rows == p.meta["frames"] and schemas.column(v, "image").shape[1:] == (144, 192, 3)
+        pts.extend(schemas.column(a, "pts")[tracks == "avatar"])
+        seqs.extend(schemas.column(a, "seq"))
+    assert np.allclose(np.diff(pts), 1 / 25) and np.all(np.diff(seqs) > 0)
+
+
+def test_decode_bad_inputs(media, tmp_path):
+    dec = DecodeStage()
+    with pytest.raises(InputError, match="missing.wav"):
+        dec.open_session("x", str(tmp_path / "missing.wav"))
+    with pytest.raises(InputError, match="no audio stream"):
+        dec.open_session("x", media["silent_video"])
+    with pytest.raises(KeyError, match="unknown session"):
+        dec.next_chunk("never-opened")
+
+
+def _features(media, **kw):
+    _, out = _decode_all(media, **kw)
+    fs = FeaturesStage()
+    return [fs.process(p) for p, _ in out]
+
+
+def test_features_one_row_per_frame_with_presence(media):
+    feats = _features(media, user_video=media["user_video"])
+    rows = schemas.concat([f.get(schemas.FEATURES) for f in feats], schemas.FEATURES)
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert rows.num_rows == n_frames and feats[-1].end
+    assert np.array_equal(schemas.column(rows, "frame"), np.arange(n_frames))
+    present = schemas.column(rows, "user_present")
+    assert present[:, 0].all() and present[:, 1].all() and not present[:, 2].any()
+    assert np.abs(schemas.column(rows, "user_video")).sum() > 0
+    alone = schemas.concat([f.get(schemas.FEATURES) for f in _features(media)], schemas.FEATURES)
+    assert not schemas.column(alone, "user_present").any()
+    assert np.array_equal(schemas.column(alone, "avatar_audio"), schemas.column(rows, "avatar_audio"))
+
+
+def test_features_rejects_wrong_contract():
+    fs = FeaturesStage()
+    bad = schemas.make_batch(schemas.MOTION_WINDOW, dict(session_id=["s"], seq=[0], pts=[0.0], frame=[0],
+                                                         window=[0], motion=np.zeros((1, 58))))
+    with pytest.raises(SchemaError, match="not accepted by the features stage"):
+        fs.process(Packet("s", {"MotionWindow": bad}))
+
+
+def _windows(media, model, **kw):
+    ms = MemoryStage(model=model)
+    wins = []
+    for f in _features(media, **kw):
+        wins.extend(ms.process(f))
+    return ms, wins
+
+
+def test_memory_cuts_windows_with_overlap_and_lookahead(media, model):
+    _, wins = _windows(media, model, user_video=media["user_video"])
+    K, S, L = CFG.overlap_frames, CFG.new_frames, CFG.lookahead_frames
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert len(wins) == math.ceil(n_frames / S) and wins[-1].end
+    for w, p in enumerate(wins):
+        frames = schemas.column(p.get(schemas.FEATURES), "frame")
+        assert np.array_equal(frames, np.arange(w * S - K, w * S + S + L))
+        tok = schemas.column(p.get(schemas.MEMORY_TOKENS), "tokens")
+        assert tok.shape == (1, CFG.memory_slots, CFG.d_model)
+    assert sum(p.meta["valid_frames"] for p in wins) == n_frames
+    t_first = schemas.column(wins[0].get(schemas.MEMORY_TOKENS), "tokens")
+    t_last = schemas.column(wins[-1].get(schemas.MEMORY_TOKENS), "tokens")
+    assert not np.allclose(t_first, t_last)  # the memory absorbed the conversation
+
+
+def test_memory_state_export_import_and_transcript(media, model):
+    ms = MemoryStage(model=model)
+    from echo_stream.pipeline import transcript_batch
+    ms.add_transcript(transcript_batch("s1", [Segment(0.0, 1.0, "user", "I got the job, wonderful news")]))
+    f = _features(media)
+    ms.process(f[0]), ms.process(f[1]), ms.process(f[2])
+    blob = ms.export_state("s1")
+    ms2 = MemoryStage(model=model)
+    ms2.import_state("s1", blob)
+    assert torch.equal(ms2._sessions["s1"].memory, ms._sessions["s1"].memory)
+
+
+def test_diffusion_continuous_deterministic_and_batched(media, model):
+    _, wins = _windows(media, model)
+    ds = DiffusionStage(model=model)
+    ds.set_seed("s1", 7)
+    outs = [ds.process(w)[0] for w in wins]
+    mw = schemas.concat([o.get(schemas.MOTION_WINDOW) for o in outs], schemas.MOTION_WINDOW)
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert np.array_equal(schemas.column(mw, "frame"), np.arange(n_frames))
+    m = schemas.column(mw, "motion")
+    assert m.shape == (n_frames, motion.NUM_CHANNELS) and np.isfinite(m).all()
+    assert (m >= motion.CHANNEL_MIN - 1e-6).all() and (m <= motion.CHANNEL_MAX + 1e-6).all()
+    # same seed -> same motion; two sessions batched in one call -> same as alone
+    ds2 = DiffusionStage(model=model)
+    ds2.set_seed("s1", 7), ds2.set_seed("s2", 7)
+    again = []
+    for w in wins:
+        twin = Packet("s2", dict(w.batches), w.end, dict(w.meta))
+        a, b = ds2.process([w, twin])
+        again.append(a.get(schemas.MOTION_WINDOW))
+        assert np.allclose(schemas.column(a.get(schemas.MOTION_WINDOW), "motion"),
+                           schemas.column(b.get(schemas.MOTION_WINDOW), "motion"), atol=1e-5)
+    m2 = schemas.column(schemas.concat(again, schemas.MOTION_WINDOW), "motion")
+    assert np.allclose(m, m2, atol=1e-5)
+
+
+def test_render_stage_frames_and_passthrough(media, model):
+    _, wins = _windows(media, model)
+    ds = DiffusionStage(model=model)
+    rs = RenderStage()
+    from echo_stream.cli import ASSETS
+    rs.open_session("s1", str(ASSETS / "portrait.jpg"), size=(64, 64))
+    out = rs.process(ds.process(wins[0]))[0]
+    rf = out.get(schemas.RENDERED_FRAMES)
+    assert schemas.column(rf, "image").shape == (CFG.new_frames, 64, 64, 3)
+    assert np.array_equal(schemas.column(rf, "frame"), schemas.column(out.get(schemas.MOTION_WINDOW), "frame"))
+
+
+def test_inline_pipeline_streams_every_frame_once(media, model):
+    opts = PipelineOptions(size=(64, 64))
+    from echo_stream.cli import ASSETS
+    stages = {"decode": DecodeStage(), "features": FeaturesStage(), "memory": MemoryStage(model=model),
+              "diffusion": DiffusionStage(model=model), "render": RenderStage()}
+    runner = InlineRunner(opts, stages)
+    runner.setup()
+    got_audio, frames, images = [], [], 0
+
+    def on_output(p):
+        nonlocal images
+        frames.extend(schemas.column(p.get(schemas.MOTION_WINDOW), "frame"))
+        images += p.rows(schemas.RENDERED_FRAMES)
+
+    inp = SessionInputs(portrait=str(ASSETS / "portrait.jpg"), avatar_audio=media["avatar"],
+                        user_video=media["user_video"], size=(64, 64),
+                        transcript=[Segment(0.5, 1.0, "user", "so happy")])
+    stream_session(runner, "s1", inp, got_audio.append, on_output, max_inflight=2)
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert frames == list(range(n_frames)) and images == n_frames
+    assert sum(map(len, got_audio)) == media["samples"]
+    stats = runner.stats()
+    assert set(stats) == {"decode", "features", "memory", "diffusion", "render"}
+    assert all(s["calls"] for s in stats.values())

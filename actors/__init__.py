@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ray
 
-from echo_stream.pipeline import StageHost
+from echo_stream.stages.host import StageHost
 from echo_stream.stages import Stage
 
 #: The remote class every stage actor is an instance of.

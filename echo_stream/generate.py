@@ -104,20 +104,26 @@ def unwrap_remote_error(e: BaseException) -> BaseException:
 
 
 def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
-             address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Run one session end to end; returns timing figures (start-up separate from processing)."""
+             address: str | None = None, num_cpus: int | None = None, runner=None) -> dict:
+    """Run one session end to end; returns timing figures (start-up separate from processing).
+
+    ``runner``: an already set-up runner to reuse (its stages keep their loaded
+    models); by default a new one is started and shut down.
+    """
     t0 = time.perf_counter()
     segments, _ = validate_request(req)
     audio_info = media.probe(req.avatar_audio)
-    opts = PipelineOptions(checkpoint=req.checkpoint, config=req.config, device=req.device,
-                           size=(req.size, req.size))
-    runner = RayRunner(opts, address=address, num_cpus=num_cpus) if use_ray else InlineRunner(opts)
+    own_runner = runner is None
+    if own_runner:
+        opts = PipelineOptions(checkpoint=req.checkpoint, config=req.config, device=req.device,
+                               size=(req.size, req.size))
+        runner = RayRunner(opts, address=address, num_cpus=num_cpus) if use_ray else InlineRunner(opts)
     writer = None
     try:
-        setup_times = runner.setup()
+        setup_times = runner.setup() if own_runner else {}
         startup_s = time.perf_counter() - t0
         if req.out is not None:
-            writer = media.Mp4Writer(req.out, req.size, req.size, fps=config.FPS)
+            writer = media.Mp4Writer(req.out, req.size, req.size, fps=config.FPS, with_audio=True)
         frames_out, motion_out = [], []
         audio_samples = [0]
         bar = None
@@ -151,8 +157,7 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
                             landmarks=req.landmarks, size=(req.size, req.size), seed=req.seed)
         t_proc = time.perf_counter()
         try:
-            run = stream_session(runner, sid, inp, on_audio, on_output, max_inflight=opts.max_inflight,
-                                 progress=on_progress)
+            run = stream_session(runner, sid, inp, on_audio, on_output, progress=on_progress)
         except Exception as e:  # noqa: BLE001 - re-raised as the user-facing error
             inner = unwrap_remote_error(e)
             if inner is not e and isinstance(inner, EchoStreamError):
@@ -174,7 +179,8 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
             writer.abort()
         raise
     finally:
-        runner.shutdown()
+        if own_runner:
+            runner.shutdown()
     duration = audio_samples[0] / config.SAMPLE_RATE
     return {
         "audio_s": duration, "frames": int(len(frames)), "startup_s": startup_s, "setup_s": setup_times,

@@ -181,6 +181,8 @@ def _open(path: str | os.PathLike):
     names = set((container.format.name or "").split(","))
     if names & _TEXT_FORMATS or not (container.streams.audio or container.streams.video):
         container.close()
+        if _sniff(p) and not names & _TEXT_FORMATS:
+            raise InputError(p, "contains no audio or video streams (an empty recording?)")
         raise InputError(p, "not a media file (no audio or video streams; is it a text file?)")
     return p, container
 
@@ -348,8 +350,57 @@ class AudioChunker:
         return out
 
 
+class _EndCheck:
+    """Detects media that stops before the length its headers declare (truncation).
+
+    The stream's own declared duration is used when the file has one (mp4,
+    mov, mp3 with an Info/Xing header, flac, avi; wav from its RIFF data chunk
+    size). Otherwise (mkv/webm) the end of the last packet of *any* stream is
+    compared with the container's declared end, so a track that is
+    legitimately shorter than another one is not mistaken for truncation.
+    """
+
+    def __init__(self, p: str, container, stream):
+        self.stream_declared = _seconds(stream.duration, stream.time_base)
+        if stream.type == "video" and stream.frames and stream.average_rate:
+            # AVI headers count frames even when the index (and the duration derived from it) is lost
+            by_count = stream.frames / float(stream.average_rate)
+            self.stream_declared = max(self.stream_declared or 0.0, by_count)
+        if _sniff(p) == "wav":
+            # FFmpeg clips a WAV's duration to the bytes present; the RIFF header has the real length
+            self.stream_declared = _wav_declared_seconds(p) or self.stream_declared
+        # Containers disagree on whether their duration is a span or an end time (Matroska's
+        # segment duration is the end timestamp); taking it as an end time can only under-detect.
+        self.container_end = container.duration / 1e6 if container.duration else None
+        self.file_end = None
+
+    def see(self, packet) -> None:
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is None or packet.time_base is None:
+            return
+        end = float((ts + (packet.duration or 0)) * packet.time_base)
+        if self.file_end is None or end > self.file_end:
+            self.file_end = end
+
+    @staticmethod
+    def _short(declared: float, got: float) -> bool:
+        return declared - got > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRAC * declared)
+
+    def check(self, p: str, kind: str, got: float) -> None:
+        """Raise if the ``got`` seconds decoded (relative to the stream start) fall short."""
+        if self.stream_declared:
+            if self._short(self.stream_declared, got):
+                raise InputError(p, f"corrupt or truncated {kind} at t={got:.2f}s: decoding stopped there but "
+                                    f"the file declares {self.stream_declared:.2f}s; re-encode or re-download it")
+        elif self.container_end and self.file_end is not None:
+            if self._short(self.container_end, self.file_end):
+                raise InputError(p, f"corrupt or truncated {kind} at t={got:.2f}s: the data ends at "
+                                    f"{self.file_end:.2f}s but the file declares {self.container_end:.2f}s; "
+                                    "re-encode or re-download it")
+
+
 def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[np.ndarray]:
-    """Yield 16 kHz (``sample_rate``) mono float32 blocks of an audio stream, in order."""
+    """Yield ``sample_rate`` Hz mono float32 blocks of the first audio stream, in order."""
     if int(sample_rate) <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     sample_rate = int(sample_rate)
@@ -357,26 +408,35 @@ def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[n
     try:
         stream = _stream_or_fail(p, c, "audio")
         stream.thread_type = "AUTO"
+        ends = _EndCheck(p, c, stream)
+        # MP4/MOV declare the exact (edit list) duration: samples past it are encoder padding
+        cap = None
+        if ends.stream_declared and ("mp4" in c.format.name or "mov" in c.format.name):
+            cap = int(round(ends.stream_declared * sample_rate))
         resampler = None
         setup = None
         t0 = None            # time of the first decoded frame: t = 0
         emitted = 0          # output samples produced so far
         t_now = 0.0          # last timestamp seen (for error messages)
-        declared = _seconds(stream.duration, stream.time_base)
 
         def drain(frames):
             nonlocal emitted
             for fr in frames:
-                x = fr.to_ndarray()
-                x = x.reshape(fr.layout.nb_channels if hasattr(fr.layout, "nb_channels") else len(fr.layout.channels), -1)
+                x = fr.to_ndarray().reshape(len(fr.layout.channels), -1)
                 y = x[0] if x.shape[0] == 1 else x.mean(axis=0)
-                y = np.clip(y, -1.0, 1.0, out=y.astype(np.float32, copy=False))
+                y = np.clip(y.astype(np.float32, copy=False), -1.0, 1.0)
+                if cap is not None:
+                    y = y[: max(0, cap - emitted)]
                 emitted += y.size
                 if y.size:
                     yield y
 
+        others = [s for s in (list(c.streams.audio) + list(c.streams.video)) if s is not stream]
         try:
-            for packet in c.demux(stream):
+            for packet in c.demux([stream] + others):
+                ends.see(packet)
+                if packet.stream is not stream:
+                    continue
                 if packet.pts is not None:
                     t_now = float(packet.pts * packet.time_base) - (t0 or 0.0)
                 for frame in packet.decode():
@@ -395,14 +455,15 @@ def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[n
                         if t0 is None:
                             t0 = ft
                         # honour timestamp gaps (dropouts) by inserting silence
-                        expected = (ft - t0) * sample_rate
-                        gap = int(round(expected - emitted))
+                        gap = int(round((ft - t0) * sample_rate - emitted))
                         if gap > AUDIO_GAP_FILL_S * sample_rate:
+                            if cap is not None:
+                                gap = min(gap, max(0, cap - emitted))
                             emitted += gap
                             yield np.zeros(gap, dtype=np.float32)
                     elif t0 is None:
                         t0 = 0.0
-                    frame.pts = None  # the resampler must not re-time samples on its own
+                    frame.pts = None  # samples are placed by us; the resampler must not re-time them
                     yield from drain(resampler.resample(frame))
             if resampler is not None:
                 yield from drain(resampler.resample(None))
@@ -411,10 +472,7 @@ def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[n
                                 f"({_av_reason(e)}); re-encode or re-download the file") from None
         if emitted == 0:
             raise InputError(p, "audio stream is empty (zero length): nothing to decode")
-        got = emitted / sample_rate
-        if declared and declared - got > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRAC * declared):
-            raise InputError(p, f"corrupt or truncated audio at t={got:.2f}s: decoding stopped there but the "
-                                f"file declares {declared:.2f}s; re-encode or re-download the file")
+        ends.check(p, "audio", emitted / sample_rate)
     finally:
         c.close()
 
@@ -480,7 +538,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
         eps = 5e-4
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         nominal = 1.0 / float(rate) if rate else 1.0 / fps
-        declared = _seconds(stream.duration, stream.time_base)
+        ends = _EndCheck(p, c, stream)
         next_i = 0
         t0 = None
         prev = None          # (frame, t, cached rgb or None)
@@ -517,7 +575,11 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
                 next_i += 1
 
         try:
-            for packet in c.demux(stream):
+            others = [s for s in (list(c.streams.audio) + list(c.streams.video)) if s is not stream]
+            for packet in c.demux([stream] + others):
+                ends.see(packet)
+                if packet.stream is not stream:
+                    continue
                 if packet.pts is not None and t0 is not None:
                     t_now = float(packet.pts * packet.time_base) - t0
                 for frame in packet.decode():
@@ -545,9 +607,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
         if prev is None:
             raise InputError(p, "video stream has no decodable frames (zero length)")
         end = prev[1] + (last_dur if last_dur and last_dur > 0 else prev_interval)
-        if declared and declared - end > max(_TRUNCATION_SLACK_S, _TRUNCATION_SLACK_FRAC * declared):
-            raise InputError(p, f"corrupt or truncated video at t={end:.2f}s: decoding stopped there but the "
-                                f"file declares {declared:.2f}s; re-encode or re-download the file")
+        ends.check(p, "video", end)
         yield from emit_until(max(end, prev[1] + eps * 2))
     finally:
         c.close()
@@ -611,9 +671,13 @@ class Mp4Writer:
     frame ``i`` gets pts ``i`` in time base ``1/fps``. Video is libx264 yuv420p
     (width and height must be even). Audio is AAC at ``aac_rate`` (48 kHz by
     default; resampled with ``av.AudioResampler``), interleaved with the video
-    as frames are written: ``audio`` given up front is the whole track;
-    ``with_audio=True`` without ``audio`` declares an audio track whose samples
-    come through :meth:`write_audio`.
+    as frames are written. ``audio`` given up front is the whole track;
+    otherwise samples come through :meth:`write_audio`. ``with_audio``:
+    ``True`` declares the audio track up front, ``False`` makes a silent
+    video, and the default ``None`` decides on its own: encoded video is held
+    back (compressed, in memory) until the first :meth:`write_audio` call adds
+    the track, or until :meth:`close` or ``audio_decision_s`` seconds of video
+    settle on no audio (a later :meth:`write_audio` then raises).
 
     Atomic when ``path`` is a filesystem path: output goes to
     ``.<name>.tmp-<random>`` in the same directory and is renamed onto
@@ -632,7 +696,8 @@ class Mp4Writer:
                  audio: np.ndarray | None = None, audio_rate: int = SAMPLE_RATE, crf: int = 23,
                  preset: str = "veryfast", *, with_audio: bool | None = None, aac_rate: int = 48000,
                  audio_bitrate: int = 96_000, fragmented: bool | None = None, gop: int | None = None,
-                 tune: str | None = None, format: str = "mp4", threads: int = 0):
+                 tune: str | None = None, format: str = "mp4", threads: int = 0,
+                 audio_decision_s: float = 10.0):
         self._is_file = hasattr(path, "write")
         self.path = "<stream>" if self._is_file else os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
@@ -649,20 +714,34 @@ class Mp4Writer:
             fragmented = self._is_file
         self.fragmented = bool(fragmented)
         self.audio_rate = int(audio_rate)
-        with_audio = (audio is not None) if with_audio is None else bool(with_audio)
+        if audio is not None:
+            with_audio = True
+        self._audio_mode: bool | None = None if with_audio is None else bool(with_audio)
+        self._held: list = []
+        self._hold_frames = max(1, int(audio_decision_s * self.fps))
+        self._aac_rate = int(aac_rate)
+        self._audio_bitrate = int(audio_bitrate)
+        self._astream = None
         if audio is not None:
             audio = np.asarray(audio, dtype=np.float32)
             if audio.ndim != 1:
                 raise InputError(self.path, f"audio must be mono 1-D float32, got shape {audio.shape}")
         if aac_rate not in (av.codec.Codec("aac", "w").audio_rates or (aac_rate,)):
             raise InputError(self.path, f"AAC cannot encode at {aac_rate} Hz")
-        options = {"movflags": _FRAG_FLAGS} if self.fragmented else {"movflags": "+faststart"}
+        if self.fragmented:
+            options = {"movflags": _FRAG_FLAGS}
+        elif self._is_file:
+            options = {}  # faststart re-opens the output by name: impossible for a file object
+        else:
+            options = {"movflags": "+faststart"}
         if self._is_file:
             target = path
         else:
             d = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(d):
                 raise InputError(self.path, f"output directory {d} does not exist")
+            if not os.access(d, os.W_OK):
+                raise InputError(self.path, f"output directory {d} is not writable")
             if os.path.isdir(self.path):
                 raise InputError(self.path, "is a directory; give a file name ending in .mp4")
             self._tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(6)}")
@@ -683,19 +762,13 @@ class Mp4Writer:
             if threads:
                 vs.codec_context.thread_count = int(threads)
             self._vstream = vs
-            self._astream = None
-            if with_audio:
-                a = self._container.add_stream("aac", rate=int(aac_rate))
-                a.codec_context.layout = "mono"
-                a.codec_context.bit_rate = int(audio_bitrate)
-                self._astream = a
-                self._aac_rate = int(aac_rate)
-                self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=int(aac_rate))
-                self._audio_in = 0      # input samples handed to the resampler
-                self._audio_out = 0     # samples (at aac_rate) handed to the encoder
-                self._audio_pending: list[np.ndarray] = []
-                if audio is not None:
-                    self._audio_pending.append(audio)
+            self._audio_in = 0      # input samples handed to the resampler
+            self._audio_out = 0     # samples (at aac_rate) handed to the encoder
+            self._audio_pending: list[np.ndarray] = [] if audio is None else [audio]
+            if self._audio_mode:
+                self._add_audio_stream()
+            if self._audio_mode is not None:
+                self._container.start_encoding()  # opens the codecs and writes the header now
         except InputError:
             self._cleanup()
             raise
@@ -728,19 +801,45 @@ class Mp4Writer:
     def write_audio(self, samples: np.ndarray) -> None:
         """Append mono float32 samples (at ``audio_rate``) to the audio track."""
         self._check_open()
-        if self._astream is None:
-            raise InputError(self.path, "this writer has no audio track (pass audio= or with_audio=True)")
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        if samples.size:
-            self._audio_pending.append(samples)
         try:
+            if self._audio_mode is None:
+                self._decide(True)
+            if self._astream is None:
+                raise InputError(self.path, "this writer has no audio track: pass audio= or with_audio=True, "
+                                            "or start writing audio before the first "
+                                            f"{self._hold_frames / self.fps:g} s of video")
+            samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+            if samples.size:
+                self._audio_pending.append(samples)
             self._pump_audio(until_input_sample=self.frames_written * self.audio_rate // self.fps)
         except av.FFmpegError as e:
             raise InputError(self.path, f"MP4 encoding failed: {_av_reason(e)}") from None
 
+    def _add_audio_stream(self) -> None:
+        a = self._container.add_stream("aac", rate=self._aac_rate)
+        a.codec_context.layout = "mono"
+        a.codec_context.bit_rate = self._audio_bitrate
+        self._astream = a
+        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=self._aac_rate)
+
+    def _decide(self, with_audio: bool) -> None:
+        """Settle whether the file has an audio track, then mux the video held back meanwhile."""
+        self._audio_mode = bool(with_audio)
+        if with_audio:
+            self._add_audio_stream()
+        self._container.start_encoding()
+        held, self._held = self._held, []
+        for pkt in held:
+            self._container.mux(pkt)
+
     def _mux(self, packets) -> None:
         for pkt in packets:
-            self._container.mux(pkt)
+            if self._audio_mode is None:
+                self._held.append(pkt)
+                if self.frames_written >= self._hold_frames:
+                    self._decide(False)
+            else:
+                self._container.mux(pkt)
 
     def _pump_audio(self, until_input_sample: int | None) -> None:
         """Encode pending audio up to input sample ``until_input_sample`` (all of it when None)."""
@@ -772,7 +871,10 @@ class Mp4Writer:
         """Flush the encoders, finalise the MP4 and (for a path) move it into place."""
         if self._closed:
             return
+        self._check_open()
         try:
+            if self._audio_mode is None:
+                self._decide(False)
             if self._astream is not None:
                 self._pump_audio(None)
                 self._encode_resampled(self._resampler.resample(None))

@@ -23,17 +23,13 @@ import functools
 import logging
 import os
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from . import schemas
+from . import config, schemas
 from .stages import Packet, Stage
-from .stages.decode import DecodeStage
-from .stages.diffusion import DiffusionStage
-from .stages.features import FeaturesStage
-from .stages.memory import MemoryStage
-from .stages.render import RenderStage
+from .stages.host import StageHost
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +62,13 @@ class PipelineOptions:
 
 
 def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
+    """The five stage objects (not set up: each loads its models in ``setup`` where it runs)."""
+    from .stages.decode import DecodeStage
+    from .stages.diffusion import DiffusionStage
+    from .stages.features import FeaturesStage
+    from .stages.memory import MemoryStage
+    from .stages.render import RenderStage
+
     loader = opts.model_loader()
     return {
         "decode": DecodeStage(chunk_frames=opts.chunk_frames),
@@ -74,41 +77,6 @@ def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
         "diffusion": DiffusionStage(model_loader=loader, device=opts.device),
         "render": RenderStage(device=opts.device),
     }
-
-
-class StageHost:
-    """Hosts one stage: calls its methods by name and accounts the time spent in each.
-
-    A Ray actor is this class made remote (``echo_stream.actors``); the inline
-    runner uses it directly, so both paths share the accounting.
-    """
-
-    def __init__(self, factory: Callable[[], Stage]):
-        self.stage = factory()
-        self.busy: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.setup_s = 0.0
-
-    def setup(self) -> float:
-        t = time.perf_counter()
-        self.stage.setup()
-        self.setup_s = time.perf_counter() - t
-        return self.setup_s
-
-    def call(self, method: str, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return getattr(self.stage, method)(*args, **kwargs)
-        finally:
-            self.busy[method] += time.perf_counter() - t
-            self.calls[method] += 1
-
-    def stats(self) -> dict:
-        import resource
-
-        return {"stage": self.stage.name, "setup_s": self.setup_s, "busy_s": dict(self.busy),
-                "calls": dict(self.calls), "pid": os.getpid(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 class InlineRunner:
@@ -218,6 +186,16 @@ def open_session(runner, session_id: str, inp: SessionInputs) -> dict:
     return runner.get(refs)[0]
 
 
+def close_session(runner, session_id: str) -> None:
+    """Drop a session's state from every stage (after an error or a client going away)."""
+    refs = [runner.call(name, "close_session", session_id) for name in STAGES]
+    for r in refs:
+        try:
+            runner.get(r)
+        except Exception:  # noqa: BLE001 - best effort: a stage that failed keeps failing
+            log.debug("close_session %s failed on a stage", session_id, exc_info=True)
+
+
 def stream_session(runner, session_id: str, inp: SessionInputs,
                    on_audio: Callable[[Any], None], on_output: Callable[[Packet], None],
                    max_inflight: int = 4, progress: Callable[[int], None] | None = None) -> dict:
@@ -227,7 +205,6 @@ def stream_session(runner, session_id: str, inp: SessionInputs,
     ``on_output(packet)`` receives each render-stage packet (MotionWindow and,
     with a portrait, RenderedFrames) in order. Returns timing figures.
     """
-    info = open_session(runner, session_id, inp)
     pending_text = deque(sorted(inp.transcript, key=lambda s: s.start))
     text_seq = 0
     inflight: deque = deque()
@@ -243,29 +220,34 @@ def stream_session(runner, session_id: str, inp: SessionInputs,
                     first_output = time.perf_counter() - t_start
                 on_output(p)
 
-    fed_until = 0.0
-    while True:
-        packet_ref, info_ref = runner.call("decode", "next_chunk", session_id, num_returns=2)
-        chunk_info = runner.get(info_ref)
-        on_audio(chunk_info["avatar_audio"])
-        fed_until += len(chunk_info["avatar_audio"]) / 16000.0
-        # transcript segments that have "arrived" by this point of the stream go to memory first
-        due = []
-        while pending_text and (pending_text[0].start <= fed_until or chunk_info["end"]):
-            due.append(pending_text.popleft())
-        if due:
-            runner.call("memory", "add_transcript", transcript_batch(session_id, due, text_seq))
-            text_seq += len(due)
-        feats = runner.call("features", "process", packet_ref)
-        windows = runner.call("memory", "process", feats)
-        motion = runner.call("diffusion", "process", windows)
-        inflight.append(runner.call("render", "process", motion))
-        chunks += 1
-        if progress:
-            progress(len(chunk_info["avatar_audio"]))
-        drain(max_inflight)
-        if chunk_info["end"]:
-            break
-    drain(0)
+    try:
+        info = open_session(runner, session_id, inp)
+        fed_until = 0.0
+        while True:
+            packet_ref, info_ref = runner.call("decode", "next_chunk", session_id, num_returns=2)
+            chunk_info = runner.get(info_ref)
+            on_audio(chunk_info["avatar_audio"])
+            fed_until += len(chunk_info["avatar_audio"]) / config.SAMPLE_RATE
+            # transcript segments that have "arrived" by this point of the stream go to memory first
+            due = []
+            while pending_text and (pending_text[0].start <= fed_until or chunk_info["end"]):
+                due.append(pending_text.popleft())
+            if due:
+                runner.call("memory", "add_transcript", transcript_batch(session_id, due, text_seq))
+                text_seq += len(due)
+            feats = runner.call("features", "process", packet_ref)
+            windows = runner.call("memory", "process", feats)
+            motion = runner.call("diffusion", "process", windows)
+            inflight.append(runner.call("render", "process", motion))
+            chunks += 1
+            if progress:
+                progress(len(chunk_info["avatar_audio"]))
+            drain(max_inflight)
+            if chunk_info["end"]:
+                break
+        drain(0)
+    except BaseException:
+        close_session(runner, session_id)
+        raise
     return {"chunks": chunks, "wall_s": time.perf_counter() - t_start, "first_output_s": first_output,
             "inputs": info}

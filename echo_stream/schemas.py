@@ -159,9 +159,13 @@ def validate(batch: pa.RecordBatch, contract: Contract) -> pa.RecordBatch:
 
 def tensor_array(values: np.ndarray, spec_value_type: pa.DataType | None = None) -> pa.Array:
     """A fixed_shape_tensor array from an (N, *shape) numpy array."""
-    values = np.ascontiguousarray(values)
     if spec_value_type is not None:
-        values = values.astype(spec_value_type.to_pandas_dtype(), copy=False)
+        values = np.asarray(values).astype(spec_value_type.to_pandas_dtype(), copy=False)
+    expected = tuple(int(np.prod(values.shape[i + 1:])) * values.itemsize for i in range(values.ndim))
+    if values.strides != expected:  # not plain C order (views, or size-1 dims with odd strides)
+        fresh = np.empty(values.shape, values.dtype)
+        fresh[...] = values
+        values = fresh
     if values.ndim < 2:
         raise ValueError("tensor columns need an array of shape (rows, *tensor_shape)")
     if values.shape[0] == 0:

@@ -52,7 +52,7 @@ VIDEO_FORMATS: dict[str, tuple[str, str, str]] = {
     ".mov": ("mov", "libx264", "aac"),
     ".mkv": ("matroska", "libx264", "libopus"),
     ".webm": ("webm", "libvpx-vp9", "libopus"),
-    ".avi": ("avi", "mpeg4", "libmp3lame"),
+    ".avi": ("avi", "mpeg4", "pcm_s16le"),
 }
 
 
@@ -210,6 +210,7 @@ def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int =
             stream.codec_context.options = {"strict": "experimental"}
         if bitrate:
             stream.codec_context.bit_rate = bitrate
+        container.start_encoding()  # write the header even when there are no samples
         _encode_audio_into(container, stream, planar, sample_rate, start_time)
     return path
 
@@ -375,6 +376,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: float = 25.
             arate = _supported_rate(c, audio_rate)
             astream = container.add_stream(acodec, rate=arate)
             astream.codec_context.layout = "mono" if audio_channels == 1 else "stereo"
+        container.start_encoding()
         for i in range(n):
             fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             fr.pts = int(round(times[i] / tb))

@@ -218,12 +218,12 @@ class DenoiserBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, kv, lip_mask, n_lip: int, lip_pad: int,
                 audio_lengths, user_lengths) -> torch.Tensor:
-        # mod: (B, 9, d) = shift/scale/gate for self-attention, cross-attention, MLP
+        # mod: (B, 9, d) = shift / (1 + scale) / gate for self-attention, cross-attention, MLP
         m = mod.unsqueeze(2)
-        x = x + m[:, 2] * self.attn(self.norm1(x) * (1 + m[:, 1]) + m[:, 0])
-        x = x + m[:, 5] * self.cross(self.norm2(x) * (1 + m[:, 4]) + m[:, 3], kv, lip_mask, n_lip, lip_pad,
-                                     audio_lengths, user_lengths)
-        x = x + m[:, 8] * self.mlp(self.norm3(x) * (1 + m[:, 7]) + m[:, 6])
+        x = torch.addcmul(x, m[:, 2], self.attn(torch.addcmul(m[:, 0], self.norm1(x), m[:, 1])))
+        h = torch.addcmul(m[:, 3], self.norm2(x), m[:, 4])
+        x = torch.addcmul(x, m[:, 5], self.cross(h, kv, lip_mask, n_lip, lip_pad, audio_lengths, user_lengths))
+        x = torch.addcmul(x, m[:, 8], self.mlp(torch.addcmul(m[:, 6], self.norm3(x), m[:, 7])))
         return x
 
 
@@ -260,9 +260,13 @@ class SDCMDenoiser(nn.Module):
         self.ada = nn.Linear(d, self.n_mod * d)
         nn.init.zeros_(self.ada.weight)
         with torch.no_grad():
+            # rows (per block): shift, 1+scale, gate for each of the 3 sub-layers; then final shift, 1+scale.
+            # scales are stored as (1 + scale): bias 1; residual gates open at init: bias 1.
             bias = torch.zeros(self.n_mod, d)
             for i in range(cfg.n_layers):
-                bias[9 * i + 2] = bias[9 * i + 5] = bias[9 * i + 8] = 1.0  # residual gates open at init
+                for j in (1, 2, 4, 5, 7, 8):
+                    bias[9 * i + j] = 1.0
+            bias[-1] = 1.0
             self.ada.bias.copy_(bias.flatten())
         self.register_buffer("token_frame", self.layout.frame_index(), persistent=False)
         self.register_buffer("token_kind", self.layout.kind_index(), persistent=False)
@@ -312,21 +316,27 @@ class SDCMDenoiser(nn.Module):
             return 0
         return (-self.layout.lip_tokens) % tile
 
+    def lip_args(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        """(lip_mask over the padded query rows, number of lip tokens, padding rows) for the SDCM call."""
+        n_lip = self.layout.lip_tokens
+        pad = self._lip_pad(device)
+        lip_mask = self.lip_mask
+        if pad:
+            lip_mask = torch.cat([lip_mask[:n_lip], lip_mask.new_ones(pad), lip_mask[n_lip:]])
+        return lip_mask, n_lip, pad
+
     # -- forward ---------------------------------------------------------------
 
     def forward(self, x_t: torch.Tensor, tau: torch.Tensor, known: torch.Tensor, known_mask: torch.Tensor,
                 ctx: DenoiserContext) -> torch.Tensor:
         """Predict clean normalised motion (B, W, C) from noisy ``x_t`` at flow time ``tau`` (B,) in [0, 1]."""
         b = x_t.shape[0]
+        # adaLN parameters of every block; scale rows hold (1 + scale) thanks to the bias init below
         mods = self.ada(F.silu(self.t_embed(tau))).view(b, self.n_mod, self.d)
         x = self.tokens_in(x_t, known, known_mask) + ctx.audio_add
-        n_lip = self.layout.lip_tokens
-        pad = self._lip_pad(x.device)
-        lip_mask = self.lip_mask
-        if pad:
-            lip_mask = torch.cat([lip_mask[:n_lip], lip_mask.new_ones(pad), lip_mask[n_lip:]])
+        lip_mask, n_lip, pad = self.lip_args(x.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mods[:, 9 * i: 9 * i + 9], ctx.kv[i], lip_mask, n_lip, pad,
                     ctx.audio_lengths, ctx.user_lengths)
-        h = self.norm_f(x) * (1 + mods[:, -1].unsqueeze(1)) + mods[:, -2].unsqueeze(1)
+        h = torch.addcmul(mods[:, -2].unsqueeze(1), self.norm_f(x), mods[:, -1].unsqueeze(1))
         return self.tokens_out(h)

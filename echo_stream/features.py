@@ -46,7 +46,7 @@ mapped into the motion vector by :func:`blendshape_frames`.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -39,7 +39,6 @@ for streaming; :class:`FragmentedMp4Encoder` wraps the latter and hands back
 from __future__ import annotations
 
 import io
-import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -67,6 +66,8 @@ AUDIO_GAP_FILL_S = 0.1
 #: much (seconds, or this fraction of it when larger) before it counts as truncated.
 _TRUNCATION_SLACK_S = 0.5
 _TRUNCATION_SLACK_FRAC = 0.05
+
+_ATTACHED_PIC = av.stream.Disposition.attached_pic
 
 # FFmpeg demuxers that "open" arbitrary text; a file they claim is not media for us.
 _TEXT_FORMATS = {"tty", "srt", "webvtt", "ass", "microdvd", "subviewer", "subviewer1",
@@ -187,19 +188,23 @@ def _open(path: str | os.PathLike):
     return p, container
 
 
+def _streams(container, kind: str) -> list:
+    """The audio or video streams of a container; cover art (attached pictures) is not video."""
+    if kind == "audio":
+        return list(container.streams.audio)
+    return [s for s in container.streams.video if not s.disposition & _ATTACHED_PIC]
+
+
 def _stream_or_fail(p: str, container, kind: str):
-    streams = container.streams.audio if kind == "audio" else container.streams.video
+    streams = _streams(container, kind)
     if not streams:
-        other = "video only" if kind == "audio" else "audio only"
+        if kind == "video" and container.streams.video:
+            what = "only an attached cover picture"
+        else:
+            what = "video only" if kind == "audio" else "audio only"
         container.close()
-        raise InputError(p, f"no {kind} stream in this file ({other}); pass a file that has {kind}")
-    # pick the first stream that has a decoder (attached cover pictures are not video)
-    for s in streams:
-        if kind == "video" and (s.disposition & av.stream.Disposition.attached_pic if hasattr(av.stream, "Disposition") else False):
-            continue
-        return s
-    container.close()
-    raise InputError(p, f"no {kind} stream in this file (only an attached cover picture)")
+        raise InputError(p, f"no {kind} stream in this file ({what}); pass a file that has {kind}")
+    return streams[0]
 
 
 # =========================================================================== probing
@@ -251,8 +256,8 @@ def probe(path: str | os.PathLike, *, count_packets: bool = False) -> MediaInfo:
     """
     p, c = _open(path)
     try:
-        a = c.streams.audio[0] if c.streams.audio else None
-        v = c.streams.video[0] if c.streams.video else None
+        a = (_streams(c, "audio") or [None])[0]
+        v = (_streams(c, "video") or [None])[0]
         kw: dict = {}
         if a is not None:
             cc = a.codec_context

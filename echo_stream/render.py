@@ -63,7 +63,19 @@ orientation), x to the right, y down::
 or ``{"points68": [[x, y], ... 68 points]}`` in the common iBUG-300W / dlib
 68-point order (jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67),
 which gives the most precise placement. Both forms may be combined (the five
-named points then win). Any extra keys are ignored.
+named points then win). Any extra keys are ignored. Left/right are taken from
+the image: a file that names them from the subject's side is swapped back.
+Every point must lie inside the image and the nose, mouth and chin below the
+eyes; otherwise :class:`~echo_stream.errors.InputError` names the bad key.
+
+API
+---
+``load_portrait(path_or_bytes, landmarks_path=None) -> Portrait`` (detections
+are cached per image content); ``crop_portrait(portrait, size) -> FaceCrop``;
+``PortraitRenderer(portrait_or_path, size=(256, 256), device="cpu")`` with
+``.render(motion) -> uint8 (N, H, W, 3)``, ``.render_torch(motion) -> float32
+(N, 3, H, W)`` in 0..255 on the device, ``.crop`` (the FaceCrop). Sizes are
+(height, width), even, 64..4096. ``SAMPLE_PORTRAIT`` is the bundled photo.
 """
 from __future__ import annotations
 
@@ -72,7 +84,7 @@ import json
 import math
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -506,26 +518,28 @@ def _parse_sidecar(path: Path, width: int, height: int) -> tuple[dict[str, np.nd
     return known, jaw
 
 
-def _refine_mouth_line(gray: np.ndarray, known: dict[str, np.ndarray]) -> None:
-    """Move the template mouth line to the darkest row between the lips (in place; small search)."""
+def _refine_mouth_line(gray: np.ndarray, known: dict[str, np.ndarray], prior: float, reach: float,
+                       centre_x: float = 0.0) -> None:
+    """Set ``known["mouth_centre"]`` to the darkest row between the lips near ``prior`` (face units).
+
+    Searches an upright strip 0.6 IOD wide around ``centre_x`` for rows within ``prior +- reach``;
+    falls back to the prior when the strip shows no clear dark line.
+    """
     import cv2
 
     frame = _frame(known["left_eye"], known["right_eye"])
-    o, ux, uy, iod = frame
-    # Resample an upright patch of the lower face: X in [-0.3, 0.3], Y in [0.8, 1.45] face units.
-    ppu = 40.0
-    xs = np.linspace(-0.3, 0.3, int(0.6 * ppu))
-    ys = np.linspace(0.8, 1.45, int(0.65 * ppu))
+    ppu = 40.0                                                        # samples per face unit
+    xs = np.linspace(centre_x - 0.3, centre_x + 0.3, int(0.6 * ppu))
+    ys = np.linspace(prior - reach, prior + reach, max(8, int(2 * reach * ppu)))
     gx, gy = np.meshgrid(xs, ys)
     pts = _from_face(np.stack([gx, gy], -1), frame).astype(np.float32)
     patch = cv2.remap(gray.astype(np.float32), pts[..., 0], pts[..., 1], cv2.INTER_LINEAR,
                       borderMode=cv2.BORDER_REPLICATE)
     prof = cv2.GaussianBlur(patch, (0, 0), 1.0).mean(1)
-    prior = _TEMPLATE["mouth_centre"][1]
-    score = prof - prof.std() * 0.8 * np.exp(-((ys - prior) / 0.18) ** 2)   # prefer rows near the prior
+    score = prof - prof.std() * 0.8 * np.exp(-((ys - prior) / (0.7 * reach)) ** 2)   # prefer rows near the prior
     i = int(np.argmin(score))
-    if 0 < i < len(ys) - 1 and prof.max() - prof[i] > 8:
-        known["mouth_centre"] = _from_face(np.array([0.0, ys[i]]), frame)
+    y = ys[i] if (0 < i < len(ys) - 1 and prof.max() - prof[i] > 8) else prior
+    known["mouth_centre"] = _from_face(np.array([centre_x, y]), frame)
 
 
 def _detect_landmarks(rgb: np.ndarray, what: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -607,8 +621,7 @@ def _detect_landmarks(rgb: np.ndarray, what: str) -> tuple[dict[str, np.ndarray]
     # Lower face from the box: mouth line from the image when it is clear, chin from the box.
     frame = _frame(le, re_)
     chin_y = _to_face(np.array([fx + fw / 2, fy + 1.13 * fh]), frame)[1]
-    known["mouth_centre"] = _from_face(np.array([0.0, _TEMPLATE["mouth_centre"][1]]), frame)
-    _refine_mouth_line(gray_full, known)
+    _refine_mouth_line(gray_full, known, _TEMPLATE["mouth_centre"][1], 0.32)
     mouth_y = _to_face(known["mouth_centre"], frame)[1]
     known["chin"] = _from_face(np.array([0.0, max(chin_y, mouth_y + 0.45)]), frame)
     for k in ("chin",):
@@ -656,6 +669,12 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
     return arr
 
 
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
 _DETECTION_CACHE: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
 _DETECTION_CACHE_SIZE = 16
 
@@ -690,6 +709,12 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
     h, w = rgb.shape[:2]
     if landmarks_path is not None:
         known, jaw = _parse_sidecar(Path(landmarks_path), w, h)
+        if "mouth_centre" not in known:                # five points: find the lip line between the corners
+            frame = _frame(known["left_eye"], known["right_eye"])
+            ml, mr = _to_face(known["mouth_left"], frame), _to_face(known["mouth_right"], frame)
+            half = (mr[0] - ml[0]) / 2
+            _refine_mouth_line(_gray(rgb), known, (ml[1] + mr[1]) / 2 + 0.02, float(np.clip(0.3 * half, 0.06, 0.15)),
+                               (ml[0] + mr[0]) / 2)
         return Portrait(rgb, _complete_landmarks(known, jaw), "sidecar", what if src_path else None)
     key = hashlib.sha1(data).hexdigest()
     hit = _DETECTION_CACHE.get(key)
@@ -802,7 +827,7 @@ _LIP_EDGE = 0.02      # face units: softness of the upper/lower lip split
 def _expression_fields(X: np.ndarray, Y: np.ndarray, fg: _FaceGeometry) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Forward displacement (dx, dy) in face units of every geometry channel, evaluated at (X, Y)."""
     p = fg.pts
-    xs, ys, half, yc = fg.mouth
+    xs, ys, half, _ = fg.mouth
     lip = fg.lip_line(X)
     lower = _sigmoid((Y - lip) / _LIP_EDGE)
     upper = 1.0 - lower
@@ -846,8 +871,8 @@ def _expression_fields(X: np.ndarray, Y: np.ndarray, fg: _FaceGeometry) -> dict[
         f["mouthPress" + name] = (zero, (0.02 * upper * gy_ul - 0.025 * lower * gy_ll) * _gauss1(X, xs + s * 0.2, 0.2))
         f["mouthStretch" + name] = (s * 0.08 * g, 0.05 * g)
         cheek = _gauss(X, Y, corners[s][0] + s * 0.12, corners[s][1] - 0.45, 0.25, 0.22)
-        f["mouthSmile" + name] = (s * 0.10 * g, -0.10 * g - 0.04 * cheek)
-        f["mouthFrown" + name] = (s * 0.01 * g, 0.08 * g)
+        f["mouthSmile" + name] = (s * 0.12 * g, -0.12 * g - 0.05 * cheek)
+        f["mouthFrown" + name] = (s * 0.01 * g, 0.10 * g)
         f["mouthDimple" + name] = (s * 0.05 * g, -0.01 * g)
 
     # Eyes ("Left" = subject's left = image-right eye) and brows.
@@ -864,19 +889,19 @@ def _expression_fields(X: np.ndarray, Y: np.ndarray, fg: _FaceGeometry) -> dict[
         f["eyeBlink" + name] = (zero, 0.035 * g_top - 0.01 * g_bot)
         f["eyeWide" + name] = (zero, -0.05 * _gauss(X, Y, ex, et - 0.02, a * 0.9, 0.08) - 0.02 * g_brow)
         f["eyeSquint" + name] = (zero, -0.035 * _gauss(X, Y, ex, eb + 0.02, a * 0.9, 0.07) + 0.012 * g_top)
-        f["eyeLookIn" + name] = (-s * 0.07 * g_iris, zero)
-        f["eyeLookOut" + name] = (s * 0.07 * g_iris, zero)
+        f["eyeLookIn" + name] = (-s * 0.08 * g_iris, zero)
+        f["eyeLookOut" + name] = (s * 0.08 * g_iris, zero)
         f["eyeLookUp" + name] = (zero, -0.04 * g_iris - 0.015 * g_top)
         f["eyeLookDown" + name] = (zero, 0.04 * g_iris + 0.02 * g_top)
         bo = p[f"{key}_brow_outer"]
-        f["browOuterUp" + name] = (zero, -0.09 * _gauss(X, Y, bo[0], bo[1], 0.2, 0.16))
-        f["browDown" + name] = (-s * 0.03 * g_brow, 0.07 * g_brow)
+        f["browOuterUp" + name] = (zero, -0.10 * _gauss(X, Y, bo[0], bo[1], 0.2, 0.16))
+        f["browDown" + name] = (-s * 0.03 * g_brow, 0.09 * g_brow)
         f["cheekSquint" + name] = (zero, -0.05 * _gauss(X, Y, ex, eb + 0.4, 0.24, 0.15) - 0.02 * g_bot)
         nx, ny = p["nose"]
         f["noseSneer" + name] = (zero, -0.05 * _gauss(X, Y, nx + s * 0.17, ny - 0.05, 0.1, 0.14)
                                  - 0.015 * upper * _gauss(X, Y, xs + s * 0.2, ul, 0.2, 0.12))
     bil, bir = p["left_brow_inner"], p["right_brow_inner"]
-    f["browInnerUp"] = (zero, -0.10 * (_gauss(X, Y, bil[0], bil[1], 0.17, 0.16) + _gauss(X, Y, bir[0], bir[1], 0.17, 0.16)))
+    f["browInnerUp"] = (zero, -0.12 * (_gauss(X, Y, bil[0], bil[1], 0.17, 0.16) + _gauss(X, Y, bir[0], bir[1], 0.17, 0.16)))
     puff = _gauss(X, Y, xs + 0.58, ys - 0.12, 0.22, 0.3) - _gauss(X, Y, xs - 0.58, ys - 0.12, 0.22, 0.3)
     f["cheekPuff"] = (0.08 * puff, zero)
     return f
@@ -1108,8 +1133,16 @@ class PortraitRenderer:
         pb[:10, ..., 0] = maps * w * (e * 2 / ww)
         pb[10:, ..., 1] = maps * w * (e * 2 / hh)
         gx, gy = self._norm(xx, yy)
-        self._pose_basis = torch.from_numpy(pb.reshape(20, -1)).to(self.device)
-        self._base_full = torch.from_numpy(np.stack([gx, gy], -1).astype(np.float32).reshape(1, -1)).to(self.device)
+        base = np.stack([gx, gy], -1).astype(np.float32)
+        # Only the mask's bounding box can move; the rest of the frame is left as it is.
+        rows, cols = np.nonzero(w > 1e-4)
+        if rows.size == 0:
+            rows, cols = np.array([0, hh - 1]), np.array([0, ww - 1])
+        self._pose_box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+        py0, py1, px0, px1 = self._pose_box
+        pb = pb[:, py0:py1, px0:px1]
+        self._pose_basis = torch.from_numpy(np.ascontiguousarray(pb).reshape(20, -1)).to(self.device)
+        self._base_pose = torch.from_numpy(np.ascontiguousarray(base[py0:py1, px0:px1]).reshape(1, -1)).to(self.device)
         self._pose_idx = torch.tensor([CHANNEL_INDEX[c] for c in ("headPitch", "headYaw", "headRoll", "headTx",
                                                                   "headTy", "headTz")], device=self.device)
         self._face_units_per_height = self.crop.face_height / e
@@ -1198,14 +1231,19 @@ class PortraitRenderer:
             everyone = bool(moving.all())
             idx = None if everyone else torch.nonzero(moving)[:, 0]
             sub_pose = pose if everyone else pose.index_select(0, idx)
+            sub = img if everyone else img.index_select(0, idx)
+            py0, py1, px0, px1 = self._pose_box
             coef = self._pose_coefficients(sub_pose)
-            g = torch.addmm(self._base_full, coef, self._pose_basis).view(sub_pose.shape[0], hh, ww, 2)
-            warped = F.grid_sample(img if everyone else img.index_select(0, idx), g, mode="bilinear",
-                                   padding_mode="border", align_corners=False)
-            if everyone:
-                img = warped
+            g = torch.addmm(self._base_pose, coef, self._pose_basis).view(sub_pose.shape[0], py1 - py0, px1 - px0, 2)
+            warped = F.grid_sample(sub, g, mode="bilinear", padding_mode="border", align_corners=False)
+            if (py1 - py0, px1 - px0) == (hh, ww):
+                sub = warped
             else:
-                img.index_copy_(0, idx, warped)
+                sub[:, :, py0:py1, px0:px1] = warped
+            if everyone:
+                img = sub
+            else:
+                img.index_copy_(0, idx, sub)
         return img
 
     def _mouth_layer(self, roi: torch.Tensor, k: torch.Tensor, mt: torch.Tensor) -> None:

@@ -378,7 +378,9 @@ def _autotune_configs() -> list:
 
 
 def _prune_configs(configs, named_args, **kwargs) -> list:
-    """Drop configs that overflow shared memory or tile far past the problem."""
+    """Drop configs that overflow shared memory, spill registers (two fp32
+    accumulators are live at D=128: BLOCK_N=128 spills there) or tile far past
+    the problem."""
     args = {**named_args, **kwargs}
     head_dim = args["HEAD_DIM"]
     len_q = args["LQ_BUCKET"]
@@ -388,6 +390,8 @@ def _prune_configs(configs, named_args, **kwargs) -> list:
         block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         smem = 2 * (block_m * head_dim + cfg.num_stages * 2 * block_n * head_dim)
         if smem > _SMEM_BUDGET_BYTES:
+            continue
+        if head_dim >= 128 and block_n > 64:
             continue
         if block_m > 64 and len_q <= 64:
             continue
@@ -516,6 +520,10 @@ def _sdcm_forward_triton(q, k_audio, v_audio, k_user, v_user, lip_mask, gate, au
     if la == 0 and lu == 0:
         return out.zero_()
 
+    # A unit stride along D lets triton specialise it and vectorise/pipeline the loads.
+    q, k_audio, v_audio, k_user, v_user = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_audio, v_audio, k_user, v_user)
+    )
     len_a = _prepare_lengths(audio_lengths, b, la, q.device)
     len_u = _prepare_lengths(user_lengths, b, lu, q.device)
     lip = _prepare_lip(lip_mask, b, lq)

@@ -180,7 +180,7 @@ def _encode_audio_into(container, stream, planar: np.ndarray, in_rate: int, star
 
 def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = 16000, *,
                 channels: int = 1, codec: str | None = None, bitrate: int | None = None,
-                start_time: float = 0.0) -> Path:
+                start_time: float = 0.0, cover: np.ndarray | None = None) -> Path:
     """Encode ``samples`` (float32 in [-1, 1]) into an audio file chosen by extension.
 
     ``samples`` is mono ``(n,)`` (duplicated, with slightly different gains, when
@@ -190,7 +190,9 @@ def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int =
     stereo). When the codec cannot store ``sample_rate`` (opus: 8/12/16/24/48
     kHz only) the audio is resampled to the nearest rate it can. A non-zero
     ``start_time`` (seconds) shifts the first packet's timestamp (meaningful in
-    containers that keep timestamps: mka/ogg/m4a). Returns the path.
+    containers that keep timestamps: mka/ogg/m4a). ``cover`` (an RGB uint8
+    image, ``.mp3`` only) embeds album art as an attached-picture video
+    stream. Returns the path.
     """
     path = Path(path)
     ext = path.suffix.lower()
@@ -210,7 +212,20 @@ def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int =
             stream.codec_context.options = {"strict": "experimental"}
         if bitrate:
             stream.codec_context.bit_rate = bitrate
+        art = None
+        if cover is not None:
+            if ext != ".mp3":
+                raise ValueError("cover art is supported for .mp3 only")
+            cover = np.ascontiguousarray(cover, dtype=np.uint8)
+            art = container.add_stream("png")
+            art.width, art.height, art.pix_fmt = cover.shape[1], cover.shape[0], "rgb24"
+            art.disposition = av.stream.Disposition.attached_pic
         container.start_encoding()  # write the header even when there are no samples
+        if art is not None:
+            fr = av.VideoFrame.from_ndarray(cover, format="rgb24")
+            fr.pts = 0
+            for pkt in list(art.encode(fr)) + list(art.encode(None)):
+                container.mux(pkt)
         _encode_audio_into(container, stream, planar, sample_rate, start_time)
     return path
 

@@ -362,6 +362,16 @@ def test_zero_length_audio(tmp_path):
         assert_input_error(e, p, "zero length")
 
 
+def test_cover_art_is_not_video(tmp_path):
+    p = mg.write_audio(tmp_path / "song.mp3", mg.tone(300, 1.0), SR, cover=mg.face_frame(64, 48))
+    info = media.probe(p)
+    assert info.has_audio and not info.has_video
+    assert abs(len(media.decode_audio(p)) - SR) < 0.05 * SR
+    with pytest.raises(InputError) as e:
+        list(media.iter_video_frames(p))
+    assert_input_error(e, p, "no video stream", "cover picture")
+
+
 def test_no_video_stream(tmp_path):
     p = mg.write_audio(tmp_path / "a.flac", mg.tone(200, 0.3), SR)
     with pytest.raises(InputError) as e:

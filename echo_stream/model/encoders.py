@@ -40,6 +40,8 @@ A stronger (e.g. sentence-transformer) encoder can be plugged in later through
 the :class:`TranscriptEncoder` protocol -- anything with ``dim`` and
 ``encode(texts) -> (B, dim)`` -- via ``EchoModel.set_transcript_encoder``; its
 ``dim`` must equal ``cfg.transcript_dim`` (wrap it with a projection otherwise).
+A future ``--transcript-encoder PATH`` option only has to build such an object
+from local files (no network at run time) and hand it to that method.
 """
 from __future__ import annotations
 

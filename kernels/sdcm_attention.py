@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from typing import NamedTuple, Optional
 

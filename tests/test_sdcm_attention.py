@@ -450,7 +450,7 @@ def _compile_for_hopper(dtype: str, head_dim: int, block_m: int, block_n: int, n
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
 
 
 @requires_triton

@@ -112,7 +112,7 @@ class DenoiserContext:
     """Everything a denoiser step needs besides the noisy motion; computed once per window."""
 
     kv: list                      # per layer: (k_audio, v_audio, k_user, v_user), each (B, H, L, D)
-    audio_add: torch.Tensor       # (B, N, d) frame-aligned own-audio conditioning per motion token
+    token_bias: torch.Tensor      # (B, N, d) frame-aligned own-audio conditioning + position embeddings per token
     audio_lengths: torch.Tensor   # (B,) int
     user_lengths: torch.Tensor    # (B,) int: memory slots + user frames present (0 = branch off)
 
@@ -288,7 +288,9 @@ class SDCMDenoiser(nn.Module):
         kv = [blk.cross.keys(a, u) for blk in self.blocks]
         if audio_lengths is None:
             audio_lengths = torch.full((b,), w, dtype=torch.long, device=audio_tok.device)
-        return DenoiserContext(kv=kv, audio_add=self.audio_add(audio_tok)[:, self.token_frame],
+        pos = self.frame_pos[self.token_frame] + self.kind_emb[self.token_kind]
+        token_bias = self.audio_add(audio_tok)[:, self.token_frame] + pos
+        return DenoiserContext(kv=kv, token_bias=token_bias,
                                audio_lengths=audio_lengths, user_lengths=user_lengths.to(torch.long))
 
     # -- tokens ----------------------------------------------------------------
@@ -299,8 +301,7 @@ class SDCMDenoiser(nn.Module):
         parts = []
         for (s, e), n, lin in zip(self.ranges, self.cfg.region_tokens, self.embed):
             parts.append(lin(torch.cat([x_t[..., s:e], known[..., s:e], flag], dim=-1)).view(b, w * n, self.d))
-        pos = self.frame_pos[self.token_frame] + self.kind_emb[self.token_kind]
-        return torch.cat(parts, dim=1) + pos
+        return torch.cat(parts, dim=1)
 
     def tokens_out(self, h: torch.Tensor) -> torch.Tensor:
         b = h.shape[0]
@@ -333,7 +334,7 @@ class SDCMDenoiser(nn.Module):
         b = x_t.shape[0]
         # adaLN parameters of every block; scale rows hold (1 + scale) thanks to the bias init below
         mods = self.ada(F.silu(self.t_embed(tau))).view(b, self.n_mod, self.d)
-        x = self.tokens_in(x_t, known, known_mask) + ctx.audio_add
+        x = self.tokens_in(x_t, known, known_mask) + ctx.token_bias
         lip_mask, n_lip, pad = self.lip_args(x.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mods[:, 9 * i: 9 * i + 9], ctx.kv[i], lip_mask, n_lip, pad,

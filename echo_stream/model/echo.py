@@ -187,18 +187,26 @@ class EchoModel(nn.Module):
         user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
         return self.lcu(mem, audio_tok, user_tok, user_present.any(dim=-1), text_emb)
 
-    def memory_update(self, mem, avatar_audio, user_audio, user_video, user_blend, user_present,
-                      text_emb=None) -> torch.Tensor:
-        """One LCU update per window; every input covers the same T frames (text: (B, Dt), None = no text)."""
+    def memory_update(self, mem, avatar_audio, user_audio=None, user_video=None, user_blend=None,
+                      user_present=None, text_emb=None) -> torch.Tensor:
+        """One LCU update per window; every input covers the same T frames (text: (B, Dt)).
+
+        ``user_*`` None means no user input (presence flags off); ``text_emb`` None means no transcript.
+        """
         cfg = self.cfg
         mem = self._t("memory", mem, (None, cfg.memory_slots, cfg.d_model))
         b = mem.shape[0]
         avatar_audio = self._t("avatar_audio", avatar_audio, (b, None, cfg.mels_per_frame, cfg.audio_dim))
         t = avatar_audio.shape[1]
-        user_audio = self._t("user_audio", user_audio, (b, t, cfg.mels_per_frame, cfg.audio_dim))
-        user_video = self._t("user_video", user_video, (b, t, cfg.user_video_dim))
-        user_blend = self._t("user_blend", user_blend, (b, t, cfg.motion_dim))
-        user_present = self._t("user_present", user_present, (b, t, 3))
+        dev = self.device
+        user_audio = (torch.zeros_like(avatar_audio) if user_audio is None else
+                      self._t("user_audio", user_audio, (b, t, cfg.mels_per_frame, cfg.audio_dim)))
+        user_video = (torch.zeros(b, t, cfg.user_video_dim, device=dev) if user_video is None else
+                      self._t("user_video", user_video, (b, t, cfg.user_video_dim)))
+        user_blend = (self.motion_mean.expand(b, t, -1) if user_blend is None else
+                      self._t("user_blend", user_blend, (b, t, cfg.motion_dim)))
+        user_present = (torch.zeros(b, t, 3, device=dev) if user_present is None else
+                        self._t("user_present", user_present, (b, t, 3)))
         if text_emb is None:
             text_emb = torch.zeros(b, cfg.transcript_dim, device=self.device)
         text_emb = self._t("text_emb", text_emb, (b, cfg.transcript_dim))

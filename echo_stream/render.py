@@ -5,12 +5,12 @@ Overview
 ``load_portrait(path)`` reads a photo (png/jpeg/..., any size, EXIF orientation
 honoured) and places the face on it: either from a *landmarks sidecar* (see
 below) or, without one, with Viola-Jones Haar cascades (frontal face + eyes)
-bundled in ``echo_stream/assets/haarcascades`` (OpenCV's classic cascade files;
-OpenCV 5 no longer ships them nor the ``CascadeClassifier``, so this module
-evaluates them itself with numpy). A small set of 2-D landmarks (eyes, eyelids,
-brows, nose, mouth corners, lip centres, chin, jaw outline) is derived from
-the eyes and face box with canonical face proportions, refined a little from
-the image (lip line).
+bundled in ``echo_stream/assets/haarcascades`` (OpenCV's classic cascade files),
+run by ``cv2.CascadeClassifier`` where the OpenCV build has it and otherwise by
+an equivalent numpy evaluator in this module (OpenCV 5 removed the class). A
+small set of 2-D landmarks (eyes, eyelids, brows, nose, mouth corners, lip
+centres, chin, jaw outline) is derived from the eyes and face box with
+canonical face proportions, refined a little from the image (lip line).
 
 ``PortraitRenderer(portrait, size=(256, 256))`` crops a square around the face
 (face ~50% of the crop height, eyes level at 44% of the height, edges
@@ -284,25 +284,63 @@ def _group_rects(rects: np.ndarray, min_neighbors: int, eps: float = 0.2) -> tup
     return out[keep], counts[keep]
 
 
+#: Evaluate cascades with OpenCV's CascadeClassifier when this OpenCV build has it (4.x: ~20x faster);
+#: the numpy evaluator below is the fallback (OpenCV 5 removed the class) and gives the same detections.
+USE_OPENCV_CASCADE = True
+
+
+@lru_cache(maxsize=None)
+def _opencv_cascade(name: str):
+    """The bundled cascade loaded into ``cv2.CascadeClassifier``, or None where that class is missing."""
+    import cv2
+
+    if not hasattr(cv2, "CascadeClassifier"):
+        return None
+    try:
+        with gzip.open(_CASCADE_DIR / f"{name}.xml.gz", "rb") as fh:
+            text = fh.read().decode("utf-8")
+        storage = cv2.FileStorage(text, cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+        cc = cv2.CascadeClassifier()
+        if not cc.read(storage.getFirstTopLevelNode()) or cc.empty():
+            return None
+        return cc
+    except (cv2.error, OSError, AttributeError):
+        return None
+
+
 def _detect(name: str, gray: np.ndarray, min_size: float, max_size: float | None = None,
             scale_factor: float = 1.1, min_neighbors: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Multi-scale detection of cascade ``name`` in uint8 ``gray``; (rects (M, 4) x, y, w, h; support counts)."""
     import cv2
 
+    cc = _opencv_cascade(name) if USE_OPENCV_CASCADE else None
+    if cc is not None:
+        h, w = gray.shape
+        lim = min(h, w) if max_size is None else min(max_size, min(h, w))
+        if lim < min_size:
+            return np.zeros((0, 4)), np.zeros(0, np.int64)
+        mn = int(math.ceil(min_size))
+        mx = int(math.floor(lim))
+        rects, counts = cc.detectMultiScale2(np.ascontiguousarray(gray), scaleFactor=scale_factor,
+                                             minNeighbors=min_neighbors, minSize=(mn, mn), maxSize=(mx, mx))
+        rects = np.asarray(rects, np.float64).reshape(-1, 4)
+        return rects, np.asarray(counts, np.int64).reshape(-1)
     casc = _load_cascade(name)
     h, w = gray.shape
     max_size = min(h, w) if max_size is None else min(max_size, min(h, w))
     found = []
-    factor = max(1.0, min_size / casc.width)
-    while casc.width * factor <= max_size and casc.height * factor <= max_size:
+    factor = 1.0                       # OpenCV's schedule: scale_factor**k, skipping windows below min_size
+    while True:
+        win_w, win_h = round(casc.width * factor), round(casc.height * factor)
         sw, sh = int(round(w / factor)), int(round(h / factor))
-        if sw < casc.width or sh < casc.height:
+        if win_w > max_size or win_h > max_size or sw < casc.width or sh < casc.height:
             break
-        scaled = gray if factor == 1.0 else cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_LINEAR)
-        step = 1 if factor > 2.0 else 2
-        pts = _cascade_windows(casc, scaled, step)
-        for px, py in pts:
-            found.append((px * factor, py * factor, casc.width * factor, casc.height * factor))
+        if win_w >= min_size and win_h >= min_size:
+            scaled = gray if factor == 1.0 else cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_LINEAR)
+            step = 1 if factor > 2.0 else 2
+            pts = _cascade_windows(casc, scaled, step)
+            for px, py in pts:
+                found.append((px * factor, py * factor, win_w, win_h))
         factor *= scale_factor
     return _group_rects(np.array(found, np.float64).reshape(-1, 4), min_neighbors)
 
@@ -643,7 +681,10 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
         raise InputError(what, "empty file, expected a portrait image (png/jpeg)")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = ImageOps.exif_transpose(im)
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:          # unreadable EXIF: keep the pixels as stored  # noqa: BLE001
+                im.load()
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -907,8 +948,8 @@ def _expression_fields(X: np.ndarray, Y: np.ndarray, fg: _FaceGeometry) -> dict[
     return f
 
 
-#: Channels that move geometry (have a flow basis), in motion-vector order.
 def _geometry_channels() -> tuple[str, ...]:
+    """Channels that move geometry (have a flow basis), in motion-vector order."""
     from .motion import CHANNELS
 
     fg = _FaceGeometry({k: np.array(v, np.float64) for k, v in _TEMPLATE.items()}, _TEMPLATE_JAW)

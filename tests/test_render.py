@@ -349,3 +349,27 @@ def test_cuda_matches_cpu(portrait, renderer):
     b = renderer.render(m)
     d = np.abs(a.astype(np.int16) - b)
     assert a.shape == b.shape and d.mean() < 0.2 and np.percentile(d, 99.9) <= 3
+
+
+def test_numpy_cascade_evaluator_matches_opencv(monkeypatch):
+    """The built-in Viola-Jones evaluator (used where OpenCV lacks CascadeClassifier) finds the same face and eyes."""
+    gray = cv2.cvtColor(np.asarray(Image.open(render.SAMPLE_PORTRAIT).convert("RGB")), cv2.COLOR_RGB2GRAY)
+    monkeypatch.setattr(render, "USE_OPENCV_CASCADE", False)
+    faces, counts = render._detect("haarcascade_frontalface_alt2", gray, min_size=60)
+    assert len(faces) == 1 and counts[0] >= 10
+    x, y, w, h = faces[0]
+    eyes, _ = render._detect("haarcascade_eye", gray[int(y):int(y + h * 0.6), int(x):int(x + w)], min_size=15,
+                             max_size=45, min_neighbors=2)
+    assert len(eyes) == 2
+    render._DETECTION_CACHE.clear()                     # detections are cached per image content
+    q = render.load_portrait(render.SAMPLE_PORTRAIT)
+    monkeypatch.setattr(render, "USE_OPENCV_CASCADE", True)
+    if render._opencv_cascade("haarcascade_frontalface_alt2") is None:
+        pytest.skip("this OpenCV build has no CascadeClassifier")
+    ref, ref_counts = render._detect("haarcascade_frontalface_alt2", gray, min_size=60)
+    assert len(ref) == 1 and np.abs(ref[0] - faces[0]).max() < 0.08 * ref[0, 2]
+    assert abs(int(ref_counts[0]) - int(counts[0])) <= max(3, ref_counts[0] // 8)
+    render._DETECTION_CACHE.clear()
+    r = render.load_portrait(render.SAMPLE_PORTRAIT)
+    for name in ("left_eye", "right_eye", "mouth_centre", "chin"):
+        assert np.abs(q.landmarks[name] - r.landmarks[name]).max() < 3.0, name

@@ -62,7 +62,8 @@ def test_tiny_shapes_and_ranges():
     assert mem.shape == (3, M, D)
     out = model.sample(**x, memory=mem, seeds=[1, 2, 3])
     assert out.shape == (3, S, 58) and out.dtype == torch.float32
-    assert torch.all(out >= torch.from_numpy(motion.CHANNEL_MIN)) and torch.all(out <= torch.from_numpy(motion.CHANNEL_MAX))
+    assert torch.all(out >= torch.from_numpy(motion.CHANNEL_MIN))
+    assert torch.all(out <= torch.from_numpy(motion.CHANNEL_MAX))
     win = model.sample(**x, memory=mem, seeds=[1, 2, 3], return_window=True)
     assert win.shape == (3, W, 58)
     assert torch.equal(win[:, K:], out)
@@ -97,7 +98,7 @@ def test_base_constructs_and_runs():
     assert out.shape == (1, cfg.new_frames, 58) and torch.isfinite(out).all()
 
 
-def test_entangled_ablation_runs_and_mixes_user_into_lips():
+def test_entangled_ablation_runs_and_validates_fusion():
     cfg = dataclasses.replace(TINY, fusion="entangled")
     model = make_model(cfg)
     x = window_inputs(1)
@@ -105,6 +106,46 @@ def test_entangled_ablation_runs_and_mixes_user_into_lips():
     assert out.shape == (1, S, 58)
     with pytest.raises(ValueError, match="fusion"):
         EchoModel(dataclasses.replace(TINY, fusion="bogus"))
+
+
+@torch.no_grad()
+def test_region_major_token_layout():
+    """Each region's channels map to exactly its own contiguous token block (lips first), and back."""
+    cfg = dataclasses.replace(TINY, d_model=32, n_heads=2, head_dim=32, region_tokens=(2, 1, 3, 1, 2), n_layers=1)
+    model = make_model(cfg)
+    den = model.denoiser
+    t = sum(cfg.region_tokens)
+    b = 2
+    ctx = den.prepare(torch.randn(b, W, 32), torch.randn(b, M, 32), torch.randn(b, W, 32), torch.full((b,), M))
+    x = torch.randn(b, W, 58)
+    known = torch.zeros(b, W, 58)
+    mask = torch.zeros(b, W)
+    cond = den.condition_known(known, mask, ctx)
+    base = den.tokens_in(x, cond, ctx)
+    assert base.shape == (b, W * t, 32)
+    start = 0
+    for r, n in zip(motion.REGIONS, cfg.region_tokens):
+        block = slice(start, start + W * n)
+        y = x.clone()
+        y[:, 7, motion.REGION_SLICES[r]] += 1.0  # frame 7 of region r
+        changed = (den.tokens_in(y, cond, ctx) - base).abs().amax(dim=(0, 2)) > 0
+        expect = torch.zeros(W * t, dtype=torch.bool)
+        expect[start + 7 * n: start + 8 * n] = True  # frame-major inside the region block
+        assert torch.equal(changed, expect), r
+        # the same tokens through the per-region layer directly
+        s0, s1 = int(motion.REGION_SLICES[r][0]), int(motion.REGION_SLICES[r][-1]) + 1
+        lin = den.embed[motion.REGIONS.index(r)]
+        direct = lin(torch.cat([x[..., s0:s1], known[..., s0:s1], mask[..., None]], -1)).view(b, W * n, 32)
+        fb = ctx.frame_bias.view(b, W, t, 32)[:, :, sum(cfg.region_tokens[:motion.REGIONS.index(r)]):][:, :, :n]
+        torch.testing.assert_close(base[:, block], direct + fb.reshape(b, W * n, 32), rtol=1e-5, atol=1e-5)
+        # and back: perturbing the region's tokens moves only the region's channels
+        h = torch.randn(b, W * t, 32)
+        h2 = h.clone()
+        h2[:, block] += 1.0
+        moved = (den.tokens_out(h2, ctx) - den.tokens_out(h, ctx)).abs().amax(dim=(0, 1)) > 0
+        assert np.array_equal(moved.nonzero().flatten().numpy(), motion.REGION_SLICES[r]), r
+        start += W * n
+    assert torch.equal(den.lip_mask, torch.arange(W * t) < W * cfg.region_tokens[0])
 
 
 # ----------------------------------------------------------------------------- SDCM masking

@@ -195,17 +195,21 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | str | None = 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []
+
+    def listing(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        problems.append(f"missing tensors: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}"
-                        + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        problems.append(f"unexpected tensors: {listing(unexpected)}")
     for name in sorted(set(expected) & set(tensors)):
         if tuple(expected[name].shape) != tuple(tensors[name].shape):
             problems.append(f"tensor '{name}': shape {tuple(tensors[name].shape)} in checkpoint, "
                             f"{tuple(expected[name].shape)} expected by config")
         elif tensors[name].dtype != expected[name].dtype:
-            problems.append(f"tensor '{name}': dtype {tensors[name].dtype} in checkpoint, {expected[name].dtype} expected")
+            problems.append(f"tensor '{name}': dtype {tensors[name].dtype} in checkpoint, "
+                            f"{expected[name].dtype} expected")
     if problems:
         raise CheckpointError(f"{weights}: does not match model config '{ckpt_cfg.name}': " + "; ".join(problems))
     model.load_state_dict(tensors, strict=True)

@@ -12,7 +12,10 @@ region's channels. Tokens are laid out **region-major**::
     [ lips: frame 0 tok 0..R0-1, frame 1 ..., frame W-1 | eyes: frame 0 ... | brows | cheeks | head ]
 
 so all lip tokens form one contiguous prefix of ``W * region_tokens[0]``
-tokens. The fused SDCM kernel processes query tokens in tiles and skips the
+tokens. (Implementation: the per-region layers are assembled into one
+block-diagonal matrix per window, giving frame-major tokens in one matmul, and a
+fixed permutation puts them region-major; the known-context part is embedded
+once per window, not once per sampler step.) The fused SDCM kernel processes query tokens in tiles and skips the
 user branch for tiles that contain lip tokens only: with this layout every tile
 but (at most) the one straddling the lip/non-lip boundary is pure. On CUDA the
 lip prefix is additionally padded with dummy lip tokens up to a multiple of the
@@ -101,6 +104,11 @@ class TokenLayout:
         base = [sum(self.region_tokens[:i]) for i in range(len(self.region_tokens))]
         return torch.cat([(b + torch.arange(n)).repeat(self.frames) for b, n in zip(base, self.region_tokens)])
 
+    def frame_major_to_region_major(self) -> torch.Tensor:
+        """Index n of the region-major layout -> index (frame * T + region-token kind) of the frame-major one."""
+        t = sum(self.region_tokens)
+        return self.frame_index() * t + self.kind_index()
+
     def lip_mask(self) -> torch.Tensor:
         m = torch.zeros(self.tokens, dtype=torch.bool)
         m[: self.lip_tokens] = True
@@ -112,9 +120,16 @@ class DenoiserContext:
     """Everything a denoiser step needs besides the noisy motion; computed once per window."""
 
     kv: list                      # per layer: (k_audio, v_audio, k_user, v_user), each (B, H, L, D)
-    token_bias: torch.Tensor      # (B, N, d) frame-aligned own-audio conditioning + position embeddings per token
+    frame_bias: torch.Tensor      # (B, W, T*d) frame-aligned own-audio conditioning + frame / region-token embeddings
     audio_lengths: torch.Tensor   # (B,) int
     user_lengths: torch.Tensor    # (B,) int: memory slots + user frames present (0 = branch off)
+    # the per-region input / output linear layers assembled into block-diagonal matrices (one matmul each)
+    w_in_x: torch.Tensor          # (T*d, C) noisy-motion columns
+    w_in_known: torch.Tensor      # (T*d, C) known-context columns
+    w_in_flag: torch.Tensor       # (T*d,)   known-context flag column
+    b_in: torch.Tensor            # (T*d,)
+    w_out: torch.Tensor           # (C, T*d)
+    b_out: torch.Tensor           # (C,)
 
 
 class TimestepEmbedding(nn.Module):
@@ -240,8 +255,9 @@ class SDCMDenoiser(nn.Module):
         if len(cfg.region_tokens) != len(self.ranges):
             raise ValueError(f"region_tokens: expected {len(self.ranges)} entries (one per region "
                              f"{', '.join(motion.REGIONS)}), got {len(cfg.region_tokens)}")
-        self.embed = nn.ModuleList(nn.Linear(2 * (e - s) + 1, n * d) for (s, e), n in zip(self.ranges, cfg.region_tokens))
-        self.unembed = nn.ModuleList(nn.Linear(n * d, e - s) for (s, e), n in zip(self.ranges, cfg.region_tokens))
+        spans = list(zip(self.ranges, cfg.region_tokens))
+        self.embed = nn.ModuleList(nn.Linear(2 * (e - s) + 1, n * d) for (s, e), n in spans)
+        self.unembed = nn.ModuleList(nn.Linear(n * d, e - s) for (s, e), n in spans)
         self.frame_pos = nn.Parameter(torch.randn(cfg.window_frames, d) * 0.02)
         self.kind_emb = nn.Parameter(torch.randn(sum(cfg.region_tokens), d) * 0.02)
         self.t_embed = TimestepEmbedding(d)
@@ -268,8 +284,9 @@ class SDCMDenoiser(nn.Module):
                     bias[9 * i + j] = 1.0
             bias[-1] = 1.0
             self.ada.bias.copy_(bias.flatten())
-        self.register_buffer("token_frame", self.layout.frame_index(), persistent=False)
-        self.register_buffer("token_kind", self.layout.kind_index(), persistent=False)
+        perm = self.layout.frame_major_to_region_major()
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
         self.register_buffer("lip_mask", self.layout.lip_mask(), persistent=False)
         #: lip-prefix padding inside the SDCM call: None = automatic (LIP_TILE_CUDA on CUDA, none on CPU)
         self.lip_tile: int | None = None
@@ -288,28 +305,39 @@ class SDCMDenoiser(nn.Module):
         kv = [blk.cross.keys(a, u) for blk in self.blocks]
         if audio_lengths is None:
             audio_lengths = torch.full((b,), w, dtype=torch.long, device=audio_tok.device)
-        pos = self.frame_pos[self.token_frame] + self.kind_emb[self.token_kind]
-        token_bias = self.audio_add(audio_tok)[:, self.token_frame] + pos
-        return DenoiserContext(kv=kv, token_bias=token_bias,
-                               audio_lengths=audio_lengths, user_lengths=user_lengths.to(torch.long))
+        frame_bias = (self.audio_add(audio_tok).unsqueeze(2) + self.frame_pos[:, None, :]
+                      + self.kind_emb).flatten(2)
+        widths = [e - s for s, e in self.ranges]
+        w_in = [lin.weight for lin in self.embed]
+        return DenoiserContext(
+            kv=kv, frame_bias=frame_bias,
+            audio_lengths=audio_lengths, user_lengths=user_lengths.to(torch.long),
+            w_in_x=torch.block_diag(*[wt[:, :c] for wt, c in zip(w_in, widths)]),
+            w_in_known=torch.block_diag(*[wt[:, c:2 * c] for wt, c in zip(w_in, widths)]),
+            w_in_flag=torch.cat([wt[:, 2 * c] for wt, c in zip(w_in, widths)]),
+            b_in=torch.cat([lin.bias for lin in self.embed]),
+            w_out=torch.block_diag(*[lin.weight for lin in self.unembed]),
+            b_out=torch.cat([lin.bias for lin in self.unembed]),
+        )
 
     # -- tokens ----------------------------------------------------------------
+    # Region r's input layer maps [noisy x_r, known_r, flag] of one frame to region_tokens[r] tokens; with
+    # regions and channels both in REGIONS order, all of them together are one block-diagonal matmul giving
+    # (B, W, T*d) in frame-major order [frame][region token]; `perm` reorders that to the region-major layout.
 
-    def tokens_in(self, x_t: torch.Tensor, known: torch.Tensor, known_mask: torch.Tensor) -> torch.Tensor:
+    def condition_known(self, known: torch.Tensor, known_mask: torch.Tensor, ctx: DenoiserContext) -> torch.Tensor:
+        """The part of the token embeddings that does not change across sampler steps: (B, W, T*d)."""
+        flag = known_mask.to(known.dtype).unsqueeze(-1)
+        return torch.addcmul(F.linear(known, ctx.w_in_known, ctx.b_in) + ctx.frame_bias, flag, ctx.w_in_flag)
+
+    def tokens_in(self, x_t: torch.Tensor, cond: torch.Tensor, ctx: DenoiserContext) -> torch.Tensor:
         b, w, _ = x_t.shape
-        flag = known_mask.to(x_t.dtype).unsqueeze(-1)
-        parts = []
-        for (s, e), n, lin in zip(self.ranges, self.cfg.region_tokens, self.embed):
-            parts.append(lin(torch.cat([x_t[..., s:e], known[..., s:e], flag], dim=-1)).view(b, w * n, self.d))
-        return torch.cat(parts, dim=1)
+        e = F.linear(x_t, ctx.w_in_x) + cond
+        return e.view(b, -1, self.d)[:, self.perm]
 
-    def tokens_out(self, h: torch.Tensor) -> torch.Tensor:
+    def tokens_out(self, h: torch.Tensor, ctx: DenoiserContext) -> torch.Tensor:
         b = h.shape[0]
-        w = self.cfg.window_frames
-        outs = []
-        for off, n, lin in zip(self.layout.offsets(), self.cfg.region_tokens, self.unembed):
-            outs.append(lin(h[:, off: off + w * n].reshape(b, w, n * self.d)))
-        return torch.cat(outs, dim=-1)
+        return F.linear(h[:, self.inv_perm].reshape(b, self.cfg.window_frames, -1), ctx.w_out, ctx.b_out)
 
     def _lip_pad(self, device: torch.device) -> int:
         tile = self.lip_tile if self.lip_tile is not None else (LIP_TILE_CUDA if device.type == "cuda" else 0)
@@ -330,14 +358,21 @@ class SDCMDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, tau: torch.Tensor, known: torch.Tensor, known_mask: torch.Tensor,
                 ctx: DenoiserContext) -> torch.Tensor:
-        """Predict clean normalised motion (B, W, C) from noisy ``x_t`` at flow time ``tau`` (B,) in [0, 1]."""
+        """Predict clean normalised motion (B, W, C) from noisy ``x_t`` at flow time ``tau`` (B,) in [0, 1].
+
+        ``known`` (B, W, C): known-context motion (zeros where unknown), ``known_mask`` (B, W): 1 on known frames.
+        """
+        return self.step(x_t, tau, self.condition_known(known, known_mask, ctx), ctx)
+
+    def step(self, x_t: torch.Tensor, tau: torch.Tensor, cond: torch.Tensor, ctx: DenoiserContext) -> torch.Tensor:
+        """``forward`` with the known-context part precomputed by :meth:`condition_known` (sampler steps)."""
         b = x_t.shape[0]
         # adaLN parameters of every block; scale rows hold (1 + scale) thanks to the bias init below
         mods = self.ada(F.silu(self.t_embed(tau))).view(b, self.n_mod, self.d)
-        x = self.tokens_in(x_t, known, known_mask) + ctx.token_bias
+        x = self.tokens_in(x_t, cond, ctx)
         lip_mask, n_lip, pad = self.lip_args(x.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mods[:, 9 * i: 9 * i + 9], ctx.kv[i], lip_mask, n_lip, pad,
                     ctx.audio_lengths, ctx.user_lengths)
         h = torch.addcmul(mods[:, -2].unsqueeze(1), self.norm_f(x), mods[:, -1].unsqueeze(1))
-        return self.tokens_out(h)
+        return self.tokens_out(h, ctx)

@@ -20,8 +20,9 @@ training command sets them from data with :meth:`EchoModel.set_audio_stats`).
 
 Outside training mode (``model.eval()``) ``memory_update`` and
 ``encode_transcript`` run without autograd, so a long-running session never
-chains an autograd graph through its memory; ``sample`` always runs under
-``torch.inference_mode``.
+chains an autograd graph through its memory; ``sample`` always runs without
+autograd (``torch.no_grad``, so its outputs are ordinary tensors; callers may
+wrap it in ``torch.inference_mode`` too).
 """
 from __future__ import annotations
 
@@ -220,7 +221,7 @@ class EchoModel(nn.Module):
         audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=True)
         return self.denoiser.prepare(audio_tok, memory, user_tok, user_lengths)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample(self, prev_motion, avatar_audio, user_audio=None, user_video=None, user_blend=None,
                user_present=None, memory=None, seeds: Sequence[int] | None = None, steps: int | None = None, *,
                return_window: bool = False, use_context: bool = True) -> torch.Tensor:
@@ -262,8 +263,12 @@ class EchoModel(nn.Module):
         ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
         noise = make_noise(seeds, (w, cfg.motion_dim), device=self.device)
 
+        cond: list = []
+
         def denoise(x, tau, known, mask):
-            return self.denoiser(x, tau, known, mask, ctx)
+            if not cond:  # known context is the same at every step: embed it once
+                cond.append(self.denoiser.condition_known(known, mask, ctx))
+            return self.denoiser.step(x, tau, cond[0], ctx)
 
         x = sample_window(denoise, self.normalise_motion(prev), noise, steps, cfg.seam_blend_frames)
         out = self.denormalise_motion(x)
@@ -289,7 +294,8 @@ class EchoModel(nn.Module):
             return default if v is None else self._t(key, v, (b, n, t) + tail)
 
         cu_a = get("context_user_audio", (cfg.mels_per_frame, cfg.audio_dim), torch.zeros_like(ca))
-        cu_v = get("context_user_video", (cfg.user_video_dim,), torch.zeros(b, n, t, cfg.user_video_dim, device=self.device))
+        cu_v = get("context_user_video", (cfg.user_video_dim,),
+                   torch.zeros(b, n, t, cfg.user_video_dim, device=self.device))
         cu_b = get("context_user_blend", (cfg.motion_dim,), self.motion_mean.expand(b, n, t, -1))
         cu_p = get("context_user_present", (3,), torch.zeros(b, n, t, 3, device=self.device)) > 0.5
         if batch.get("context_text_emb") is not None:

@@ -120,7 +120,8 @@ class AudioEncoder(nn.Module):
         h = self.norm(self.stack(self.proj(feats.reshape(b, t, self.in_dim))))
         if lookahead and self.lookahead:
             if t <= self.lookahead:
-                raise ValueError(f"avatar_audio: {t} frames given, need more than the {self.lookahead} lookahead frames")
+                raise ValueError(f"avatar_audio: {t} frames given, need more than the "
+                                 f"{self.lookahead} lookahead frames")
             h = h[:, self.lookahead:]
         return h
 

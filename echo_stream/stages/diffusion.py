@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import motion, schemas
-from ..model import EchoModel
+from ..model import EchoModel, window_seed
 from . import Packet, Stage
 from .memory import window_arrays
 
@@ -120,7 +120,7 @@ class DiffusionStage(Stage):
                 user_audio=stack("user_audio", W), user_video=stack("user_video", W),
                 user_blend=stack("user_blend", W), user_present=stack("user_present", W),
                 memory=stack("memory"),
-                seeds=[s.seed * 100_003 + int(p.meta["window"]) for s, p in zip(sessions, packets)],
+                seeds=[window_seed(s.seed, int(p.meta["window"])) for s, p in zip(sessions, packets)],
             )
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         return [o.astype(np.float32) for o in out]

@@ -35,6 +35,14 @@ from .errors import SchemaError
 
 TRACKS = ("avatar", "user")
 
+_NUMPY_DTYPES = {pa.float32(): np.float32, pa.float64(): np.float64, pa.uint8(): np.uint8,
+                 pa.int64(): np.int64, pa.int32(): np.int32, pa.float16(): np.float16}
+
+
+def numpy_dtype(value_type: pa.DataType) -> type:
+    """The numpy dtype of an Arrow value type (without importing pandas, as pyarrow's helper does)."""
+    return _NUMPY_DTYPES[value_type]
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -160,7 +168,7 @@ def validate(batch: pa.RecordBatch, contract: Contract) -> pa.RecordBatch:
 def tensor_array(values: np.ndarray, spec_value_type: pa.DataType | None = None) -> pa.Array:
     """A fixed_shape_tensor array from an (N, *shape) numpy array."""
     if spec_value_type is not None:
-        values = np.asarray(values).astype(spec_value_type.to_pandas_dtype(), copy=False)
+        values = np.asarray(values).astype(numpy_dtype(spec_value_type), copy=False)
     expected = tuple(int(np.prod(values.shape[i + 1:])) * values.itemsize for i in range(values.ndim))
     if values.strides != expected:  # not plain C order (views, or size-1 dims with odd strides)
         fresh = np.empty(values.shape, values.dtype)
@@ -195,7 +203,7 @@ def column(batch: pa.RecordBatch, name: str) -> np.ndarray:
     col = batch.column(name)
     if isinstance(col.type, pa.FixedShapeTensorType):
         if len(col) == 0:
-            return np.zeros((0, *col.type.shape), dtype=col.type.value_type.to_pandas_dtype())
+            return np.zeros((0, *col.type.shape), dtype=numpy_dtype(col.type.value_type))
         return col.to_numpy_ndarray()
     return col.to_numpy(zero_copy_only=False)
 
@@ -206,7 +214,7 @@ def empty(contract: Contract, **shapes: Sequence[int]) -> pa.RecordBatch:
     for name, spec in contract.fields:
         if isinstance(spec, TensorSpec):
             shape = shapes.get(name, spec.shape)
-            cols[name] = np.zeros((0, *[d or 1 for d in shape]), dtype=spec.value_type.to_pandas_dtype())
+            cols[name] = np.zeros((0, *[d or 1 for d in shape]), dtype=numpy_dtype(spec.value_type))
         else:
             cols[name] = []
     return make_batch(contract, cols)

@@ -102,7 +102,7 @@ __all__ = [
     "Voice", "AVATAR_VOICE", "USER_VOICE", "Rules", "RULES",
     "Phone", "SpeechPlan", "Speech", "Conversation",
     "text_to_syllables", "plan_speech", "render_speech", "articulation_targets", "speech_with_targets",
-    "affect_for", "split_for", "synthesize_conversation", "mirror_motion",
+    "affect_for", "split_for", "synthesize_conversation", "user_portrait",
     "nod_band_power", "nod_power_ratio", "smile_lag", "rule_metrics", "affect_words",
     "generate_corpus", "read_manifest", "add_arguments", "run",
 ]
@@ -804,18 +804,6 @@ def _apply_gaze(m: np.ndarray, h: np.ndarray, v: np.ndarray) -> None:
     m[:, _CI["eyeLookDownRight"]] += down
 
 
-_SWAP = np.array([_CI[c.replace("Left", "#").replace("Right", "Left").replace("#", "Right")]
-                  for c in motion.CHANNELS], dtype=np.int64)
-_NEGATE = np.array([_CI[c] for c in ("headYaw", "headRoll", "headTx")], dtype=np.int64)
-
-
-def mirror_motion(m: np.ndarray) -> np.ndarray:
-    """The motion whose horizontally flipped rendering shows ``m``: Left/Right swapped, yaw/roll/x negated."""
-    out = np.asarray(m, np.float32)[..., _SWAP].copy()
-    out[..., _NEGATE] *= -1
-    return out
-
-
 # =============================================================================== conversations
 
 @dataclass
@@ -1307,19 +1295,28 @@ def _write_wav(path: str, audio: np.ndarray) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def _tint(frames: np.ndarray) -> np.ndarray:
-    """A warmer, slightly darker look (with the mirroring: a "different person")."""
-    f = frames.astype(np.float32) * _TINT + np.array([4.0, 0.0, -6.0], np.float32)
-    return np.clip(f + 0.5, 0, 255).astype(np.uint8)
+def user_portrait(path: str | os.PathLike | None = None):
+    """The "user": the portrait (default: the bundled one) mirrored and tinted warmer, as a placed Portrait."""
+    import io
+
+    from PIL import Image
+
+    from . import media
+    from .render import SAMPLE_PORTRAIT, load_portrait
+
+    rgb = media.load_image(path or SAMPLE_PORTRAIT)[:, ::-1].astype(np.float32)
+    rgb = np.clip(rgb * _TINT + np.array([4.0, 0.0, -6.0], np.float32) + 0.5, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return load_portrait(buf.getvalue())
 
 
 def _write_user_webm(path: str, user_motion: np.ndarray, user_audio: np.ndarray, renderer, size: int,
-                     chunk: int = 125) -> None:
-    """Render the user's face (mirrored + tinted portrait) and mux it with the user's audio: VP9 + Opus in WebM."""
+                     chunk: int = 100) -> None:
+    """Render the user's face from its motion and mux it with the user's audio: VP9 + Opus in WebM."""
     import av
 
     n = user_motion.shape[0]
-    mm = mirror_motion(user_motion)
     with av.open(path, "w", format="webm") as c:
         vs = c.add_stream("libvpx-vp9", rate=FPS)
         vs.width, vs.height, vs.pix_fmt = size, size, "yuv420p"
@@ -1348,9 +1345,8 @@ def _write_user_webm(path: str, user_motion: np.ndarray, user_audio: np.ndarray,
                                             format="s16", layout="mono")
             af.sample_rate, af.pts, af.time_base = SR, f0 * SPF, Fraction(1, SR)
             encode_audio(res.resample(af))
-            frames = _tint(renderer.render(mm[f0:f1])[:, :, ::-1])
-            for i, img in enumerate(frames):
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            for i, img in enumerate(renderer.render(user_motion[f0:f1])):
+                vf = av.VideoFrame.from_ndarray(img, format="rgb24")
                 vf.pts = f0 + i
                 vf.time_base = Fraction(1, FPS)
                 for pkt in vs.encode(vf):
@@ -1386,6 +1382,7 @@ def _write_json_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1574,8 +1571,8 @@ def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minut
     manifest, _ = _write_manifest(out_dir)
     renderer = None
     if todo and render_video:
-        from .render import SAMPLE_PORTRAIT, PortraitRenderer
-        renderer = PortraitRenderer(portrait or SAMPLE_PORTRAIT, size=(size, size))
+        from .render import PortraitRenderer
+        renderer = PortraitRenderer(user_portrait(portrait), size=(size, size))
     bar = None
     if progress:
         from tqdm import tqdm

@@ -40,8 +40,10 @@ class MemoryStage(Stage):
     resources = {"num_cpus": 0.25}
     input_contracts = (schemas.FEATURES,)
 
-    def __init__(self, model: EchoModel | None = None, model_loader=None) -> None:
+    def __init__(self, model: EchoModel | None = None, model_loader=None, use_memory: bool = True) -> None:
         super().__init__()
+        #: False = LCU ablation: every window sees the initial memory (no long-range context)
+        self.use_memory = use_memory
         self._model = model
         self._loader = model_loader
         self._sessions: dict[str, _SessionMemory] = {}
@@ -164,6 +166,8 @@ class MemoryStage(Stage):
     def _update(self, s: _SessionMemory, rows: dict, until_pts: float) -> None:
         text = " ".join(t for p, t in s.texts if p < until_pts)
         s.texts = [(p, t) for p, t in s.texts if p >= until_pts]
+        if not self.use_memory:
+            return
         m = self.model
         with torch.inference_mode():
             t = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in rows.items()}

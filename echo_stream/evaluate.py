@@ -1,0 +1,310 @@
+"""``echo-stream eval``: lip sync, SDCM interference, listener responsiveness, long-range context, Fréchet distance.
+
+Every rollout goes through the pipeline's own stage cores (``MemoryStage`` and
+``DiffusionStage``, fed with the shared feature code), so the figures describe
+what ``generate`` and ``serve`` produce. Writes ``eval.json`` and ``eval.png``.
+
+Metrics
+-------
+* ``lip_sync``: Pearson correlation between mouth opening (``jawOpen``) and the
+  avatar audio's smoothed RMS envelope, per clip, averaged — on held-out
+  synthetic conversations and on real TTS speech (espeak-ng clips kept in
+  ``tests/data/tts``).
+* ``sdcm_interference``: |lip sync with the user stream present − with it
+  silent| for the model, and the same for an entangled-fusion ablation
+  checkpoint (single cross-attention over concatenated audio + user keys).
+* ``listener``: non-lip motion energy (mean |velocity| of non-lip channels)
+  while the user speaks or just after vs during silence; nod energy
+  (``headPitch`` 1.2–3 Hz band) in the 1.5 s after user pauses vs elsewhere;
+  smile mirroring: max cross-correlation (lags 0–1.5 s) between the user's
+  smile and the avatar's.
+* ``long_range``: the same media with two different early transcripts
+  (positive vs negative affect, ≥ 30 s before the end); mean absolute
+  difference of the avatar's motion over the last 10 s, with LCU on and with
+  LCU off (memory frozen at its initial state).
+* ``frechet``: Fréchet distance between Gaussians fitted to per-frame
+  [motion, velocity] of generated and held-out ground-truth motion.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import config, features, media, motion, schemas
+from .stages import Packet
+from .stages.diffusion import DiffusionStage
+from .stages.memory import MemoryStage
+from .transcript import Segment
+
+_FEATURE_COLS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
+LIP = motion.REGION_SLICES["lips"]
+NON_LIP = np.array([i for i in range(motion.NUM_CHANNELS) if i not in set(LIP.tolist())])
+SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmileRight"]]
+
+
+def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, use_memory: bool = True,
+            chunk_frames: int = 8) -> np.ndarray:
+    """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores."""
+    T = len(feats["avatar_audio"])
+    ms, ds = MemoryStage(model=model, use_memory=use_memory), DiffusionStage(model=model)
+    sid = "eval"
+    ds.set_seed(sid, seed)
+    if transcript:
+        from .pipeline import transcript_batch
+        ms.add_transcript(transcript_batch(sid, transcript))
+    out = np.zeros((T, motion.NUM_CHANNELS), np.float32)
+    for f0 in range(0, T, chunk_frames):
+        f1 = min(T, f0 + chunk_frames)
+        frames = np.arange(f0, f1)
+        p = Packet(sid, end=f1 == T)
+        p.put(schemas.make_batch(schemas.FEATURES, {
+            "session_id": [sid] * len(frames), "seq": frames, "pts": frames / config.FPS, "frame": frames,
+            **{c: feats[c][f0:f1] for c in _FEATURE_COLS}}), schemas.FEATURES)
+        for q in ds.process(ms.process(p)):
+            mw = q.get(schemas.MOTION_WINDOW)
+            if mw is not None and mw.num_rows:
+                out[schemas.column(mw, "frame")] = schemas.column(mw, "motion")
+    return out
+
+
+def silence_user(feats: dict) -> dict:
+    out = dict(feats)
+    for c in ("user_audio", "user_video", "user_blend", "user_present"):
+        out[c] = np.zeros_like(feats[c])
+    return out
+
+
+def audio_only_features(samples: np.ndarray) -> dict:
+    av = features.offline_audio_features(samples)
+    T = len(av)
+    return {"avatar_audio": av, "user_audio": np.zeros_like(av),
+            "user_video": np.zeros((T, config.USER_VIDEO_DIM), np.float32),
+            "user_blend": np.zeros((T, motion.NUM_CHANNELS), np.float32),
+            "user_present": np.zeros((T, 3), np.float32)}
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = min(len(a), len(b))
+    a, b = a[:n] - a[:n].mean(), b[:n] - b[:n].mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 0 else 0.0
+
+
+def lip_sync(m: np.ndarray, samples: np.ndarray) -> float:
+    return pearson(m[:, motion.CHANNEL_INDEX["jawOpen"]], features.rms_envelope(samples))
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to rows of a and b."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _with_velocity(m: np.ndarray) -> np.ndarray:
+    return np.concatenate([m, np.diff(m, axis=0, prepend=m[:1]) * config.FPS], 1)
+
+
+def band_energy(x: np.ndarray, lo: float = 1.2, hi: float = 3.0, win: int = 25) -> np.ndarray:
+    """Per-frame energy of x in a frequency band (sliding FFT window of ``win`` frames)."""
+    x = x - np.convolve(x, np.ones(win) / win, mode="same")
+    freqs = np.fft.rfftfreq(win, 1 / config.FPS)
+    band = (freqs >= lo) & (freqs <= hi)
+    out = np.zeros(len(x))
+    for i in range(len(x)):
+        seg = x[max(0, i - win // 2): i + win // 2 + 1]
+        if len(seg) == win:
+            out[i] = np.abs(np.fft.rfft(seg * np.hanning(win)))[band].sum()
+    return out
+
+
+def user_speech_mask(user_samples: np.ndarray, T: int) -> np.ndarray:
+    env = features.rms_envelope(user_samples)[:T]
+    env = np.pad(env, (0, max(0, T - len(env))))
+    return env > 0.1 * (env.max() + 1e-9)
+
+
+def listener_metrics(m: np.ndarray, user_samples: np.ndarray, user_smile: np.ndarray | None) -> dict:
+    T = len(m)
+    speaking = user_speech_mask(user_samples, T)
+    vel = np.abs(np.diff(m[:, NON_LIP], axis=0, prepend=m[:1, NON_LIP])).mean(1)
+    # during user speech or within 1 s after it, vs the rest
+    after = np.convolve(speaking.astype(float), np.ones(config.FPS), mode="full")[:T] > 0
+    res = {"nonlip_motion_user_active": float(vel[after].mean()) if after.any() else None,
+           "nonlip_motion_user_silent": float(vel[~after].mean()) if (~after).any() else None}
+    ends = np.flatnonzero(speaking[:-1] & ~speaking[1:]) + 1  # user pause onsets
+    post = np.zeros(T, bool)
+    for e in ends:
+        post[e: e + int(1.5 * config.FPS)] = True
+    nod = band_energy(m[:, motion.CHANNEL_INDEX["headPitch"]])
+    res["nod_energy_after_pauses"] = float(nod[post].mean()) if post.any() else None
+    res["nod_energy_elsewhere"] = float(nod[~post].mean()) if (~post).any() else None
+    res["user_pauses"] = int(len(ends))
+    if user_smile is not None and np.std(user_smile) > 0:
+        av = m[:, SMILE].mean(1)
+        n = min(len(av), len(user_smile))
+        res["smile_mirroring_corr"] = max(pearson(user_smile[: n - lag], av[lag:n])
+                                          for lag in range(0, int(1.5 * config.FPS)))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+def _load_manifest(corpus: Path, split: str) -> list[dict]:
+    rows = [json.loads(l) for l in (corpus / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    return [r for r in rows if r.get("split") == split]
+
+
+def _read_motion(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    return np.stack([t.column(c).to_numpy() for c in motion.CHANNELS], 1).astype(np.float32)
+
+
+def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | None = None,
+             tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True) -> dict:
+    from .dataset import featurize_conversation
+    from .pipeline import load_model
+    from .transcript import load as load_transcript
+
+    model = load_model(checkpoint, None)
+    abl = load_model(ablation, None) if ablation else None
+    corpus_p = Path(corpus)
+    rows = _load_manifest(corpus_p, "heldout")[:max_clips] or _load_manifest(corpus_p, "train")[:max_clips]
+    res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus,
+                 "clips": [r["conversation_id"] for r in rows]}
+    t0 = time.perf_counter()
+    ls, ls_silent, ls_abl, ls_abl_silent, listener, gen_all, gt_all = [], [], [], [], [], [], []
+    it = rows
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(rows, desc="eval clips")
+    for r in it:
+        feats = featurize_conversation(r, corpus_p)
+        samples = media.decode_audio(corpus_p / r["avatar_media"])
+        user_samples = media.decode_audio(corpus_p / r["user_media"]) if media.probe(
+            corpus_p / r["user_media"]).has_audio else np.zeros(1, np.float32)
+        segs = load_transcript(str(corpus_p / r["transcript"])) if r.get("transcript") else []
+        m = rollout(model, feats, segs, seed)
+        ls.append(lip_sync(m, samples))
+        ls_silent.append(lip_sync(rollout(model, silence_user(feats), segs, seed), samples))
+        if abl is not None:
+            ls_abl.append(lip_sync(rollout(abl, feats, segs, seed), samples))
+            ls_abl_silent.append(lip_sync(rollout(abl, silence_user(feats), segs, seed), samples))
+        user_smile = None
+        if r.get("user_motion"):
+            user_smile = _read_motion(corpus_p / r["user_motion"])[:, SMILE].mean(1)
+        listener.append(listener_metrics(m, user_samples, user_smile))
+        gen_all.append(_with_velocity(m))
+        if r.get("avatar_motion"):
+            gt = _read_motion(corpus_p / r["avatar_motion"])[: len(m)]
+            gt_all.append(_with_velocity(gt))
+    res["lip_sync_heldout_synthetic"] = float(np.mean(ls))
+    res["lip_sync_per_clip"] = ls
+    res["sdcm_interference"] = {"model": float(np.mean(np.abs(np.array(ls) - np.array(ls_silent)))),
+                                "lip_sync_user_present": float(np.mean(ls)),
+                                "lip_sync_user_silent": float(np.mean(ls_silent))}
+    if abl is not None:
+        res["sdcm_interference"].update({
+            "entangled_ablation": float(np.mean(np.abs(np.array(ls_abl) - np.array(ls_abl_silent)))),
+            "ablation_lip_sync_user_present": float(np.mean(ls_abl)),
+            "ablation_lip_sync_user_silent": float(np.mean(ls_abl_silent))})
+    keys = listener[0].keys() if listener else []
+    res["listener"] = {k: float(np.mean([x[k] for x in listener if x.get(k) is not None]))
+                       for k in keys if any(x.get(k) is not None for x in listener)}
+    if gt_all:
+        res["frechet_motion"] = frechet(np.concatenate(gen_all), np.concatenate(gt_all))
+    # real speech
+    tts_dir = tts_dir or str(Path(__file__).resolve().parents[1] / "tests" / "data" / "tts")
+    tts = sorted(Path(tts_dir).glob("*.ogg")) if os.path.isdir(tts_dir) else []
+    tts_scores = {}
+    for p in tts:
+        s = media.decode_audio(p)
+        tts_scores[p.name] = lip_sync(rollout(model, audio_only_features(s), (), seed), s)
+    if tts_scores:
+        res["lip_sync_real_tts"] = float(np.mean(list(tts_scores.values())))
+        res["lip_sync_real_tts_per_clip"] = tts_scores
+    res["long_range"] = long_range(model, corpus_p, rows, seed)
+    res["eval_seconds"] = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    plot(res, os.path.join(out_dir, "eval.png"))
+    return res
+
+
+POSITIVE = "I got the job! This is wonderful news, I am so happy, thank you so much, it is great."
+NEGATIVE = "I lost my job. This is terrible news, I am so sad and worried, I am sorry, it is awful."
+
+
+def long_range(model, corpus: Path, rows: list[dict], seed: int) -> dict:
+    """Same media, early transcript positive vs negative; behaviour difference in the last 10 s."""
+    from .dataset import featurize_conversation
+
+    rows = [r for r in rows if r.get("duration_s", 0) >= 40] or rows
+    if not rows:
+        return {}
+    feats = featurize_conversation(rows[0], corpus)
+    T = len(feats["avatar_audio"])
+    late = slice(max(0, T - 10 * config.FPS), T)
+    out = {"clip": rows[0]["conversation_id"], "seconds": T / config.FPS}
+    for name, use_memory in (("lcu_on", True), ("lcu_off", False)):
+        runs = []
+        for text in (POSITIVE, NEGATIVE):
+            segs = [Segment(1.0, 5.0, "user", text)]
+            runs.append(rollout(model, feats, segs, seed, use_memory=use_memory)[late])
+        out[name] = {"mean_abs_diff_last10s": float(np.abs(runs[0] - runs[1]).mean()),
+                     "smile_diff_last10s": float(runs[0][:, SMILE].mean() - runs[1][:, SMILE].mean())}
+    return out
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = ["synthetic", "real TTS"]
+    vals = [res.get("lip_sync_heldout_synthetic", 0), res.get("lip_sync_real_tts", 0)]
+    axes[0].bar(names, vals, color=["#4c72b0", "#55a868"])
+    axes[0].axhline(0.6, ls="--", c="k", lw=0.8)
+    axes[0].set_title("lip sync (Pearson r)")
+    axes[0].set_ylim(min(0, *vals) - 0.05, 1)
+    si = res.get("sdcm_interference", {})
+    axes[1].bar(["SDCM", "entangled"], [si.get("model", 0), si.get("entangled_ablation", 0)], color=["#4c72b0", "#c44e52"])
+    axes[1].set_title("interference: |Δ lip sync| user on/off")
+    lr = res.get("long_range", {})
+    axes[2].bar(["LCU on", "LCU off"], [lr.get("lcu_on", {}).get("mean_abs_diff_last10s", 0),
+                                        lr.get("lcu_off", {}).get("mean_abs_diff_last10s", 0)], color=["#4c72b0", "#8172b2"])
+    axes[2].set_title("affect 30 s+ earlier: Δ motion in last 10 s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (default: the bundled one)")
+    p.add_argument("--ablation", help="entangled-fusion checkpoint for the SDCM interference comparison")
+    p.add_argument("--corpus", required=True, help="corpus directory (manifest.jsonl) with a heldout split")
+    p.add_argument("--tts", help="directory of real speech clips (*.ogg; default tests/data/tts)")
+    p.add_argument("--out", default="bench/results/eval", help="output directory for eval.json and eval.png")
+    p.add_argument("--clips", type=int, default=4, help="held-out conversations to use")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    res = evaluate(args.checkpoint, args.corpus, args.out, ablation=args.ablation, tts_dir=args.tts,
+                   max_clips=args.clips, seed=args.seed, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("per_clip")}, indent=2))
+    return 0

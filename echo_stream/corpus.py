@@ -995,11 +995,13 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     avatar_turns = [u for u in utts if u.speaker == "avatar" and u.kind == "turn"]
     phrase_ends = sorted(u.start + e for u in user_turns for (_, e, _) in u.plan.sentences)
     phrase_ends = [p for p in phrase_ends if p < duration - 0.3]
-    turn_onsets = []
-    prev_spk = None
+    turn_onsets = []              # a user turn after the avatar's turn or after >= 1 s of user silence
+    prev_spk, prev_user_end = None, -np.inf
     for u in (u for u in utts if u.kind == "turn"):
-        if u.speaker == "user" and prev_spk != "user":
-            turn_onsets.append(u.start)
+        if u.speaker == "user":
+            if prev_spk != "user" or u.start - prev_user_end >= 1.0:
+                turn_onsets.append(u.start)
+            prev_user_end = u.end
         prev_spk = u.speaker
     affect_lines = [u for u in utts if u.affect_line]
     affect_onset = affect_lines[0].start + 1.0

@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(d)
 
+    for name, module, help_, desc in _TOOL_COMMANDS:
+        mod = _import_tool(module)
+        if mod is None:
+            continue
+        tp = sub.add_parser(name, help=help_, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(tp)
+        tp.set_defaults(_tool=module)
+
     b = sub.add_parser("bench", help="benchmarks that write JSON (and CSV/PNG) under bench/results/")
     bsub = b.add_subparsers(dest="bench", metavar="WHICH")
     bp = bsub.add_parser("pipeline", help="real-time factor, start-up, per-stage time and peak memory of generate",
@@ -102,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
                                          "full grid; --cpu-smoke runs a tiny CPU grid).")
         kbench.add_arguments(bk)
     return parser
+
+
+_TOOL_COMMANDS = (
+    ("corpus", "corpus", "generate the SYNTHETIC dyadic training corpus (media + motion + transcripts)",
+     "Writes a synthetic dyadic conversation corpus in the input format preprocessing reads: avatar speech "
+     "with known articulation targets, a rendered user webcam with speech and pauses, motion tracks for "
+     "both sides, transcripts and a manifest. It is synthetic: made by this project, not recorded."),
+    ("shards", "dataset", "featurize a corpus manifest into Parquet training shards (sequential)",
+     "Runs the same decode + feature code as the streaming pipeline over every conversation of a "
+     "manifest and writes zstd Parquet shards plus dataset.json (counts, hours, feature statistics)."),
+    ("train", "train", "two-stage training (stage 1: own audio -> motion; stage 2: full SDCM + LCU)",
+     "Trains the ECHO model on Parquet shards with progress, periodic checkpoints, resume and a loss plot."),
+    ("eval", "evaluate", "lip sync, SDCM interference, listener responsiveness, long-range context, FD",
+     "Evaluates a checkpoint through the pipeline's own stage cores; writes eval.json and eval.png."),
+)
+
+
+def _import_tool(module: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"echo_stream.{module}")
+    except ImportError as e:  # pragma: no cover - a missing optional module must not break the CLI
+        logging.getLogger(__name__).debug("command module %s unavailable: %s", module, e)
+        return None
+    return mod if hasattr(mod, "add_arguments") and hasattr(mod, "run") else None
 
 
 def _demo_inputs() -> dict:
@@ -150,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 if p and os.path.dirname(p):
                     os.makedirs(os.path.dirname(p), exist_ok=True)
             return _run_generate(args, _demo_inputs())
+        if getattr(args, "_tool", None):
+            return _import_tool(args._tool).run(args)
         if args.command == "bench":
             if args.bench == "pipeline":
                 from . import bench_pipeline

@@ -452,14 +452,17 @@ class SpeechPlan:
 
 
 def plan_speech(text: str, rng: np.random.Generator, voice: Voice = AVATAR_VOICE) -> SpeechPlan:
-    """Time the phones of ``text``: syllables of ~0.17-0.25 s (4-5 Hz), pauses at commas and sentence ends."""
-    sentences_txt = [s.strip() for s in re.findall(r"[^.!?]+[.!?]*", text) if s.strip()]
-    structure = text_to_syllables(text)
+    """Time the phones of ``text``: syllables of 0.15-0.21 s (x1.1 stressed; ~4-5 Hz), pauses at , and . ! ?"""
+    sentences = []
+    for stext in re.findall(r"[^.!?]+[.!?]*", text):
+        syl = text_to_syllables(stext)
+        if syl:
+            sentences.append((syl[0], stext.strip()))
     phones: list[Phone] = []
     spans: list[tuple[float, float, str]] = []
     t = 0.0
     r = max(0.3, voice.rate)
-    for s_i, (sent, stext) in enumerate(zip(structure, sentences_txt)):
+    for s_i, (sent, stext) in enumerate(sentences):
         s_start = t
         question = stext.endswith("?")
         for p_i, phrase in enumerate(sent):
@@ -503,7 +506,7 @@ def plan_speech(text: str, rng: np.random.Generator, voice: Voice = AVATAR_VOICE
                 phones.append(Phone("sil", t, t + g))
                 t += g
         spans.append((s_start, t, stext))
-        if s_i < len(structure) - 1:
+        if s_i < len(sentences) - 1:
             g = rng.uniform(0.45, 0.8)
             phones.append(Phone("sil", t, t + g))
             t += g
@@ -730,10 +733,13 @@ AFFECT_BASELINE: dict[str, dict[str, float]] = {
     "neutral": {},
 }
 AFFECT_DYNAMICS: dict[str, dict[str, float]] = {
-    #           nod amplitude x, nod probability, smile gain, smile probability, head speed x, head amplitude x
-    "positive": {"nod_gain": 1.5, "nod_p": 0.95, "smile_gain": 1.0, "smile_p": 1.0, "head_speed": 1.3, "head_amp": 1.2},
-    "neutral": {"nod_gain": 1.0, "nod_p": 0.9, "smile_gain": 0.8, "smile_p": 0.9, "head_speed": 1.0, "head_amp": 1.0},
-    "negative": {"nod_gain": 0.7, "nod_p": 0.85, "smile_gain": 0.45, "smile_p": 0.5, "head_speed": 0.6, "head_amp": 0.7},
+    # nod amplitude x, nod probability, mirrored-smile gain and probability, head-motion speed x and amplitude x
+    "positive": {"nod_gain": 1.5, "nod_p": 0.95, "smile_gain": 1.0, "smile_p": 1.0,
+                 "head_speed": 1.3, "head_amp": 1.2},
+    "neutral": {"nod_gain": 1.0, "nod_p": 0.9, "smile_gain": 0.8, "smile_p": 0.9,
+                "head_speed": 1.0, "head_amp": 1.0},
+    "negative": {"nod_gain": 0.7, "nod_p": 0.85, "smile_gain": 0.45, "smile_p": 0.5,
+                 "head_speed": 0.6, "head_amp": 0.7},
 }
 
 
@@ -995,14 +1001,15 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     avatar_turns = [u for u in utts if u.speaker == "avatar" and u.kind == "turn"]
     phrase_ends = sorted(u.start + e for u in user_turns for (_, e, _) in u.plan.sentences)
     phrase_ends = [p for p in phrase_ends if p < duration - 0.3]
-    turn_onsets = []              # a user turn after the avatar's turn or after >= 1 s of user silence
-    prev_spk, prev_user_end = None, -np.inf
+    # a user turn onset: after the avatar's turn, after >= 1 s of user silence, or the first late turn
+    turn_onsets = []
+    prev_spk, prev_phase, prev_user_end = None, None, -np.inf
     for u in (u for u in utts if u.kind == "turn"):
         if u.speaker == "user":
-            if prev_spk != "user" or u.start - prev_user_end >= 1.0:
+            if prev_spk != "user" or u.start - prev_user_end >= 1.0 or u.phase != prev_phase:
                 turn_onsets.append(u.start)
             prev_user_end = u.end
-        prev_spk = u.speaker
+        prev_spk, prev_phase = u.speaker, u.phase
     affect_lines = [u for u in utts if u.affect_line]
     affect_onset = affect_lines[0].start + 1.0
     affect_established = max(u.end for u in affect_lines)
@@ -1139,12 +1146,12 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     smile = np.zeros(n)
     for s in user_smiles:
         r = _event_rng(seed, g, 41, s["start_s"])
-        u_p, delay, dd = r.random(), r.uniform(*rules.smile_delay_s), r.uniform(-0.2, 0.3)
+        u_p, delay, dd = r.random(), r.uniform(*rules.smile_delay_s), r.uniform(-0.15, 0.15)
         if u_p >= dyn("smile_p", s["start_s"]):
             continue
         amp = s["amp"] * dyn("smile_gain", s["start_s"])
         t0 = s["start_s"] + delay
-        smile = np.maximum(smile, amp * _bump(t, t0, max(0.8, s["duration_s"] + dd), 0.35, 0.6))
+        smile = np.maximum(smile, amp * _bump(t, t0, max(0.8, s["duration_s"] + dd), 0.3, 0.5))
         avatar_smiles.append({"trigger_s": s["start_s"], "start_s": round(t0, 3), "delay_s": round(delay, 3),
                               "duration_s": round(max(0.8, s["duration_s"] + dd), 3), "amp": round(amp, 3)})
     for ch, k in (("mouthSmileLeft", 1.0), ("mouthSmileRight", 1.0), ("cheekSquintLeft", 0.6),
@@ -1512,10 +1519,11 @@ See docs/corpus.md in the echo-stream repository for details.
 """
 
 
-def _settings(minutes, seed, size, render_video, early_s, context_gap_s) -> dict:
+def _settings(minutes, seed, size, render_video, early_s, context_gap_s, portrait) -> dict:
     return {"generator": "echo_stream.corpus", "version": CORPUS_VERSION, "synthetic": True,
             "minutes": float(minutes), "seed": int(seed), "size": int(size), "render_video": bool(render_video),
-            "early_s": float(early_s), "context_gap_s": float(context_gap_s)}
+            "early_s": float(early_s), "context_gap_s": float(context_gap_s),
+            "portrait": os.path.abspath(portrait) if portrait else "bundled"}
 
 
 def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minutes: float = 1.0, seed: int = 0,
@@ -1545,7 +1553,14 @@ def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minut
     if not os.access(out_dir, os.W_OK):
         raise InputError(out_dir, "output directory is not writable")
 
-    settings = _settings(minutes, seed, size, render_video, early_s, context_gap_s)
+    done = _complete_rows(out_dir)
+    todo = [i for i in range(int(n_conversations)) if i not in done]
+    renderer = None
+    if todo and render_video:                        # first: a bad portrait fails before anything is written
+        from .render import PortraitRenderer
+        renderer = PortraitRenderer(user_portrait(portrait), size=(size, size))
+
+    settings = _settings(minutes, seed, size, render_video, early_s, context_gap_s, portrait)
     spath = os.path.join(out_dir, "corpus.json")
     if os.path.exists(spath):
         try:
@@ -1558,7 +1573,7 @@ def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minut
             what = ", ".join(f"{k}={old.get(k)!r} (now {settings[k]!r})" for k in diff)
             raise InputError(out_dir, f"holds a corpus made with other settings: {what}; "
                                       "use a new directory or the same settings")
-    elif _complete_rows(out_dir):
+    elif done:
         raise InputError(out_dir, "holds conversations but no corpus.json; use a new directory")
     else:
         _write_json_atomic(spath, json.dumps(settings, indent=1) + "\n")
@@ -1568,13 +1583,7 @@ def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minut
     _write_json_atomic(os.path.join(out_dir, "README.md"),
                        _README.format(settings=json.dumps(settings), early_s=early_s, context_gap_s=context_gap_s))
 
-    done = _complete_rows(out_dir)
-    todo = [i for i in range(int(n_conversations)) if i not in done]
     manifest, _ = _write_manifest(out_dir)
-    renderer = None
-    if todo and render_video:
-        from .render import PortraitRenderer
-        renderer = PortraitRenderer(user_portrait(portrait), size=(size, size))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -1606,6 +1615,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="corpus seed (same seed = same corpus)")
     p.add_argument("--size", type=int, default=192, help="user video size in pixels (square, even; default 192)")
     p.add_argument("--no-video", action="store_true", help="write the user side as audio only (user.wav)")
+    p.add_argument("--portrait", metavar="IMAGE",
+                   help="photo for the user's face (mirrored and tinted; default: the bundled portrait)")
     p.add_argument("--early-s", type=float, default=20.0,
                    help="seconds at the start that establish the affect (default 20)")
     p.add_argument("--context-gap-s", type=float, default=30.0,
@@ -1620,7 +1631,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     path = generate_corpus(args.out_dir, n_conversations=args.conversations, minutes=args.minutes, seed=args.seed,
                            size=args.size, progress=not args.quiet, render_video=not args.no_video,
-                           early_s=args.early_s, context_gap_s=args.context_gap_s)
+                           early_s=args.early_s, context_gap_s=args.context_gap_s,
+                           portrait=getattr(args, "portrait", None))
     rows = read_manifest(path)
     held = sum(r["split"] == "heldout" for r in rows)
     print(f"wrote {path}: {len(rows)} SYNTHETIC conversations ({held} heldout), "

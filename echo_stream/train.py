@@ -1,0 +1,867 @@
+"""``echo-stream train``: two-stage training of the ECHO model from Parquet shards.
+
+Stage 1 trains own audio -> motion (the user/context branch of SDCM off, no
+memory); stage 2 trains the full model (SDCM user branch + LCU memory rolled
+over each window's history, with gradients) starting from stage 1's weights.
+Both minimise :meth:`EchoModel.loss` on batches from
+:class:`echo_stream.dataset.ShardDataset` with AdamW, linear warm-up + cosine
+decay and gradient clipping. The model's motion / audio normalisation comes
+from the shards' ``dataset.json``.
+
+Output directory::
+
+    OUT/stage1/step-0001500/     a checkpoint: model.safetensors + config.json + meta.json
+                                 (load_checkpoint reads it) + optimizer.safetensors (AdamW
+                                 moments and RNG states) + trainer_state.json (step, schedule,
+                                 sampler RNG state, optimizer scalars)
+    OUT/stage1/LATEST            name of the newest complete checkpoint (replaced atomically)
+    OUT/stage2/...               the same for stage 2
+    OUT/final/                   the final model only (what ships: ~10 MB for tiny)
+    OUT/loss.csv                 one row per step (train) and per evaluation (heldout)
+    OUT/loss.png                 the loss curves
+
+Every file is written under a temporary name and renamed into place; a step
+directory becomes visible to ``--resume`` only once ``LATEST`` names it, so an
+interrupted run resumes from its last complete checkpoint. Resuming restores
+the weights, the AdamW state, the step, the learning-rate schedule and every
+random state (batch sampler, noise generator), so a resumed run continues
+exactly as an uninterrupted one would (same losses, bit for bit on the same
+machine and thread count). Nothing is pickled: tensors go to safetensors,
+scalars to JSON.
+
+The default checkpoint
+----------------------
+``echo_stream/assets/checkpoints/tiny`` is produced by ONE command (SYNTHETIC
+data that the project generates itself; about 25 minutes on 2 CPU cores)::
+
+    echo-stream train --make-corpus 20 --corpus out/corpus --out out/train --export default
+
+which generates the synthetic corpus (when ``out/corpus`` has none), writes
+the shards (``out/train/shards``), runs stage 1 then stage 2 with the default
+steps below, and copies ``out/train/final`` to the default checkpoint path.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import ModelConfig, get_config
+from .dataset import FEATURE_COLUMNS, ShardDataset, read_dataset_info, write_shards
+from .errors import CheckpointError, InputError
+from .model import EchoModel, default_checkpoint_path, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "echo-stream/trainer-state"
+STATE_VERSION = 1
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+LATEST_NAME = "LATEST"
+FINAL_DIR = "final"
+LOSS_CSV = "loss.csv"
+LOSS_PNG = "loss.png"
+CSV_FIELDS = ("stage", "step", "split", "loss", "fm", "vel", "lip_mse", "lr", "grad_norm", "history",
+              "steps_per_s", "elapsed_s")
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Optimisation settings of one training stage."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    clip: float = 1.0
+    min_lr_frac: float = 0.05
+
+
+#: The default recipe (tiny config, 2 CPU cores): see the module docstring and docs.
+DEFAULTS: dict[int, StageSettings] = {
+    1: StageSettings(steps=2400, batch_size=32, lr=1e-3, warmup=100),
+    2: StageSettings(steps=900, batch_size=16, lr=4e-4, warmup=50),
+}
+DEFAULT_HISTORY_S = 30.0
+#: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
+DEFAULT_BPTT_WINDOWS: int | None = None
+#: share of --time-budget given to stage 1 when both stages run
+STAGE1_BUDGET_SHARE = 0.4
+
+
+# ============================================================================ small helpers
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    _atomic_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_frac: float) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine to ``min_frac``."""
+    warmup = max(0, min(int(warmup), max(total - 1, 0)))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    prog = min(1.0, (step - warmup) / span)
+    return base * (min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * prog)))
+
+
+def _per_stage(value, stage: int, name: str):
+    """A per-stage setting: a scalar (both stages), a (stage1, stage2) pair, or a {stage: value} dict."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get(stage, value.get(str(stage)))
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return value[0]
+        if len(value) != 2:
+            raise InputError(f"--{name}", f"give one value or two (stage 1, stage 2), got {len(value)}")
+        return value[stage - 1]
+    return value
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds from ``"1200"``, ``"1200s"``, ``"20m"``, ``"1.5h"`` (None stays None)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = str(text).strip().lower()
+    mult = 1.0
+    if t.endswith("h"):
+        mult, t = 3600.0, t[:-1]
+    elif t.endswith("m"):
+        mult, t = 60.0, t[:-1]
+    elif t.endswith("s"):
+        t = t[:-1]
+    try:
+        v = float(t) * mult
+    except ValueError:
+        raise InputError("--time-budget", f"{text!r} is not a duration (e.g. 1200, 1200s, 20m, 1.5h)") from None
+    if v <= 0:
+        raise InputError("--time-budget", f"must be positive, got {text!r}")
+    return v
+
+
+# ============================================================================ optimizer / RNG state
+
+def _param_groups(model: EchoModel, weight_decay: float) -> tuple[list[dict], list[str]]:
+    """AdamW groups (matrices decay; biases, norms, gains and 1-d parameters do not) and the parameter
+    names in the optimizer's flat index order."""
+    decay, no_decay, dn, nn_ = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2:
+            decay.append(p)
+            dn.append(name)
+        else:
+            no_decay.append(p)
+            nn_.append(name)
+    return ([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            dn + nn_)
+
+
+def optimizer_to_safetensors(opt: torch.optim.Optimizer, names: list[str],
+                             extra: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (``state/<param name>/<key>``) and JSON scalars."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        pname = names[idx]
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state/{pname}/{k}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(pname, {})[k] = v
+    for k, v in extra.items():
+        tensors[k] = v.contiguous().clone()
+    groups = []
+    for g in sd["param_groups"]:
+        gg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+        gg["params"] = [names[i] for i in g["params"]]
+        groups.append(gg)
+    return tensors, {"param_groups": groups, "scalar_state": scalars}
+
+
+def optimizer_from_safetensors(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
+                               meta: dict) -> None:
+    """Inverse of :func:`optimizer_to_safetensors` (checks that the parameter sets agree)."""
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if not key.startswith("state/"):
+            continue
+        pname, k = key[len("state/"):].rsplit("/", 1)
+        if pname not in index:
+            raise CheckpointError(f"optimizer state: unknown parameter '{pname}'")
+        state.setdefault(index[pname], {})[k] = v
+    for pname, sc in meta.get("scalar_state", {}).items():
+        state.setdefault(index[pname], {}).update(sc)
+    groups = []
+    cur = opt.state_dict()["param_groups"]
+    saved = meta["param_groups"]
+    if len(saved) != len(cur):
+        raise CheckpointError("optimizer state: parameter groups differ from the model's")
+    for g, c in zip(saved, cur):
+        if [index.get(n) for n in g["params"]] != c["params"]:
+            raise CheckpointError("optimizer state: parameters differ from the model's")
+        gg = {k: (tuple(v) if k == "betas" else v) for k, v in g.items() if k != "params"}
+        gg["params"] = c["params"]
+        groups.append(gg)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ============================================================================ checkpoints
+
+def latest_checkpoint(stage_dir: str | os.PathLike) -> Path | None:
+    """The step directory ``LATEST`` names in a stage directory (None when there is none)."""
+    d = Path(stage_dir)
+    f = d / LATEST_NAME
+    if not f.is_file():
+        return None
+    name = f.read_text().strip()
+    p = d / name
+    if not name or not (p / STATE_NAME).is_file():
+        raise CheckpointError(f"{f}: names '{name}', which is not a complete checkpoint")
+    return p
+
+
+def read_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
+    p = Path(ckpt_dir) / STATE_NAME
+    try:
+        st = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable trainer state: {e}") from None
+    if st.get("format") != STATE_FORMAT or st.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{p}: not a trainer state this code reads (format {st.get('format')!r}, "
+                              f"version {st.get('version')!r})")
+    return st
+
+
+def _save_training_checkpoint(stage_dir: Path, model: EchoModel, opt, names: list[str], state: dict,
+                              gen: torch.Generator, keep: int = 2) -> Path:
+    from safetensors.torch import save
+
+    step = int(state["step"])
+    d = stage_dir / f"step-{step:07d}"
+    if d.exists():  # a leftover of an interrupted save (LATEST never named it) or a re-save of this step
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    save_checkpoint(model, d, extra_meta={"stage": state["stage"], "step": step, "trainer": "echo-stream train",
+                                          "dataset": state.get("dataset")})
+    rng = {"rng/torch_global": torch.get_rng_state(), "rng/loss_generator": gen.get_state()}
+    tensors, meta = optimizer_to_safetensors(opt, names, rng)
+    _atomic_bytes(d / OPTIMIZER_NAME, save(tensors, metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)}))
+    _atomic_json(d / STATE_NAME, state)
+    _atomic_bytes(stage_dir / LATEST_NAME, (d.name + "\n").encode())
+    olds = sorted(p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and p != d)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return d
+
+
+def _load_optimizer_file(d: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    p = d / OPTIMIZER_NAME
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any failure is a corrupt file
+        raise CheckpointError(f"{p}: missing or corrupt optimizer state: {e}") from None
+    return tensors, meta
+
+
+# ============================================================================ CSV / plot
+
+class _LossLog:
+    """``loss.csv``: appended per step; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+        self._w = None
+
+    def truncate_after(self, stage: int, step: int) -> None:
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                for r in csv.DictReader(f):
+                    try:
+                        s, st = int(r["stage"]), int(r["step"])
+                    except (KeyError, ValueError):
+                        continue
+                    if s < stage or (s == stage and st <= step):
+                        rows.append(r)
+        text = [",".join(CSV_FIELDS)]
+        for r in rows:
+            text.append(",".join(str(r.get(k, "")) for k in CSV_FIELDS))
+        _atomic_bytes(self.path, ("\n".join(text) + "\n").encode())
+
+    def open(self) -> None:
+        if not self.path.is_file():
+            _atomic_bytes(self.path, (",".join(CSV_FIELDS) + "\n").encode())
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.writer(self._f)
+
+    def write(self, row: dict) -> None:
+        self._w.writerow([_fmt(row.get(k, "")) for k in CSV_FIELDS])
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def read_loss_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``loss.csv`` with numbers parsed."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                if k == "split":
+                    row[k] = v
+                elif v in ("", None):
+                    row[k] = None
+                else:
+                    row[k] = float(v) if k not in ("stage", "step", "history") else int(float(v))
+            out.append(row)
+    return out
+
+
+def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """``loss.png``: train loss (raw and smoothed) and heldout loss per stage, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_loss_csv(csv_path)
+    stages = sorted({r["stage"] for r in rows}) or [1]
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, st in zip(axes[0], stages):
+        tr = [(r["step"], r["loss"]) for r in rows if r["stage"] == st and r["split"] == "train" and r["loss"]]
+        va = [(r["step"], r["loss"]) for r in rows if r["stage"] == st and r["split"] == "heldout" and r["loss"]]
+        if tr:
+            x, y = np.array(tr).T
+            ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train")
+            ema, sm = y[0], []
+            for v in y:
+                ema = 0.95 * ema + 0.05 * v
+                sm.append(ema)
+            ax.plot(x, sm, color="tab:blue", lw=1.8, label="train (smoothed)")
+        if va:
+            x, y = np.array(va).T
+            ax.plot(x, y, "o-", color="tab:orange", lw=1.5, ms=4, label="heldout")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (flow matching + velocity)")
+        ax.set_title(f"stage {st}: " + ("own audio -> motion" if st == 1 else "full model (SDCM + LCU)"))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    png = Path(png_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# ============================================================================ one stage
+
+def _roll_memory(model: EchoModel, batch: dict, grad_windows: int) -> dict:
+    """Replace ``context_*`` by ``memory``: the first windows rolled without gradients, the last
+    ``grad_windows`` with them (truncated back-propagation through the LCU)."""
+    texts = batch.pop("context_texts")
+    ctx = {name: batch.pop("context_" + name) for name in FEATURE_COLUMNS}
+    b, n = ctx["avatar_audio"].shape[:2]
+    mem = model.memory_init(b)
+
+    def step(m, j):
+        emb = model.encode_transcript([row[j] for row in texts])
+        return model.memory_update(m, ctx["avatar_audio"][:, j], ctx["user_audio"][:, j], ctx["user_video"][:, j],
+                                   ctx["user_blend"][:, j], ctx["user_present"][:, j], emb)
+
+    with torch.no_grad():
+        for j in range(n - grad_windows):
+            mem = step(mem, j)
+    mem = mem.detach()
+    for j in range(max(0, n - grad_windows), n):
+        mem = step(mem, j)
+    batch["memory"] = mem
+    return batch
+
+
+@dataclass
+class _StageRun:
+    stage: int
+    settings: StageSettings
+    out_dir: Path
+    seed: int
+    checkpoint_every: int
+    eval_batches: int
+    history: int
+    bptt: int | None
+    progress: bool
+    deadline: float | None
+    dataset_summary: dict
+
+
+def _evaluate(model: EchoModel, ds: ShardDataset, run: _StageRun) -> dict:
+    """Mean loss over fixed heldout batches (same batches and noise every time)."""
+    rng = np.random.Generator(np.random.PCG64([run.seed, run.stage, 7]))
+    gen = torch.Generator().manual_seed(run.seed * 1000 + run.stage + 500)
+    was = model.training
+    model.eval()
+    logs: dict[str, list] = {}
+    try:
+        with torch.no_grad():
+            for _ in range(run.eval_batches):
+                if run.stage == 1:
+                    batch = ds.stage1_batch(rng, run.settings.batch_size)
+                else:
+                    batch = ds.stage2_batch(rng, run.settings.batch_size, run.history)
+                batch.pop("history_windows", None)
+                _, lg = model.loss(batch, run.stage, generator=gen)
+                for k, v in lg.items():
+                    if k != "stage":
+                        logs.setdefault(k, []).append(v)
+    finally:
+        model.train(was)
+    return {k: float(np.mean(v)) for k, v in logs.items()}
+
+
+def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset | None, run: _StageRun,
+                 loss_log: _LossLog, resume_dir: Path | None) -> tuple[EchoModel, dict]:
+    st = run.settings
+    stage_dir = run.out_dir / f"stage{run.stage}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    groups, names = _param_groups(model, st.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=st.lr, betas=st.betas, eps=1e-8, weight_decay=st.weight_decay)
+    gen = torch.Generator().manual_seed(run.seed * 1000 + run.stage)
+    rng = np.random.Generator(np.random.PCG64([run.seed, run.stage]))
+    step, total, elapsed0 = 0, int(st.steps), 0.0
+    if resume_dir is not None:
+        state = read_trainer_state(resume_dir)
+        tensors, meta = _load_optimizer_file(resume_dir)
+        optimizer_from_safetensors(opt, names, tensors, meta)
+        torch.set_rng_state(tensors["rng/torch_global"])
+        gen.set_state(tensors["rng/loss_generator"])
+        rng.bit_generator.state = state["sampler_rng"]
+        step, total, elapsed0 = int(state["step"]), int(state["total_steps"]), float(state.get("elapsed_s", 0.0))
+        log.info("stage %d: resumed from %s at step %d of %d", run.stage, resume_dir, step, total)
+        loss_log.truncate_after(run.stage, step)
+    else:
+        loss_log.truncate_after(run.stage, 0)
+    loss_log.open()
+    model.train()
+
+    def state_dict(done: bool) -> dict:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "code_version": __version__,
+                "stage": run.stage, "step": step, "total_steps": total, "done": done,
+                "settings": dataclasses.asdict(st), "seed": run.seed, "history_windows": run.history,
+                "bptt_windows": run.bptt, "sampler_rng": rng.bit_generator.state,
+                "elapsed_s": elapsed0 + (time.perf_counter() - t_start), "config": model.cfg.name,
+                "dataset": run.dataset_summary}
+
+    bar = None
+    if run.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"stage {run.stage}", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_rate, n_rate = time.perf_counter(), 0
+    sec_per_step = None
+    calibrated_at = step + 6
+    ema = None
+    params = [p for g in groups for p in g["params"]]
+    stopped_by_budget = False
+    try:
+        while step < total:
+            lr = lr_at(step, total, st.lr, st.warmup, st.min_lr_frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if run.stage == 1:
+                batch = train_ds.stage1_batch(rng, st.batch_size)
+            else:
+                batch = train_ds.stage2_batch(rng, st.batch_size, run.history)
+            n_hist = int(batch.pop("history_windows", 0))
+            if run.stage == 2 and run.bptt is not None and n_hist > run.bptt:
+                batch = _roll_memory(model, batch, run.bptt)
+            loss, logs = model.loss(batch, run.stage, generator=gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {run.stage} step {step}: loss is {float(loss)} "
+                                         "(lower the learning rate)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, st.clip))
+            opt.step()
+            step += 1
+            n_rate += 1
+            now = time.perf_counter()
+            rate = n_rate / max(now - t_rate, 1e-9)
+            ema = logs["loss"] if ema is None else 0.95 * ema + 0.05 * logs["loss"]
+            loss_log.write({"stage": run.stage, "step": step, "split": "train", "loss": logs["loss"],
+                            "fm": logs["fm"], "vel": logs["vel"], "lip_mse": logs["lip_mse"], "lr": lr,
+                            "grad_norm": gnorm, "history": n_hist, "steps_per_s": rate,
+                            "elapsed_s": elapsed0 + now - t_start})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}", steps_s=f"{rate:.2f}")
+            # time budget: estimate the step time after a few steps, then shrink the schedule to fit
+            if run.deadline is not None:
+                if step == calibrated_at or (step > calibrated_at and step % 50 == 0):
+                    sec_per_step = (now - t_rate) / max(n_rate, 1)
+                    reserve = 3.0 + (0.0 if val_ds is None else 0.05 * run.eval_batches * sec_per_step)
+                    fit = step + int(max(0.0, run.deadline - now - reserve) / sec_per_step)
+                    if fit < total:
+                        total = max(step, fit)
+                        if bar is not None:
+                            bar.total = total
+                            bar.refresh()
+                if now >= run.deadline and step < total:
+                    total = step
+                    stopped_by_budget = True
+            last = step >= total
+            if step % run.checkpoint_every == 0 or last:
+                if val_ds is not None and run.eval_batches > 0:
+                    vl = _evaluate(model, val_ds, run)
+                    loss_log.write({"stage": run.stage, "step": step, "split": "heldout", **vl,
+                                    "history": run.history, "elapsed_s": elapsed0 + time.perf_counter() - t_start})
+                loss_log.flush()
+                _save_training_checkpoint(stage_dir, model, opt, names, state_dict(done=last), gen)
+                with contextlib.suppress(Exception):
+                    plot_losses(loss_log.path, loss_log.path.parent / LOSS_PNG)
+    finally:
+        if bar is not None:
+            bar.close()
+        loss_log.close()
+    if stopped_by_budget:
+        log.warning("stage %d: time budget reached at step %d", run.stage, step)
+    return model, {"step": step, "total": total, "ema_loss": ema,
+                   "seconds": time.perf_counter() - t_start}
+
+
+# ============================================================================ the function API
+
+def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None) -> EchoModel:
+    return load_checkpoint(path, config=cfg).train()
+
+
+def train(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, config: str | ModelConfig | None = "tiny",
+          stage: int | str = "both", steps=None, batch_size=None, lr=None, seed: int = 0, resume: bool = True,
+          init_from: str | os.PathLike | None = None, checkpoint_every: int | None = None, progress: bool = True,
+          time_budget_s: float | None = None, *, history_s: float = DEFAULT_HISTORY_S,
+          bptt_windows: int | None = DEFAULT_BPTT_WINDOWS, eval_batches: int = 4,
+          export: str | os.PathLike | None = None, threads: int | None = None) -> Path:
+    """Train (stage 1, stage 2 or both) and return the final checkpoint directory (``OUT/final``).
+
+    ``steps``, ``batch_size``, ``lr``: one value for every stage, a ``(stage1, stage2)`` pair or a
+    ``{stage: value}`` dict; None takes :data:`DEFAULTS`. ``resume``: continue from the newest
+    checkpoint in ``out_dir`` (a finished stage is skipped); False starts over (earlier checkpoints
+    in ``out_dir`` are replaced). ``init_from``: a checkpoint to start the first stage that runs
+    from (stage 2 alone otherwise starts from ``out_dir``'s stage-1 result). ``checkpoint_every``:
+    steps between checkpoints (default: about 10 per stage). ``time_budget_s``: wall-clock limit
+    for the whole call; each stage shrinks its schedule to fit its share (stage 1 gets
+    :data:`STAGE1_BUDGET_SHARE` when both run). ``history_s``: stage-2 history length (windows
+    ``ceil(history_s / 0.64 s)`` for tiny); ``bptt_windows``: windows of that history rolled with
+    gradients (None = all). ``export``: also write the final model there (``"default"`` = the
+    packaged default checkpoint path).
+    """
+    t0 = time.perf_counter()
+    torch.set_num_threads(int(threads) if threads else _threads())
+    stages = {"both": [1, 2], "1": [1], "2": [2], 1: [1], 2: [2]}.get(stage if isinstance(stage, int) else str(stage))
+    if stages is None:
+        raise InputError("--stage", f"must be 1, 2 or both, got {stage!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = read_dataset_info(shards_dir)
+    cfg = None if config is None else (config if isinstance(config, ModelConfig) else get_config(config))
+    summary = {"shards": str(Path(shards_dir).resolve()), "splits": info.get("splits"),
+               "hours": info.get("total", {}).get("hours"), "source": info.get("source")}
+    if not resume:
+        for d in (out / "stage1", out / "stage2", out / FINAL_DIR):
+            if d.exists():
+                shutil.rmtree(d)
+        with contextlib.suppress(OSError):
+            (out / LOSS_CSV).unlink()
+    loss_log = _LossLog(out / LOSS_CSV)
+    model: EchoModel | None = None
+    results = {}
+    for i, n in enumerate(stages):
+        base = DEFAULTS[n]
+        settings = dataclasses.replace(
+            base,
+            steps=int(_per_stage(steps, n, "steps") or base.steps),
+            batch_size=int(_per_stage(batch_size, n, "batch-size") or base.batch_size),
+            lr=float(_per_stage(lr, n, "lr") or base.lr))
+        settings = dataclasses.replace(settings, warmup=min(settings.warmup, max(1, settings.steps // 10)))
+        if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
+            raise InputError("train", f"stage {n}: steps, batch size and lr must be positive ({settings})")
+        stage_dir = out / f"stage{n}"
+        resume_dir = latest_checkpoint(stage_dir) if resume else None
+        if resume_dir is not None:
+            state = read_trainer_state(resume_dir)
+            model = _load_for_training(resume_dir, cfg)
+            if state.get("done"):
+                log.info("stage %d: already finished (%s)", n, resume_dir)
+                results[n] = {"step": state["step"], "total": state["total_steps"], "skipped": True}
+                continue
+        elif i == 0 and init_from is not None:
+            model = _load_for_training(init_from, cfg)
+        elif n == 2 and model is None:
+            prev = latest_checkpoint(out / "stage1")
+            if prev is None:
+                raise InputError("--stage 2", f"stage 2 starts from a stage-1 model: pass --init-from CHECKPOINT "
+                                              f"or train stage 1 into {out} first")
+            model = _load_for_training(prev, cfg)
+        elif model is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = EchoModel(cfg or "tiny")
+            s = info["stats"]
+            model.set_motion_stats(*_floor_motion_std(s["motion_mean"], s["motion_std"]))
+            model.set_audio_stats(s["audio_mean"], np.maximum(np.asarray(s["audio_std"]), 1e-3))
+        model.train()
+        if resume_dir is None:  # (training draws its randomness from its own generators; this is belt and braces)
+            torch.manual_seed(seed * 7919 + n)
+        ds = ShardDataset(shards_dir, "train", model.cfg)
+        val = None
+        if eval_batches > 0:
+            splits = {s_["split"] for s_ in info["shards"]}
+            if "heldout" in splits:
+                val = ShardDataset(shards_dir, "heldout", model.cfg)
+        deadline = None
+        if time_budget_s is not None:
+            remaining = [m for m in stages[i:]]
+            share = STAGE1_BUDGET_SHARE if (n == 1 and 2 in remaining) else 1.0
+            left = float(time_budget_s) - (time.perf_counter() - t0)
+            deadline = time.perf_counter() + max(1.0, left * share)
+        every = int(checkpoint_every) if checkpoint_every else max(10, settings.steps // 10)
+        run = _StageRun(stage=n, settings=settings, out_dir=out, seed=seed, checkpoint_every=every,
+                        eval_batches=eval_batches, history=ShardDataset.history_windows(model.cfg, history_s),
+                        bptt=(None if not bptt_windows else int(bptt_windows)), progress=progress,
+                        deadline=deadline, dataset_summary=summary)
+        model, results[n] = _train_stage(model, ds, val, run, loss_log, resume_dir)
+    if model is None:  # pragma: no cover - stages is never empty
+        raise InputError("train", "nothing to train")
+    final = out / FINAL_DIR
+    meta = {"stage": stages[-1], "step": results[stages[-1]]["step"], "trainer": "echo-stream train",
+            "dataset": summary, "synthetic_data": True if _all_synthetic(shards_dir, info) else None,
+            "seed": seed, "stages": {str(k): v for k, v in results.items()}}
+    model.eval()
+    save_checkpoint(model, final, extra_meta=meta)
+    if export is not None:
+        dest = default_checkpoint_path() if str(export) == "default" else Path(export)
+        save_checkpoint(model, dest, extra_meta=meta)
+        log.info("exported the final checkpoint to %s", dest)
+    if (out / LOSS_CSV).is_file():
+        with contextlib.suppress(Exception):
+            plot_losses(out / LOSS_CSV, out / LOSS_PNG)
+    return final
+
+
+def _floor_motion_std(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus motion statistics with each std floored at 1 % of the channel's range (a channel that barely
+    moves in the corpus must not blow up in normalised units)."""
+    from . import motion
+
+    rng = motion.CHANNEL_MAX - motion.CHANNEL_MIN
+    return np.asarray(mean, np.float32), np.maximum(np.asarray(std, np.float32), 0.01 * rng)
+
+
+def _all_synthetic(shards_dir, info: dict) -> bool:
+    try:
+        import pyarrow.parquet as pq
+
+        for s in info["shards"]:
+            col = pq.read_table(Path(shards_dir) / s["file"], columns=["synthetic"]).column("synthetic")
+            if not all(col.to_pylist()):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - metadata only
+        return False
+
+
+# ============================================================================ CLI
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or two numbers separated by a comma, got {text!r}")
+
+
+def _ints(text: str) -> list[int]:
+    vals = _floats(text)
+    if any(v != int(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}")
+    return [int(v) for v in vals]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream train``."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "examples:\n"
+        "  # the default checkpoint, from scratch (SYNTHETIC corpus; ~25 min on 2 CPU cores):\n"
+        "  echo-stream train --make-corpus 20 --corpus out/corpus --out out/train --export default\n"
+        "  # your own data: a manifest.jsonl (see echo_stream/dataset.py) -> shards -> training\n"
+        "  echo-stream train --corpus my_corpus/ --out runs/mine --time-budget 2h\n"
+        "  # shards already written; stage 2 only, from a stage-1 checkpoint\n"
+        "  echo-stream train --shards runs/mine/shards --stage 2 --init-from runs/mine/stage1/step-0002400\n")
+    src = p.add_argument_group("data")
+    src.add_argument("--shards", metavar="DIR",
+                     help="training shards (a directory with dataset.json); default OUT/shards")
+    src.add_argument("--corpus", metavar="DIR|MANIFEST",
+                     help="a corpus (manifest.jsonl + media): its shards are written to --shards first "
+                          "unless that directory already has them")
+    src.add_argument("--make-corpus", type=int, metavar="N",
+                     help="when --corpus has no manifest yet, generate a SYNTHETIC corpus of N conversations "
+                          "there first (echo_stream.corpus)")
+    src.add_argument("--corpus-minutes", type=float, default=1.0, help="minutes per generated conversation (1.0)")
+    src.add_argument("--rewrite-shards", action="store_true", help="write the shards again even if present")
+    src.add_argument("--chunk-seconds", type=float, default=64.0, help="shard chunk length in seconds (64)")
+    src.add_argument("--shard-rows", type=int, default=32, help="chunks per shard file (32)")
+    p.add_argument("-o", "--out", metavar="DIR", default="out/train", help="output directory (default out/train)")
+    p.add_argument("--config", metavar="NAME|PATH", default=None,
+                   help="model config for a new model: tiny (default) or base or a JSON file")
+    p.add_argument("--stage", choices=("1", "2", "both"), default="both", help="which stage(s) to train")
+    p.add_argument("--steps", type=_ints, metavar="S[,S2]",
+                   help=f"training steps (one value for both stages, or stage1,stage2; default "
+                        f"{DEFAULTS[1].steps},{DEFAULTS[2].steps})")
+    p.add_argument("--batch-size", type=_ints, metavar="B[,B2]",
+                   help=f"windows per step (default {DEFAULTS[1].batch_size},{DEFAULTS[2].batch_size})")
+    p.add_argument("--lr", type=_floats, metavar="LR[,LR2]",
+                   help=f"peak learning rate (default {DEFAULTS[1].lr:g},{DEFAULTS[2].lr:g})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and noise (0)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of continuing from OUT's newest checkpoint")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint instead of a new model")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (~10 per stage)")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="wall-clock limit (1200, 1200s, 20m, 1.5h): the schedules shrink to fit")
+    p.add_argument("--history-s", type=float, default=DEFAULT_HISTORY_S,
+                   help="stage 2: seconds of history rolled through the LCU memory before each window (30)")
+    p.add_argument("--bptt-windows", type=int, default=0, metavar="N",
+                   help="stage 2: back-propagate through only the last N history windows (0 = all)")
+    p.add_argument("--eval-batches", type=int, default=4, help="heldout batches per evaluation (0 = none)")
+    p.add_argument("--export", metavar="DIR|default",
+                   help="also write the final model to DIR ('default' = the packaged default checkpoint)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: every core this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    """``echo-stream train``."""
+    out = Path(args.out)
+    shards = Path(args.shards) if args.shards else out / "shards"
+    progress = not args.quiet
+    if args.corpus:
+        corpus = Path(args.corpus)
+        manifest = corpus if corpus.suffix == ".jsonl" else corpus / "manifest.jsonl"
+        if not manifest.is_file():
+            if not args.make_corpus:
+                raise InputError(str(manifest), "no manifest: pass --make-corpus N to generate a synthetic corpus")
+            from . import corpus as corpus_mod
+
+            t = time.perf_counter()
+            corpus_mod.generate_corpus(str(manifest.parent), n_conversations=int(args.make_corpus),
+                                       minutes=float(args.corpus_minutes), seed=int(args.seed), progress=progress)
+            print(f"generated a SYNTHETIC corpus of {args.make_corpus} conversations in {manifest.parent} "
+                  f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        if args.rewrite_shards or not (shards / "dataset.json").is_file():
+            t = time.perf_counter()
+            info = write_shards(manifest, shards, chunk_seconds=args.chunk_seconds, shard_rows=args.shard_rows,
+                                progress=progress)
+            print(f"wrote {len(info['shards'])} shards to {shards}: {info['total']['conversations']} conversations, "
+                  f"{info['total']['hours'] * 60:.1f} min ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    elif not (shards / "dataset.json").is_file():
+        raise InputError(str(shards), "no dataset.json: pass --shards DIR (written shards) or --corpus DIR")
+    t = time.perf_counter()
+    final = train(shards, out, config=args.config, stage=args.stage, steps=args.steps, batch_size=args.batch_size,
+                  lr=args.lr, seed=args.seed, resume=not args.no_resume, init_from=args.init_from,
+                  checkpoint_every=args.checkpoint_every, progress=progress,
+                  time_budget_s=parse_duration(args.time_budget), history_s=args.history_s,
+                  bptt_windows=args.bptt_windows or None, eval_batches=args.eval_batches, export=args.export,
+                  threads=args.threads)
+    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    print(f"final checkpoint: {final} ({size / 1e6:.1f} MB) after {(time.perf_counter() - t) / 60:.1f} min; "
+          f"losses in {out / LOSS_CSV} and {out / LOSS_PNG}", file=sys.stderr)
+    if args.export:
+        dest = default_checkpoint_path() if args.export == "default" else Path(args.export)
+        print(f"exported to {dest}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:  # pragma: no cover - the package CLI wires run()
+    parser = argparse.ArgumentParser(prog="echo-stream train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv) if argv is not None else None))

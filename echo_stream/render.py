@@ -89,10 +89,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from ._lazy import LazyModule
 from .errors import InputError
+
+# torch is needed only to render, not to place a face: importing it lazily keeps
+# input validation (load_portrait) fast in processes that never render.
+torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SAMPLE_PORTRAIT = ASSETS_DIR / "portrait.jpg"
@@ -1252,8 +1256,11 @@ class PortraitRenderer:
             return out.to(torch.uint8).contiguous().cpu().numpy()
         return out.contiguous().numpy().astype(np.uint8)
 
-    @torch.no_grad()
     def _render(self, mt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._render_frames(mt)
+
+    def _render_frames(self, mt: torch.Tensor) -> torch.Tensor:
         n = mt.shape[0]
         hh, ww = self.size
         ry0, ry1, rx0, rx1 = self._roi

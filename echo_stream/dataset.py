@@ -848,3 +848,34 @@ def iter_conversation_features(shards_dir: str | os.PathLike, split: str | None 
     splits = sorted({s["split"] for s in info["shards"]}) if split is None else [split]
     for sp in splits:
         yield from ShardDataset(shards_dir, sp).conversations
+
+
+# ============================================================================ CLI
+
+def add_arguments(p) -> None:
+    """Arguments of ``echo-stream shards``."""
+    p.add_argument("manifest", metavar="CORPUS|MANIFEST",
+                   help="a corpus directory holding manifest.jsonl, or the manifest file itself")
+    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the shards")
+    p.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS,
+                   help=f"conversation chunk per Parquet row, seconds (default {DEFAULT_CHUNK_SECONDS:g}; the "
+                        "reader re-joins a conversation's chunks, so stage-2 history is not cut at chunk ends)")
+    p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
+                   help=f"chunks per shard file (default {DEFAULT_SHARD_ROWS})")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and list in dataset.json) conversations whose files cannot be read, instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    """``echo-stream shards``."""
+    import sys
+
+    info = write_shards(args.manifest, args.out, chunk_seconds=args.chunk_seconds, shard_rows=args.shard_rows,
+                        progress=not args.quiet, on_error="skip" if args.skip_bad else "raise")
+    tot = info["total"]
+    splits = ", ".join(f"{k}: {v['conversations']}" for k, v in sorted(info["splits"].items()))
+    print(f"wrote {len(info['shards'])} shards to {args.out}: {tot['conversations']} conversations ({splits}), "
+          f"{tot['chunks']} chunks, {tot['hours'] * 60:.1f} min, in {info['seconds']:.0f} s"
+          + (f"; skipped {len(info['skipped'])}" if info["skipped"] else ""), file=sys.stderr)
+    return 0

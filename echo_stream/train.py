@@ -19,6 +19,7 @@ Output directory::
     OUT/final/                   the final model only (what ships: ~10 MB for tiny)
     OUT/loss.csv                 one row per step (train) and per evaluation (heldout)
     OUT/loss.png                 the loss curves
+    OUT/train_summary.json       per stage: steps, seconds, steps/s, batch size; machine and versions
 
 Every file is written under a temporary name and renamed into place; a step
 directory becomes visible to ``--resume`` only once ``LATEST`` names it, so an
@@ -31,14 +32,20 @@ scalars to JSON.
 
 The default checkpoint
 ----------------------
-``echo_stream/assets/checkpoints/tiny`` is produced by ONE command (SYNTHETIC
-data that the project generates itself; about 25 minutes on 2 CPU cores)::
+``echo_stream/assets/checkpoints/tiny`` is produced by ONE command from
+SYNTHETIC data that the project generates itself (:mod:`echo_stream.corpus`)::
 
     echo-stream train --make-corpus 20 --corpus out/corpus --out out/train --export default
 
-which generates the synthetic corpus (when ``out/corpus`` has none), writes
-the shards (``out/train/shards``), runs stage 1 then stage 2 with the default
-steps below, and copies ``out/train/final`` to the default checkpoint path.
+which generates the synthetic corpus (20 one-minute conversations, when
+``out/corpus`` has none), writes the shards (``out/train/shards``), runs stage
+1 then stage 2 with the default settings of :data:`DEFAULTS` and writes
+``out/train/final`` (10 MB) to the default checkpoint path. On 2 CPU cores
+(measured, uncontended medians): corpus ~1.5 min, shards ~1.5 min, stage 1
+2000 steps x 32 windows at ~3.7 steps/s (~9 min), stage 2 700 steps x 16
+windows with up to 47 history windows (30 s) at ~1.1 steps/s (~11 min):
+about 23 minutes in all. Add ``--time-budget 20m`` to cap the training part
+on a slower machine (the schedules shrink to fit).
 """
 from __future__ import annotations
 
@@ -77,6 +84,7 @@ LATEST_NAME = "LATEST"
 FINAL_DIR = "final"
 LOSS_CSV = "loss.csv"
 LOSS_PNG = "loss.png"
+SUMMARY_JSON = "train_summary.json"
 CSV_FIELDS = ("stage", "step", "split", "loss", "fm", "vel", "lip_mse", "lr", "grad_norm", "history",
               "steps_per_s", "elapsed_s")
 
@@ -97,14 +105,14 @@ class StageSettings:
 
 #: The default recipe (tiny config, 2 CPU cores): see the module docstring and docs.
 DEFAULTS: dict[int, StageSettings] = {
-    1: StageSettings(steps=2400, batch_size=32, lr=1e-3, warmup=100),
-    2: StageSettings(steps=900, batch_size=16, lr=4e-4, warmup=50),
+    1: StageSettings(steps=2000, batch_size=32, lr=1e-3, warmup=100),
+    2: StageSettings(steps=700, batch_size=16, lr=4e-4, warmup=50),
 }
 DEFAULT_HISTORY_S = 30.0
 #: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
 DEFAULT_BPTT_WINDOWS: int | None = None
 #: share of --time-budget given to stage 1 when both stages run
-STAGE1_BUDGET_SHARE = 0.4
+STAGE1_BUDGET_SHARE = 0.45
 
 
 # ============================================================================ small helpers
@@ -501,6 +509,16 @@ def _evaluate(model: EchoModel, ds: ShardDataset, run: _StageRun) -> dict:
 
 def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset | None, run: _StageRun,
                  loss_log: _LossLog, resume_dir: Path | None) -> tuple[EchoModel, dict]:
+    if resume_dir is not None:  # a resumed stage keeps the settings it started with
+        saved = read_trainer_state(resume_dir)
+        sv = dict(saved["settings"], betas=tuple(saved["settings"]["betas"]))
+        saved_settings = StageSettings(**sv)
+        if saved_settings != run.settings or saved.get("history_windows") != run.history \
+                or saved.get("bptt_windows") != run.bptt:
+            log.warning("stage %d: resuming with the settings of %s (%s), not the ones given now", run.stage,
+                        resume_dir, saved_settings)
+        run = dataclasses.replace(run, settings=saved_settings, history=int(saved["history_windows"]),
+                                  bptt=saved.get("bptt_windows"))
     st = run.settings
     stage_dir = run.out_dir / f"stage{run.stage}"
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -594,7 +612,8 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
                 if val_ds is not None and run.eval_batches > 0:
                     vl = _evaluate(model, val_ds, run)
                     loss_log.write({"stage": run.stage, "step": step, "split": "heldout", **vl,
-                                    "history": run.history, "elapsed_s": elapsed0 + time.perf_counter() - t_start})
+                                    "history": run.history if run.stage == 2 else 0,
+                                    "elapsed_s": elapsed0 + time.perf_counter() - t_start})
                 loss_log.flush()
                 _save_training_checkpoint(stage_dir, model, opt, names, state_dict(done=last), gen)
                 with contextlib.suppress(Exception):
@@ -605,8 +624,11 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
         loss_log.close()
     if stopped_by_budget:
         log.warning("stage %d: time budget reached at step %d", run.stage, step)
-    return model, {"step": step, "total": total, "ema_loss": ema,
-                   "seconds": time.perf_counter() - t_start}
+    seconds = time.perf_counter() - t_start
+    return model, {"step": step, "total": total, "ema_loss": ema, "seconds": seconds,
+                   "steps_this_run": n_rate, "steps_per_s": n_rate / max(seconds, 1e-9),
+                   "batch_size": st.batch_size, "history_windows": run.history if run.stage == 2 else 0,
+                   "stopped_by_time_budget": stopped_by_budget}
 
 
 # ============================================================================ the function API
@@ -636,7 +658,17 @@ def train(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, config: str
     packaged default checkpoint path).
     """
     t0 = time.perf_counter()
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(int(threads) if threads else _threads())
+    try:
+        return _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resume, init_from,
+                      checkpoint_every, progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resume, init_from, checkpoint_every,
+           progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0) -> Path:
     stages = {"both": [1, 2], "1": [1], "2": [2], 1: [1], 2: [2]}.get(stage if isinstance(stage, int) else str(stage))
     if stages is None:
         raise InputError("--stage", f"must be 1, 2 or both, got {stage!r}")
@@ -725,7 +757,25 @@ def train(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, config: str
     if (out / LOSS_CSV).is_file():
         with contextlib.suppress(Exception):
             plot_losses(out / LOSS_CSV, out / LOSS_PNG)
+    _atomic_json(out / SUMMARY_JSON, {
+        "final": str(final), "config": model.cfg.name, "seed": seed, "threads": torch.get_num_threads(),
+        "stages": {str(k): v for k, v in results.items()}, "total_seconds": time.perf_counter() - t0,
+        "machine": _machine(), "versions": {"echo_stream": __version__, "torch": torch.__version__,
+                                            "numpy": np.__version__}, "dataset": summary})
     return final
+
+
+def _machine() -> dict:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores_usable": _threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
 
 
 def _floor_motion_std(mean, std) -> tuple[np.ndarray, np.ndarray]:
@@ -802,8 +852,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_floats, metavar="LR[,LR2]",
                    help=f"peak learning rate (default {DEFAULTS[1].lr:g},{DEFAULTS[2].lr:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and noise (0)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over instead of continuing from OUT's newest checkpoint")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue exactly from OUT's newest checkpoint (default); --no-resume starts over")
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint instead of a new model")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (~10 per stage)")
     p.add_argument("--time-budget", metavar="DURATION",
@@ -847,7 +897,7 @@ def run(args) -> int:
         raise InputError(str(shards), "no dataset.json: pass --shards DIR (written shards) or --corpus DIR")
     t = time.perf_counter()
     final = train(shards, out, config=args.config, stage=args.stage, steps=args.steps, batch_size=args.batch_size,
-                  lr=args.lr, seed=args.seed, resume=not args.no_resume, init_from=args.init_from,
+                  lr=args.lr, seed=args.seed, resume=args.resume, init_from=args.init_from,
                   checkpoint_every=args.checkpoint_every, progress=progress,
                   time_budget_s=parse_duration(args.time_budget), history_s=args.history_s,
                   bptt_windows=args.bptt_windows or None, eval_batches=args.eval_batches, export=args.export,

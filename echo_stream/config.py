@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import motion
 
@@ -87,6 +87,10 @@ CONFIGS: dict[str, ModelConfig] = {
         memory_slots=32, memory_summary_tokens=8, transcript_dim=128,
     ),
 }
+
+
+#: The SDCM-interference ablation: one softmax over concatenated audio + user keys for every token.
+CONFIGS["tiny-entangled"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-entangled", fusion="entangled")
 
 
 def get_config(name_or_path: str | os.PathLike) -> ModelConfig:

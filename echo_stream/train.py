@@ -72,7 +72,7 @@ from . import __version__
 from .config import ModelConfig, get_config
 from .dataset import FEATURE_COLUMNS, ShardDataset, read_dataset_info, write_shards
 from .errors import CheckpointError, InputError
-from .model import EchoModel, default_checkpoint_path, load_checkpoint, save_checkpoint
+from .model import read_checkpoint_config, EchoModel, default_checkpoint_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -634,6 +634,17 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
 # ============================================================================ the function API
 
 def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None) -> EchoModel:
+    """A checkpoint to train on; with ``cfg`` differing only in name/fusion, its weights in a ``cfg`` model.
+
+    Switching the fusion (SDCM <-> the entangled ablation) keeps every tensor, so the ablation can start
+    from the same stage-1 weights as the SDCM model and differ only in stage 2.
+    """
+    if cfg is not None:
+        src_cfg = read_checkpoint_config(path)
+        if src_cfg != cfg and dataclasses.replace(src_cfg, name=cfg.name, fusion=cfg.fusion) == cfg:
+            model = EchoModel(cfg)
+            model.load_state_dict(load_checkpoint(path).state_dict())
+            return model.train()
     return load_checkpoint(path, config=cfg).train()
 
 

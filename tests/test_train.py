@@ -333,3 +333,25 @@ def test_cli_time_budget_and_stage2_needs_stage1(shards, tmp_path):
     assert load_checkpoint(tmp_path / "cli" / "final").checkpoint_meta["step"] == steps[2]
     with pytest.raises(InputError, match="stage-1"):
         train(shards[0], tmp_path / "empty", stage=2, steps=2, progress=False)
+
+
+def test_ablation_starts_from_the_same_weights(tmp_path):
+    """The entangled-fusion ablation can start from an SDCM checkpoint; other config changes are refused."""
+    import dataclasses
+
+    import torch
+
+    from echo_stream.config import get_config
+    from echo_stream.errors import CheckpointError
+    from echo_stream.model import EchoModel, save_checkpoint
+    from echo_stream.train import _load_for_training
+
+    torch.manual_seed(0)
+    src = EchoModel(get_config("tiny"))
+    save_checkpoint(src, tmp_path / "ck")
+    abl = _load_for_training(tmp_path / "ck", get_config("tiny-entangled"))
+    assert abl.cfg.fusion == "entangled"
+    for (n, a), (_, b) in zip(src.state_dict().items(), abl.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(CheckpointError, match="d_model"):
+        _load_for_training(tmp_path / "ck", dataclasses.replace(get_config("tiny"), d_model=64))

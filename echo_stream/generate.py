@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import config, media, motion, render, schemas, transcript
+from . import atomic, config, media, motion, render, schemas, transcript
 from .errors import EchoStreamError, InputError
 from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
 
@@ -50,17 +48,7 @@ def motion_table(frames: np.ndarray, values: np.ndarray) -> pa.Table:
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    atomic.write_parquet(table, path)
 
 def _check_output(path: str, what: str) -> None:
     d = os.path.dirname(os.path.abspath(path)) or "."

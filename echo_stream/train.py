@@ -72,6 +72,7 @@ from . import __version__
 from .config import ModelConfig, get_config
 from .dataset import FEATURE_COLUMNS, ShardDataset, read_dataset_info, write_shards
 from .errors import CheckpointError, InputError
+from . import atomic
 from .model import read_checkpoint_config, EchoModel, default_checkpoint_path, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,7 @@ STAGE1_BUDGET_SHARE = 0.45
 # ============================================================================ small helpers
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+    atomic.write_bytes(path, data)
 
 def _atomic_json(path: Path, obj: Any) -> None:
     _atomic_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())

@@ -20,18 +20,17 @@ tensor shape mismatches.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..config import ModelConfig, get_config
+from .. import atomic
 from ..errors import CheckpointError
 from .echo import EchoModel, validate_config
 
@@ -49,18 +48,7 @@ def default_checkpoint_path() -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+    atomic.write_bytes(path, data)
 
 def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
     """(directory, weights file) for a checkpoint directory or a ``.safetensors`` path."""

@@ -753,6 +753,15 @@ def _bump(t: np.ndarray, t0: float, dur: float, rise: float = 0.3, fall: float =
     return np.minimum(_smoothstep((t - t0) / rise), 1.0 - _smoothstep((t - t0 - dur) / fall))
 
 
+def _vowel_envelope(phones, n: int) -> np.ndarray:
+    """1.0 on the frames where a vowel sounds, else 0 (the speaking activity that drives gestures)."""
+    env = np.zeros(n)
+    for p in phones:
+        if p.symbol in _VOWELS:
+            env[int(p.start * FPS):int(math.ceil(p.end * FPS))] = 1.0
+    return env
+
+
 def _lowpass(x: np.ndarray, cutoff_hz: float, fs: float = FPS) -> np.ndarray:
     sos = sps.butter(2, min(cutoff_hz / (fs / 2), 0.99), output="sos")
     return sps.sosfiltfilt(sos, x, axis=0)
@@ -1056,10 +1065,7 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     _apply_gaze(um, h, v)
     noise_u = rng_b.standard_normal((n, 6))
     um[:, _HEAD6] += _head_idle(noise_u, 1.0, np.array([0.03, 0.05, 0.02, 0.01, 0.008, 0.01]))
-    user_env = np.zeros(n)
-    for p in user_phones:
-        if p.symbol in _VOWELS:
-            user_env[int(p.start * FPS):int(math.ceil(p.end * FPS))] = 1.0
+    user_env = _vowel_envelope(user_phones, n)
     speak_u = _lowpass(user_env, 0.6)
     gest_u = _unit(_lowpass(rng_b.standard_normal(n), 0.5))
     um[:, _CI["headYaw"]] += 0.04 * speak_u * gest_u
@@ -1114,10 +1120,7 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     idle_n = _head_idle(noise_a, dyn_n["head_speed"], amps * dyn_n["head_amp"])
     idle_a = _head_idle(noise_a, dyn_a["head_speed"], amps * dyn_a["head_amp"])
     am[:, _HEAD6] += (1 - alpha)[:, None] * idle_n + alpha[:, None] * idle_a
-    avatar_env = np.zeros(n)
-    for p in avatar_phones:
-        if p.symbol in _VOWELS:
-            avatar_env[int(p.start * FPS):int(math.ceil(p.end * FPS))] = 1.0
+    avatar_env = _vowel_envelope(avatar_phones, n)
     speak_a = _lowpass(avatar_env, 0.6)
     gest_a = _unit(_lowpass(rng_ab.standard_normal(n), 0.4))
     am[:, _CI["headYaw"]] += 0.03 * speak_a * gest_a

@@ -55,10 +55,22 @@ class ModelConfig:
     gate_init: float = -2.0
     #: frames over which the sampler fades out its seam correction after the overlap (0 = off)
     seam_blend_frames: int = 6
+    #: LCU transcript traces: one per-window decay factor per trace (``()`` = none; see ``model/lcu.py``).
+    #: Configs written before this field existed load with none.
+    text_trace_decays: tuple[float, ...] = ()
 
     @property
     def new_frames(self) -> int:
         return self.window_frames - self.overlap_frames
+
+    @property
+    def text_traces(self) -> int:
+        return len(self.text_trace_decays)
+
+    @property
+    def memory_rows(self) -> int:
+        """Rows of one session's LCU state: the behaviour slots, then the transcript traces."""
+        return self.memory_slots + self.text_traces
 
     @property
     def tokens_per_frame(self) -> int:
@@ -74,17 +86,18 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         d = dict(d)
-        if "region_tokens" in d:
-            d["region_tokens"] = tuple(d["region_tokens"])
+        for key in ("region_tokens", "text_trace_decays"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),
+    "tiny": ModelConfig(text_trace_decays=(0.9, 0.998)),
     "base": ModelConfig(
         name="base", d_model=512, n_layers=12, n_heads=8, head_dim=64, ff_mult=4,
         region_tokens=(2, 2, 1, 1, 2), window_frames=25, overlap_frames=5,
-        memory_slots=32, memory_summary_tokens=8, transcript_dim=128,
+        memory_slots=32, memory_summary_tokens=8, transcript_dim=128, text_trace_decays=(0.9, 0.998),
     ),
 }
 

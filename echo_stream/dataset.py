@@ -786,7 +786,7 @@ class ShardDataset:
                for name in ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")}
         out["motion"] = np.empty((B, W, motion.NUM_CHANNELS), np.float32)
         ctx = {name: np.empty((B, n, S, *FRAME_COLUMNS[name]), np.float32) for name in FEATURE_COLUMNS} if n else {}
-        texts = []
+        texts, all_texts = [], []
         for i, (ci, w) in enumerate(items):
             c = self.conversations[ci]
             t0 = w * S
@@ -799,11 +799,13 @@ class ShardDataset:
                 for name in FEATURE_COLUMNS:
                     ctx[name][i] = _slice(c.arrays[name], h0, t0).reshape(n, S, *FRAME_COLUMNS[name])
                 texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w - n, w)])
+            all_texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w)])
         batch = {k: torch.from_numpy(v) for k, v in out.items()}
         if n:
             for name in FEATURE_COLUMNS:
                 batch["context_" + name] = torch.from_numpy(ctx[name])
             batch["context_texts"] = texts
+        batch["context_all_texts"] = all_texts
         batch["history_windows"] = n
         return batch
 

@@ -102,12 +102,14 @@ class StageSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     clip: float = 1.0
     min_lr_frac: float = 0.05
+    #: stage 2: share of windows whose known frames lose their non-lip baseline (see EchoModel.loss)
+    known_drop: float = 0.0
 
 
 #: The default recipe (tiny config, 2 CPU cores): see the module docstring and docs.
 DEFAULTS: dict[int, StageSettings] = {
     1: StageSettings(steps=2000, batch_size=32, lr=1e-3, warmup=100),
-    2: StageSettings(steps=700, batch_size=16, lr=4e-4, warmup=50),
+    2: StageSettings(steps=700, batch_size=16, lr=4e-4, warmup=50, known_drop=0.35),
 }
 DEFAULT_HISTORY_S = 30.0
 #: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
@@ -488,7 +490,7 @@ def _evaluate(model: EchoModel, ds: ShardDataset, run: _StageRun) -> dict:
                 else:
                     batch = ds.stage2_batch(rng, run.settings.batch_size, run.history)
                 batch.pop("history_windows", None)
-                _, lg = model.loss(batch, run.stage, generator=gen)
+                _, lg = model.loss(batch, run.stage, known_drop=run.settings.known_drop, generator=gen)
                 for k, v in lg.items():
                     if k != "stage":
                         logs.setdefault(k, []).append(v)
@@ -563,7 +565,7 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
             n_hist = int(batch.pop("history_windows", 0))
             if run.stage == 2 and run.bptt is not None and n_hist > run.bptt:
                 batch = _roll_memory(model, batch, run.bptt)
-            loss, logs = model.loss(batch, run.stage, generator=gen)
+            loss, logs = model.loss(batch, run.stage, known_drop=st.known_drop, generator=gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage {run.stage} step {step}: loss is {float(loss)} "
                                          "(lower the learning rate)")
@@ -623,17 +625,34 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
 
 # ============================================================================ the function API
 
-def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None) -> EchoModel:
-    """A checkpoint to train on; with ``cfg`` differing only in name/fusion, its weights in a ``cfg`` model.
+def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None, seed: int = 0) -> EchoModel:
+    """A checkpoint to train on; with ``cfg`` differing only in name, fusion or transcript traces, its
+    weights in a ``cfg`` model.
 
     Switching the fusion (SDCM <-> the entangled ablation) keeps every tensor, so the ablation can start
-    from the same stage-1 weights as the SDCM model and differ only in stage 2.
+    from the same stage-1 weights as the SDCM model and differ only in stage 2. Adding transcript traces
+    to a checkpoint without them (stage 1 never uses them) starts the traces' weights as a fresh
+    ``seed``-ed model would (they are the last weights a model creates), so the result equals training
+    both stages in one run.
     """
     if cfg is not None:
         src_cfg = read_checkpoint_config(path)
-        if src_cfg != cfg and dataclasses.replace(src_cfg, name=cfg.name, fusion=cfg.fusion) == cfg:
-            model = EchoModel(cfg)
-            model.load_state_dict(load_checkpoint(path).state_dict())
+        same = dict(name=cfg.name, fusion=cfg.fusion, text_trace_decays=cfg.text_trace_decays)
+        if src_cfg != cfg and dataclasses.replace(src_cfg, **same) == cfg:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = EchoModel(cfg)
+            src = load_checkpoint(path).state_dict()
+            if src_cfg.text_trace_decays != cfg.text_trace_decays:
+                if src_cfg.text_traces:
+                    raise CheckpointError(f"{path}: has transcript traces {src_cfg.text_trace_decays}, the config "
+                                          f"asks for {cfg.text_trace_decays}; traces can only be added")
+                missing = set(model.state_dict()) - set(src)
+                if not all(k.startswith("text_trace.") for k in missing):
+                    raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
+                model.load_state_dict(src, strict=False)
+            else:
+                model.load_state_dict(src)
             return model.train()
     return load_checkpoint(path, config=cfg).train()
 
@@ -702,19 +721,19 @@ def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resu
         resume_dir = latest_checkpoint(stage_dir) if resume else None
         if resume_dir is not None:
             state = read_trainer_state(resume_dir)
-            model = _load_for_training(resume_dir, cfg)
+            model = _load_for_training(resume_dir, cfg, seed)
             if state.get("done"):
                 log.info("stage %d: already finished (%s)", n, resume_dir)
                 results[n] = {"step": state["step"], "total": state["total_steps"], "skipped": True}
                 continue
         elif i == 0 and init_from is not None:
-            model = _load_for_training(init_from, cfg)
+            model = _load_for_training(init_from, cfg, seed)
         elif n == 2 and model is None:
             prev = latest_checkpoint(out / "stage1")
             if prev is None:
                 raise InputError("--stage 2", f"stage 2 starts from a stage-1 model: pass --init-from CHECKPOINT "
                                               f"or train stage 1 into {out} first")
-            model = _load_for_training(prev, cfg)
+            model = _load_for_training(prev, cfg, seed)
         elif model is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

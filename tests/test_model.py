@@ -26,7 +26,7 @@ from echo_stream.model.encoders import featurize_transcript
 
 TINY = CONFIGS["tiny"]
 K, W, L, S = TINY.overlap_frames, TINY.window_frames, TINY.lookahead_frames, TINY.new_frames
-M, D = TINY.memory_slots, TINY.d_model
+M, D = TINY.memory_rows, TINY.d_model
 
 
 def make_model(cfg=TINY, seed=0) -> EchoModel:
@@ -49,7 +49,7 @@ def window_inputs(b: int, seed: int = 0, cfg=TINY, user: bool = True) -> dict:
 
 def random_memory(model: EchoModel, b: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.tanh(torch.randn(b, model.cfg.memory_slots, model.cfg.d_model, generator=g))
+    return torch.tanh(torch.randn(b, model.cfg.memory_rows, model.cfg.d_model, generator=g))
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -111,7 +111,8 @@ def test_entangled_ablation_runs_and_validates_fusion():
 @torch.no_grad()
 def test_region_major_token_layout():
     """Each region's channels map to exactly its own contiguous token block (lips first), and back."""
-    cfg = dataclasses.replace(TINY, d_model=32, n_heads=2, head_dim=32, region_tokens=(2, 1, 3, 1, 2), n_layers=1)
+    cfg = dataclasses.replace(TINY, d_model=32, n_heads=2, head_dim=32, region_tokens=(2, 1, 3, 1, 2), n_layers=1,
+                              transcript_dim=16)
     model = make_model(cfg)
     den = model.denoiser
     t = sum(cfg.region_tokens)
@@ -291,7 +292,13 @@ def test_memory_bounded_and_long_range():
     for i in range(1, 200):
         mem = _update(model, mem, i)
     assert mem.shape == mem1.shape == (2, M, D)
-    assert torch.isfinite(mem).all() and mem.abs().max() <= 1.0
+    slots = mem[:, :TINY.memory_slots]
+    assert torch.isfinite(mem).all() and slots.abs().max() <= 1.0
+    # the transcript traces' read-out is a weighted mean of what was said: never beyond the largest embedding
+    tr = mem[:, TINY.memory_slots:]
+    dt = TINY.transcript_dim
+    mean = tr[..., :dt] / tr[..., dt:dt + 1].clamp_min(1.0)
+    assert (tr[..., dt] > 0).all() and mean.abs().max() <= 5.0 and (tr[..., dt + 1:] == 0).all()
 
     # long-range: two sessions differing only in their first window still differ 50 windows (32 s) later
     a = _update(model, model.memory_init(1), 1000)
@@ -560,3 +567,70 @@ def test_stage2_loss_trains_memory_and_transcript(trained):
     finally:
         model.zero_grad()
         model.eval()
+
+
+# ----------------------------------------------------------------------------- transcript traces
+
+
+def test_text_traces_closed_form_equals_recurrence():
+    """Training computes the traces in closed form over the whole past; serving updates them window by
+    window: both must give the same state (and gradients flow to the transcript encoder from any distance)."""
+    model = make_model()
+    model.train()
+    texts = [["", "Great news, I got the job!", "", "", "I went to the office today."] + [""] * 40 + ["ok"],
+             ["I lost my job, it is terrible.", "", "so sad"]]
+    mem = model.memory_init(2)
+    dt, m = TINY.transcript_dim, TINY.memory_slots
+    n = max(map(len, texts))
+    for j in range(n):
+        batch_texts = [row[j] if j < len(row) else None for row in texts]
+        emb = model.encode_transcript([t or "" for t in batch_texts])
+        new = model.text_trace.update(mem[:, m:], emb)
+        keep = torch.tensor([t is not None for t in batch_texts])[:, None, None]
+        mem = torch.cat([mem[:, :m], torch.where(keep, new, mem[:, m:])], dim=1)
+    closed = model.text_traces_from_history(texts)
+    assert closed.shape == (2, TINY.text_traces, D)
+    torch.testing.assert_close(closed, mem[:, m:], rtol=1e-5, atol=1e-5)
+    # the slow trace still holds the first item's early text 46 windows later; the fast one has mostly forgotten
+    w = closed[0, :, dt]
+    assert w[1] > 2 * w[0]
+    model.zero_grad()
+    model.memory_tokens(torch.cat([model.memory_init(2)[:, :m], closed], dim=1))[:, m:].sum().backward()
+    assert model.transcript_encoder.bag.weight.grad.abs().sum() > 0
+    assert model.text_trace.salience.weight.grad.abs().sum() > 0
+    model.eval()
+
+
+def test_memory_update_carries_text_through_traces():
+    """Two sessions differing only in one early sentence keep different memory tokens 120 windows later."""
+    model = make_model()
+    mems = []
+    for text in ("I got the job, I am so happy.", "I lost my job, it is terrible."):
+        mem = model.memory_init(1)
+        for i in range(120):
+            g = torch.Generator().manual_seed(i)
+            emb = model.encode_transcript([text if i == 2 else ""])
+            mem = model.memory_update(mem, torch.randn(1, S, 2, 83, generator=g), text_emb=emb)
+        mems.append(model.memory_tokens(mem))
+    diff = (mems[0] - mems[1]).abs()
+    assert diff[:, TINY.memory_slots:].mean() > 1e-3
+
+
+def test_known_drop_hides_the_known_baseline():
+    """With known_drop=1 the new frames cannot see the non-lip level of the known frames (so stage 2 must
+    read it from the context); with known_drop=0 they do."""
+    model = make_model()
+    batch = dict(synthetic_batch(3, seed=5))
+    shifted = dict(batch)
+    mo = batch["motion"].clone()
+    lip = torch.zeros(58, dtype=torch.bool)
+    lip[slice(*model.denoiser.ranges[0])] = True
+    mo[:, :K, ~lip] += 0.3 * model.motion_std[~lip]
+    shifted["motion"] = mo
+
+    def fm(b, drop):
+        with torch.no_grad():
+            return model.loss(b, 2, user_drop=0.0, known_drop=drop, generator=torch.Generator().manual_seed(3))[1]["fm"]
+
+    assert fm(batch, 1.0) == pytest.approx(fm(shifted, 1.0), rel=1e-5, abs=1e-7)
+    assert fm(batch, 0.0) != pytest.approx(fm(shifted, 0.0), rel=1e-3)

@@ -121,7 +121,7 @@ def test_memory_cuts_windows_with_overlap_and_lookahead(media, model):
         frames = schemas.column(p.get(schemas.FEATURES), "frame")
         assert np.array_equal(frames, np.arange(w * S - K, w * S + S + L))
         tok = schemas.column(p.get(schemas.MEMORY_TOKENS), "tokens")
-        assert tok.shape == (1, CFG.memory_slots, CFG.d_model)
+        assert tok.shape == (1, CFG.memory_rows, CFG.d_model)
     assert sum(p.meta["valid_frames"] for p in wins) == n_frames
     t_first = schemas.column(wins[0].get(schemas.MEMORY_TOKENS), "tokens")
     t_last = schemas.column(wins[-1].get(schemas.MEMORY_TOKENS), "tokens")

@@ -238,7 +238,7 @@ def test_truncated_bptt_rolls_the_same_memory(shards):
         for grad_windows in (3, 1):
             rolled = _roll_memory(model, dict(batch), grad_windows)
             assert "context_avatar_audio" not in rolled
-            assert rolled["memory"].shape == (2, CFG.memory_slots, CFG.d_model)
+            assert rolled["memory"].shape == (2, CFG.memory_rows, CFG.d_model)
             b, _ = model.loss(rolled, 2, generator=torch.Generator().manual_seed(9))
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
             b.backward()
@@ -355,3 +355,33 @@ def test_ablation_starts_from_the_same_weights(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(CheckpointError, match="d_model"):
         _load_for_training(tmp_path / "ck", dataclasses.replace(get_config("tiny"), d_model=64))
+
+
+def test_load_for_training_adds_transcript_traces(tmp_path):
+    """A stage-1 checkpoint without traces trains on as a model with them, exactly as one run would."""
+    import dataclasses
+
+    import torch
+
+    from echo_stream.config import get_config
+    from echo_stream.errors import CheckpointError
+    from echo_stream.model import EchoModel, save_checkpoint
+    from echo_stream.train import _load_for_training
+
+    tiny = get_config("tiny")
+    torch.manual_seed(7)
+    src = EchoModel(dataclasses.replace(tiny, text_trace_decays=()))
+    save_checkpoint(src, tmp_path / "ck")
+    model = _load_for_training(tmp_path / "ck", tiny, seed=3)
+    assert model.cfg.text_traces == 2 and model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        fresh = EchoModel(tiny)
+    own = src.state_dict()
+    for name, value in model.state_dict().items():
+        expect = fresh.state_dict()[name] if name.startswith("text_trace.") else own[name]
+        assert torch.equal(value, expect), name
+    # traces cannot be changed or removed that way
+    save_checkpoint(model, tmp_path / "ck2")
+    with pytest.raises(CheckpointError, match="traces"):
+        _load_for_training(tmp_path / "ck2", dataclasses.replace(tiny, text_trace_decays=(0.5, 0.9)))

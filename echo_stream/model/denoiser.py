@@ -300,7 +300,10 @@ class SDCMDenoiser(nn.Module):
         if w != self.cfg.window_frames:
             raise ValueError(f"audio tokens: expected {self.cfg.window_frames} frames, got {w}")
         a = self.audio_norm(audio_tok + self.frame_pos + self.audio_type)
-        u = self.user_norm(torch.cat([self.mem_in(memory) + self.mem_pos,
+        mem_pos = self.mem_pos
+        if memory.shape[1] > mem_pos.shape[0]:  # transcript-trace tokens carry their own embedding
+            mem_pos = torch.cat([mem_pos, mem_pos.new_zeros(memory.shape[1] - mem_pos.shape[0], mem_pos.shape[1])])
+        u = self.user_norm(torch.cat([self.mem_in(memory) + mem_pos,
                                       user_tok + self.frame_pos + self.user_type], dim=1))
         kv = [blk.cross.keys(a, u) for blk in self.blocks]
         if audio_lengths is None:

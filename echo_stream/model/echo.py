@@ -1,7 +1,7 @@
 """EchoModel: encoders + LCU context memory + SDCM denoiser + streaming sampler, behind the pipeline API.
 
 Shapes (``K = cfg.overlap_frames``, ``S = cfg.new_frames``, ``W = K + S = cfg.window_frames``,
-``L = cfg.lookahead_frames``, ``M = cfg.memory_slots``, ``d = cfg.d_model``):
+``L = cfg.lookahead_frames``, ``M = cfg.memory_rows`` (LCU slots + transcript traces), ``d = cfg.d_model``):
 
 * ``encode_transcript(texts) -> (B, transcript_dim)``; ``""`` gives zeros.
 * ``memory_init(B) -> (B, M, d)``.
@@ -38,7 +38,7 @@ from .. import motion
 from ..config import CONFIGS, ModelConfig, get_config
 from .denoiser import SDCMDenoiser
 from .encoders import AudioEncoder, HashedTranscriptEncoder, TranscriptEncoder, UserEncoder
-from .lcu import ContextMemory, MemoryState
+from .lcu import ContextMemory, MemoryState, TextTrace
 from .sampler import make_noise, sample_window
 
 FUSIONS = ("sdcm", "entangled")
@@ -57,6 +57,11 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"lookahead_frames: must be >= 0, got {cfg.lookahead_frames}")
     if cfg.motion_dim != motion.NUM_CHANNELS:
         raise ValueError(f"motion_dim: the motion space has {motion.NUM_CHANNELS} channels, got {cfg.motion_dim}")
+    if cfg.text_traces and cfg.transcript_dim >= cfg.d_model:
+        raise ValueError(f"transcript_dim: with text_trace_decays a trace row holds transcript_dim + 1 values, "
+                         f"so it must be < d_model={cfg.d_model}, got {cfg.transcript_dim}")
+    if any(not 0.0 < lam <= 1.0 for lam in cfg.text_trace_decays):
+        raise ValueError(f"text_trace_decays: each must be in (0, 1], got {cfg.text_trace_decays}")
     for name in ("d_model", "n_layers", "n_heads", "head_dim", "ff_mult", "memory_slots",
                  "memory_summary_tokens", "transcript_dim", "transcript_buckets", "sampler_steps"):
         if getattr(cfg, name) < 1:
@@ -93,6 +98,8 @@ class EchoModel(nn.Module):
         self._external_text_encoder: TranscriptEncoder | None = None
         #: metadata of the checkpoint this model was loaded from (set by load_checkpoint)
         self.checkpoint_meta: dict = {}
+        # created last: a model with traces draws the same initial weights for everything else
+        self.text_trace = TextTrace(cfg) if cfg.text_traces else None
 
     # ------------------------------------------------------------------ utils
 
@@ -170,9 +177,35 @@ class EchoModel(nn.Module):
     # ----------------------------------------------------------------- memory
 
     def memory_init(self, batch: int) -> torch.Tensor:
-        """(B, M, d) initial memory of new sessions."""
+        """(B, M + R, d) initial memory of new sessions (slots, then zero transcript traces)."""
         with self._grad_ctx():
-            return self.lcu.init(batch)
+            slots = self.lcu.init(batch)
+            if self.text_trace is None:
+                return slots
+            return torch.cat([slots, slots.new_zeros(batch, self.cfg.text_traces, self.cfg.d_model)], dim=1)
+
+    def text_traces_from_history(self, texts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(B, R, d) transcript traces after windows whose texts are ``texts[b]`` (closed form, with gradients).
+
+        Equal to running :meth:`memory_update` over those windows from :meth:`memory_init` (traces part).
+        """
+        if self.text_trace is None:
+            raise ValueError("text traces: this model config has none (text_trace_decays is empty)")
+        b = len(texts)
+        n = max((len(row) for row in texts), default=0)
+        unique = sorted({t for row in texts for t in row if t})
+        index = {t: i + 1 for i, t in enumerate(unique)}          # 0 = nothing said
+        enc = self._external_text_encoder or self.transcript_encoder
+        with self._grad_ctx():
+            table = torch.zeros(len(unique) + 1, self.cfg.transcript_dim, device=self.device)
+            if unique:
+                table = torch.cat([table[:1], enc.encode(unique).to(self.device, torch.float32)])
+            ids = torch.zeros(b, max(n, 1), dtype=torch.long, device=self.device)
+            valid = torch.zeros(b, max(n, 1), dtype=torch.bool, device=self.device)
+            for i, row in enumerate(texts):
+                ids[i, :len(row)] = torch.tensor([index.get(t, 0) for t in row], dtype=torch.long)
+                valid[i, :len(row)] = True
+            return self.text_trace.closed_form(table[ids], valid, self.cfg.d_model)
 
     def memory_state(self, memory: torch.Tensor, steps: int = 0) -> MemoryState:
         """Wrap one session's (M, d) memory for serialisation."""
@@ -186,7 +219,18 @@ class EchoModel(nn.Module):
     def _memory_step(self, mem, avatar_audio, user_audio, user_video, user_blend, user_present, text_emb):
         audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=False)
         user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
-        return self.lcu(mem, audio_tok, user_tok, user_present.any(dim=-1), text_emb)
+        m = self.cfg.memory_slots
+        slots = self.lcu(mem[:, :m], audio_tok, user_tok, user_present.any(dim=-1), text_emb)
+        if self.text_trace is None:
+            return slots
+        return torch.cat([slots, self.text_trace.update(mem[:, m:], text_emb)], dim=1)
+
+    def memory_tokens(self, memory: torch.Tensor) -> torch.Tensor:
+        """The (B, M + R, d) tokens the denoiser attends to for an LCU state (slots as they are, traces read out)."""
+        if self.text_trace is None:
+            return memory
+        m = self.cfg.memory_slots
+        return torch.cat([memory[:, :m], self.text_trace.tokens(memory[:, m:])], dim=1)
 
     def memory_update(self, mem, avatar_audio, user_audio=None, user_video=None, user_blend=None,
                       user_present=None, text_emb=None) -> torch.Tensor:
@@ -195,7 +239,7 @@ class EchoModel(nn.Module):
         ``user_*`` None means no user input (presence flags off); ``text_emb`` None means no transcript.
         """
         cfg = self.cfg
-        mem = self._t("memory", mem, (None, cfg.memory_slots, cfg.d_model))
+        mem = self._t("memory", mem, (None, cfg.memory_rows, cfg.d_model))
         b = mem.shape[0]
         avatar_audio = self._t("avatar_audio", avatar_audio, (b, None, cfg.mels_per_frame, cfg.audio_dim))
         t = avatar_audio.shape[1]
@@ -219,7 +263,7 @@ class EchoModel(nn.Module):
 
     def _context(self, avatar_audio, user_tok, memory, user_lengths):
         audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=True)
-        return self.denoiser.prepare(audio_tok, memory, user_tok, user_lengths)
+        return self.denoiser.prepare(audio_tok, self.memory_tokens(memory), user_tok, user_lengths)
 
     @torch.no_grad()
     def sample(self, prev_motion, avatar_audio, user_audio=None, user_video=None, user_blend=None,
@@ -247,7 +291,8 @@ class EchoModel(nn.Module):
                       self._t("user_video", user_video, (b, w, cfg.user_video_dim)))
         user_blend = (self.motion_mean.expand(b, w, -1) if user_blend is None else
                       self._t("user_blend", user_blend, (b, w, cfg.motion_dim)))
-        memory = self.lcu.init(b) if memory is None else self._t("memory", memory, (b, cfg.memory_slots, cfg.d_model))
+        memory = (self.memory_init(b) if memory is None
+                  else self._t("memory", memory, (b, cfg.memory_rows, cfg.d_model)))
         if seeds is None:
             seeds = [0] * b
         if len(seeds) != b:
@@ -256,7 +301,7 @@ class EchoModel(nn.Module):
 
         if use_context:
             user_any = user_present.flatten(1).any(dim=1)
-            user_lengths = cfg.memory_slots + w * user_any.long()
+            user_lengths = cfg.memory_rows + w * user_any.long()
         else:
             user_lengths = torch.zeros(b, dtype=torch.long, device=self.device)
         user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
@@ -281,10 +326,11 @@ class EchoModel(nn.Module):
     def _training_memory(self, batch: dict, b: int) -> torch.Tensor:
         cfg = self.cfg
         if batch.get("memory") is not None:
-            return self._t("memory", batch["memory"], (b, cfg.memory_slots, cfg.d_model))
-        mem = self.lcu.init(b)
+            mem = self._t("memory", batch["memory"], (b, cfg.memory_rows, cfg.d_model))
+            return self._with_history_traces(mem, batch)
+        mem = self.memory_init(b)
         if batch.get("context_avatar_audio") is None:
-            return mem
+            return self._with_history_traces(mem, batch)
         ca = self._t("context_avatar_audio", batch["context_avatar_audio"],
                      (b, None, None, cfg.mels_per_frame, cfg.audio_dim))
         n, t = ca.shape[1], ca.shape[2]
@@ -310,10 +356,19 @@ class EchoModel(nn.Module):
             text = torch.zeros(b, n, cfg.transcript_dim, device=self.device)
         for i in range(n):
             mem = self._memory_step(mem, ca[:, i], cu_a[:, i], cu_v[:, i], cu_b[:, i], cu_p[:, i], text[:, i])
-        return mem
+        return self._with_history_traces(mem, batch)
+
+    def _with_history_traces(self, mem: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``mem`` with its trace rows recomputed from ``context_all_texts`` (every window's text so far)."""
+        texts = batch.get("context_all_texts")
+        if texts is None or self.text_trace is None:
+            return mem
+        if len(texts) != mem.shape[0]:
+            raise ValueError(f"context_all_texts: expected {mem.shape[0]} lists of strings, got {len(texts)}")
+        return torch.cat([mem[:, :self.cfg.memory_slots], self.text_traces_from_history(texts)], dim=1)
 
     def loss(self, batch: dict, stage: int, *, vel_weight: float = 0.5, user_drop: float = 0.1,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+             known_drop: float = 0.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Flow-matching (x0-prediction) loss on one batch of training windows.
 
         ``batch`` (tensors, physical units; W = window_frames, L = lookahead_frames):
@@ -325,11 +380,17 @@ class EchoModel(nn.Module):
           ``memory`` (B,M,d) or a history rolled through the LCU with gradients:
           ``context_avatar_audio`` (B,N,T,2,83) + optional ``context_user_audio`` / ``_video`` /
           ``_blend`` / ``_present`` (B,N,T,...) + ``context_text_emb`` (B,N,Dt) or ``context_texts``
-          (B lists of N strings).
+          (B lists of N strings); with transcript traces, optionally ``context_all_texts`` (B lists: the
+          text of every window since the session start), from which the traces are computed in closed
+          form (see ``lcu.py``), however long the history.
 
         Stage 1: own audio -> motion; the user/context branch is off (user_lengths = 0), no memory.
         Stage 2: full SDCM + LCU; each item's user input is dropped with probability ``user_drop`` so
-        the model also learns sessions without user input.
+        the model also learns sessions without user input; and with probability ``known_drop`` an item's
+        known frames lose their non-lip baseline (each non-lip channel's mean over the K frames is
+        removed). At inference the known frames are the model's own output, which cannot hold an affect
+        only the context knows; without this the model learns to copy the level of smiles, brows and
+        head pose from the known frames instead of reading it from the memory.
 
         Loss = MSE(x0_hat, x) on the new frames + ``vel_weight`` * MSE of frame-to-frame differences over
         the window with the known frames in place (penalises seams and jitter).
@@ -346,7 +407,7 @@ class EchoModel(nn.Module):
         dev = self.device
 
         if stage == 1:
-            memory = self.lcu.init(b).detach()
+            memory = self.memory_init(b).detach()
             user_tok = torch.zeros(b, w, cfg.d_model, device=dev)
             user_lengths = torch.zeros(b, dtype=torch.long, device=dev)
         else:
@@ -363,7 +424,7 @@ class EchoModel(nn.Module):
             memory = self._training_memory(batch, b)
             keep = torch.rand(b, generator=generator).to(dev) >= user_drop
             user_any = u_p.flatten(1).any(dim=1) & keep
-            user_lengths = cfg.memory_slots + w * user_any.long()
+            user_lengths = cfg.memory_rows + w * user_any.long()
         ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
 
         # flow time: half uniform in [0, 1), half on the sampler's grid
@@ -372,10 +433,18 @@ class EchoModel(nn.Module):
         pick = torch.rand(b, generator=generator) < 0.5
         tau = torch.where(pick, u, grid).to(dev)
         eps = torch.randn(x1.shape, generator=generator).to(dev)
+        xk = x1[:, :k]
+        if stage == 2 and known_drop > 0 and k > 0:
+            drop = (torch.rand(b, generator=generator) < known_drop).to(dev)
+            lip = torch.zeros(cfg.motion_dim, dtype=torch.bool, device=dev)
+            lip[slice(*self.denoiser.ranges[0])] = True
+            flat = xk - xk.mean(dim=1, keepdim=True)
+            xk = torch.where(drop[:, None, None] & ~lip, flat, xk)
         tb = tau[:, None, None]
         x_tau = tb * x1 + (1.0 - tb) * eps
+        x_tau[:, :k] = tb * xk + (1.0 - tb) * eps[:, :k]
         known = torch.zeros_like(x1)
-        known[:, :k] = x1[:, :k]
+        known[:, :k] = xk
         mask = torch.zeros(b, w, device=dev)
         mask[:, :k] = 1.0
         x0 = self.denoiser(x_tau, tau, known, mask, ctx)

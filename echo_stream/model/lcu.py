@@ -2,9 +2,9 @@
 
 State
 -----
-One session's state is a ``(M, d_model)`` float32 tensor (``M = cfg.memory_slots``),
-whatever the session length; a batch of sessions is ``(B, M, d_model)``. Every
-slot value stays inside [-1, 1] (initial slots and every update candidate go
+One session's state is a ``(M + R, d_model)`` float32 tensor (``M = cfg.memory_slots``
+behaviour slots, ``R`` transcript traces, below), whatever the session length; a
+batch of sessions is ``(B, M + R, d_model)``. Every slot value stays inside [-1, 1] (initial slots and every update candidate go
 through ``tanh`` and the update is a convex combination).
 
 Update (once per generation window)
@@ -28,6 +28,31 @@ Update (once per generation window)
    slots: half-life ~100 windows, about a minute at 0.64 s per window), so old
    context decays slowly and information from dozens of windows back (30 s and
    more) persists in the slow slots.
+
+Transcript traces
+-----------------
+Behaviour slots learn what to keep through a recurrence; trained with truncated
+back-propagation, they cannot learn to keep what was *said* a minute ago (no
+gradient reaches that far). So the state also holds ``R = cfg.text_traces``
+transcript traces, one per decay factor ``lambda_r`` in ``cfg.text_trace_decays``
+(tiny: 0.9 per window, ~4 s half-life, and 0.998, ~3.7 min). With ``e_j`` the
+transcript embedding of window ``j`` (zeros when nothing was said), ``c_j = 1``
+when it is not all zeros, and a learned salience ``a_j = sigmoid(u . e_j + b)``::
+
+    s_r <- lambda_r * s_r + a_j * c_j * e_j        w_r <- lambda_r * w_r + a_j * c_j
+
+The read-out ``s_r / max(w_r, 1)`` is a salience-weighted, slowly forgetting mean
+of what has been said; a small MLP turns each trace into one memory token. The
+recurrence has no parameters of its own (``a_j`` depends on the text alone), so
+training computes the same traces in closed form over a conversation's whole
+past, with gradients to the transcript encoder, the salience and the read-out
+however long ago the text came (:meth:`TextTrace.closed_form`; a test checks it
+equals the recurrence).
+
+State layout: one ``(M + R, d_model)`` tensor, ``M = cfg.memory_slots`` slot rows
+then ``R`` trace rows holding ``[s_r (transcript_dim values), w_r, 0 ...]``
+(so ``transcript_dim < d_model``). :meth:`EchoModel.memory_update` updates both
+parts; the denoiser sees the slots and the traces' tokens.
 
 The memory tokens condition generation as extra keys of the user/context branch
 of SDCM (see ``denoiser.py``).
@@ -152,6 +177,58 @@ class ContextMemory(nn.Module):
         return (1.0 - z) * memory + z * c
 
 
+class TextTrace(nn.Module):
+    """The LCU transcript traces (see the module docstring): update, closed form, and read-out tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, dt = cfg.d_model, cfg.transcript_dim
+        self.dt = dt
+        self.register_buffer("decays", torch.tensor(cfg.text_trace_decays, dtype=torch.float32), persistent=False)
+        self.salience = nn.Linear(dt, 1)
+        self.read = nn.Sequential(nn.LayerNorm(dt), nn.Linear(dt, d), nn.GELU(), nn.Linear(d, d))
+        self.trace_emb = nn.Parameter(torch.randn(cfg.text_traces, d) * 0.02)
+
+    @property
+    def rows(self) -> int:
+        return int(self.decays.numel())
+
+    def _weighted(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., Dt) embeddings -> salience-weighted embeddings (..., Dt) and weights (..., 1)."""
+        said = (emb != 0).any(dim=-1, keepdim=True).to(emb.dtype)
+        a = torch.sigmoid(self.salience(emb)) * said
+        return a * emb, a
+
+    def update(self, traces: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """One window: traces (B, R, d) and the window's transcript embedding (B, Dt) -> traces."""
+        ae, a = self._weighted(emb)
+        lam = self.decays[None, :, None]
+        s = lam * traces[..., :self.dt] + ae[:, None, :]
+        w = lam * traces[..., self.dt:self.dt + 1] + a[:, None, :]
+        return torch.cat([s, w, torch.zeros_like(traces[..., self.dt + 1:])], dim=-1)
+
+    def closed_form(self, emb: torch.Tensor, valid: torch.Tensor, d_model: int) -> torch.Tensor:
+        """Traces after windows ``0..N-1`` from zeros: emb (B, N, Dt), valid (B, N) -> (B, R, d).
+
+        Item ``b``'s windows are the first ``valid[b].sum()`` positions (the rest is padding); equal to
+        applying :meth:`update` window by window, with gradients to every embedding.
+        """
+        n_valid = valid.sum(dim=1, keepdim=True)                                   # (B, 1)
+        age = (n_valid - 1 - torch.arange(emb.shape[1], device=emb.device)[None]).clamp_min(0)  # (B, N)
+        lam = self.decays[None, :, None] ** age[:, None, :].to(emb.dtype)          # (B, R, N)
+        lam = lam * valid[:, None, :].to(emb.dtype)
+        ae, a = self._weighted(emb)
+        s = torch.einsum("brn,bnd->brd", lam, ae)
+        w = torch.einsum("brn,bnd->brd", lam, a)
+        pad = emb.new_zeros(emb.shape[0], self.rows, d_model - self.dt - 1)
+        return torch.cat([s, w, pad], dim=-1)
+
+    def tokens(self, traces: torch.Tensor) -> torch.Tensor:
+        """(B, R, d) trace rows -> (B, R, d) memory tokens."""
+        mean = traces[..., :self.dt] / traces[..., self.dt:self.dt + 1].clamp_min(1.0)
+        return self.read(mean) + self.trace_emb
+
+
 # ----------------------------------------------------------------------------
 # Serialisable per-session state
 # ----------------------------------------------------------------------------
@@ -163,7 +240,7 @@ def _digest(t: torch.Tensor) -> str:
 
 @dataclass
 class MemoryState:
-    """One session's context memory: ``memory`` (M, d_model) float32, ``steps`` updates so far."""
+    """One session's context memory: ``memory`` (M + R, d_model) float32, ``steps`` updates so far."""
 
     memory: torch.Tensor
     config_name: str
@@ -174,7 +251,7 @@ class MemoryState:
 
         mem = self.memory.detach().to("cpu", torch.float32).contiguous()
         if mem.dim() != 2:
-            raise ValueError(f"memory: expected one session's (slots, d_model) tensor, got shape {tuple(mem.shape)}")
+            raise ValueError(f"memory: expected one session's (rows, d_model) tensor, got shape {tuple(mem.shape)}")
         meta = {
             "format": MEMORY_FORMAT,
             "version": MEMORY_FORMAT_VERSION,
@@ -217,10 +294,10 @@ class MemoryState:
             raise MemoryStateError(f"memory state: bad step count {meta.get('steps')!r}") from None
         name = meta.get("config", "")
         if config is not None:
-            want = (config.memory_slots, config.d_model)
+            want = (config.memory_rows, config.d_model)
             if tuple(mem.shape) != want:
                 raise MemoryStateError(f"memory state: shape {tuple(mem.shape)} does not match model config "
-                                       f"'{config.name}' (memory_slots, d_model) = {want}")
+                                       f"'{config.name}' (memory_slots + text_traces, d_model) = {want}")
             if name != config.name:
                 raise MemoryStateError(f"memory state: written for config '{name}', model config is '{config.name}'")
         return cls(memory=mem, config_name=name, steps=steps)

@@ -1,7 +1,7 @@
 """Context-memory stage (LCU): Features (+ TranscriptSegment) -> generation windows + MemoryTokens.
 
-Per session it holds the LCU memory (bounded: ``memory_slots`` tokens whatever
-the session length) and a short feature history. It cuts the feature stream
+Per session it holds the LCU memory (bounded: ``memory_slots`` behaviour slots
+plus the transcript traces, whatever the session length) and a short feature history. It cuts the feature stream
 into generation windows: window ``w`` generates frames ``[t0, t0 + S)``
 (``t0 = w * S``) and needs features for ``[t0 - K, t0 + S + L)`` (K overlap
 frames of context, L lookahead frames = 80 ms). Each window goes out with the

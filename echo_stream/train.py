@@ -113,7 +113,9 @@ DEFAULTS: dict[int, StageSettings] = {
 }
 DEFAULT_HISTORY_S = 30.0
 #: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
-DEFAULT_BPTT_WINDOWS: int | None = None
+DEFAULT_BPTT_WINDOWS: int | None = 12
+#: learning-rate multiplier of the SDCM gate biases (a few scalars that must travel several logits)
+GATE_LR_SCALE = 20.0
 #: share of --time-budget given to stage 1 when both stages run
 STAGE1_BUDGET_SHARE = 0.45
 
@@ -197,18 +199,23 @@ def parse_duration(text: str | float | int | None) -> float | None:
 def _param_groups(model: EchoModel, weight_decay: float) -> tuple[list[dict], list[str]]:
     """AdamW groups (matrices decay; biases, norms, gains and 1-d parameters do not) and the parameter
     names in the optimizer's flat index order."""
-    decay, no_decay, dn, nn_ = [], [], [], []
+    decay, no_decay, gates, dn, nn_, gn = [], [], [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() >= 2:
+        if name.endswith("cross.gate_bias"):
+            gates.append(p)
+            gn.append(name)
+        elif p.dim() >= 2:
             decay.append(p)
             dn.append(name)
         else:
             no_decay.append(p)
             nn_.append(name)
-    return ([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            dn + nn_)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr_scale": GATE_LR_SCALE})
+    return groups, dn + nn_ + gn
 
 
 def optimizer_to_safetensors(opt: torch.optim.Optimizer, names: list[str],
@@ -557,7 +564,7 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
         while step < total:
             lr = lr_at(step, total, st.lr, st.warmup, st.min_lr_frac)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             if run.stage == 1:
                 batch = train_ds.stage1_batch(rng, st.batch_size)
             else:
@@ -880,8 +887,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock limit (1200, 1200s, 20m, 1.5h): the schedules shrink to fit")
     p.add_argument("--history-s", type=float, default=DEFAULT_HISTORY_S,
                    help="stage 2: seconds of history rolled through the LCU memory before each window (30)")
-    p.add_argument("--bptt-windows", type=int, default=0, metavar="N",
-                   help="stage 2: back-propagate through only the last N history windows (0 = all)")
+    p.add_argument("--bptt-windows", type=int, default=DEFAULT_BPTT_WINDOWS or 0, metavar="N",
+                   help=f"stage 2: back-propagate through only the last N history windows of the behaviour "
+                        f"slots (0 = all; default {DEFAULT_BPTT_WINDOWS or 0}); the transcript traces always get "
+                        f"gradients from the whole past")
     p.add_argument("--eval-batches", type=int, default=4, help="heldout batches per evaluation (0 = none)")
     p.add_argument("--export", metavar="DIR|default",
                    help="also write the final model to DIR ('default' = the packaged default checkpoint)")

@@ -616,21 +616,24 @@ def test_memory_update_carries_text_through_traces():
     assert diff[:, TINY.memory_slots:].mean() > 1e-3
 
 
-def test_known_drop_hides_the_known_baseline():
-    """With known_drop=1 the new frames cannot see the non-lip level of the known frames (so stage 2 must
-    read it from the context); with known_drop=0 they do."""
+def test_known_drop_swaps_the_known_baseline():
+    """With known_drop=1 an item's new frames see another item's non-lip level in the known frames (so stage 2
+    must read the level from the context); lips and the within-window shape stay the item's own."""
     model = make_model()
-    batch = dict(synthetic_batch(3, seed=5))
-    shifted = dict(batch)
-    mo = batch["motion"].clone()
+    batch = dict(synthetic_batch(2, seed=5))
     lip = torch.zeros(58, dtype=torch.bool)
     lip[slice(*model.denoiser.ranges[0])] = True
-    mo[:, :K, ~lip] += 0.3 * model.motion_std[~lip]
-    shifted["motion"] = mo
+    mo = batch["motion"]
+    base = mo[:, :K].mean(dim=1, keepdim=True)
+    # the same two items with their known non-lip levels exchanged
+    swapped = mo.clone()
+    swapped[:, :K, ~lip] = (mo[:, :K] - base + base.flip(0))[..., ~lip]
+    other = dict(batch, motion=swapped)
 
     def fm(b, drop):
         with torch.no_grad():
             return model.loss(b, 2, user_drop=0.0, known_drop=drop, generator=torch.Generator().manual_seed(3))[1]["fm"]
 
-    assert fm(batch, 1.0) == pytest.approx(fm(shifted, 1.0), rel=1e-5, abs=1e-7)
-    assert fm(batch, 0.0) != pytest.approx(fm(shifted, 0.0), rel=1e-3)
+    assert fm(batch, 1.0) == pytest.approx(fm(other, 0.0), rel=1e-5, abs=1e-7)
+    assert fm(other, 1.0) == pytest.approx(fm(batch, 0.0), rel=1e-5, abs=1e-7)
+    assert abs(fm(batch, 1.0) - fm(batch, 0.0)) > 1e-7

@@ -387,10 +387,12 @@ class EchoModel(nn.Module):
         Stage 1: own audio -> motion; the user/context branch is off (user_lengths = 0), no memory.
         Stage 2: full SDCM + LCU; each item's user input is dropped with probability ``user_drop`` so
         the model also learns sessions without user input; and with probability ``known_drop`` an item's
-        known frames lose their non-lip baseline (each non-lip channel's mean over the K frames is
-        removed). At inference the known frames are the model's own output, which cannot hold an affect
-        only the context knows; without this the model learns to copy the level of smiles, brows and
-        head pose from the known frames instead of reading it from the memory.
+        known frames carry another item's non-lip baseline (each non-lip channel's mean over the K frames
+        is swapped for that of the next item in a random rotation of the batch). At inference the known
+        frames are the model's own output, which cannot hold an affect only the context knows; without
+        this the model learns to copy the level of smiles, brows and head pose from the known frames
+        instead of reading it from the memory. With it, the model learns to move from a plausible but
+        wrong level towards the one the context implies, which over a session's windows converges.
 
         Loss = MSE(x0_hat, x) on the new frames + ``vel_weight`` * MSE of frame-to-frame differences over
         the window with the known frames in place (penalises seams and jitter).
@@ -434,12 +436,14 @@ class EchoModel(nn.Module):
         tau = torch.where(pick, u, grid).to(dev)
         eps = torch.randn(x1.shape, generator=generator).to(dev)
         xk = x1[:, :k]
-        if stage == 2 and known_drop > 0 and k > 0:
+        if stage == 2 and known_drop > 0 and k > 0 and b > 1:
             drop = (torch.rand(b, generator=generator) < known_drop).to(dev)
+            shift = int(torch.randint(1, b, (1,), generator=generator))
             lip = torch.zeros(cfg.motion_dim, dtype=torch.bool, device=dev)
             lip[slice(*self.denoiser.ranges[0])] = True
-            flat = xk - xk.mean(dim=1, keepdim=True)
-            xk = torch.where(drop[:, None, None] & ~lip, flat, xk)
+            base = xk.mean(dim=1, keepdim=True)
+            swapped = xk - base + torch.roll(base, shift, dims=0)
+            xk = torch.where(drop[:, None, None] & ~lip, swapped, xk)
         tb = tau[:, None, None]
         x_tau = tb * x1 + (1.0 - tb) * eps
         x_tau[:, :k] = tb * xk + (1.0 - tb) * eps[:, :k]

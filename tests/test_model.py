@@ -637,3 +637,22 @@ def test_known_drop_swaps_the_known_baseline():
     assert fm(batch, 1.0) == pytest.approx(fm(other, 0.0), rel=1e-5, abs=1e-7)
     assert fm(other, 1.0) == pytest.approx(fm(batch, 0.0), rel=1e-5, abs=1e-7)
     assert abs(fm(batch, 1.0) - fm(batch, 0.0)) > 1e-7
+
+
+def test_trace_bias_reaches_non_lip_tokens_only():
+    """The traces' direct path shifts the input embedding of non-lip tokens; lip tokens never see it."""
+    model = make_model()
+    with torch.no_grad():
+        model.text_trace.nonlip_bias.weight.normal_(0, 0.5)
+    x = window_inputs(1)
+    audio_tok = torch.zeros(1, W, D)
+    ctxs = []
+    for text in ("I got the job, I am so happy.", "I lost my job, it is terrible."):
+        mem = model.memory_update(model.memory_init(1), x["avatar_audio"][:, :S],
+                                  text_emb=model.encode_transcript([text]))
+        with torch.no_grad():
+            ctxs.append(model._context(x["avatar_audio"], audio_tok, mem, torch.full((1,), TINY.memory_rows)))
+    t, n_lip = TINY.tokens_per_frame, TINY.region_tokens[0]
+    a, b = (c.frame_bias.view(1, W, t, D) for c in ctxs)
+    assert torch.equal(a[:, :, :n_lip], b[:, :, :n_lip])
+    assert (a[:, :, n_lip:] - b[:, :, n_lip:]).abs().max() > 1e-3

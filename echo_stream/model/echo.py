@@ -261,9 +261,18 @@ class EchoModel(nn.Module):
 
     # ----------------------------------------------------------------- sample
 
-    def _context(self, avatar_audio, user_tok, memory, user_lengths):
+    def _context(self, avatar_audio, user_tok, memory, user_lengths, use_context: bool = True):
         audio_tok = self.audio_encoder(self._norm_audio(avatar_audio), lookahead=True)
-        return self.denoiser.prepare(audio_tok, self.memory_tokens(memory), user_tok, user_lengths)
+        tokens = self.memory_tokens(memory)
+        ctx = self.denoiser.prepare(audio_tok, tokens, user_tok, user_lengths)
+        if self.text_trace is not None and use_context:
+            # the traces' pooled tokens shift every non-lip token's embedding (see lcu.TextTrace)
+            bias = self.text_trace.nonlip_bias(tokens[:, self.cfg.memory_slots:].mean(dim=1))   # (B, d)
+            n_lip = self.cfg.region_tokens[0]
+            per_token = torch.cat([bias.new_zeros(bias.shape[0], n_lip, bias.shape[1]),
+                                   bias[:, None].expand(-1, self.cfg.tokens_per_frame - n_lip, -1)], dim=1)
+            ctx.frame_bias = ctx.frame_bias + per_token.flatten(1)[:, None, :]
+        return ctx
 
     @torch.no_grad()
     def sample(self, prev_motion, avatar_audio, user_audio=None, user_video=None, user_blend=None,
@@ -305,7 +314,7 @@ class EchoModel(nn.Module):
         else:
             user_lengths = torch.zeros(b, dtype=torch.long, device=self.device)
         user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
-        ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
+        ctx = self._context(avatar_audio, user_tok, memory, user_lengths, use_context)
         noise = make_noise(seeds, (w, cfg.motion_dim), device=self.device)
 
         cond: list = []
@@ -427,7 +436,7 @@ class EchoModel(nn.Module):
             keep = torch.rand(b, generator=generator).to(dev) >= user_drop
             user_any = u_p.flatten(1).any(dim=1) & keep
             user_lengths = cfg.memory_rows + w * user_any.long()
-        ctx = self._context(avatar_audio, user_tok, memory, user_lengths)
+        ctx = self._context(avatar_audio, user_tok, memory, user_lengths, use_context=stage == 2)
 
         # flow time: half uniform in [0, 1), half on the sampler's grid
         u = torch.rand(b, generator=generator)

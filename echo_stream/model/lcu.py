@@ -43,6 +43,12 @@ when it is not all zeros, and a learned salience ``a_j = sigmoid(u . e_j + b)``:
 
 The read-out ``s_r / max(w_r, 1)`` is a salience-weighted, slowly forgetting mean
 of what has been said; a small MLP turns each trace into one memory token. The
+trace tokens sit among the memory tokens of SDCM's gated context branch, and
+their mean, through one linear layer (zero at init), is also added to the input
+embedding of every *non-lip* motion token: the affect a conversation
+established is a global setting of brows, smiles and head, and that direct path
+learns it in a few hundred steps where attention to 2 of ~40 gated keys did
+not. Lip tokens never receive it. The
 recurrence has no parameters of its own (``a_j`` depends on the text alone), so
 training computes the same traces in closed form over a conversation's whole
 past, with gradients to the transcript encoder, the salience and the read-out
@@ -188,6 +194,10 @@ class TextTrace(nn.Module):
         self.salience = nn.Linear(dt, 1)
         self.read = nn.Sequential(nn.LayerNorm(dt), nn.Linear(dt, d), nn.GELU(), nn.Linear(d, d))
         self.trace_emb = nn.Parameter(torch.randn(cfg.text_traces, d) * 0.02)
+        #: the traces' tokens, pooled, also shift the embedding of every non-lip motion token (zero at init)
+        self.nonlip_bias = nn.Linear(d, d)
+        nn.init.zeros_(self.nonlip_bias.weight)
+        nn.init.zeros_(self.nonlip_bias.bias)
 
     @property
     def rows(self) -> int:

@@ -78,6 +78,16 @@ class RayBackend:
                         raise StageFault(f"stage {stage} did not come back within {timeout:.0f} s: {e}") from None
                     await asyncio.sleep(0.1)
 
+    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
+        """Each stage actor's incarnation id (None: no answer in time); a change means a restart."""
+        async def one(stage):
+            try:
+                return await asyncio.wait_for(self.runner.actors[stage].incarnation_id.remote(), timeout)
+            except Exception:  # noqa: BLE001 - dead, restarting or busy: ask again later
+                return None
+        vals = await asyncio.gather(*(one(s) for s in STAGES))
+        return dict(zip(STAGES, vals))
+
     def shutdown(self) -> None:
         self.runner.shutdown()
 
@@ -130,6 +140,9 @@ class InlineBackend:
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         return None
+
+    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
+        return {s: h.incarnation for s, h in self.runner.hosts.items()}
 
     def shutdown(self) -> None:
         for p in self._pools.values():

@@ -51,6 +51,7 @@ class ServeOptions:
     batch_wait_s: float = 0.004
     overlap_frames: int = 4                 # the model's K (previous-motion frames), for fault recovery
     recovery_timeout_s: float = 30.0
+    monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
 
 class TokenBucket:
@@ -98,6 +99,7 @@ class AvatarServer:
         self._stopped = asyncio.Event()
         self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
         self.batcher.start()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
                                           ("grpc.max_send_message_length", lim)])
@@ -154,7 +156,25 @@ class AvatarServer:
             await self.server.stop(grace)
         if self.batcher is not None:
             await self.batcher.stop()
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.cancel()
         self._stopped.set()
+
+    async def _watch_stages(self) -> None:
+        """Detect stage actors restarted by Ray even when no call of a session failed (an idle stage died):
+        every session then recovers (its state on that stage is gone)."""
+        known = await self.backend.incarnations()
+        while True:
+            await asyncio.sleep(self.opts.monitor_interval_s)
+            now = await self.backend.incarnations()
+            for stage, inc in now.items():
+                if inc is None:
+                    continue
+                if known.get(stage) not in (None, inc):
+                    log.warning("stage %s was restarted: recovering %d session(s)", stage, len(self.sessions))
+                    for s in list(self.sessions.values()):
+                        asyncio.get_running_loop().create_task(s.stage_restarted(stage, inc))
+                known[stage] = inc
 
     # ------------------------------------------------------------------ RPCs
     async def _abort(self, context, code: grpc.StatusCode, details: str, outcome: str | None = None):
@@ -258,6 +278,8 @@ class AvatarServer:
                     metrics.FRAME_LATENCY.observe(now - origin)
             elif kind == "video":
                 metrics.FRAMES.labels("video").inc(msg.video.frames)
+            if msg.WhichOneof("body") == "event" and msg.event.kind == pb.Event.ENDED:
+                msg.event.stats.CopyFrom(st.proto())     # final figures: every frame has left by now
             yield msg
 
     async def _read(self, session: Session, it) -> None:

@@ -151,6 +151,8 @@ class Session:
         self._video_sent = 0               # encoded frames whose bytes were sent
         self._tasks: list[asyncio.Task] = []
         self.closed = False
+        self.incarnations: dict = {}
+        self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -227,6 +229,8 @@ class Session:
                 if isinstance(inner, EchoStreamError):
                     raise SessionFailed("INVALID_ARGUMENT", str(inner)) from None
                 raise
+        # which process of each stage holds this epoch's state (asked after the opens: same actor order)
+        self.incarnations = await b.incarnations()
 
     # ------------------------------------------------------------------ input (called by the RPC reader)
     async def put_input(self, kind: str, item: dict) -> None:
@@ -285,6 +289,7 @@ class Session:
         if not items and not end:
             return
         b, iid, epoch = self.backend, self.iid, self.epoch
+        self.end_pushed = self.end_pushed or end
         pk, info = b.call("decode", "push", iid, items, end, num_returns=2)
         feats = b.call("features", "process", pk)
         wins = b.call("memory", "process", feats)
@@ -480,8 +485,21 @@ class Session:
             except Exception as e2:  # noqa: BLE001
                 raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
             self.ready.set()
+            if self.end_pushed:                      # the old epoch took the end of the stream with it
+                await self._push(end=True)
             log.warning("session %s: recovered in %.2f s (epoch %d)", self.id[:8], time.perf_counter() - t,
                         self.epoch)
+
+    async def stage_restarted(self, stage: str, incarnation: str) -> None:
+        """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
+        unless the session already re-opened on the new process (a failed call recovered it first)."""
+        from .backend import StageFault
+
+        if not self.done.is_set() and self.incarnations.get(stage) != incarnation:
+            try:
+                await self._recover(self.epoch, StageFault(f"stage {stage} restarted"))
+            except SessionFailed as e:
+                self._fail(e)
 
     async def interrupt(self) -> int:
         """Drop every stage's buffered work of the session; returns the playback position (frames out)."""
@@ -514,6 +532,8 @@ class Session:
                     raise SessionFailed("UNAVAILABLE", f"a stage failed during the interrupt: {e}") from None
                 raise
             self.ready.set()
+            if self.end_pushed:
+                await self._push(end=True)
             await self.outbox.put((pb.ServerMessage(pts=playback / FPS, event=pb.Event(
                 kind=pb.Event.INTERRUPTED, first_frame=playback,
                 message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)")), None, None, "event"))

@@ -8,6 +8,7 @@ field, which the server answers with INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -19,6 +20,7 @@ from ..protos import echo_stream_pb2 as pb
 OUTPUT_MODES = {pb.OUTPUT_MODE_UNSPECIFIED: "both", pb.OUTPUT_MODE_VIDEO: "video",
                 pb.OUTPUT_MODE_MOTION: "motion", pb.OUTPUT_MODE_BOTH: "both"}
 CODECS = {pb.VIDEO_CODEC_UNSPECIFIED: "fmp4", pb.VIDEO_CODEC_H264_FMP4: "fmp4", pb.VIDEO_CODEC_RAW_RGB: "raw"}
+_SPEAKER = re.compile(r"[A-Za-z_][\w-]{0,31}")
 MEDIA_KINDS = ("avatar_audio", "user_audio", "user_video", "user_blendshapes")
 
 
@@ -210,8 +212,9 @@ class InputChecker:
             t = msg.transcript
             if len(t.text.encode()) > self.limits.max_text_bytes:
                 raise InputError("transcript.text", f"over the {self.limits.max_text_bytes}-byte limit")
-            if t.speaker not in ("user", "avatar", ""):
-                raise InputError("transcript.speaker", f"{t.speaker!r}: use 'user' or 'avatar'")
+            if t.speaker and not _SPEAKER.fullmatch(t.speaker):
+                raise InputError("transcript.speaker", f"{t.speaker[:40]!r}: a name of 1-32 letters, digits, _ or - "
+                                                       "(e.g. 'user', 'avatar')")
             return kind, {"speaker": t.speaker or "user", "text": t.text, "pts": float(msg.pts),
                           "end_pts": max(float(t.end_pts), float(msg.pts))}
         if kind == "control":

@@ -101,7 +101,15 @@ class ClientSession:
         if count:
             self.seq += 1
             msg.seq = self.seq
-        await self.call.write(msg)
+        try:
+            await self.call.write(msg)
+        except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as e:
+            # the server ended the call (e.g. rejected the session) while we wrote: report ITS status
+            code = await self.call.code()
+            if code != grpc.StatusCode.OK:
+                raise aio.AioRpcError(code, await self.call.initial_metadata(), await self.call.trailing_metadata(),
+                                      await self.call.details(), await self.call.debug_error_string()) from None
+            raise e
 
     async def send_avatar_audio(self, samples: np.ndarray, sample_rate: int = config.SAMPLE_RATE,
                                 pts: float | None = None) -> None:

@@ -184,6 +184,15 @@ class AvatarServer:
         await context.abort(code, details)
 
     async def _session_rpc(self, request_iterator, context):
+        # The first message is read before any refusal: a client that is still writing it when the server
+        # ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), self.opts.limits.config_timeout_s)
+        except StopAsyncIteration:
+            first = None
+        except asyncio.TimeoutError:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"no SessionConfig within {self.opts.limits.config_timeout_s:g} s", "invalid")
         principal = self.auth.principal(context.invocation_metadata())
         if principal is None:
             await self._abort(context, grpc.StatusCode.UNAUTHENTICATED,
@@ -201,15 +210,11 @@ class AvatarServer:
         session = None
         reader = None
         try:
-            try:
-                first = await asyncio.wait_for(request_iterator.__anext__(), self.opts.limits.config_timeout_s)
-                spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
-            except StopAsyncIteration:
+            if first is None:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                   "the stream ended before its SessionConfig", "invalid")
-            except asyncio.TimeoutError:
-                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"no SessionConfig within {self.opts.limits.config_timeout_s:g} s", "invalid")
+            try:
+                spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
             except InputError as e:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
             sid = secrets.token_urlsafe(24)

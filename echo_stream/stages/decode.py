@@ -55,6 +55,7 @@ class PushedAudio:
         self._resampler = None
         self._key = None
         self._codec = None
+        self._good = self._bad = 0
 
     def _resample(self, frame) -> list[np.ndarray]:
         import av
@@ -87,11 +88,20 @@ class PushedAudio:
                 raise InputError(f"{self.what}.codec", f"changed from {self._codec.name!r} to {codec!r} mid-stream")
             out = []
             try:
-                for pkt in self._codec.parse(item["encoded"]):
-                    for fr in self._codec.decode(pkt):
-                        out += self._resample(fr)
+                packets = self._codec.parse(item["encoded"])
             except av.FFmpegError as e:
-                raise InputError(f"{self.what}.encoded", f"undecodable {codec} data ({e})") from None
+                raise InputError(f"{self.what}.encoded", f"unparsable {codec} data ({e})") from None
+            for pkt in packets:
+                try:
+                    frames = self._codec.decode(pkt)
+                except av.FFmpegError as e:   # a damaged or non-audio frame (e.g. a tag): skipped, like players do
+                    self._bad += 1
+                    if self._bad > 64 and not self._good:
+                        raise InputError(f"{self.what}.encoded", f"not decodable as {codec} ({e})") from None
+                    continue
+                self._good += len(frames)
+                for fr in frames:
+                    out += self._resample(fr)
             return np.clip(np.concatenate(out), -1, 1) if out else np.zeros(0, np.float32)
         rate, ch = int(item["rate"]), int(item.get("channels") or 1)
         dtype = "<i2" if item["format"] == "s16le" else "<f4"

@@ -144,3 +144,67 @@ def test_stage_actor_killed_mid_session(server, backend):
     assert res.motion_frames[-1] == n - 1, "the session did not continue to its end"
     assert any(f > gaps[-1].first_frame + gaps[-1].frames for f in res.motion_frames)
     assert res.events[-1].kind == pb.Event.ENDED
+
+
+def test_client_cli_saves_video_and_motion(server, tmp_path):
+    _, target = server
+    out, mo = tmp_path / "c.mp4", tmp_path / "c.parquet"
+    rc = cli.main(["client", "--target", target, "--test-signal", "1.2", "--fast", "--size", str(SIZE),
+                   "-o", str(out), "--motion-out", str(mo), "--seed", "2"])
+    assert rc == 0
+    assert media.probe(out).video_codec == "h264"
+    assert pq.read_table(mo).column("frame").to_pylist() == list(range(30))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_serve_process_drains_on_sigterm(backend, tmp_path):
+    """`echo-stream serve` in its own process (stage actors on this test's Ray cluster): SIGTERM drains."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "echo_stream.cli", "serve", "--port", "0", "--address", address,
+                             "--size", str(SIZE), "--drain-timeout", "60"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        deadline = time.time() + 240
+        while port is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve exited early"
+            if "listening on" in line:
+                port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        assert port, "serve did not start"
+        target = f"127.0.0.1:{port}"
+        n = int(np.ceil(2.0 * config.FPS))
+
+        async def main():
+            async with AvatarClient(target) as c:
+                running = asyncio.get_running_loop().create_task(
+                    stream_inputs(c, Inputs(mediagen.speech_like(2.0, 16000, seed=9)), output="motion",
+                                  realtime=True))
+                health = health_pb2_grpc.HealthStub(c.channel)
+                while not running.done():
+                    await asyncio.sleep(0.1)
+                    if (await health.Check(health_pb2.HealthCheckRequest())).status == 1:
+                        break
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                status = None
+                for _ in range(50):
+                    status = (await health.Check(health_pb2.HealthCheckRequest())).status
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+                    await asyncio.sleep(0.05)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await c.open(output="motion")
+                return status, refused.value.code(), await running
+        status, code, res = asyncio.run(main())
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert res.motion_frames == list(range(n)) and res.events[-1].kind == pb.Event.ENDED
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

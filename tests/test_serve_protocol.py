@@ -348,3 +348,48 @@ def test_cli_help_explains():
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 0
+
+
+def _self_signed(tmp_path):
+    x509 = pytest.importorskip("cryptography.x509")
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def test_tls_with_token(make_server, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    st, target = make_server(tokens={ALICE: "alice"}, tls_cert=cert, tls_key=key)
+    port = target.rsplit(":", 1)[1]
+
+    async def main():
+        async with AvatarClient(f"localhost:{port}", token=ALICE, tls_ca=cert) as c:
+            res = await stream_inputs(c, Inputs(_audio(0.4)), output="motion", realtime=False)
+        async with AvatarClient(f"localhost:{port}", token=ALICE) as plain:     # plaintext to a TLS port fails
+            code, _ = await _status_of(plain.open(output="motion"))
+        return res, code
+    res, code = run(main())
+    assert res.motion_frames == list(range(10))
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serve_refuses_public_bind_without_tokens(monkeypatch, capsys):
+    monkeypatch.delenv(auth.ENV, raising=False)
+    rc = cli.main(["serve", "--host", "0.0.0.0", "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "needs bearer tokens" in err and "--tokens-file" in err

@@ -393,3 +393,19 @@ def test_serve_refuses_public_bind_without_tokens(monkeypatch, capsys):
     rc = cli.main(["serve", "--host", "0.0.0.0", "--port", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "needs bearer tokens" in err and "--tokens-file" in err
+
+
+def test_grafana_dashboard_uses_real_metrics():
+    import json
+    from pathlib import Path
+
+    import prometheus_client
+
+    dash = json.loads((Path(__file__).parent.parent / "dashboards" / "grafana_echo_stream.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"(?:ray_)?echo_stream_\w+", e)}
+    known = {m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith("echo_stream_")}
+    known |= {"ray_echo_stream_actor_call_seconds", "ray_echo_stream_actor_errors"}
+    known = {k[:-6] if k.endswith("_total") else k for k in known}
+    used = {u[:-6] if u.endswith("_total") else u for u in used}
+    assert used and used <= known, sorted(used - known)

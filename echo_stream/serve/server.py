@@ -267,20 +267,19 @@ class AvatarServer:
             item = await session.outbox.get()
             if item is None:
                 return
-            msg, upto, origin, kind = item
+            msg, upto, origins, kind = item
             now = time.monotonic()
             if kind in ("motion", "video") and upto is not None:
-                if kind == "motion":
-                    st.frames += 1
-                else:
-                    st.frames += msg.video.frames
-                metrics.FRAMES.labels(kind).inc(1 if kind == "motion" else msg.video.frames)
-                if st.first_frame_latency_s is None and session.t_first_audio is not None:
+                n = 1 if kind == "motion" else msg.video.frames
+                st.frames += n
+                metrics.FRAMES.labels(kind).inc(n)
+                if n and st.first_frame_latency_s is None and session.t_first_audio is not None:
                     st.first_frame_latency_s = now - session.t_first_audio
                     metrics.FIRST_FRAME_LATENCY.observe(st.first_frame_latency_s)
-                if origin is not None:
-                    st.latencies.append(now - origin)
-                    metrics.FRAME_LATENCY.observe(now - origin)
+                for origin in origins:
+                    if origin is not None:
+                        st.latencies.append(now - origin)
+                        metrics.FRAME_LATENCY.observe(now - origin)
             elif kind == "video":
                 metrics.FRAMES.labels("video").inc(msg.video.frames)
             if msg.WhichOneof("body") == "event" and msg.event.kind == pb.Event.ENDED:

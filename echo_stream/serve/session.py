@@ -149,6 +149,7 @@ class Session:
         self._encoder = None
         self._enc_frames: list[int] = []   # global frame of each encoded frame, in encoder order
         self._video_sent = 0               # encoded frames whose bytes were sent
+        self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
         self._tasks: list[asyncio.Task] = []
         self.closed = False
         self.incarnations: dict = {}
@@ -365,26 +366,29 @@ class Session:
         images = images[keep] if images is not None else None
         if not len(frames):
             return
+        origins = []
         for f, row in zip(frames.tolist(), motion):
             self.recent_motion.append((f, row))
             origin = self._latency_origin(f)
+            origins.append(origin)
             if self.spec.wants_motion:
                 await self.outbox.put((pb.ServerMessage(pts=f / FPS, motion=pb.MotionFrame(
-                    frame=f, values=row.tolist())), f + 1, origin, "motion"))
+                    frame=f, values=row.tolist())), f + 1, [origin], "motion"))
             if self.spec.wants_video and self.spec.codec == "raw" and images is not None:
                 i = f - int(frames[0])
                 await self.outbox.put((pb.ServerMessage(pts=f / FPS, video=pb.VideoChunk(
                     data=images[i].tobytes(), first_frame=f, frames=1)),
-                    None if self.spec.wants_motion else f + 1, None if self.spec.wants_motion else origin, "video"))
+                    None if self.spec.wants_motion else f + 1, [] if self.spec.wants_motion else [origin], "video"))
         self.produced = int(frames[-1]) + 1
         if self.spec.wants_video and self.spec.codec == "fmp4" and images is not None:
             audio = self.audio.take(int(frames[0]), int(frames[-1]) + 1)
             data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._encode, images, audio)
             self._enc_frames.extend(frames.tolist())
+            self._enc_origins.extend(origins)
             if data:
                 gop = self._gop
                 covered = ((self._encoder.frames_written - 1) // gop) * gop
-                await self._send_video(data, covered, origin=self._latency_origin(int(frames[0])))
+                await self._send_video(data, covered)
 
     _gop = 16
 
@@ -396,23 +400,25 @@ class Session:
                                                  gop=self._gop)
         return self._encoder.encode(images, audio)
 
-    async def _send_video(self, data: bytes, covered: int, origin) -> None:
+    async def _send_video(self, data: bytes, covered: int) -> None:
+        """Send fMP4 bytes that complete the encoded frames up to ``covered`` (encoder order)."""
         first = self._enc_frames[self._video_sent] if self._video_sent < len(self._enc_frames) else self.produced
         n = max(0, covered - self._video_sent)
         upto = self._enc_frames[covered - 1] + 1 if n else None
+        origins = self._enc_origins[self._video_sent:covered]
         self._video_sent = max(self._video_sent, covered)
         await self.outbox.put((pb.ServerMessage(pts=first / FPS, video=pb.VideoChunk(
             data=data, first_frame=first, frames=n)), None if self.spec.wants_motion else upto,
-            None if self.spec.wants_motion else origin, "video"))
+            [] if self.spec.wants_motion else origins, "video"))
 
     async def _finish(self) -> None:
         if self._encoder is not None:
             enc, self._encoder = self._encoder, None
             data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, enc.close)
-            await self._send_video(data, len(self._enc_frames), origin=None)
+            await self._send_video(data, len(self._enc_frames))
         await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
             kind=pb.Event.ENDED, message="end of session", first_frame=self.produced,
-            stats=self.stats.proto())), None, None, "event"))
+            stats=self.stats.proto())), None, [], "event"))
         await self.outbox.put(None)
         self.done.set()
 
@@ -473,7 +479,7 @@ class Session:
                 await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
                     kind=pb.Event.GAP, first_frame=self.produced, frames=gap,
                     message=f"a pipeline stage failed and was restarted; frames {self.produced}..{resume - 1} "
-                            "are lost, output continues")), resume, None, "event"))
+                            "are lost, output continues")), resume, [], "event"))
                 self.produced = resume
             self.frame_offset = resume
             self.pushed_s = resume / FPS
@@ -536,7 +542,7 @@ class Session:
                 await self._push(end=True)
             await self.outbox.put((pb.ServerMessage(pts=playback / FPS, event=pb.Event(
                 kind=pb.Event.INTERRUPTED, first_frame=playback,
-                message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)")), None, None, "event"))
+                message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)")), None, [], "event"))
             return playback
 
 

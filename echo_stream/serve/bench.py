@@ -94,7 +94,6 @@ def run(args) -> int:
     server = backend = None
     target = args.target
     if target is None:
-        from .. import config as mconfig
         from ..pipeline import PipelineOptions
         from .backend import RayBackend
         from .cli import start_ray
@@ -104,9 +103,8 @@ def run(args) -> int:
         backend = RayBackend.start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
                                                    device=args.device, size=(args.size, args.size)),
                                    num_cpus=args.num_cpus)
-        cfg = mconfig.get_config(args.config or "tiny")
-        server = ServerThread(backend, ServeOptions(port=0, max_sessions=args.max_sessions or max(counts),
-                                                    overlap_frames=cfg.overlap_frames))
+        server = ServerThread(backend, ServeOptions.for_model(args.config, port=0,
+                                                              max_sessions=args.max_sessions or max(counts)))
         target = f"127.0.0.1:{server.start()}"
     rows = []
     try:

@@ -107,7 +107,6 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 
 def run_serve(args) -> int:
-    from .. import config as mconfig
     from ..pipeline import PipelineOptions
     from .auth import is_loopback, load_tokens
     from .wire import Limits
@@ -124,13 +123,11 @@ def run_serve(args) -> int:
         if not sep or not name or not os.path.isfile(path):
             raise InputError(f"--avatar {spec}", "expected NAME=IMAGE with an existing image file")
         avatars[name] = os.path.abspath(path)
-    cfg = mconfig.get_config(args.config or "tiny")
     from .server import ServeOptions
-    opts = ServeOptions(host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
+    opts = ServeOptions.for_model(args.config, host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
                         tls_cert=_read(args.tls_cert, "TLS certificate"), tls_key=_read(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
-                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
-                        overlap_frames=cfg.overlap_frames)
+                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size))
     return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))

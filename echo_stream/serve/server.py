@@ -45,11 +45,22 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     avatars: dict = field(default_factory=dict)  # avatar id -> portrait path
     drain_timeout_s: float = 30.0
-    chunk_frames: int = 8
+    chunk_frames: int = 16                  # most avatar audio per pipeline chain (frames)
     max_inflight: int = 4
     max_batch: int = 64
     batch_wait_s: float = 0.004
-    overlap_frames: int = 4                 # the model's K (previous-motion frames), for fault recovery
+    overlap_frames: int = 4                 # the model's window geometry (ModelConfig): K previous-motion frames,
+    new_frames: int = 16                    # S new frames per window, L lookahead frames
+    lookahead_frames: int = 2
+
+    @classmethod
+    def for_model(cls, config_name: str | None = None, **kw) -> "ServeOptions":
+        """Options with the window geometry of a model config (tiny by default)."""
+        from ..config import get_config
+
+        c = get_config(config_name or "tiny")
+        return cls(overlap_frames=c.overlap_frames, new_frames=c.new_frames, lookahead_frames=c.lookahead_frames,
+                   **kw)
     recovery_timeout_s: float = 30.0
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
@@ -221,7 +232,8 @@ class AvatarServer:
             o = self.opts
             session = Session(sid, principal, spec, self.backend, self.batcher, o.limits, o.chunk_frames,
                               o.max_inflight, overlap_frames=o.overlap_frames,
-                              recovery_timeout_s=o.recovery_timeout_s)
+                              recovery_timeout_s=o.recovery_timeout_s, new_frames=o.new_frames,
+                              lookahead_frames=o.lookahead_frames)
             self.sessions[sid] = session
             self._opening -= 1
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))

@@ -113,7 +113,8 @@ class SessionStats:
 class Session:
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
-                 inbox_size: int = 64, overlap_frames: int = 4, recovery_timeout_s: float = 30.0):
+                 inbox_size: int = 64, overlap_frames: int = 4, recovery_timeout_s: float = 30.0,
+                 new_frames: int = 16, lookahead_frames: int = 2):
         self.id = session_id
         self.principal = principal
         self.spec = spec
@@ -121,6 +122,10 @@ class Session:
         self.batcher = batcher
         self.limits = limits
         self.chunk_s = chunk_frames / FPS
+        # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
+        # features look ahead) is in: the feed hands audio over exactly then, so no frame waits for a chunk
+        self.window_s = new_frames / FPS
+        self.ready_extra_s = lookahead_frames / FPS + 0.010
         self.overlap = overlap_frames
         self.recovery_timeout_s = recovery_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue(inbox_size)
@@ -154,6 +159,8 @@ class Session:
         self.closed = False
         self.incarnations: dict = {}
         self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
+        self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
+        self._recovery_task = None
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -276,7 +283,11 @@ class Session:
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
             n_encoded = sum(1 for k, it in self.group if k == "avatar_audio" and "encoded" in it)
-            if self.group_s >= self.chunk_s - 1e-9 or n_encoded >= 8 or len(self.group) >= 256:
+            local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
+            next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
+                                 + self.ready_extra_s)
+            crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
+            if crossed or self.group_s >= self.chunk_s - 1e-9 or n_encoded >= 8 or len(self.group) >= 256:
                 await self._push(end=False)
 
     def _epoch_t0(self) -> float:
@@ -295,6 +306,7 @@ class Session:
         feats = b.call("features", "process", pk)
         wins = b.call("memory", "process", feats)
         ck = None if end else b.call("memory", "export_state", iid)
+        self.replay_log.append((self.pushed_s, self.pushed_s + sec, items))
         self.pushed_s += sec
         await self.inflight.put((epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
         metrics.QUEUE_DEPTH.labels("inflight").inc()
@@ -380,6 +392,8 @@ class Session:
                     data=images[i].tobytes(), first_frame=f, frames=1)),
                     None if self.spec.wants_motion else f + 1, [] if self.spec.wants_motion else [origin], "video"))
         self.produced = int(frames[-1]) + 1
+        while self.replay_log and self.replay_log[0][1] <= self.produced / FPS + 1e-9:
+            self.replay_log.popleft()
         if self.spec.wants_video and self.spec.codec == "fmp4" and images is not None:
             audio = self.audio.take(int(frames[0]), int(frames[-1]) + 1)
             data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._encode, images, audio)
@@ -427,7 +441,7 @@ class Session:
         if epoch != self.epoch:
             return                                   # work of a dropped epoch: its failure does not matter
         if self.backend.is_fault(e):
-            await self._recover(epoch, e)
+            self._recovery_task = asyncio.get_running_loop().create_task(self._recover_soon(epoch, e))
             return
         inner = remote_cause(e)
         if isinstance(inner, (InputError, EchoStreamError)):
@@ -459,28 +473,61 @@ class Session:
                 pass
         return old
 
-    async def _recover(self, epoch: int, e: BaseException) -> None:
+    def _replay_items(self) -> tuple[int, list, float] | None:
+        """Input to re-push after a fault so that no frame is lost: ``(first frame, items, seconds)``.
+
+        The chains not yet fully turned into frames are in ``replay_log``; the replay starts at the first
+        frame boundary of the oldest one (frames before ``produced`` come out again and are dropped by the
+        egress). None when that is impossible (encoded avatar audio: its pieces cannot be cut at a frame).
+        """
+        p_s = self.produced / FPS
+        chains = [c for c in self.replay_log if c[1] > p_s + 1e-9]
+        if not chains or chains[0][0] > p_s + 1e-9:
+            return None
+        if any(k == "avatar_audio" and "encoded" in it for c in chains for k, it in c[2]):
+            return None
+        start = chains[0][0]
+        first = math.ceil(start * FPS - 1e-6)
+        cut = first / FPS - start                      # seconds of avatar audio before the frame boundary
+        items, seconds = [], 0.0
+        for _, _, chain_items in chains:
+            for kind, it in chain_items:
+                if kind == "avatar_audio" and cut > 1e-9:
+                    width = (2 if it["format"] == "s16le" else 4) * it["channels"]
+                    n = len(it["pcm"]) // width
+                    k = min(n, int(round(cut * it["rate"])))
+                    cut -= k / it["rate"]
+                    if k >= n:
+                        continue
+                    it = dict(it, pcm=it["pcm"][k * width:], seconds=(n - k) / it["rate"])
+                if kind == "avatar_audio":
+                    seconds += it.get("seconds", 0.0)
+                items.append((kind, it))
+        return first, items, seconds
+
+    async def _recover(self, epoch: int, e: BaseException, still_needed=None) -> None:
         async with self.lock:
-            if epoch != self.epoch:
+            if epoch != self.epoch or (still_needed is not None and not still_needed()):
                 return
-            log.warning("session %s: stage failure (%s); recovering", self.id[:8], type(e).__name__)
+            log.warning("session %s: stage failure (%s: %s); recovering", self.id[:8], type(e).__name__,
+                        str(e).splitlines()[0][:120] if str(e) else "")
             t = time.perf_counter()
             self._new_epoch()
             self._drop_queued()
             self.stats.recoveries += 1
             metrics.RECOVERIES.inc()
-            resume = max(self.produced, math.ceil(self.pushed_s * FPS - 1e-6))
+            replay = self._replay_items()
+            self.replay_log.clear()
             self.audio.clear()
-            self.arrivals = deque(a for a in self.arrivals if a[1] > self.pushed_s)
-            if resume > self.produced:
+            stalled_at = self.produced
+            if replay is not None:
+                resume, items, seconds = replay
+                gap = 0
+            else:
+                resume = max(self.produced, math.ceil(self.pushed_s * FPS - 1e-6))
+                items, seconds = [], 0.0
                 gap = resume - self.produced
-                self.stats.gap_frames += gap
-                metrics.GAPS.inc(gap)
-                await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
-                    kind=pb.Event.GAP, first_frame=self.produced, frames=gap,
-                    message=f"a pipeline stage failed and was restarted; frames {self.produced}..{resume - 1} "
-                            "are lost, output continues")), resume, [], "event"))
-                self.produced = resume
+                self.arrivals = deque(a for a in self.arrivals if a[1] > self.pushed_s)
             self.frame_offset = resume
             self.pushed_s = resume / FPS
             try:
@@ -490,20 +537,46 @@ class Session:
                 raise
             except Exception as e2:  # noqa: BLE001
                 raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
+            took = time.perf_counter() - t
+            if gap:
+                self.stats.gap_frames += gap
+                metrics.GAPS.inc(gap)
+                self.produced = resume
+                what = (f"frames {stalled_at}..{resume - 1} are lost (their input could not be replayed); "
+                        "output continues")
+            else:
+                what = "no frame was lost: the input in flight was replayed"
+            await self.outbox.put((pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
+                kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
+                message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
+                        f"{stalled_at}; {what}")), resume if gap else None, [], "event"))
+            self.group = items + self.group
+            self.group_s += seconds
             self.ready.set()
-            if self.end_pushed:                      # the old epoch took the end of the stream with it
-                await self._push(end=True)
-            log.warning("session %s: recovered in %.2f s (epoch %d)", self.id[:8], time.perf_counter() - t,
-                        self.epoch)
+            if self.group or self.end_pushed:        # replayed input (+ the end the old epoch took with it)
+                await self._push(end=self.end_pushed)
+            log.warning("session %s: recovered in %.2f s (epoch %d, %d frames replayed from %d, %d lost)",
+                        self.id[:8], took, self.epoch, max(0, stalled_at - resume) if gap == 0 else 0, resume, gap)
+
+    async def _recover_soon(self, epoch: int, e: BaseException) -> None:
+        """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""
+        try:
+            await self._recover(epoch, e)
+        except SessionFailed as f:
+            self._fail(f)
+        except Exception as f:  # noqa: BLE001
+            log.exception("session %s: recovery failed", self.id[:8])
+            self._fail(SessionFailed("INTERNAL", f"recovery failed: {f}"))
 
     async def stage_restarted(self, stage: str, incarnation: str) -> None:
         """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
         unless the session already re-opened on the new process (a failed call recovered it first)."""
         from .backend import StageFault
 
-        if not self.done.is_set() and self.incarnations.get(stage) != incarnation:
-            try:
-                await self._recover(self.epoch, StageFault(f"stage {stage} restarted"))
+        if not self.done.is_set():
+            try:   # checked under the session's lock: a recovery in progress may already have re-opened there
+                await self._recover(self.epoch, StageFault(f"stage {stage} restarted"),
+                                    still_needed=lambda: self.incarnations.get(stage) != incarnation)
             except SessionFailed as e:
                 self._fail(e)
 
@@ -522,6 +595,7 @@ class Session:
                 self.inbox.put_nowait(k)
                 metrics.QUEUE_DEPTH.labels("input").inc()
             self.group, self.group_s = [], 0.0
+            self.replay_log.clear()
             playback = self.produced
             self.frame_offset = playback
             self.pushed_s = playback / FPS

@@ -409,3 +409,54 @@ def test_grafana_dashboard_uses_real_metrics():
     known = {k[:-6] if k.endswith("_total") else k for k in known}
     used = {u[:-6] if u.endswith("_total") else u for u in used}
     assert used and used <= known, sorted(used - known)
+
+
+def test_batcher_stacks_windows_of_concurrent_sessions(backend):
+    """Windows of three sessions ready together go to diffusion as ONE model call, with the same motion
+    as when each session runs alone (the diffusion stage keeps per-session seeds and previous motion)."""
+    from echo_stream.serve.batching import WindowBatcher
+
+    def windows(sid, seed):
+        backend.runner.hosts["decode"].call("open_stream", sid)
+        backend.runner.hosts["diffusion"].call("set_seed", sid, seed)
+        a = _audio(0.8, seed=seed)
+        pk, _ = backend.runner.hosts["decode"].call("push", sid, [("avatar_audio", {
+            "pcm": a.astype("<f4").tobytes(), "format": "f32le", "rate": 16000, "channels": 1})], True)
+        feats = backend.runner.hosts["features"].call("process", pk)
+        return backend.runner.hosts["memory"].call("process", feats)
+
+    async def batched(tag):
+        b = WindowBatcher(backend, max_batch=8, max_wait_s=0.2)
+        b.start()
+        wins = [windows(f"{tag}{i}", i) for i in range(3)]
+        outs = []
+        for step in range(max(map(len, wins))):   # one window per session at a time, all sessions together
+            outs.append(await asyncio.gather(*(b.submit(w[step]) for w in wins if step < len(w))))
+        await b.stop()
+        return b, outs
+
+    async def alone(tag):
+        b = WindowBatcher(backend, max_batch=1, max_wait_s=0.0)
+        b.start()
+        outs = []
+        for i in range(3):
+            outs.append([await b.submit(w) for w in windows(f"{tag}{i}", i)])
+        await b.stop()
+        return b, outs
+
+    from echo_stream import schemas
+    bb, together = run(batched("t"))
+    ba, single = run(alone("s"))
+    assert bb.max_seen == 3 and ba.max_seen == 1 and bb.batches < ba.batches
+
+    def motion(p):
+        mw = p.get(schemas.MOTION_WINDOW)
+        return None if mw is None else schemas.column(mw, "motion")
+    for i in range(3):
+        got = [motion(step[i]) for step in together]
+        want = [motion(p) for p in single[i]]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                np.testing.assert_allclose(g, w, atol=1e-5)

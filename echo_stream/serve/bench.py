@@ -6,8 +6,8 @@ first-frame latency, and on the client side the latency trend. A session is
 *real time* when its output keeps pace with its input: the client-side frame
 latency does not grow over the session (last-second median minus the
 second-second median below ``--max-growth``) and its p99 stays under
-``--rt-p99``. The highest N whose sessions are all real time is reported, and
-sessions the server refused (RESOURCE_EXHAUSTED).
+``--rt-p99``. The highest N up to which every N of the sweep had all its sessions
+in real time is reported, and sessions the server refused (RESOURCE_EXHAUSTED).
 
 Without ``--target`` a server is started in this process on local Ray
 (``--num-cpus``), with ``--max-sessions`` capacity.
@@ -139,7 +139,11 @@ def run(args) -> int:
             server.stop()
         if backend:
             backend.shutdown()
-    best = max([r["sessions"] for r in rows if r["all_realtime"]], default=0)
+    best = 0                                   # highest N with every N' <= N of the sweep in real time
+    for r in sorted(rows, key=lambda r: r["sessions"]):
+        if not r["all_realtime"]:
+            break
+        best = r["sessions"]
     cpus = args.num_cpus or os.cpu_count()
     result = {
         "benchmark": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(),

@@ -27,8 +27,8 @@ FRAME_LATENCY = Histogram("echo_stream_frame_latency_seconds",
 FIRST_FRAME_LATENCY = Histogram("echo_stream_first_frame_latency_seconds",
                                 "first avatar audio arrival -> first frame leaving the egress", buckets=_LAT)
 QUEUE_DEPTH = Gauge("echo_stream_queue_depth", "items waiting, summed over sessions", ["queue"])
-# queue: input (client messages not yet handed to the pipeline), inflight (chunks in the pipeline),
-# output (messages not yet sent), diffusion (windows waiting for the next batch)
+# queue: input (client messages not yet handed to the pipeline), inflight (chains in the pipeline),
+# diffusion (windows waiting for the next batch)
 DIFFUSION_BATCH = Histogram("echo_stream_diffusion_batch_size", "session windows per diffusion model call",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 DIFFUSION_WAIT = Histogram("echo_stream_diffusion_queue_seconds", "window ready -> its batch starts", buckets=_LAT)

@@ -155,6 +155,7 @@ class Session:
         self._enc_frames: list[int] = []   # global frame of each encoded frame, in encoder order
         self._video_sent = 0               # encoded frames whose bytes were sent
         self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
+        self._enc_dropped = 0              # entries trimmed from the front of those two lists
         self._tasks: list[asyncio.Task] = []
         self.closed = False
         self.incarnations: dict = {}
@@ -320,7 +321,8 @@ class Session:
                 continue
             try:
                 info = await self.backend.get(info_h)
-                self.audio.add(offset + info["first_frame"], info["avatar_audio"])
+                if self.spec.wants_video and self.spec.codec == "fmp4":   # muxed into the video
+                    self.audio.add(offset + info["first_frame"], info["avatar_audio"])
                 wins = await self.backend.get(wins_h)
                 metrics.STAGE_LATENCY.labels("memory").observe(time.perf_counter() - t0)
                 if ck_h is not None:
@@ -400,11 +402,13 @@ class Session:
             self._enc_frames.extend(frames.tolist())
             self._enc_origins.extend(origins)
             if data:
-                gop = self._gop
-                covered = ((self._encoder.frames_written - 1) // gop) * gop
+                # the MP4 muxer interleaves video with the AAC track, whose encoder delay holds back the last
+                # few video frames until more audio comes: count those as not yet sent
+                covered = max(self._video_sent, self._encoder.frames_written - self._mux_lag - self._enc_dropped)
                 await self._send_video(data, covered)
 
-    _gop = 16
+    _gop = 16          # frames per GOP (= per fMP4 fragment)
+    _mux_lag = 4       # frames the muxer may still hold after an encode (AAC delay; measured: 3)
 
     def _encode(self, images: np.ndarray, audio: np.ndarray) -> bytes:
         from ..media import FragmentedMp4Encoder
@@ -421,6 +425,11 @@ class Session:
         upto = self._enc_frames[covered - 1] + 1 if n else None
         origins = self._enc_origins[self._video_sent:covered]
         self._video_sent = max(self._video_sent, covered)
+        drop = self._video_sent - 1                    # keep the last sent one (first_frame of an empty chunk)
+        if drop > 1024:                                # bounded however long the session
+            del self._enc_frames[:drop], self._enc_origins[:drop]
+            self._video_sent -= drop
+            self._enc_dropped += drop
         await self.outbox.put((pb.ServerMessage(pts=first / FPS, video=pb.VideoChunk(
             data=data, first_frame=first, frames=n)), None if self.spec.wants_motion else upto,
             [] if self.spec.wants_motion else origins, "video"))

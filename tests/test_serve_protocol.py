@@ -7,7 +7,6 @@ Ray actor pipeline end to end.
 import asyncio
 import re
 import threading
-import time
 import urllib.request
 
 import grpc

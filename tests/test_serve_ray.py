@@ -5,7 +5,6 @@ One local Ray instance and one set of stage actors (restartable) for the module;
 offline path on identical weights.
 """
 import asyncio
-import io
 import os
 import signal
 import subprocess

@@ -459,3 +459,76 @@ def test_batcher_stacks_windows_of_concurrent_sessions(backend):
             assert (g is None) == (w is None)
             if g is not None:
                 np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+class _FailOnce(InlineBackend):
+    """The in-process pipeline, whose memory stage 'dies' (StageFault) on its n-th process call."""
+
+    def __init__(self, inner: InlineBackend, n: int):
+        self.runner, self._pools = inner.runner, inner._pools
+        self.n = n
+        self.calls = 0
+
+    def _run(self, stage, method, args, num_returns):
+        if stage == "memory" and method == "process":
+            self.calls += 1
+            if self.calls == self.n:
+                from echo_stream.serve.backend import StageFault
+                raise StageFault("memory process died (test)")
+        return super()._run(stage, method, args, num_returns)
+
+
+def _mp3_bytes(x):
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp3") as c:
+        s = c.add_stream("libmp3lame", rate=16000, layout="mono")
+        for i in range(0, len(x), 1152):
+            f = av.AudioFrame.from_ndarray(x[None, i:i + 1152].astype(np.float32), format="fltp", layout="mono")
+            f.sample_rate = 16000
+            for pkt in s.encode(f):
+                c.mux(pkt)
+        for pkt in s.encode(None):
+            c.mux(pkt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_stage_fault_replays_or_announces_the_gap(backend, encoded):
+    """A stage failure mid-session: PCM input in flight is replayed (nothing lost); encoded input cannot be
+    cut at a frame, so its frames are skipped and announced. Either way each frame leaves at most once, in
+    order, and every missing frame is inside a GAP event."""
+    st = ServerThread(_FailOnce(backend, n=3), ServeOptions(port=0))
+    target = f"127.0.0.1:{st.start()}"
+    audio = _audio(3.0, seed=6)
+
+    async def main():
+        async with AvatarClient(target) as c:
+            s = await c.open(output="motion")
+            if encoded:
+                data = _mp3_bytes(audio)
+                for i in range(0, len(data), 400):
+                    await s._write(pb.ClientMessage(pts=3.0 * i / len(data), avatar_audio=pb.AudioChunk(
+                        encoded=data[i:i + 400], codec="mp3")))
+            else:
+                for i in range(0, len(audio), 1280):
+                    await s.send_avatar_audio(audio[i:i + 1280])
+            await s.end()
+            return [m async for m in s.messages()]
+    try:
+        msgs = run(main())
+    finally:
+        st.stop()
+    frames = [m.motion.frame for m in msgs if m.WhichOneof("body") == "motion"]
+    gaps = [m.event for m in msgs if m.WhichOneof("body") == "event" and m.event.kind == pb.Event.GAP]
+    assert len(gaps) == 1 and msgs[-1].event.kind == pb.Event.ENDED
+    assert frames == sorted(set(frames))
+    lost = set(range(gaps[0].first_frame, gaps[0].first_frame + gaps[0].frames))
+    assert not lost & set(frames) and set(range(max(frames) + 1)) - set(frames) <= lost
+    if encoded:
+        assert gaps[0].frames > 0 and "lost" in gaps[0].message
+    else:
+        assert gaps[0].frames == 0 and frames == list(range(75)) and "replayed" in gaps[0].message

@@ -162,6 +162,7 @@ class Session:
         self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
         self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
         self._recovery_task = None
+        self._pts_base = None            # client pts of session-timeline 0, for encoded audio (reset by interrupts)
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -277,10 +278,12 @@ class Session:
                 return
             self.group.append((kind, item))
             if kind == "avatar_audio":
-                sec = item.get("seconds")
-                if sec is None:                       # encoded: duration known after decoding
-                    sec = 0.0
                 start = self.pushed_s + self.group_s
+                sec = item.get("seconds")
+                if sec is None:   # encoded: the duration is known only once decoded; the client's pts
+                    if self._pts_base is None:        # (start of each piece) place it on the timeline
+                        self._pts_base = item.get("pts", 0.0) - start
+                    sec = max(0.0, item.get("pts", 0.0) - self._pts_base - start)
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
             n_encoded = sum(1 for k, it in self.group if k == "avatar_audio" and "encoded" in it)
@@ -547,14 +550,16 @@ class Session:
             except Exception as e2:  # noqa: BLE001
                 raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
             took = time.perf_counter() - t
-            if gap:
+            if replay is not None:
+                what = "no frame was lost: the input in flight was replayed"
+            elif gap:
                 self.stats.gap_frames += gap
                 metrics.GAPS.inc(gap)
                 self.produced = resume
                 what = (f"frames {stalled_at}..{resume - 1} are lost (their input could not be replayed); "
                         "output continues")
             else:
-                what = "no frame was lost: the input in flight was replayed"
+                what = "no input was in flight: no frame lost"
             await self.outbox.put((pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
                 kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
                 message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
@@ -605,6 +610,7 @@ class Session:
                 metrics.QUEUE_DEPTH.labels("input").inc()
             self.group, self.group_s = [], 0.0
             self.replay_log.clear()
+            self._pts_base = None
             playback = self.produced
             self.frame_offset = playback
             self.pushed_s = playback / FPS

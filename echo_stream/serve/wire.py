@@ -144,7 +144,7 @@ class InputChecker:
         if which == "encoded":
             if not a.codec:
                 raise InputError(f"{what}.codec", "encoded audio needs the decoder name (e.g. mp3, aac, flac)")
-            return {"encoded": bytes(data), "codec": a.codec}
+            return {"encoded": bytes(data), "codec": a.codec}   # its duration is known once decoded
         ch = a.channels or 1
         if ch not in (1, 2):
             raise InputError(f"{what}.channels", f"{ch}: only mono or stereo PCM")
@@ -180,7 +180,7 @@ class InputChecker:
         if kind == "config":
             raise InputError(f"message {msg.seq}", "a second SessionConfig: one per session")
         if kind in ("avatar_audio", "user_audio"):
-            return kind, self._audio(kind, getattr(msg, kind))
+            return kind, dict(self._audio(kind, getattr(msg, kind)), pts=float(msg.pts))
         if kind == "user_video":
             v = msg.user_video
             which = v.WhichOneof("payload")

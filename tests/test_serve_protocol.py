@@ -7,6 +7,7 @@ Ray actor pipeline end to end.
 import asyncio
 import re
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -532,3 +533,27 @@ def test_stage_fault_replays_or_announces_the_gap(backend, encoded):
         assert gaps[0].frames > 0 and "lost" in gaps[0].message
     else:
         assert gaps[0].frames == 0 and frames == list(range(75)) and "replayed" in gaps[0].message
+
+
+def test_client_vanishing_mid_session_frees_everything(make_server, backend):
+    st, target = make_server()
+
+    async def main():
+        c = AvatarClient(target)
+        s = await c.open(output="both", portrait=open(PORTRAIT, "rb").read(), size=SIZE)
+        await s.send_avatar_audio(_audio(1.0))
+        async for m in s.messages():
+            if m.WhichOneof("body") == "motion":
+                break
+        await c.close()                                  # no END: the connection just goes away
+        for _ in range(200):
+            if not st.server.sessions:
+                break
+            await asyncio.sleep(0.05)
+        return s.session_id
+    sid = run(main())
+    assert not st.server.sessions
+    time.sleep(0.5)                                      # the stages' close_session calls are queued FIFO
+    for name, host in backend.runner.hosts.items():
+        held = [k for k in getattr(host.stage, "_sessions", {}) if k.startswith(sid)]
+        assert not held, f"stage {name} still holds {held}"

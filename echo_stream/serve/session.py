@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import config, schemas
 from ..errors import EchoStreamError, InputError
+from ..generate import unwrap_remote_error as remote_cause
 from ..pipeline import STAGES, transcript_batch
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
@@ -57,12 +58,6 @@ class SessionFailed(Exception):
         self.code = code
         self.message = message
         super().__init__(message)
-
-
-def remote_cause(e: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error (Ray wraps exceptions raised in actors)."""
-    cause = getattr(e, "cause", None)
-    return remote_cause(cause) if isinstance(cause, BaseException) else e
 
 
 class AudioTimeline:

@@ -8,13 +8,52 @@ Ray; an actor here only gives a stage its own process, its declared resources
 """
 from __future__ import annotations
 
+import time
+
 import ray
 
 from echo_stream.stages.host import StageHost
 from echo_stream.stages import Stage
 
+class MeteredStageHost(StageHost):
+    """StageHost that also reports each call to Ray's metrics (``ray.util.metrics``, exported by Ray's
+    metrics agent): call latency per stage and method (seconds) and errors. No per-session labels."""
+
+    _metrics = None
+
+    @classmethod
+    def _get_metrics(cls):
+        if cls._metrics is None:
+            from ray.util import metrics
+
+            keys = ("stage", "method")
+            cls._metrics = (
+                metrics.Histogram("echo_stream_actor_call_seconds", "stage actor call latency (seconds)",
+                                  boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+                                  tag_keys=keys),
+                metrics.Counter("echo_stream_actor_errors_total", "stage actor calls that raised", tag_keys=keys))
+        return cls._metrics
+
+    def call(self, method: str, *args, **kwargs):
+        t = time.perf_counter()
+        tags = {"stage": self.stage.name, "method": method}
+        try:
+            return super().call(method, *args, **kwargs)
+        except BaseException:
+            try:
+                self._get_metrics()[1].inc(1, tags)
+            except Exception:  # noqa: BLE001 - metrics never break a call
+                pass
+            raise
+        finally:
+            try:
+                self._get_metrics()[0].observe(time.perf_counter() - t, tags)
+            except Exception:  # noqa: BLE001
+                pass
+
+
 #: The remote class every stage actor is an instance of.
-StageActor = ray.remote(StageHost)
+StageActor = ray.remote(MeteredStageHost)
 
 
 def make_stage_actor(stage: Stage, name: str | None = None, max_restarts: int = 0, **options):

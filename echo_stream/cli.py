@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(tp)
         tp.set_defaults(_tool=module)
 
+    from .serve import cli as serve_cli
+    sp = sub.add_parser("serve", help="multi-session gRPC server (bidirectional streaming) on the Ray pipeline",
+                        description="Serves the AvatarStream gRPC service (protos/echo_stream.proto): one "
+                                    "bidirectional stream per avatar session, all sessions sharing one set of stage "
+                                    "actors, diffusion windows batched across sessions.",
+                        epilog=serve_cli.SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_cli.add_serve_arguments(sp)
+    cp = sub.add_parser("client", help="stream local files (or a test signal) to a server; save mp4 / motion",
+                        description="Streams avatar audio (+ user video/audio, transcript) to `echo-stream serve` "
+                                    "in real time and saves what comes back.",
+                        epilog=serve_cli.CLIENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_cli.add_client_arguments(cp)
+
     b = sub.add_parser("bench", help="benchmarks that write JSON (and CSV/PNG) under bench/results/")
     bsub = b.add_subparsers(dest="bench", metavar="WHICH")
     bp = bsub.add_parser("pipeline", help="real-time factor, start-up, per-stage time and peak memory of generate",
@@ -100,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "peak memory of the driver and of every actor.")
     from . import bench_pipeline
     bench_pipeline.add_arguments(bp)
+    from .serve import bench as serve_bench
+    bs = bsub.add_parser("serve", help="N concurrent real-time sessions against a server: latency, capacity",
+                         description=serve_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_bench.add_arguments(bs)
     try:
         from .kernels import bench as kbench
     except ImportError:  # pragma: no cover - kernels import torch/triton lazily
@@ -184,12 +201,21 @@ def main(argv: list[str] | None = None) -> int:
                 if p and os.path.dirname(p):
                     os.makedirs(os.path.dirname(p), exist_ok=True)
             return _run_generate(args, _demo_inputs())
+        if args.command == "serve":
+            from .serve import cli as serve_cli
+            return serve_cli.run_serve(args)
+        if args.command == "client":
+            from .serve import cli as serve_cli
+            return serve_cli.run_client(args)
         if getattr(args, "_tool", None):
             return _import_tool(args._tool).run(args)
         if args.command == "bench":
             if args.bench == "pipeline":
                 from . import bench_pipeline
                 return bench_pipeline.run(args)
+            if args.bench == "serve":
+                from .serve import bench as serve_bench
+                return serve_bench.run(args)
             if args.bench == "kernels":
                 from .kernels import bench as kbench
                 return kbench.run(args)

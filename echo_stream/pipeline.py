@@ -114,7 +114,9 @@ class _Done:
 class RayRunner:
     """Runs every stage as a Ray actor (local Ray unless ``address`` is given)."""
 
-    def __init__(self, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None,
+                 max_restarts: int = 0):
+        """``max_restarts``: how often Ray restarts a stage actor that dies (-1: always; serving)."""
         import ray
 
         from .actors import make_stage_actor
@@ -132,7 +134,7 @@ class RayRunner:
             ray.init(**kwargs)
             self._owns_ray = True
         stages = build_stages(opts)
-        self.actors = {name: make_stage_actor(stages[name]) for name in STAGES}
+        self.actors = {name: make_stage_actor(stages[name], max_restarts=max_restarts) for name in STAGES}
 
     def setup(self) -> dict[str, float]:
         refs = {n: a.setup.remote() for n, a in self.actors.items()}

@@ -120,8 +120,15 @@ RENDERED_FRAMES = Contract("RenderedFrames", _COMMON + (
     ("image", TensorSpec(pa.uint8(), (None, None, 3))),
 ))
 
+#: client-side face tracking (ARKit blendshapes + head pose), one row per 25 fps frame, motion.CHANNELS order
+USER_BLENDSHAPES = Contract("UserBlendshapes", _COMMON + (
+    ("frame", pa.int64()),
+    ("values", TensorSpec(pa.float32(), (motion.NUM_CHANNELS,))),
+))
+
 CONTRACTS: dict[str, Contract] = {c.name: c for c in (
-    AUDIO_CHUNK, VIDEO_FRAMES, TRANSCRIPT_SEGMENT, FEATURES, MEMORY_TOKENS, MOTION_WINDOW, RENDERED_FRAMES)}
+    AUDIO_CHUNK, VIDEO_FRAMES, TRANSCRIPT_SEGMENT, FEATURES, MEMORY_TOKENS, MOTION_WINDOW, RENDERED_FRAMES,
+    USER_BLENDSHAPES)}
 
 
 def _check_tensor(contract: Contract, name: str, spec: TensorSpec, typ: pa.DataType) -> None:

@@ -10,6 +10,7 @@ sees the three tracks in lock-step.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -43,6 +44,149 @@ def user_video_size(path: str, width: int = USER_VIDEO_WIDTH) -> tuple[int, int]
         raise InputError(path, "no video stream")
     h = max(2, int(round(width * info.height / max(info.width, 1) / 2)) * 2)
     return width, h
+
+
+class PushedAudio:
+    """One pushed audio track -> 16 kHz mono float32: PCM (s16le / f32le, any rate, mono or stereo)
+    or pieces of an encoded elementary stream (an FFmpeg decoder with a parser: mp3, aac (ADTS), flac, ...)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._resampler = None
+        self._key = None
+        self._codec = None
+        self._good = self._bad = 0
+
+    def _resample(self, frame) -> list[np.ndarray]:
+        import av
+
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        out = []
+        if self._resampler is None or key != self._key:
+            if self._resampler is not None:
+                out += self._drain(self._resampler.resample(None))
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=config.SAMPLE_RATE)
+            self._key = key
+        frame.pts = None
+        return out + self._drain(self._resampler.resample(frame))
+
+    @staticmethod
+    def _drain(frames) -> list[np.ndarray]:
+        return [f.to_ndarray().reshape(-1).astype(np.float32, copy=False) for f in frames if f.samples]
+
+    def convert(self, item: dict) -> np.ndarray:
+        import av
+
+        if "encoded" in item:
+            codec = item.get("codec") or ""
+            if self._codec is None:
+                try:
+                    self._codec = av.CodecContext.create(codec, "r")
+                except (av.FFmpegError, ValueError) as e:
+                    raise InputError(f"{self.what}.codec", f"unknown audio decoder {codec!r} ({e})") from None
+            elif self._codec.name != codec and codec:
+                raise InputError(f"{self.what}.codec", f"changed from {self._codec.name!r} to {codec!r} mid-stream")
+            out = []
+            try:
+                packets = self._codec.parse(item["encoded"])
+            except av.FFmpegError as e:
+                raise InputError(f"{self.what}.encoded", f"unparsable {codec} data ({e})") from None
+            for pkt in packets:
+                try:
+                    frames = self._codec.decode(pkt)
+                except av.FFmpegError as e:   # a damaged or non-audio frame (e.g. a tag): skipped, like players do
+                    self._bad += 1
+                    if self._bad > 64 and not self._good:
+                        raise InputError(f"{self.what}.encoded", f"not decodable as {codec} ({e})") from None
+                    continue
+                self._good += len(frames)
+                for fr in frames:
+                    out += self._resample(fr)
+            return np.clip(np.concatenate(out), -1, 1) if out else np.zeros(0, np.float32)
+        rate, ch = int(item["rate"]), int(item.get("channels") or 1)
+        dtype = "<i2" if item["format"] == "s16le" else "<f4"
+        x = np.frombuffer(item["pcm"], dtype=dtype).reshape(-1, ch)
+        x = x.astype(np.float32) / 32768.0 if dtype == "<i2" else x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise InputError(f"{self.what}.pcm_f32le", "NaN or infinite samples")
+        mono = np.clip(x.mean(axis=1) if ch > 1 else x[:, 0], -1, 1).astype(np.float32)
+        if rate == config.SAMPLE_RATE:
+            return mono
+        frame = av.AudioFrame.from_ndarray(mono[None], format="flt", layout="mono")
+        frame.sample_rate = rate
+        out = self._resample(frame)
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+class PushedVideo:
+    """Pushed user video -> RGB frames at the working size: raw RGB24 frames or pieces of an encoded
+    elementary stream (h264 Annex B, mjpeg, ...); one decoded frame per 25 fps frame."""
+
+    def __init__(self, what: str = "user_video"):
+        self.what = what
+        self.size: tuple[int, int] | None = None
+        self._codec = None
+
+    def _fit(self, frame) -> np.ndarray:
+        if self.size is None:
+            w, h = frame.width, frame.height
+            self.size = (USER_VIDEO_WIDTH, max(2, int(round(USER_VIDEO_WIDTH * h / max(w, 1) / 2)) * 2))
+        if (frame.width, frame.height) == self.size and frame.format.name == "rgb24":
+            return frame.to_ndarray()
+        return frame.reformat(width=self.size[0], height=self.size[1], format="rgb24").to_ndarray()
+
+    def convert(self, item: dict) -> list[np.ndarray]:
+        import av
+
+        if "encoded" in item:
+            codec = item.get("codec") or ""
+            if self._codec is None:
+                try:
+                    self._codec = av.CodecContext.create(codec, "r")
+                except (av.FFmpegError, ValueError) as e:
+                    raise InputError(f"{self.what}.codec", f"unknown video decoder {codec!r} ({e})") from None
+            try:
+                return [self._fit(fr) for pkt in self._codec.parse(item["encoded"]) for fr in self._codec.decode(pkt)]
+            except av.FFmpegError as e:
+                raise InputError(f"{self.what}.encoded", f"undecodable {codec} data ({e})") from None
+        w, h = int(item["width"]), int(item["height"])
+        rgb = np.frombuffer(item["raw"], np.uint8).reshape(h, w, 3)
+        if self.size is None or (w, h) != self.size:
+            return [self._fit(av.VideoFrame.from_ndarray(rgb, format="rgb24"))]
+        return [rgb.copy()]
+
+
+@dataclass
+class _PushSource:
+    """A session whose inputs are pushed (serving) rather than read from files."""
+
+    avatar: PushedAudio = field(default_factory=lambda: PushedAudio("avatar_audio"))
+    user: PushedAudio = field(default_factory=lambda: PushedAudio("user_audio"))
+    video: PushedVideo = field(default_factory=PushedVideo)
+    avatar_buf: list = field(default_factory=list)
+    avatar_len: int = 0
+    user_buf: list = field(default_factory=list)
+    user_len: int = 0
+    frames: deque = field(default_factory=deque)
+    blend: deque = field(default_factory=deque)
+    last_video: np.ndarray | None = None
+    has_user_audio: bool = False
+    next_frame: int = 0
+    seq: int = 0
+
+
+def _take_samples(buf: list, n: int) -> np.ndarray:
+    """Pop ``n`` samples from a list of arrays (zeros where there are not enough)."""
+    out = np.zeros(n, np.float32)
+    got = 0
+    while buf and got < n:
+        k = min(n - got, len(buf[0]))
+        out[got:got + k] = buf[0][:k]
+        got += k
+        buf[0] = buf[0][k:]
+        if not len(buf[0]):
+            buf.pop(0)
+    return out
 
 
 class DecodeStage(Stage):
@@ -162,6 +306,96 @@ class DecodeStage(Stage):
         if end:
             self.close_session(session_id)
         return packet, {"end": end, "avatar_audio": samples}
+
+    # -- pushed input (serving) -------------------------------------------------------------------
+    def open_stream(self, session_id: str) -> None:
+        """Start a session whose inputs arrive through :meth:`push` (the gRPC ingress)."""
+        self._sessions[session_id] = _PushSource()
+
+    def push(self, session_id: str, items: list[tuple[str, dict]], end: bool = False) -> tuple[Packet, dict]:
+        """Add pushed inputs; returns ``(packet, info)`` with every frame whose avatar audio is complete.
+
+        ``items`` are ``(kind, fields)`` pairs in arrival order, kind one of
+        ``avatar_audio`` / ``user_audio`` (``pcm`` bytes with ``format``
+        ``s16le``/``f32le``, ``rate``, ``channels``; or ``encoded`` + ``codec``),
+        ``user_video`` (``raw`` + ``width``/``height``; or ``encoded`` + ``codec``)
+        and ``blendshapes`` (``values``: name -> float, one frame). Frame ``f``
+        is the avatar audio's samples ``[640 f, 640 (f + 1))``; user tracks are
+        aligned to it in arrival order (silence / the last video frame when they
+        lag). ``end`` pads the last frame and ends the stream. ``info`` holds
+        ``end``, ``first_frame``, ``frames`` and ``avatar_audio`` (the valid
+        samples of these frames, for muxing).
+        """
+        from .. import features as feat
+
+        src = self._sessions.get(session_id)
+        if not isinstance(src, _PushSource):
+            raise KeyError(f"unknown pushed session {session_id!r}: call open_stream first")
+        for kind, item in items:
+            if kind == "avatar_audio":
+                x = src.avatar.convert(item)
+                src.avatar_buf.append(x)
+                src.avatar_len += len(x)
+            elif kind == "user_audio":
+                x = src.user.convert(item)
+                src.has_user_audio = True
+                src.user_buf.append(x)
+                src.user_len += len(x)
+            elif kind == "user_video":
+                src.frames.extend(src.video.convert(item))
+            elif kind == "blendshapes":
+                src.blend.append(feat.blendshape_frames(dict(item["values"]))[0])
+            else:
+                raise InputError("push", f"unknown input kind {kind!r}")
+        spf = config.SAMPLES_PER_FRAME
+        n_frames = -(-src.avatar_len // spf) if end else src.avatar_len // spf
+        n_valid = min(src.avatar_len, n_frames * spf)
+        avatar = _take_samples(src.avatar_buf, n_frames * spf)
+        src.avatar_len -= n_valid
+        f0 = src.next_frame
+        frames = np.arange(f0, f0 + n_frames)
+        pts = frames / config.FPS
+        packet = Packet(session_id, end=end, meta={"first_frame": int(f0), "frames": int(n_frames),
+                                                   "avatar_samples": int(n_valid)})
+        rows = [avatar.reshape(n_frames, spf)]
+        tracks = ["avatar"] * n_frames
+        if src.has_user_audio:
+            rows.append(_take_samples(src.user_buf, n_frames * spf).reshape(n_frames, spf))
+            src.user_len = max(0, src.user_len - n_frames * spf)
+            tracks += ["user"] * n_frames
+        seq0 = src.seq
+        n_rows = len(tracks)
+        packet.put(schemas.make_batch(schemas.AUDIO_CHUNK, {
+            "session_id": [session_id] * n_rows, "seq": np.arange(seq0, seq0 + n_rows),
+            "pts": np.concatenate([pts] * (n_rows // max(n_frames, 1))) if n_frames else np.zeros(0),
+            "track": tracks, "samples": np.concatenate(rows) if n_frames else np.zeros((0, spf), np.float32)}),
+            schemas.AUDIO_CHUNK)
+        seq0 += n_rows
+        video = []
+        for _ in range(n_frames):
+            if src.frames:
+                src.last_video = src.frames.popleft()
+            if src.last_video is None:
+                break
+            video.append(src.last_video)
+        if n_frames and len(video) == n_frames:
+            packet.put(schemas.make_batch(schemas.VIDEO_FRAMES, {
+                "session_id": [session_id] * n_frames, "seq": np.arange(seq0, seq0 + n_frames),
+                "pts": pts, "frame": frames, "image": np.stack(video)}), schemas.VIDEO_FRAMES)
+            seq0 += n_frames
+        blend = [src.blend.popleft() for _ in range(min(n_frames, len(src.blend)))]
+        if blend:
+            k = len(blend)
+            packet.put(schemas.make_batch(schemas.USER_BLENDSHAPES, {
+                "session_id": [session_id] * k, "seq": np.arange(seq0, seq0 + k), "pts": pts[:k],
+                "frame": frames[:k], "values": np.stack(blend)}), schemas.USER_BLENDSHAPES)
+            seq0 += k
+        src.seq = seq0
+        src.next_frame += n_frames
+        if end:
+            self.close_session(session_id)
+        return packet, {"end": end, "first_frame": int(f0), "frames": int(n_frames),
+                        "avatar_audio": avatar[:n_valid]}
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

@@ -130,8 +130,12 @@ class DiffusionStage(Stage):
         return {"prev": s.prev.copy(), "seed": s.seed, "seq": s.seq}
 
     def import_state(self, session_id: str, state: dict) -> None:
-        self._sessions[session_id] = _SessionMotion(np.asarray(state["prev"], np.float32), int(state["seed"]),
-                                                    int(state["seq"]))
+        """Restore a session's previous motion (``prev``); ``seed`` / ``seq`` default to the session's own."""
+        seed = state.get("seed")
+        if seed is None:
+            seed = self._seeds.get(session_id, session_seed(session_id, None))
+        self._sessions[session_id] = _SessionMotion(np.asarray(state["prev"], np.float32), int(seed),
+                                                    int(state.get("seq", 0)))
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

@@ -28,6 +28,7 @@ class _SessionFeatures:
     seq: int = 0
     user_feats: list = field(default_factory=list)      # pending (n, 2, 83) arrays
     video_feats: list = field(default_factory=list)     # pending (n, 16) arrays
+    blend: list = field(default_factory=list)           # pending (n, 58) client blendshape rows
     has_user_audio: bool = False
     has_user_video: bool = False
 
@@ -51,7 +52,7 @@ def _take(pending: list, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, in
 class FeaturesStage(Stage):
     name = "features"
     resources = {"num_cpus": 0.5}
-    input_contracts = (schemas.AUDIO_CHUNK, schemas.VIDEO_FRAMES)
+    input_contracts = (schemas.AUDIO_CHUNK, schemas.VIDEO_FRAMES, schemas.USER_BLENDSHAPES)
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +89,9 @@ class FeaturesStage(Stage):
         if video is not None and video.num_rows:
             s.has_user_video = True
             s.video_feats.append(s.video.process(schemas.column(video, "image")))
+        blend = packet.get(schemas.USER_BLENDSHAPES)
+        if blend is not None and blend.num_rows:
+            s.blend.append(schemas.column(blend, "values"))
 
         if packet.end:
             av_feats = s.avatar.flush()
@@ -100,15 +104,17 @@ class FeaturesStage(Stage):
         n = len(av_feats)
         ua, n_ua = _take(s.user_feats, n, _FEAT_SHAPE)
         uv, n_uv = _take(s.video_feats, n, (config.USER_VIDEO_DIM,))
+        ub, n_ub = _take(s.blend, n, (motion.NUM_CHANNELS,))
         present = np.zeros((n, 3), np.float32)
         present[:n_ua, 0] = 1.0
         present[:n_uv, 1] = 1.0
+        present[:n_ub, 2] = 1.0
         frames = np.arange(s.next_frame, s.next_frame + n)
         out = Packet(sid, end=packet.end, meta=dict(packet.meta))
         out.put(schemas.make_batch(schemas.FEATURES, {
             "session_id": [sid] * n, "seq": np.arange(s.seq, s.seq + n), "pts": frames / config.FPS,
             "frame": frames, "avatar_audio": av_feats.reshape(n, *_FEAT_SHAPE), "user_audio": ua,
-            "user_video": uv, "user_blend": np.zeros((n, motion.NUM_CHANNELS), np.float32),
+            "user_video": uv, "user_blend": ub,
             "user_present": present}), schemas.FEATURES)
         s.next_frame += n
         s.seq += n

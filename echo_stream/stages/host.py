@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections import defaultdict
 from typing import Callable
 
@@ -25,6 +26,11 @@ class StageHost:
         self.busy: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.setup_s = 0.0
+        #: differs after every (re)start of the process hosting the stage: a restarted actor lost its sessions
+        self.incarnation = uuid.uuid4().hex
+
+    def incarnation_id(self) -> str:
+        return self.incarnation
 
     def setup(self) -> float:
         t = time.perf_counter()

@@ -1,0 +1,16 @@
+"""Multi-session serving: a gRPC (``grpc.aio``) front end on the shared stage pipeline.
+
+=================  ===========================================================
+module             what
+=================  ===========================================================
+``backend``        the pipeline seen from the event loop (Ray actors or inline)
+``batching``       continuous cross-session batching of diffusion windows
+``session``        one session: ingest, epochs (interrupt / fault recovery), egress
+``wire``           protobuf <-> plain values, validation and limits
+``auth``           bearer tokens, principals
+``metrics``        Prometheus metrics of the ingress
+``server``         the gRPC service, admission, health, reflection, drain
+``client``         Python client library (+ ``echo-stream client``)
+``bench``          ``echo-stream bench serve``
+=================  ===========================================================
+"""

@@ -1,0 +1,149 @@
+"""The stage pipeline as the event loop sees it: ``call`` returns a handle at once, ``await get(handle)``.
+
+* :class:`RayBackend` — the stage actors of a :class:`~echo_stream.pipeline.RayRunner`
+  (handles are Ray ``ObjectRef`` s: a handle passed as an argument of another
+  call travels actor to actor without coming through this process); calls from
+  this process to one actor run in submission order;
+* :class:`InlineBackend` — the same stage objects in this process, one worker
+  thread per stage (FIFO per stage, like an actor); for tests and debugging.
+
+``is_fault(exc)`` tells a stage process failure (restartable) from an error of
+the input (which the session reports to its client).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import time
+from typing import Any
+
+from ..pipeline import STAGES, InlineRunner, PipelineOptions, RayRunner
+
+log = logging.getLogger(__name__)
+
+
+class StageFault(RuntimeError):
+    """A stage process died (or was restarted) while it held work of a session."""
+
+
+class RayBackend:
+    def __init__(self, runner: RayRunner):
+        import ray
+
+        self.ray = ray
+        self.runner = runner
+
+    @classmethod
+    def start(cls, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None,
+              max_restarts: int = -1) -> "RayBackend":
+        runner = RayRunner(opts, address=address, num_cpus=num_cpus, max_restarts=max_restarts)
+        runner.setup()
+        return cls(runner)
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        return self.runner.call(stage, method, *args, num_returns=num_returns)
+
+    async def get(self, handle) -> Any:
+        return await handle
+
+    def is_fault(self, exc: BaseException) -> bool:
+        from ray import exceptions as rex
+
+        faults = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                                 "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
+                       if hasattr(rex, n))
+        return isinstance(exc, faults + (StageFault,))
+
+    def cancel(self, handles) -> None:
+        for h in handles:
+            try:
+                self.ray.cancel(h, recursive=False)
+            except Exception:  # noqa: BLE001 - best effort: the task may be done or not cancellable
+                pass
+
+    def actor(self, stage: str):
+        return self.runner.actors[stage]
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until every stage answers (after a restart)."""
+        deadline = time.monotonic() + timeout
+        for stage in STAGES:
+            while True:
+                try:
+                    await asyncio.wait_for(self.get(self.call(stage, "ping")), max(0.1, deadline - time.monotonic()))
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if time.monotonic() > deadline:
+                        raise StageFault(f"stage {stage} did not come back within {timeout:.0f} s: {e}") from None
+                    await asyncio.sleep(0.1)
+
+    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
+        """Each stage actor's incarnation id (None: no answer in time); a change means a restart."""
+        async def one(stage):
+            try:
+                return await asyncio.wait_for(self.runner.actors[stage].incarnation_id.remote(), timeout)
+            except Exception:  # noqa: BLE001 - dead, restarting or busy: ask again later
+                return None
+        vals = await asyncio.gather(*(one(s) for s in STAGES))
+        return dict(zip(STAGES, vals))
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+
+class _Handle:
+    __slots__ = ("future",)
+
+    def __init__(self, future: cf.Future):
+        self.future = future
+
+
+class InlineBackend:
+    """Stages in this process; one thread per stage keeps each stage's calls in submission order."""
+
+    def __init__(self, opts: PipelineOptions, runner: InlineRunner | None = None):
+        self.runner = runner or InlineRunner(opts)
+        self.runner.setup()
+        self._pools = {s: cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{s}") for s in STAGES}
+
+    def _run(self, stage: str, method: str, args, num_returns: int):
+        vals = [a.future.result() if isinstance(a, _Handle) else a for a in args]
+        out = self.runner.hosts[stage].call(method, *vals)
+        return out
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        fut = self._pools[stage].submit(self._run, stage, method, args, num_returns)
+        if num_returns == 1:
+            return _Handle(fut)
+        parts = [cf.Future() for _ in range(num_returns)]
+
+        def split(f: cf.Future) -> None:
+            if f.exception() is not None:
+                for p in parts:
+                    p.set_exception(f.exception())
+            else:
+                for p, v in zip(parts, f.result()):
+                    p.set_result(v)
+        fut.add_done_callback(split)
+        return tuple(_Handle(p) for p in parts)
+
+    async def get(self, handle) -> Any:
+        return await asyncio.wrap_future(handle.future)
+
+    def is_fault(self, exc: BaseException) -> bool:
+        return isinstance(exc, StageFault)
+
+    def cancel(self, handles) -> None:
+        for h in handles:
+            h.future.cancel()
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        return None
+
+    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
+        return {s: h.incarnation for s, h in self.runner.hosts.items()}
+
+    def shutdown(self) -> None:
+        for p in self._pools.values():
+            p.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,215 @@
+"""``echo-stream serve`` and ``echo-stream client``: arguments and entry points."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+SERVE_EPILOG = """\
+examples:
+  echo-stream serve                                   # loopback only, no auth, local Ray
+  ECHO_STREAM_TOKENS=alice:$(openssl rand -hex 24) \\
+  echo-stream serve --host 0.0.0.0 --port 50051 --metrics-port 9100 \\
+      --tls-cert server.crt --tls-key server.key --max-sessions 8
+  echo-stream serve --address ray://head:10001        # stage actors on a Ray cluster
+
+Binding beyond loopback needs bearer tokens (--tokens-file and/or
+$ECHO_STREAM_TOKENS, entries 'principal:token'); clients send
+'authorization: Bearer <token>'. Session ids are issued by the server and
+bound to the principal that opened them. Prometheus metrics are served on
+--metrics-port (/metrics); stage actors report through Ray's metrics agent.
+SIGTERM (or Ctrl-C) drains: health NOT_SERVING, new sessions refused,
+running ones get --drain-timeout seconds to finish, then the server exits.
+"""
+
+CLIENT_EPILOG = """\
+examples:
+  echo-stream client --test-signal 5 -o out.mp4 --motion-out motion.parquet
+  echo-stream client --avatar-audio reply.wav --user-video webcam.mp4 --portrait me.jpg -o out.mp4
+  echo-stream client --target host:50051 --token-file ~/.echo-token --tls-ca ca.crt --avatar-audio reply.wav \\
+      --output motion --motion-out motion.parquet
+
+Inputs are decoded locally and streamed in real time (--fast: as fast as the
+server accepts them). Outputs are written only when the session completed.
+"""
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port (/metrics); default: off")
+    p.add_argument("--address", metavar="RAY_ADDRESS", help="run the stage actors on this Ray cluster "
+                   "(default: a new local Ray instance)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--max-sessions", type=int, default=8,
+                   help="concurrent sessions; more get RESOURCE_EXHAUSTED (default 8: measure yours with "
+                        "`echo-stream bench serve`)")
+    p.add_argument("--tokens-file", metavar="PATH", help="bearer tokens, one 'principal:token' per line "
+                   "(also: $ECHO_STREAM_TOKENS='p1:t1,p2:t2')")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key): serve gRPC over TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    p.add_argument("--avatar", action="append", default=[], metavar="NAME=IMAGE",
+                   help="register a portrait clients can select by avatar_id (repeatable)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running sessions get on SIGTERM")
+    p.add_argument("--max-lead", type=float, default=2.0,
+                   help="seconds a session's avatar audio may run ahead of real time before flow control "
+                        "slows its sender (default 2)")
+    p.add_argument("--batch-wait-ms", type=float, default=4.0,
+                   help="longest wait for more sessions' windows before a diffusion call (default 4 ms)")
+    p.add_argument("--max-batch", type=int, default=64, help="most session windows per diffusion call")
+    p.add_argument("--size", type=int, default=256, help="default render size of the stages (per-session "
+                   "sizes come from SessionConfig)")
+    p.add_argument("--checkpoint", metavar="PATH", help="model checkpoint (default: the bundled tiny one)")
+    p.add_argument("--config", metavar="NAME|PATH", help="model config (tiny, base or a JSON file)")
+    p.add_argument("--device", default="cpu", help="torch device of diffusion and render (cpu, cuda)")
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
+    p.add_argument("--token", help="bearer token (prefer --token-file or $ECHO_STREAM_TOKEN)")
+    p.add_argument("--token-file", metavar="PATH", help="file holding the bearer token")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the server's TLS certificate")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--avatar-audio", metavar="AUDIO", help="the avatar's speech (any format PyAV reads)")
+    src.add_argument("--test-signal", type=float, metavar="SECONDS",
+                     help="send a generated spoken test sentence of this length instead of files")
+    p.add_argument("--user-video", metavar="VIDEO", help="the user's webcam video (its audio is the user audio)")
+    p.add_argument("--user-audio", metavar="AUDIO", help="the user's microphone audio")
+    p.add_argument("--transcript", metavar="TEXT", help="transcript: .txt/.srt/.vtt/.json file or the text itself")
+    p.add_argument("--portrait", metavar="IMAGE", help="portrait to animate (default: the bundled one)")
+    p.add_argument("--avatar-id", help="a portrait registered on the server (--avatar NAME=IMAGE there)")
+    p.add_argument("--output", choices=("video", "motion", "both"), default=None,
+                   help="what the server sends back (default: both when -o is given, else motion)")
+    p.add_argument("--size", type=int, default=256, help="video size in pixels (square, even; default 256)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same as generate --seed)")
+    p.add_argument("--fast", action="store_true", help="send as fast as the server accepts, not in real time")
+    p.add_argument("-o", "--out", metavar="OUT.mp4", help="save the returned H.264/AAC video (fragmented MP4)")
+    p.add_argument("--motion-out", metavar="MOTION.parquet", help="save the returned motion")
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(path, f"cannot read the {what} ({e.strerror or e})") from None
+
+
+def run_serve(args) -> int:
+    from ..pipeline import PipelineOptions
+    from .auth import is_loopback, load_tokens
+    from .wire import Limits
+
+    tokens = load_tokens(args.tokens_file)
+    if not is_loopback(args.host) and not tokens:
+        raise InputError("--host", f"binding {args.host} (beyond loopback) needs bearer tokens: give "
+                                   "--tokens-file PATH or set $ECHO_STREAM_TOKENS='principal:token'")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert/--tls-key", "give both the certificate and the key")
+    avatars = {}
+    for spec in args.avatar:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not os.path.isfile(path):
+            raise InputError(f"--avatar {spec}", "expected NAME=IMAGE with an existing image file")
+        avatars[name] = os.path.abspath(path)
+    from .server import ServeOptions
+    opts = ServeOptions.for_model(args.config, host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
+                        tls_cert=_read(args.tls_cert, "TLS certificate"), tls_key=_read(args.tls_key, "TLS key"),
+                        limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
+                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
+                            size=(args.size, args.size))
+    return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
+
+
+def start_ray(address: str | None, num_cpus: int | None):
+    import ray
+
+    if not ray.is_initialized():
+        kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                     object_store_memory=256 * 1024 * 1024, **kw)
+    return ray
+
+
+async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
+    from . import metrics
+    from .backend import RayBackend
+    from .server import AvatarServer
+
+    loop = asyncio.get_running_loop()
+    start_ray(address, num_cpus)
+    print("echo-stream serve: starting the stage actors (loading models) ...", file=sys.stderr)
+    backend = await loop.run_in_executor(None, lambda: RayBackend.start(popts, address=address, num_cpus=num_cpus))
+    server = AvatarServer(backend, opts)
+    try:
+        port = await server.start()
+        if metrics_port is not None:
+            metrics.serve_metrics(metrics_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(server.drain()))
+        print(f"echo-stream serve: listening on {opts.host}:{port} "
+              f"({'TLS' if opts.tls_cert else 'plaintext'}, {'token auth' if opts.tokens else 'no auth: loopback'}, "
+              f"max {opts.max_sessions} sessions)"
+              + (f"; metrics on :{metrics_port}/metrics" if metrics_port is not None else ""),
+              file=sys.stderr, flush=True)
+        await server.wait()
+        print("echo-stream serve: drained, exiting", file=sys.stderr)
+    finally:
+        backend.shutdown()
+    return 0
+
+
+def run_client(args) -> int:
+    from .. import cli as main_cli
+    from .client import AvatarClient, Inputs, stream_inputs, test_signal
+
+    token = args.token or (_read(args.token_file, "token file") or b"").decode().strip() or \
+        os.environ.get("ECHO_STREAM_TOKEN")
+    output = args.output or ("both" if args.out else "motion")
+    if output in ("video", "both") and not args.avatar_id:
+        portrait = _read(args.portrait or str(main_cli.ASSETS / "portrait.jpg"), "portrait")
+    else:
+        portrait = None
+    if args.out is None and args.motion_out is None:
+        raise InputError("-o/--motion-out", "nothing to save: give -o OUT.mp4 and/or --motion-out MOTION.parquet")
+    if args.test_signal is not None:
+        inp = Inputs(test_signal(args.test_signal))
+    else:
+        inp = Inputs.from_files(args.avatar_audio, user_video=args.user_video, user_audio=args.user_audio,
+                                transcript=args.transcript)
+
+    async def main():
+        async with AvatarClient(args.target, token=token, tls_ca=_read(args.tls_ca, "CA certificate"),
+                                tls=args.tls) as c:
+            return await stream_inputs(c, inp, portrait=portrait, avatar_id=args.avatar_id, output=output,
+                                       size=args.size, seed=args.seed, realtime=not args.fast)
+    import grpc
+    try:
+        res = asyncio.run(main())
+    except grpc.aio.AioRpcError as e:
+        print(f"echo-stream: error: the server answered {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    wrote = res.save(args.out, args.motion_out)
+    st = res.stats
+    gaps = sum(1 for e in res.events if e.kind == 2)
+    print(f"session {res.session_id[:8]}…: {st.frames if st else len(res.motion_frames)} frames for "
+          f"{res.sent_audio_s:.2f} s of audio in {res.wall_s:.2f} s; first frame "
+          f"{(st.first_frame_latency_s if st else 0):.2f} s, frame latency p50 {(st.latency_p50_s if st else 0):.2f} s "
+          f"p99 {(st.latency_p99_s if st else 0):.2f} s; {gaps} gap event(s); wrote {' and '.join(wrote)}",
+          file=sys.stderr)
+    return 0

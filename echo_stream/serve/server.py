@@ -1,0 +1,395 @@
+"""The gRPC service (``grpc.aio``, one event loop): admission, auth, sessions, health, reflection, drain.
+
+Every session shares the one stage pipeline (:mod:`echo_stream.serve.backend`);
+its diffusion windows are batched across sessions
+(:class:`~echo_stream.serve.batching.WindowBatcher`). Capacity is a number of
+sessions (``max_sessions``): past it a new session gets RESOURCE_EXHAUSTED and
+the admitted ones keep their latency. On :meth:`AvatarServer.drain` (SIGTERM in
+``echo-stream serve``) health turns NOT_SERVING, new sessions get UNAVAILABLE,
+running ones may finish for ``drain_timeout_s``, then the server stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from ..errors import InputError
+from ..protos import echo_stream_pb2 as pb
+from . import metrics, wire
+from .auth import Authenticator
+from .batching import WindowBatcher
+from .session import Session, SessionFailed
+from .wire import Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE = "echo_stream.v1.AvatarStream"
+SESSION_METHOD = f"/{SERVICE}/Session"
+CONTROL_METHOD = f"/{SERVICE}/Control"
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051                       # 0: any free port
+    max_sessions: int = 8
+    tokens: dict = field(default_factory=dict)   # token -> principal
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    limits: Limits = field(default_factory=Limits)
+    avatars: dict = field(default_factory=dict)  # avatar id -> portrait path
+    drain_timeout_s: float = 30.0
+    chunk_frames: int = 16                  # most avatar audio per pipeline chain (frames)
+    max_inflight: int = 4
+    max_batch: int = 64
+    batch_wait_s: float = 0.004
+    overlap_frames: int = 4                 # the model's window geometry (ModelConfig): K previous-motion frames,
+    new_frames: int = 16                    # S new frames per window, L lookahead frames
+    lookahead_frames: int = 2
+
+    @classmethod
+    def for_model(cls, config_name: str | None = None, **kw) -> "ServeOptions":
+        """Options with the window geometry of a model config (tiny by default)."""
+        from ..config import get_config
+
+        c = get_config(config_name or "tiny")
+        return cls(overlap_frames=c.overlap_frames, new_frames=c.new_frames, lookahead_frames=c.lookahead_frames,
+                   **kw)
+    recovery_timeout_s: float = 30.0
+    monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
+
+
+class TokenBucket:
+    """``rate`` messages per second with bursts of ``burst``; ``take()`` waits when empty (flow control)."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = float(burst)
+        self.t = time.monotonic()
+
+    async def take(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens < 1:
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+            self.tokens = 1.0
+            self.t = time.monotonic()
+        self.tokens -= 1
+
+
+_CODES = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "INTERNAL", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED")}
+
+
+class AvatarServer:
+    def __init__(self, backend, opts: ServeOptions):
+        self.backend = backend
+        self.opts = opts
+        self.auth = Authenticator(opts.tokens)
+        self.sessions: dict[str, Session] = {}
+        self._opening = 0
+        self.draining = False
+        self.server: aio.Server | None = None
+        self.batcher: WindowBatcher | None = None
+        self.health = None
+        self.port: int | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> int:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        self._stopped = asyncio.Event()
+        self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
+        self.batcher.start()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
+        lim = self.opts.limits.max_message_bytes
+        self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
+                                          ("grpc.max_send_message_length", lim)])
+        handlers = {
+            "Session": grpc.stream_stream_rpc_method_handler(
+                self._session_rpc, request_deserializer=wire.parse_client_message,
+                response_serializer=pb.ServerMessage.SerializeToString),
+            "Control": grpc.unary_unary_rpc_method_handler(
+                self._control_rpc, request_deserializer=wire.parse_control_request,
+                response_serializer=pb.SessionControlReply.SerializeToString),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        addr = f"{self.opts.host}:{self.opts.port}"
+        if self.opts.tls_cert and self.opts.tls_key:
+            creds = grpc.ssl_server_credentials([(self.opts.tls_key, self.opts.tls_cert)])
+            self.port = self.server.add_secure_port(addr, creds)
+        else:
+            self.port = self.server.add_insecure_port(addr)
+        if not self.port:
+            raise InputError(addr, "cannot bind the gRPC port (in use, or a bad address)")
+        await self.server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (%s)", SERVICE, addr, "TLS" if self.opts.tls_cert else "plaintext")
+        return self.port
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Graceful drain: NOT_SERVING, refuse new sessions, let running ones finish (bounded), stop."""
+        if self.draining:
+            await self.wait()
+            return
+        self.draining = True
+        timeout_s = self.opts.drain_timeout_s if timeout_s is None else timeout_s
+        log.warning("draining: %d running session(s), up to %.0f s", len(self.sessions), timeout_s)
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions.values()):
+            s._fail(SessionFailed("UNAVAILABLE", f"the server shut down (drain timeout {timeout_s:g} s) before "
+                                                 "the session ended; reconnect to another server"))
+        await self.stop(grace=5.0)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.cancel()
+        self._stopped.set()
+
+    async def _watch_stages(self) -> None:
+        """Detect stage actors restarted by Ray even when no call of a session failed (an idle stage died):
+        every session then recovers (its state on that stage is gone)."""
+        known = await self.backend.incarnations()
+        while True:
+            await asyncio.sleep(self.opts.monitor_interval_s)
+            now = await self.backend.incarnations()
+            for stage, inc in now.items():
+                if inc is None:
+                    continue
+                if known.get(stage) not in (None, inc):
+                    log.warning("stage %s was restarted: recovering %d session(s)", stage, len(self.sessions))
+                    for s in list(self.sessions.values()):
+                        asyncio.get_running_loop().create_task(s.stage_restarted(stage, inc))
+                known[stage] = inc
+
+    # ------------------------------------------------------------------ RPCs
+    async def _abort(self, context, code: grpc.StatusCode, details: str, outcome: str | None = None):
+        metrics.ERRORS.labels(code.name).inc()
+        if outcome:
+            metrics.SESSIONS.labels(outcome).inc()
+        await context.abort(code, details)
+
+    async def _session_rpc(self, request_iterator, context):
+        # The first message is read before any refusal: a client that is still writing it when the server
+        # ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
+        try:
+            first = await asyncio.wait_for(request_iterator.__anext__(), self.opts.limits.config_timeout_s)
+        except StopAsyncIteration:
+            first = None
+        except asyncio.TimeoutError:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"no SessionConfig within {self.opts.limits.config_timeout_s:g} s", "invalid")
+        principal = self.auth.principal(context.invocation_metadata())
+        if principal is None:
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                              "missing or unknown bearer token: send metadata 'authorization: Bearer <token>' "
+                              "with a token the server knows (--tokens-file / $ECHO_STREAM_TOKENS)", "unauthenticated")
+        if self.draining:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE,
+                              "the server is draining (shutting down): connect to another server or retry later",
+                              "rejected_draining")
+        if len(self.sessions) + self._opening >= self.opts.max_sessions:
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the server is at capacity ({self.opts.max_sessions} sessions): retry later or "
+                              "connect to another server", "rejected_capacity")
+        self._opening += 1
+        session = None
+        reader = None
+        try:
+            if first is None:
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                  "the stream ended before its SessionConfig", "invalid")
+            try:
+                spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
+            except InputError as e:
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
+            sid = secrets.token_urlsafe(24)
+            o = self.opts
+            session = Session(sid, principal, spec, self.backend, self.batcher, o.limits, o.chunk_frames,
+                              o.max_inflight, overlap_frames=o.overlap_frames,
+                              recovery_timeout_s=o.recovery_timeout_s, new_frames=o.new_frames,
+                              lookahead_frames=o.lookahead_frames)
+            self.sessions[sid] = session
+            self._opening -= 1
+            metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+            try:
+                await session.open()
+            except SessionFailed as e:
+                await self._abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), e.message, "invalid")
+            metrics.SESSIONS.labels("opened").inc()
+            session.start()
+            reader = asyncio.get_running_loop().create_task(self._read(session, request_iterator))
+            seq = 0
+            yield wire.opened(seq, sid, spec)
+            async for msg in self._outputs(session):
+                seq += 1
+                msg.seq = seq
+                yield msg
+            if session.failure is not None:
+                f = session.failure
+                code = _CODES.get(f.code, grpc.StatusCode.INTERNAL)
+                seq += 1
+                yield pb.ServerMessage(seq=seq, pts=session.produced / 25.0,
+                                       event=pb.Event(kind=pb.Event.ERROR, message=f.message))
+                await self._abort(context, code, f.message, "failed" if code != grpc.StatusCode.INVALID_ARGUMENT
+                                  else "invalid")
+            metrics.SESSIONS.labels("completed").inc()
+        except asyncio.CancelledError:
+            metrics.SESSIONS.labels("cancelled").inc()
+            raise
+        finally:
+            if session is None:
+                self._opening -= 1
+            else:
+                if reader is not None:
+                    reader.cancel()
+                self.sessions.pop(session.id, None)
+                metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+                await session.close()
+
+    async def _outputs(self, session: Session):
+        """The session's messages as they leave the egress (frame accounting, latency)."""
+        st = session.stats
+        while True:
+            item = await session.outbox.get()
+            if item is None:
+                return
+            msg, upto, origins, kind = item
+            now = time.monotonic()
+            if kind in ("motion", "video") and upto is not None:
+                n = 1 if kind == "motion" else msg.video.frames
+                st.frames += n
+                metrics.FRAMES.labels(kind).inc(n)
+                if n and st.first_frame_latency_s is None and session.t_first_audio is not None:
+                    st.first_frame_latency_s = now - session.t_first_audio
+                    metrics.FIRST_FRAME_LATENCY.observe(st.first_frame_latency_s)
+                for origin in origins:
+                    if origin is not None:
+                        st.latencies.append(now - origin)
+                        metrics.FRAME_LATENCY.observe(now - origin)
+            elif kind == "video":
+                metrics.FRAMES.labels("video").inc(msg.video.frames)
+            if msg.WhichOneof("body") == "event" and msg.event.kind == pb.Event.ENDED:
+                msg.event.stats.CopyFrom(st.proto())     # final figures: every frame has left by now
+            yield msg
+
+    async def _read(self, session: Session, it) -> None:
+        checker = wire.InputChecker(self.opts.limits)
+        bucket = TokenBucket(self.opts.limits.messages_per_s, self.opts.limits.burst)
+        try:
+            async for msg in it:
+                await bucket.take()
+                kind, item = checker.check(msg)
+                metrics.MESSAGES_IN.labels(kind).inc()
+                if kind == "control" and item["kind"] == "interrupt":
+                    await session.interrupt()
+                    continue
+                await session.put_input(kind, item)
+                if kind == "control" and item["kind"] == "end":
+                    return
+            await session.put_input("control", {"kind": "end"})   # half-close = END
+        except asyncio.CancelledError:
+            raise
+        except InputError as e:
+            session._fail(SessionFailed("INVALID_ARGUMENT", str(e)))
+        except SessionFailed as e:
+            session._fail(e)
+        except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
+            log.info("session %s: input stream ended: %s", session.id[:8], e)
+            session._fail(SessionFailed("CANCELLED", f"input stream broke: {e}"))
+
+    async def _control_rpc(self, request, context):
+        principal = self.auth.principal(context.invocation_metadata())
+        if principal is None:
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        if isinstance(request, wire.Malformed):
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+        session = self.sessions.get(request.session_id)
+        if session is None:
+            await self._abort(context, grpc.StatusCode.NOT_FOUND,
+                              "no running session with this id (ended, or never existed)")
+        if not secrets.compare_digest(session.principal, principal):
+            await self._abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                              "this session belongs to another principal")
+        kind = request.control.kind
+        if kind == pb.Control.INTERRUPT:
+            playback = await session.interrupt()
+        elif kind in (pb.Control.FLUSH, pb.Control.END):
+            await session.put_input("control", {"kind": "flush" if kind == pb.Control.FLUSH else "end"})
+            playback = session.produced
+        else:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              "control.kind: use INTERRUPT, FLUSH or END")
+        return pb.SessionControlReply(playback_frame=playback, playback_pts=playback / 25.0)
+
+
+class ServerThread:
+    """An :class:`AvatarServer` on its own event loop in a background thread (tests, benchmarks)."""
+
+    def __init__(self, backend, opts: ServeOptions):
+        import threading
+
+        self.server = AvatarServer(backend, opts)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="echo-stream-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_until_complete(self.server.wait())
+
+    def start(self) -> int:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self.server.port
+
+    def run(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from another thread; returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        self.run(self.server.drain(timeout_s))
+        self._thread.join(30)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self.run(self.server.stop(0.5), timeout=30)
+            except Exception:  # noqa: BLE001 - already stopped
+                pass
+            self._thread.join(30)

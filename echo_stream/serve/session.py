@@ -1,0 +1,638 @@
+"""One served session: ingest -> the shared stage pipeline -> egress, with epochs for interrupt and faults.
+
+Three tasks per session, joined by bounded queues (backpressure all the way to
+gRPC flow control: when a queue is full its producer waits, the RPC stops
+reading, and the client's sends block):
+
+* **feed** — validated client inputs (``inbox``) are grouped into chunks of
+  avatar audio (``chunk_frames`` frames) and submitted as one chain
+  ``decode.push -> features.process -> memory.process (+ memory.export_state)``;
+  at most ``max_inflight`` chains are in flight (``inflight``);
+* **generate** — in order, each chain's generation windows go to the
+  :class:`~echo_stream.serve.batching.WindowBatcher` (diffusion, batched across
+  sessions), then to ``render.process`` (``render_q``);
+* **egress** — in order, render results become protobuf messages (motion
+  frames, raw or H.264/fMP4 video with the avatar audio) in ``outbox``.
+
+Stage state lives under an *internal* id ``<session id>/<epoch>``; the epoch
+changes on **interrupt** (buffered work dropped, output resumes at the playback
+position) and on **fault recovery** (a stage actor died: it is restarted by
+Ray, the session re-opens under a new epoch with its LCU memory restored from
+the last checkpoint and its previous motion from the frames already sent, and
+the frames lost with the in-flight work are announced in one GAP event).
+Results of an older epoch are dropped, so every frame leaves at most once, in
+frame order.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import config, schemas
+from ..errors import EchoStreamError, InputError
+from ..generate import unwrap_remote_error as remote_cause
+from ..pipeline import STAGES, transcript_batch
+from ..protos import echo_stream_pb2 as pb
+from . import metrics
+from .wire import Limits, SessionSpec
+
+log = logging.getLogger(__name__)
+
+FPS = config.FPS
+SPF = config.SAMPLES_PER_FRAME
+#: the fMP4 encoder runs here, off the event loop
+_ENCODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="fmp4")
+
+
+class SessionFailed(Exception):
+    """The session cannot continue; ``code`` is the gRPC status for the client."""
+
+    def __init__(self, code, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class AudioTimeline:
+    """The avatar audio by frame (for muxing it into the video), dropped once used."""
+
+    def __init__(self):
+        self._parts: dict[int, np.ndarray] = {}
+
+    def add(self, first_frame: int, samples: np.ndarray) -> None:
+        if len(samples):
+            self._parts[int(first_frame)] = np.asarray(samples, np.float32)
+
+    def take(self, first: int, last: int) -> np.ndarray:
+        """Samples of frames [first, last) (silence where unknown); forgets everything before ``last``."""
+        out = np.zeros((last - first) * SPF, np.float32)
+        for f0 in sorted(self._parts):
+            x = self._parts[f0]
+            a, b = f0 * SPF, f0 * SPF + len(x)
+            lo, hi = max(a, first * SPF), min(b, last * SPF)
+            if hi > lo:
+                out[lo - first * SPF:hi - first * SPF] = x[lo - a:hi - a]
+            if b <= last * SPF:
+                del self._parts[f0]
+        return out
+
+    def clear(self) -> None:
+        self._parts.clear()
+
+
+@dataclass
+class SessionStats:
+    frames: int = 0
+    gap_frames: int = 0
+    interrupts: int = 0
+    recoveries: int = 0
+    first_frame_latency_s: float | None = None
+    latencies: deque = field(default_factory=lambda: deque(maxlen=20000))
+
+    def proto(self) -> pb.SessionStats:
+        lat = np.asarray(self.latencies, np.float64)
+        return pb.SessionStats(
+            frames=self.frames, gap_frames=self.gap_frames, interrupts=self.interrupts, recoveries=self.recoveries,
+            first_frame_latency_s=self.first_frame_latency_s or 0.0,
+            latency_p50_s=float(np.percentile(lat, 50)) if lat.size else 0.0,
+            latency_p99_s=float(np.percentile(lat, 99)) if lat.size else 0.0)
+
+
+class Session:
+    def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
+                 limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
+                 inbox_size: int = 64, overlap_frames: int = 4, recovery_timeout_s: float = 30.0,
+                 new_frames: int = 16, lookahead_frames: int = 2):
+        self.id = session_id
+        self.principal = principal
+        self.spec = spec
+        self.backend = backend
+        self.batcher = batcher
+        self.limits = limits
+        self.chunk_s = chunk_frames / FPS
+        # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
+        # features look ahead) is in: the feed hands audio over exactly then, so no frame waits for a chunk
+        self.window_s = new_frames / FPS
+        self.ready_extra_s = lookahead_frames / FPS + 0.010
+        self.overlap = overlap_frames
+        self.recovery_timeout_s = recovery_timeout_s
+        self.inbox: asyncio.Queue = asyncio.Queue(inbox_size)
+        self.inflight: asyncio.Queue = asyncio.Queue(max_inflight)
+        self.render_q: asyncio.Queue = asyncio.Queue(max_inflight)
+        self.outbox: asyncio.Queue = asyncio.Queue(outbox_size)
+        self.epoch = 0
+        self.iid = f"{session_id}/0"
+        self.frame_offset = 0          # global frame of the current epoch's frame 0
+        self.produced = 0              # next global frame the egress will produce (frames < it are out)
+        self.pushed_s = 0.0            # avatar audio handed to the pipeline, seconds on the session timeline
+        self.group: list = []
+        self.group_s = 0.0
+        self.arrivals: deque = deque()  # (start_s, end_s, arrival time) of avatar audio, session timeline
+        self.audio = AudioTimeline()
+        self.recent_motion: deque = deque(maxlen=64)   # (frame, row) produced
+        self.ckpt: bytes | None = None
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.lock = asyncio.Lock()
+        self.failure: SessionFailed | None = None
+        self.done = asyncio.Event()    # the outbox got its last message
+        self.stats = SessionStats()
+        self.t_first_audio: float | None = None
+        self.received_s = 0.0          # avatar audio received (pacing)
+        self._encoder = None
+        self._enc_frames: list[int] = []   # global frame of each encoded frame, in encoder order
+        self._video_sent = 0               # encoded frames whose bytes were sent
+        self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
+        self._enc_dropped = 0              # entries trimmed from the front of those two lists
+        self._tasks: list[asyncio.Task] = []
+        self.closed = False
+        self.incarnations: dict = {}
+        self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
+        self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
+        self._recovery_task = None
+        self._pts_base = None            # client pts of session-timeline 0, for encoded audio (reset by interrupts)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        """Prepare every stage for the session (raises SessionFailed for a bad portrait)."""
+        await self._open_epoch(restore=False)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._guard(self._feed()), name=f"feed-{self.id[:8]}"),
+                       loop.create_task(self._guard(self._generate()), name=f"generate-{self.id[:8]}"),
+                       loop.create_task(self._guard(self._egress()), name=f"egress-{self.id[:8]}")]
+
+    async def _guard(self, coro) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except SessionFailed as e:
+            self._fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug must end this session only
+            log.exception("session %s: internal error", self.id[:8])
+            self._fail(SessionFailed("INTERNAL", f"internal error: {e}"))
+
+    def _fail(self, e: SessionFailed) -> None:
+        if self.failure is None and not self.done.is_set():
+            self.failure = e
+            self.done.set()
+            try:
+                self.outbox.put_nowait(None)
+            except asyncio.QueueFull:
+                pass
+
+    async def close(self) -> None:
+        """Stop the tasks and drop the session's state in every stage (best effort)."""
+        if self.closed:
+            return
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._drop_queued()
+        for stage in STAGES:
+            try:
+                self.backend.call(stage, "close_session", self.iid)
+            except Exception:  # noqa: BLE001
+                pass
+        if self._encoder is not None:
+            enc, self._encoder = self._encoder, None
+            try:
+                enc.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _open_epoch(self, restore: bool) -> None:
+        b, iid = self.backend, self.iid
+        hs = [b.call("decode", "open_stream", iid), b.call("diffusion", "set_seed", iid, self.spec.seed)]
+        if restore:
+            if self.ckpt is not None:
+                hs.append(b.call("memory", "import_state", iid, self.ckpt))
+            prev = [row for f, row in self.recent_motion if f < self.produced][-self.overlap:]
+            if len(prev) == self.overlap:
+                hs.append(b.call("diffusion", "import_state", iid, {"prev": np.stack(prev)}))
+        if self.spec.wants_video:
+            hs.append(b.call("render", "open_session", iid, self.spec.portrait, (self.spec.width, self.spec.height)))
+        for h in hs:
+            try:
+                await b.get(h)
+            except Exception as e:
+                inner = remote_cause(e)
+                if isinstance(inner, EchoStreamError):
+                    raise SessionFailed("INVALID_ARGUMENT", str(inner)) from None
+                raise
+        # which process of each stage holds this epoch's state (asked after the opens: same actor order)
+        self.incarnations = await b.incarnations()
+
+    # ------------------------------------------------------------------ input (called by the RPC reader)
+    async def put_input(self, kind: str, item: dict) -> None:
+        """Queue a validated input (waits while the inbox is full: flow control)."""
+        if kind == "avatar_audio":
+            now = time.monotonic()
+            if self.t_first_audio is None:
+                self.t_first_audio = now
+            lead = self.received_s - (now - self.t_first_audio)
+            if lead > self.limits.max_lead_s:           # faster than real time: slow the sender down
+                await asyncio.sleep(lead - self.limits.max_lead_s)
+            self.received_s += item.get("seconds", 0.0)
+        await self.inbox.put((kind, item, time.monotonic()))
+        metrics.QUEUE_DEPTH.labels("input").inc()
+
+    # ------------------------------------------------------------------ feed
+    async def _feed(self) -> None:
+        while True:
+            kind, item, t_arrival = await self.inbox.get()
+            metrics.QUEUE_DEPTH.labels("input").dec()
+            if kind == "transcript":
+                await self.ready.wait()
+                t0 = self._epoch_t0()                # stage times are relative to the epoch's frame 0
+                self.backend.call("memory", "add_transcript", transcript_batch(self.iid, [
+                    _Segment(max(0.0, item["pts"] - t0), max(0.0, item["end_pts"] - t0), item["speaker"],
+                             item["text"])]))
+                continue
+            if kind == "control":
+                if item["kind"] == "flush":
+                    await self._push(end=False)
+                    continue
+                if item["kind"] == "interrupt":     # in-band interrupts are handled by the reader at once
+                    continue
+                await self._push(end=True)
+                return
+            self.group.append((kind, item))
+            if kind == "avatar_audio":
+                start = self.pushed_s + self.group_s
+                sec = item.get("seconds")
+                if sec is None:   # encoded: the duration is known only once decoded; the client's pts
+                    if self._pts_base is None:        # (start of each piece) place it on the timeline
+                        self._pts_base = item.get("pts", 0.0) - start
+                    sec = max(0.0, item.get("pts", 0.0) - self._pts_base - start)
+                self.arrivals.append((start, start + sec, t_arrival))
+                self.group_s += sec
+            n_encoded = sum(1 for k, it in self.group if k == "avatar_audio" and "encoded" in it)
+            local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
+            next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
+                                 + self.ready_extra_s)
+            crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
+            if crossed or self.group_s >= self.chunk_s - 1e-9 or n_encoded >= 8 or len(self.group) >= 256:
+                await self._push(end=False)
+
+    def _epoch_t0(self) -> float:
+        """Session-timeline seconds of the current epoch's frame 0 (transcript times are epoch-relative)."""
+        return self.frame_offset / FPS
+
+    async def _push(self, end: bool) -> None:
+        await self.ready.wait()
+        items, sec = self.group, self.group_s
+        self.group, self.group_s = [], 0.0
+        if not items and not end:
+            return
+        b, iid, epoch = self.backend, self.iid, self.epoch
+        self.end_pushed = self.end_pushed or end
+        pk, info = b.call("decode", "push", iid, items, end, num_returns=2)
+        feats = b.call("features", "process", pk)
+        wins = b.call("memory", "process", feats)
+        ck = None if end else b.call("memory", "export_state", iid)
+        self.replay_log.append((self.pushed_s, self.pushed_s + sec, items))
+        self.pushed_s += sec
+        await self.inflight.put((epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
+        metrics.QUEUE_DEPTH.labels("inflight").inc()
+
+    # ------------------------------------------------------------------ generate
+    async def _generate(self) -> None:
+        while True:
+            epoch, offset, info_h, wins_h, ck_h, t0 = await self.inflight.get()
+            metrics.QUEUE_DEPTH.labels("inflight").dec()
+            if epoch != self.epoch:
+                continue
+            try:
+                info = await self.backend.get(info_h)
+                if self.spec.wants_video and self.spec.codec == "fmp4":   # muxed into the video
+                    self.audio.add(offset + info["first_frame"], info["avatar_audio"])
+                wins = await self.backend.get(wins_h)
+                metrics.STAGE_LATENCY.labels("memory").observe(time.perf_counter() - t0)
+                if ck_h is not None:
+                    ck = await self.backend.get(ck_h)
+                    if epoch == self.epoch:
+                        self.ckpt = ck
+                for w in wins:
+                    out = await self.batcher.submit(w)
+                    if epoch != self.epoch:
+                        break
+                    r = self.backend.call("render", "process", out)
+                    await self.render_q.put((epoch, offset, r, time.perf_counter()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                await self._on_error(epoch, e)
+
+    # ------------------------------------------------------------------ egress
+    async def _egress(self) -> None:
+        while True:
+            epoch, offset, r_h, t0 = await self.render_q.get()
+            if epoch != self.epoch:
+                continue
+            try:
+                packets = await self.backend.get(r_h)
+                metrics.STAGE_LATENCY.labels("render").observe(time.perf_counter() - t0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                await self._on_error(epoch, e)
+                continue
+            if epoch != self.epoch:
+                continue
+            for p in packets:
+                mw = p.get(schemas.MOTION_WINDOW)
+                if mw is not None and mw.num_rows:
+                    rf = p.get(schemas.RENDERED_FRAMES)
+                    await self._emit(schemas.column(mw, "frame") + offset, schemas.column(mw, "motion"),
+                                     schemas.column(rf, "image") if rf is not None else None)
+                if p.end:
+                    await self._finish()
+                    return
+
+    def _latency_origin(self, frame: int) -> float | None:
+        t = frame / FPS
+        while self.arrivals and self.arrivals[0][1] <= t + 1e-9 and len(self.arrivals) > 1:
+            self.arrivals.popleft()
+        if self.arrivals and self.arrivals[0][0] <= t + 1e-9:
+            return self.arrivals[0][2]
+        return None
+
+    async def _emit(self, frames: np.ndarray, motion: np.ndarray, images: np.ndarray | None) -> None:
+        keep = frames >= self.produced           # exactly once: never a frame twice, never out of order
+        frames, motion = frames[keep], motion[keep]
+        images = images[keep] if images is not None else None
+        if not len(frames):
+            return
+        origins = []
+        for f, row in zip(frames.tolist(), motion):
+            self.recent_motion.append((f, row))
+            origin = self._latency_origin(f)
+            origins.append(origin)
+            if self.spec.wants_motion:
+                await self.outbox.put((pb.ServerMessage(pts=f / FPS, motion=pb.MotionFrame(
+                    frame=f, values=row.tolist())), f + 1, [origin], "motion"))
+            if self.spec.wants_video and self.spec.codec == "raw" and images is not None:
+                i = f - int(frames[0])
+                await self.outbox.put((pb.ServerMessage(pts=f / FPS, video=pb.VideoChunk(
+                    data=images[i].tobytes(), first_frame=f, frames=1)),
+                    None if self.spec.wants_motion else f + 1, [] if self.spec.wants_motion else [origin], "video"))
+        self.produced = int(frames[-1]) + 1
+        while self.replay_log and self.replay_log[0][1] <= self.produced / FPS + 1e-9:
+            self.replay_log.popleft()
+        if self.spec.wants_video and self.spec.codec == "fmp4" and images is not None:
+            audio = self.audio.take(int(frames[0]), int(frames[-1]) + 1)
+            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._encode, images, audio)
+            self._enc_frames.extend(frames.tolist())
+            self._enc_origins.extend(origins)
+            if data:
+                # the MP4 muxer interleaves video with the AAC track, whose encoder delay holds back the last
+                # few video frames until more audio comes: count those as not yet sent
+                covered = max(self._video_sent, self._encoder.frames_written - self._mux_lag - self._enc_dropped)
+                await self._send_video(data, covered)
+
+    _gop = 16          # frames per GOP (= per fMP4 fragment)
+    _mux_lag = 4       # frames the muxer may still hold after an encode (AAC delay; measured: 3)
+
+    def _encode(self, images: np.ndarray, audio: np.ndarray) -> bytes:
+        from ..media import FragmentedMp4Encoder
+
+        if self._encoder is None:
+            self._encoder = FragmentedMp4Encoder(self.spec.width, self.spec.height, FPS, with_audio=True,
+                                                 gop=self._gop)
+        return self._encoder.encode(images, audio)
+
+    async def _send_video(self, data: bytes, covered: int) -> None:
+        """Send fMP4 bytes that complete the encoded frames up to ``covered`` (encoder order)."""
+        first = self._enc_frames[self._video_sent] if self._video_sent < len(self._enc_frames) else self.produced
+        n = max(0, covered - self._video_sent)
+        upto = self._enc_frames[covered - 1] + 1 if n else None
+        origins = self._enc_origins[self._video_sent:covered]
+        self._video_sent = max(self._video_sent, covered)
+        drop = self._video_sent - 1                    # keep the last sent one (first_frame of an empty chunk)
+        if drop > 1024:                                # bounded however long the session
+            del self._enc_frames[:drop], self._enc_origins[:drop]
+            self._video_sent -= drop
+            self._enc_dropped += drop
+        await self.outbox.put((pb.ServerMessage(pts=first / FPS, video=pb.VideoChunk(
+            data=data, first_frame=first, frames=n)), None if self.spec.wants_motion else upto,
+            [] if self.spec.wants_motion else origins, "video"))
+
+    async def _finish(self) -> None:
+        if self._encoder is not None:
+            enc, self._encoder = self._encoder, None
+            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, enc.close)
+            await self._send_video(data, len(self._enc_frames))
+        await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
+            kind=pb.Event.ENDED, message="end of session", first_frame=self.produced,
+            stats=self.stats.proto())), None, [], "event"))
+        await self.outbox.put(None)
+        self.done.set()
+
+    # ------------------------------------------------------------------ errors, faults, interrupt
+    async def _on_error(self, epoch: int, e: BaseException) -> None:
+        if epoch != self.epoch:
+            return                                   # work of a dropped epoch: its failure does not matter
+        if self.backend.is_fault(e):
+            self._recovery_task = asyncio.get_running_loop().create_task(self._recover_soon(epoch, e))
+            return
+        inner = remote_cause(e)
+        if isinstance(inner, (InputError, EchoStreamError)):
+            raise SessionFailed("INVALID_ARGUMENT", str(inner))
+        raise SessionFailed("INTERNAL", f"pipeline error: {type(inner).__name__}: {inner}")
+
+    def _drop_queued(self) -> list:
+        """Empty the in-flight queues (their work belongs to the old epoch); returns their handles."""
+        handles = []
+        for q in (self.inflight, self.render_q):
+            while not q.empty():
+                item = q.get_nowait()
+                if q is self.inflight:                # (epoch, offset, info, windows, checkpoint, t)
+                    handles += [h for h in item[2:5] if h is not None]
+                    metrics.QUEUE_DEPTH.labels("inflight").dec()
+                else:                                 # (epoch, offset, render, t)
+                    handles.append(item[2])
+        return handles
+
+    def _new_epoch(self) -> str:
+        old = self.iid
+        self.epoch += 1
+        self.iid = f"{self.id}/{self.epoch}"
+        self.ready.clear()
+        for stage in STAGES:                         # after the old epoch's queued calls (per-actor order)
+            try:
+                self.backend.call(stage, "close_session", old)
+            except Exception:  # noqa: BLE001
+                pass
+        return old
+
+    def _replay_items(self) -> tuple[int, list, float] | None:
+        """Input to re-push after a fault so that no frame is lost: ``(first frame, items, seconds)``.
+
+        The chains not yet fully turned into frames are in ``replay_log``; the replay starts at the first
+        frame boundary of the oldest one (frames before ``produced`` come out again and are dropped by the
+        egress). None when that is impossible (encoded avatar audio: its pieces cannot be cut at a frame).
+        """
+        p_s = self.produced / FPS
+        chains = [c for c in self.replay_log if c[1] > p_s + 1e-9]
+        if not chains or chains[0][0] > p_s + 1e-9:
+            return None
+        if any(k == "avatar_audio" and "encoded" in it for c in chains for k, it in c[2]):
+            return None
+        start = chains[0][0]
+        first = math.ceil(start * FPS - 1e-6)
+        cut = first / FPS - start                      # seconds of avatar audio before the frame boundary
+        items, seconds = [], 0.0
+        for _, _, chain_items in chains:
+            for kind, it in chain_items:
+                if kind == "avatar_audio" and cut > 1e-9:
+                    width = (2 if it["format"] == "s16le" else 4) * it["channels"]
+                    n = len(it["pcm"]) // width
+                    k = min(n, int(round(cut * it["rate"])))
+                    cut -= k / it["rate"]
+                    if k >= n:
+                        continue
+                    it = dict(it, pcm=it["pcm"][k * width:], seconds=(n - k) / it["rate"])
+                if kind == "avatar_audio":
+                    seconds += it.get("seconds", 0.0)
+                items.append((kind, it))
+        return first, items, seconds
+
+    async def _recover(self, epoch: int, e: BaseException, still_needed=None) -> None:
+        async with self.lock:
+            if epoch != self.epoch or (still_needed is not None and not still_needed()):
+                return
+            log.warning("session %s: stage failure (%s: %s); recovering", self.id[:8], type(e).__name__,
+                        str(e).splitlines()[0][:120] if str(e) else "")
+            t = time.perf_counter()
+            self._new_epoch()
+            self._drop_queued()
+            self.stats.recoveries += 1
+            metrics.RECOVERIES.inc()
+            replay = self._replay_items()
+            self.replay_log.clear()
+            self.audio.clear()
+            stalled_at = self.produced
+            if replay is not None:
+                resume, items, seconds = replay
+                gap = 0
+            else:
+                resume = max(self.produced, math.ceil(self.pushed_s * FPS - 1e-6))
+                items, seconds = [], 0.0
+                gap = resume - self.produced
+                self.arrivals = deque(a for a in self.arrivals if a[1] > self.pushed_s)
+            self.frame_offset = resume
+            self.pushed_s = resume / FPS
+            try:
+                await self.backend.wait_ready(self.recovery_timeout_s)
+                await self._open_epoch(restore=True)
+            except SessionFailed:
+                raise
+            except Exception as e2:  # noqa: BLE001
+                raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
+            took = time.perf_counter() - t
+            if replay is not None:
+                what = "no frame was lost: the input in flight was replayed"
+            elif gap:
+                self.stats.gap_frames += gap
+                metrics.GAPS.inc(gap)
+                self.produced = resume
+                what = (f"frames {stalled_at}..{resume - 1} are lost (their input could not be replayed); "
+                        "output continues")
+            else:
+                what = "no input was in flight: no frame lost"
+            await self.outbox.put((pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
+                kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
+                message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
+                        f"{stalled_at}; {what}")), resume if gap else None, [], "event"))
+            self.group = items + self.group
+            self.group_s += seconds
+            self.ready.set()
+            if self.group or self.end_pushed:        # replayed input (+ the end the old epoch took with it)
+                await self._push(end=self.end_pushed)
+            log.warning("session %s: recovered in %.2f s (epoch %d, %d frames replayed from %d, %d lost)",
+                        self.id[:8], took, self.epoch, max(0, stalled_at - resume) if gap == 0 else 0, resume, gap)
+
+    async def _recover_soon(self, epoch: int, e: BaseException) -> None:
+        """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""
+        try:
+            await self._recover(epoch, e)
+        except SessionFailed as f:
+            self._fail(f)
+        except Exception as f:  # noqa: BLE001
+            log.exception("session %s: recovery failed", self.id[:8])
+            self._fail(SessionFailed("INTERNAL", f"recovery failed: {f}"))
+
+    async def stage_restarted(self, stage: str, incarnation: str) -> None:
+        """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
+        unless the session already re-opened on the new process (a failed call recovered it first)."""
+        from .backend import StageFault
+
+        if not self.done.is_set():
+            try:   # checked under the session's lock: a recovery in progress may already have re-opened there
+                await self._recover(self.epoch, StageFault(f"stage {stage} restarted"),
+                                    still_needed=lambda: self.incarnations.get(stage) != incarnation)
+            except SessionFailed as e:
+                self._fail(e)
+
+    async def interrupt(self) -> int:
+        """Drop every stage's buffered work of the session; returns the playback position (frames out)."""
+        async with self.lock:
+            self._new_epoch()
+            self.backend.cancel(self._drop_queued())
+            kept = []
+            while not self.inbox.empty():             # buffered media are dropped; transcript / end stay
+                kind, item, t = self.inbox.get_nowait()
+                metrics.QUEUE_DEPTH.labels("input").dec()
+                if kind in ("transcript", "control"):
+                    kept.append((kind, item, t))
+            for k in kept:
+                self.inbox.put_nowait(k)
+                metrics.QUEUE_DEPTH.labels("input").inc()
+            self.group, self.group_s = [], 0.0
+            self.replay_log.clear()
+            self._pts_base = None
+            playback = self.produced
+            self.frame_offset = playback
+            self.pushed_s = playback / FPS
+            self.arrivals.clear()
+            self.audio.clear()
+            if self.t_first_audio is not None:
+                self.received_s = time.monotonic() - self.t_first_audio
+            self.stats.interrupts += 1
+            metrics.INTERRUPTS.inc()
+            try:
+                await self._open_epoch(restore=True)
+            except Exception as e:  # noqa: BLE001
+                if self.backend.is_fault(e):
+                    raise SessionFailed("UNAVAILABLE", f"a stage failed during the interrupt: {e}") from None
+                raise
+            self.ready.set()
+            if self.end_pushed:
+                await self._push(end=True)
+            await self.outbox.put((pb.ServerMessage(pts=playback / FPS, event=pb.Event(
+                kind=pb.Event.INTERRUPTED, first_frame=playback,
+                message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)")), None, [], "event"))
+            return playback
+
+
+@dataclass
+class _Segment:
+    start: float
+    end: float
+    speaker: str
+    text: str

@@ -218,23 +218,28 @@ def read_inputs(source: str | os.PathLike) -> tuple[list[dict], Path]:
     return _read_manifest_file(p), p.parent
 
 
-def make_items(rows: Iterable[dict], root: str | os.PathLike) -> list[Item]:
-    """Items of manifest rows; a duplicate id or a bad split becomes a manifest-level problem of that item."""
-    items, seen = [], set()
+def make_items(rows: Iterable[dict], root: str | os.PathLike) -> tuple[list[Item], list[tuple[int, str]]]:
+    """``(items, duplicates)``: one item per conversation id (a bad split or a missing ``avatar_media``
+    becomes that item's problem), and ``(row index, id)`` of rows repeating an earlier id (not processed)."""
+    items, dups, seen = [], [], set()
     root = str(Path(root).resolve())
-    for r in rows:
+    for i, r in enumerate(rows):
         cid = str(r.get("conversation_id"))
+        if cid in seen:
+            dups.append((i, cid))
+            continue
+        seen.add(cid)
         problem = None
         split = str(r.get("split") or "train")
-        if cid in seen:
-            problem = "conversation_id appears twice in the manifest (only the first is used)"
-        elif not _SPLIT_RE.match(split):
-            problem = f"split {split!r}: use letters, digits and '_' only"
+        if not _SPLIT_RE.match(split):
+            problem = f"{cid}: split {split!r}: use letters, digits and '_' only"
         elif not r.get("avatar_media"):
-            problem = "manifest row needs 'avatar_media'"
-        seen.add(cid)
+            problem = f"{cid}: manifest row needs 'avatar_media'"
         items.append(Item(cid, dict(r), root, _row_hash(r), problem))
-    return items
+    return items, dups
+
+
+DUPLICATE_REASON = "conversation_id appears twice in the manifest: only its first row is used"
 
 
 # ============================================================================ one conversation
@@ -527,6 +532,17 @@ class _Featurizer:
                          "table": pa.array(out["table"], pa.binary())})
 
 
+def _featurizer_class(settings: dict) -> type:
+    """:class:`_Featurizer` with ``settings`` baked in (no constructor arguments in the object store, so a
+    restarted actor never depends on an object that a lost node held)."""
+
+    class Featurizer(_Featurizer):
+        def __init__(self):
+            super().__init__(settings)
+
+    return Featurizer
+
+
 def _ipc(table) -> bytes:
     import pyarrow as pa
 
@@ -584,17 +600,22 @@ def run_ray(items: Sequence[Item], settings: Settings, opts: RayOptions) -> Iter
     if not items:
         return
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False          # ours shows files/s, media hours/h and ETA
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # the pool starts at its maximum size, so the autoscaler's "cannot scale up" notice is noise
+    logging.getLogger("ray.data._internal.actor_autoscaler").setLevel(logging.ERROR)
     ctx.execution_options.preserve_order = False
     cpus = ray.cluster_resources().get("CPU", 1)
     n = opts.workers or max(1, int(cpus // max(opts.cpus_per_worker, 1e-6)))
     n = max(1, min(n, len(items)))
     blobs = [{"item": json.dumps(dataclasses.asdict(it))} for it in items]
     ds = ray.data.from_items(blobs, override_num_blocks=len(blobs))
-    ds = ds.map_batches(_Featurizer, fn_constructor_kwargs={"settings": dataclasses.asdict(settings)},
-                        batch_size=1, batch_format="pyarrow", concurrency=(1, n) if n > 1 else 1,
-                        num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker or None,
-                        max_restarts=-1, max_task_retries=-1)
+    # the pool starts at n actors and may shrink to 1 (a lost node); actors restart and their tasks are
+    # retried by Ray Data's defaults; one conversation in flight per actor keeps the tail balanced
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n, max_tasks_in_flight_per_actor=1)
+    ds = ds.map_batches(_featurizer_class(dataclasses.asdict(settings)), batch_size=1, batch_format="pyarrow", compute=pool,
+                        num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker or None)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
         for cid, res, blob in zip(*(batch.column(c).to_pylist() for c in ("conversation_id", "result", "table"))):
             r = json.loads(res)
@@ -661,7 +682,11 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
         if root is None:
             raise ValueError("root: needed when the inputs are given as rows")
         source = "<rows>"
-    items = make_items(rows, root)
+    items, dups = make_items(rows, root)
+    if dups and on_error == "raise":
+        raise InputError(dups[0][1], DUPLICATE_REASON)
+    for _, cid in dups:
+        log.warning("%s: %s", cid, DUPLICATE_REASON)
     out = OutputDir(output).open(settings, fresh=fresh)
     outcome: dict[str, dict] = {}
     try:
@@ -687,6 +712,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
         stats = {"passes": 0, "pass_errors": [], "media_s": 0.0, "done": 0, "quarantined": 0, "duplicates": 0}
         buffers: dict[str, list[dict]] = {}
         started_ray = False
+        t_proc = None
         try:
             todo = list(pending)
             while todo and stats["passes"] < max_passes:
@@ -694,8 +720,10 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                 try:
                     if executor == "ray":
                         started_ray = _ensure_ray(ray_options or RayOptions()) or started_ray
+                        t_proc = t_proc or time.perf_counter()
                         stream = run_ray(todo, settings, ray_options or RayOptions())
                     else:
+                        t_proc = t_proc or time.perf_counter()
                         stream = run_local(todo, settings)
                     for r in stream:
                         cid = r["conversation_id"]
@@ -749,7 +777,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                                      + (f" ({len(out.quarantined)} quarantined, see {Path(output) / OUTCOMES})"
                                         if out.quarantined else ""))
         info = out.dataset_info(settings, shard_size, source, seconds)
-        _write_outcomes(out, items, outcome)
+        _write_outcomes(out, items, dups, outcome)
         if not not_run:
             atomic.write_text(out.path / _dataset().DATASET_JSON, json.dumps(info, indent=1) + "\n")
             atomic.write_text(out.path / CARD, dataset_card(info))
@@ -757,8 +785,9 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             "inputs": len(items), "done": stats["done"], "quarantined_now": stats["quarantined"],
             "skipped": sum(1 for o in outcome.values() if o["status"] == "skipped"),
             "quarantined_before": sum(1 for o in outcome.values() if o.get("earlier_run")),
-            "not_run": len(not_run), "complete": not not_run,
-            "media_s": stats["media_s"], "wall_s": seconds, "passes": stats["passes"],
+            "not_run": len(not_run), "complete": not not_run, "duplicate_rows": len(dups),
+            "media_s": stats["media_s"], "wall_s": seconds,
+            "processing_s": time.perf_counter() - (t_proc or t_start), "passes": stats["passes"],
             "pass_errors": stats["pass_errors"], "duplicates_dropped": stats["duplicates"],
             "executor": executor,
         }
@@ -781,9 +810,16 @@ def _files_of(out: OutputDir, cid: str) -> list[str]:
     return []
 
 
-def _write_outcomes(out: OutputDir, items: Sequence[Item], outcome: dict) -> None:
+def _write_outcomes(out: OutputDir, items: Sequence[Item], dups: Sequence[tuple[int, str]], outcome: dict) -> None:
     lines = []
-    for it in items:
+    order = list(items)
+    for i, cid in dups:  # back in manifest order
+        order.insert(i, cid)
+    for it in order:
+        if isinstance(it, str):
+            lines.append(json.dumps({"conversation_id": it, "status": "quarantined", "reason": DUPLICATE_REASON,
+                                     "duplicate_row": True}))
+            continue
         o = outcome.get(it.conversation_id, {"status": "not_run", "reason": "beyond --limit; re-run to process"})
         rec = {"conversation_id": it.conversation_id, "status": o["status"]}
         if o.get("reason") and o["status"] != "done":
@@ -839,6 +875,8 @@ def summary_table(info: dict) -> str:
         ("skipped (done before)", f"{r['skipped']}"),
         ("quarantined", f"{r['quarantined_now']} this run, {r['quarantined_before']} from earlier runs"),
     ]
+    if r["duplicate_rows"]:
+        rows.append(("duplicate rows", f"{r['duplicate_rows']} (a conversation_id repeated; ignored)"))
     if r["not_run"]:
         rows.append(("not run (--limit)", f"{r['not_run']}: re-run the same command to continue"))
     rows += [

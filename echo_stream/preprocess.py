@@ -520,9 +520,13 @@ class _Featurizer:
     def __call__(self, batch):
         import pyarrow as pa
 
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
         out = {"conversation_id": [], "result": [], "table": []}
         for blob in batch.column("item").to_pylist():
             r = process_input(Item(**json.loads(blob)), self.settings, self.tracker)
+            r["node"] = node
             table = r.pop("table")
             out["conversation_id"].append(r["conversation_id"])
             out["result"].append(json.dumps(r))
@@ -709,7 +713,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
         if limit is not None:
             pending = pending[:max(0, int(limit))]
         bar = _Progress(len(pending), progress)
-        stats = {"passes": 0, "pass_errors": [], "media_s": 0.0, "done": 0, "quarantined": 0, "duplicates": 0}
+        stats = {"passes": 0, "pass_errors": [], "media_s": 0.0, "done": 0, "quarantined": 0, "duplicates": 0,
+                 "nodes": {}}
         buffers: dict[str, list[dict]] = {}
         started_ray = False
         t_proc = None
@@ -745,6 +750,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                             out.quarantine(cid, r["reason"], r["row_hash"])
                             outcome[cid] = {"status": "quarantined", "reason": r["reason"]}
                             stats["quarantined"] += 1
+                        if r.get("node"):
+                            stats["nodes"][r["node"]] = stats["nodes"].get(r["node"], 0) + 1
                         bar.update(r)
                 except (EchoStreamError, KeyboardInterrupt):
                     raise
@@ -789,7 +796,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             "media_s": stats["media_s"], "wall_s": seconds,
             "processing_s": time.perf_counter() - (t_proc or t_start), "passes": stats["passes"],
             "pass_errors": stats["pass_errors"], "duplicates_dropped": stats["duplicates"],
-            "executor": executor,
+            "executor": executor, "results_per_node": stats["nodes"],
         }
         return info
     finally:

@@ -81,7 +81,7 @@ def test_manifest_csv_jsonl_and_directory_convention(tmp_path):
     assert got["c2"]["split"] == "heldout" and "user_media" not in got["c2"]
     csv_path = tmp_path / "d" / "list.csv"
     csv_path.write_text("conversation_id,avatar_media,user_media,avatar_motion,duration_s,split\n"
-                        f"x1,train/c1/avatar.wav,,train/c1/avatar_motion.csv,1.0,train\n")
+                        "x1,train/c1/avatar.wav,,train/c1/avatar_motion.csv,1.0,train\n")
     (r,), root = read_inputs(csv_path)
     assert r["user_media"] is None and r["duration_s"] == 1.0 and root == csv_path.parent
     (tmp_path / "bad.csv").write_text("id,media\n1,a.wav\n")

@@ -250,3 +250,34 @@ def test_face_tracker_extractor_makes_targets_from_avatar_video(tmp_path):
         Settings(extractor_model="x").check()
     with pytest.raises(InputError, match="cannot import"):
         tracks.load_extractor("tests.nope:Nothing", None)
+
+
+# ----------------------------------------------------------------------------------------- cluster config, CLI
+
+def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
+    import copy
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+    types = cfg["available_node_types"]
+    assert set(types) == {"head", "cpu_worker", "gpu_worker"} and cfg["head_node_type"] == "head"
+    assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
+    assert any("-e ." in c for c in types["gpu_worker"]["worker_setup_commands"])
+    assert "." in cfg["file_mounts"].values()
+
+
+def test_cli_help_explains_and_bad_arguments_are_named(tmp_path, capsys):
+    from echo_stream import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["preprocess", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--address", "--shard-size", "--num-cpus", "--num-gpus", "Live Link Face", "resume", "quarantined"):
+        assert word in text, word
+    assert cli.main(["preprocess", str(tmp_path / "missing.jsonl"), str(tmp_path / "o"), "--sequential"]) == 1
+    assert "missing.jsonl: input not found" in capsys.readouterr().err

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -166,6 +165,7 @@ def run(args) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     cpus = [int(c) for c in args.cpus.split(",")]
     manifest = _corpus(args)
+    load_start = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(dir=args.work if Path(args.work).is_dir() else None) as tmp:
         for n in sizes:
@@ -192,13 +192,10 @@ def run(args) -> int:
             r["speedup_vs_sequential"] = round(base["wall_s"] / r["wall_s"], 3)
             r["speedup_vs_sequential_processing"] = round(base["processing_s"] / r["processing_s"], 3)
     env = environment()
-    try:
-        env["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
+    env["load_average_at_start"], env["load_average_at_end"] = load_start, os.getloadavg()
     result = {"benchmark": "preprocess", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": env,
               "config": {"corpus": str(manifest), "sizes": sizes, "cpus": cpus, "minutes": args.minutes,
-                         "user_video": not args.no_video, "machine_note": platform.node()},
+                         "user_video": not args.no_video},
               "runs": results}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"preprocess_{os.cpu_count()}cpu.json")

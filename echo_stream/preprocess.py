@@ -56,6 +56,7 @@ JOURNAL = "journal.jsonl"
 OUTCOMES = "outcomes.jsonl"
 SETTINGS_JSON = "preprocess.json"
 CARD = "dataset_card.md"
+LOCK = "preprocess.lock"
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 MEDIA_EXTS = (".wav", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".flac", ".mp4", ".mkv", ".webm", ".mov", ".avi")
 TRANSCRIPT_EXTS = (".json", ".srt", ".vtt", ".txt")
@@ -328,10 +329,21 @@ class OutputDir:
         self.quarantined: dict[str, dict] = {}   # conversation id -> {"reason", "row_hash"}
         self.next_index: dict[str, int] = {}
         self._journal = None
+        self._lock = None
 
     # ------------------------------------------------------------------ opening / recovery
     def open(self, settings: Settings, fresh: bool = False) -> "OutputDir":
+        import fcntl
+
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / LOCK, "a")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise InputError(str(self.path), "another preprocess run is writing to this OUTPUT (one writer at a "
+                                             "time); wait for it or use another directory") from None
         if fresh:
             self._clear()
         sp = self.path / SETTINGS_JSON
@@ -461,6 +473,9 @@ class OutputDir:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        if self._lock is not None:  # (the file stays: unlinking it would race with a waiting writer)
+            self._lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------ final files
     def dataset_info(self, settings: Settings, shard_size: int, source: str, seconds: float) -> dict:
@@ -691,9 +706,10 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
         raise InputError(dups[0][1], DUPLICATE_REASON)
     for _, cid in dups:
         log.warning("%s: %s", cid, DUPLICATE_REASON)
-    out = OutputDir(output).open(settings, fresh=fresh)
+    out = OutputDir(output)
     outcome: dict[str, dict] = {}
     try:
+        out.open(settings, fresh=fresh)
         pending = []
         for it in items:
             d = out.done.get(it.conversation_id)

@@ -281,3 +281,15 @@ def test_cli_help_explains_and_bad_arguments_are_named(tmp_path, capsys):
         assert word in text, word
     assert cli.main(["preprocess", str(tmp_path / "missing.jsonl"), str(tmp_path / "o"), "--sequential"]) == 1
     assert "missing.jsonl: input not found" in capsys.readouterr().err
+
+
+def test_one_writer_per_output(mixed, tmp_path):
+    root, rows, _ = mixed
+    held = preprocess.OutputDir(tmp_path / "o").open(Settings())
+    try:
+        with pytest.raises(InputError, match="another preprocess run"):
+            preprocess.preprocess(rows[:1], tmp_path / "o", root=root, executor="local", progress=False)
+    finally:
+        held.close()
+    info = preprocess.preprocess(rows[:1], tmp_path / "o", root=root, executor="local", progress=False)
+    assert info["run"]["done"] == 1

@@ -795,12 +795,12 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                 ray.shutdown()
         not_run = [it for it in items if it.conversation_id not in outcome]  # beyond --limit
         seconds = time.perf_counter() - t_start
+        _write_outcomes(out, items, dups, outcome)
         if not out.commits and not not_run:
             raise InputError(source, "no usable conversations: nothing to write"
                                      + (f" ({len(out.quarantined)} quarantined, see {Path(output) / OUTCOMES})"
                                         if out.quarantined else ""))
         info = out.dataset_info(settings, shard_size, source, seconds)
-        _write_outcomes(out, items, dups, outcome)
         if not not_run:
             atomic.write_text(out.path / _dataset().DATASET_JSON, json.dumps(info, indent=1) + "\n")
             atomic.write_text(out.path / CARD, dataset_card(info))

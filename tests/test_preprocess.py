@@ -293,3 +293,32 @@ def test_one_writer_per_output(mixed, tmp_path):
         held.close()
     info = preprocess.preprocess(rows[:1], tmp_path / "o", root=root, executor="local", progress=False)
     assert info["run"]["done"] == 1
+
+
+def test_a_failed_ray_pass_is_resumed_by_the_next_pass(mixed, tmp_path, monkeypatch):
+    """When a Ray pass dies mid-stream (e.g. a lost node took results with it), the driver keeps what it has
+    and runs only the inputs not yet accounted for again; results repeated by the next pass are dropped.
+    (Ray itself is replaced by the sequential executor here; the real cluster is in test_preprocess_cluster.)"""
+    root, rows, _ = mixed
+    good = rows[:3]
+    passes = []
+
+    def flaky_run_ray(items, settings, opts):
+        passes.append([i.conversation_id for i in items])
+        for k, r in enumerate(preprocess.run_local(items, settings)):
+            yield r
+            if len(passes) == 1 and k == 1:
+                yield r                                   # a retried task's result, delivered twice
+                raise ConnectionError("node 10.0.0.7 lost")
+
+    monkeypatch.setattr(preprocess, "run_ray", flaky_run_ray)
+    monkeypatch.setattr(preprocess, "_ensure_ray", lambda opts: False)
+    info = preprocess.preprocess(good, tmp_path / "o", root=root, progress=False, shard_size=1)
+    assert passes == [["good0", "good1", "good2"], ["good2"]]
+    run = info["run"]
+    assert run["done"] == 3 and run["passes"] == 2 and run["duplicates_dropped"] == 1
+    assert run["pass_errors"] == ["ConnectionError: node 10.0.0.7 lost"]
+    ids = []
+    for s in info["shards"]:
+        ids += read_shard(tmp_path / "o" / s["file"]).column("conversation_id").to_pylist()
+    assert sorted(ids) == ["good0", "good1", "good2"]

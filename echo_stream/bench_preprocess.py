@@ -7,7 +7,7 @@ For each corpus size it runs, every run in a fresh subprocess writing into an em
 * ``ray`` with ``num_cpus`` = each value of ``--cpus`` (local Ray started by the run).
 
 Figures per run: wall-clock seconds end to end (Ray start-up and actor warm-up included) and
-without start-up (from the first input handed out), files/s, media hours per wall-clock hour,
+without Ray's start-up (from when ``ray.init`` returned; actor start and warm-up still included), files/s, media hours per wall-clock hour,
 speed-up over the sequential loop, and peak memory: the peak summed proportional set size (PSS,
 shared pages split between processes) of the run's whole process tree (driver, Ray's own
 processes, workers), sampled every 0.2 s, plus the driver's peak RSS. The input is the synthetic
@@ -30,7 +30,7 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", metavar="DIR|MANIFEST",
                    help="inputs (a manifest or corpus directory); default: a synthetic corpus in --work")
-    p.add_argument("--sizes", default="8,24", help="corpus sizes in conversations, comma-separated (default 8,24)")
+    p.add_argument("--sizes", default="16,48", help="corpus sizes in conversations, comma-separated (default 16,48)")
     p.add_argument("--cpus", default="1,2", help="num_cpus values for the Ray runs (default 1,2)")
     p.add_argument("--minutes", type=float, default=1.0, help="minutes per generated conversation (default 1)")
     p.add_argument("--no-video", action="store_true", help="generated corpus with audio-only user side")

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pipeline.add_arguments(bp)
     from . import bench_preprocess
     bpp = bsub.add_parser("preprocess", help="preprocessing throughput: Ray Data vs the sequential loop, CPU scaling",
-                          description=bench_preprocess.__doc__.split("\n\n")[0],
+                          description=bench_preprocess.__doc__.replace("``", "`"),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_preprocess.add_arguments(bpp)
     try:

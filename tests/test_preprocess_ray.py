@@ -123,7 +123,7 @@ def test_killed_worker_is_retried_and_counted_once(local_ray, corpus, tmp_path):
 
 def test_ctrl_c_then_resume_accounts_every_input_once(local_ray, tmp_path):
     root = tmp_path / "in"
-    rows = [write_conversation(root / f"c{k}", k, 2.0 + 0.2 * (k % 3), user="video") for k in range(10)]
+    rows = [write_conversation(root / f"c{k}", k, 1.2 + 0.2 * (k % 3), user="video") for k in range(10)]
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "echo_stream.cli", "preprocess", str(root), str(out), "--num-cpus", "2",

@@ -528,6 +528,9 @@ class _Featurizer:
         from . import tracks
 
         self.settings = Settings(**settings)
+        # one featuriser per CPU: OpenCV's own thread pool (the behaviour detector) would only
+        # oversubscribe the cores (Ray already sets OMP_NUM_THREADS=1 for BLAS)
+        features._cv2().setNumThreads(1)
         self.tracker = (tracks.load_extractor(self.settings.extractor, self.settings.extractor_model)
                         if self.settings.extractor else None)
         features.warmup()

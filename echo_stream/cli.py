@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="N concurrent real-time sessions against a server: latency, capacity",
                          description=serve_bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_bench.add_arguments(bs)
+    from . import bench_preprocess
+    bpp = bsub.add_parser("preprocess", help="preprocessing throughput: Ray Data vs the sequential loop, CPU scaling",
+                          description=bench_preprocess.__doc__.replace("``", "`"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_preprocess.add_arguments(bpp)
     try:
         from .kernels import bench as kbench
     except ImportError:  # pragma: no cover - kernels import torch/triton lazily
@@ -137,6 +142,11 @@ _TOOL_COMMANDS = (
     ("shards", "dataset", "featurize a corpus manifest into Parquet training shards (sequential)",
      "Runs the same decode + feature code as the streaming pipeline over every conversation of a "
      "manifest and writes zstd Parquet shards plus dataset.json (counts, hours, feature statistics)."),
+    ("preprocess", "preprocess", "conversations -> training shards on Ray Data (resumable, bad files quarantined)",
+     "Featurises conversations (avatar speech, user webcam/audio, transcript, motion track: project Parquet or "
+     "Live Link Face CSV) with the same code as the serving pipeline, on Ray Data (local or --address cluster), "
+     "into zstd Parquet shards + dataset.json + outcomes.jsonl + dataset_card.md. Exactly once: re-running "
+     "resumes after an interruption; bad inputs are quarantined with a reason and the job continues."),
     ("train", "train", "two-stage training (stage 1: own audio -> motion; stage 2: full SDCM + LCU)",
      "Trains the ECHO model on Parquet shards with progress, periodic checkpoints, resume and a loss plot."),
     ("eval", "evaluate", "lip sync, SDCM interference, listener responsiveness, long-range context, FD",
@@ -216,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench == "serve":
                 from .serve import bench as serve_bench
                 return serve_bench.run(args)
+            if args.bench == "preprocess":
+                from . import bench_preprocess
+                return bench_preprocess.run(args)
             if args.bench == "kernels":
                 from .kernels import bench as kbench
                 return kbench.run(args)

@@ -74,13 +74,11 @@ conversation's chunks, and samples training batches (see its docstring).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -89,7 +87,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, atomic, config, features, media, motion, transcript
+from . import config, features, media, motion, tracks, transcript
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -111,6 +109,8 @@ FRAME_COLUMNS: dict[str, tuple[int, ...]] = {
 }
 #: the feature columns the pipeline's FeaturesStage produces (same names, same shapes)
 FEATURE_COLUMNS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
+
+read_motion_track = tracks.read_motion_track  # (re-exported: the one implementation is in tracks)
 
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.parquet$")
 
@@ -157,50 +157,10 @@ def _resolve(root: str | os.PathLike, rel) -> str | None:
     return str(p if p.is_absolute() else Path(root) / p)
 
 
-def read_motion_track(path: str | os.PathLike, num_frames: int) -> np.ndarray:
-    """A motion Parquet table resampled onto the 25 fps grid ``t_i = i / 25``, ``i < num_frames``.
-
-    Rows are placed by ``pts`` (seconds; ``frame / 25`` when there is no ``pts``
-    column) and each channel is linearly interpolated between them; before the
-    first and after the last row the edge value holds. Channels missing from
-    the table are 0 (neutral). Returns ``(num_frames, 58)`` float32.
-    """
-    p = str(path)
-    try:
-        table = pq.read_table(p)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(p, f"cannot read motion Parquet: {e}") from None
-    names = set(table.column_names)
-    if "pts" in names:
-        pts = table.column("pts").to_numpy().astype(np.float64)
-    elif "frame" in names:
-        pts = table.column("frame").to_numpy().astype(np.float64) / config.FPS
-    else:
-        raise InputError(p, "motion table needs a 'pts' (seconds) or 'frame' column")
-    known = [c for c in motion.CHANNELS if c in names]
-    if not known:
-        raise InputError(p, "motion table has none of the motion channel columns "
-                            "(ARKit names such as 'jawOpen', 'headPitch')")
-    out = np.zeros((num_frames, motion.NUM_CHANNELS), np.float32)
-    if table.num_rows == 0 or num_frames == 0:
-        return out
-    order = np.argsort(pts, kind="stable")
-    pts = pts[order]
-    if not np.all(np.isfinite(pts)):
-        raise InputError(p, "motion table has non-finite 'pts' values")
-    grid = np.arange(num_frames, dtype=np.float64) / config.FPS
-    for c in known:
-        v = table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)[order]
-        if not np.all(np.isfinite(v)):
-            raise InputError(p, f"motion column '{c}' has NaN or infinite values")
-        out[:, motion.CHANNEL_INDEX[c]] = np.interp(grid, pts, v)
-    return out
-
-
-def _user_video_features(path: str, num_frames: int) -> np.ndarray:
-    """(T, 16) behaviour features exactly as the streaming decode + features stages compute them:
-    frames on the 25 fps grid at the decode stage's working size, the last frame repeated after the
-    video ends, frames past the avatar's end ignored."""
+def _user_video_features(path: str, num_frames: int) -> tuple[np.ndarray, int]:
+    """``((T, 16) behaviour features, source frames used)`` exactly as the streaming decode + features
+    stages compute them: frames on the 25 fps grid at the decode stage's working size, the last frame
+    repeated after the video ends, frames past the avatar's end ignored."""
     from .stages.decode import user_video_size
 
     extractor = features.VideoBehaviourExtractor()
@@ -225,15 +185,17 @@ def _user_video_features(path: str, num_frames: int) -> np.ndarray:
             flush_block()
     if last is None:
         raise InputError(path, "video stream has no decodable frames")
+    decoded = done + len(block)
     while done + len(block) < num_frames:
         block.append(last)
         if len(block) == 32:
             flush_block()
     flush_block()
-    return out
+    return out, decoded
 
 
-def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
+def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
+                           livelink_fps: float | None = None) -> dict:
     """Per-frame features and targets of one conversation (a pure function of the manifest row and root).
 
     Returns a dict over ``T = ceil(avatar samples / 640)`` frames of the 25 fps grid:
@@ -242,10 +204,15 @@ def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
       ``user_blend`` (T, 58), ``user_present`` (T, 3) float32: exactly what the pipeline's
       ``FeaturesStage`` emits for the same files (user audio/video aligned to the avatar track: cut
       when longer, silence / last frame repeated when shorter; no user track: zeros, flag 0);
-    * ``motion`` (T, 58) float32: the avatar's motion targets (zeros when the row has no
-      ``avatar_motion``; ``has_motion`` says which);
+    * ``motion`` (T, 58) float32: the avatar's motion targets from ``avatar_motion`` (project motion
+      Parquet or Live Link Face CSV, see :mod:`echo_stream.tracks`; shifted by the row's optional
+      ``avatar_motion_offset_s``), else from ``tracker`` (a :class:`~echo_stream.tracks.FaceTracker`)
+      over the avatar media's video stream, else zeros (``has_motion`` says which);
     * ``transcript``: list of ``{"start", "end", "speaker", "text"}`` dicts, sorted by start;
-    * ``frames`` (int), ``has_user_audio``, ``has_user_video``, ``has_user_blend``, ``has_motion`` (bool).
+    * ``frames`` (int), ``has_user_audio``, ``has_user_video``, ``has_user_blend``, ``has_motion`` (bool);
+    * ``media``: facts for quality checks: ``avatar_s`` (seconds), ``avatar_peak`` (max |sample|),
+      ``user_audio_s``, ``user_video_s`` (None without that track; video counted up to ``T`` frames),
+      ``motion_s`` (seconds the motion track covers), ``motion_source``.
 
     Raises :class:`~echo_stream.errors.InputError` naming the file for unusable media.
     """
@@ -255,7 +222,10 @@ def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
     avatar_path = _resolve(root, row["avatar_media"])
     samples = media.decode_audio(avatar_path)
     T = features.num_video_frames(samples.size)
+    facts = {"avatar_s": samples.size / config.SAMPLE_RATE, "avatar_peak": float(np.abs(samples).max()),
+             "user_audio_s": None, "user_video_s": None, "motion_s": None, "motion_source": None}
     avatar_audio = features.offline_audio_features(samples)
+    del samples
     user_audio = np.zeros_like(avatar_audio)
     user_video = np.zeros((T, config.USER_VIDEO_DIM), np.float32)
     user_blend = np.zeros((T, motion.NUM_CHANNELS), np.float32)
@@ -266,6 +236,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
         info = media.probe(user_path)
         if info.has_audio:
             u = media.decode_audio(user_path)
+            facts["user_audio_s"] = u.size / config.SAMPLE_RATE
             aligned = np.zeros(T * config.SAMPLES_PER_FRAME, np.float32)
             n = min(u.size, aligned.size)
             aligned[:n] = u[:n]
@@ -273,12 +244,21 @@ def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
             present[:, 0] = 1.0
             has_ua = True
         if info.has_video:
-            user_video = _user_video_features(user_path, T)
+            user_video, used = _user_video_features(user_path, T)
+            facts["user_video_s"] = used / config.FPS
             present[:, 1] = 1.0
             has_uv = True
     motion_path = _resolve(root, row.get("avatar_motion"))
-    targets = (read_motion_track(motion_path, T) if motion_path is not None
-               else np.zeros((T, motion.NUM_CHANNELS), np.float32))
+    if motion_path is not None:
+        pts, cols = tracks.load_track(motion_path, livelink_fps=livelink_fps)
+        pts = pts + float(row.get("avatar_motion_offset_s") or 0.0)
+        targets = tracks.resample_to_grid(pts, cols, T, motion_path)
+        facts["motion_s"], facts["motion_source"] = tracks.track_span(pts), os.path.basename(motion_path)
+    elif tracker is not None and media.probe(avatar_path).has_video:
+        targets, used = tracks.extract_motion(tracker, avatar_path, T)
+        facts["motion_s"], facts["motion_source"] = used / config.FPS, f"tracker:{type(tracker).__name__}"
+    else:
+        targets = np.zeros((T, motion.NUM_CHANNELS), np.float32)
     segs = []
     tpath = _resolve(root, row.get("transcript"))
     if tpath is not None:
@@ -296,7 +276,8 @@ def featurize_conversation(row: dict, root: str | os.PathLike) -> dict:
         "has_user_audio": has_ua,
         "has_user_video": has_uv,
         "has_user_blend": False,
-        "has_motion": motion_path is not None,
+        "has_motion": facts["motion_source"] is not None,
+        "media": facts,
     }
 
 
@@ -356,12 +337,6 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    atomic.write_parquet(table, path)
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic.write_text(path, text)
-
 class _Moments:
     """Streaming per-column mean / std (float64 sums)."""
 
@@ -385,165 +360,37 @@ class _Moments:
 
 
 def read_manifest(manifest: str | os.PathLike) -> tuple[list[dict], Path]:
-    """``(rows, root)`` of a ``manifest.jsonl`` file or a directory holding one."""
-    p = Path(manifest)
-    if p.is_dir():
-        p = p / "manifest.jsonl"
-    if not p.is_file():
-        raise InputError(str(p), "manifest not found (expected a manifest.jsonl or a corpus directory)")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{p}:{i}", f"not a JSON object: {e}") from None
-        if not isinstance(r, dict) or "conversation_id" not in r or "avatar_media" not in r:
-            raise InputError(f"{p}:{i}", "manifest row needs 'conversation_id' and 'avatar_media'")
-        rows.append(r)
-    return rows, p.parent
+    """``(rows, root)`` of a manifest (``.jsonl`` / ``.csv``), a directory holding one, or a directory laid out
+    by the convention of ``docs/preprocess.md`` (see :func:`echo_stream.preprocess.read_inputs`)."""
+    from .preprocess import read_inputs
+
+    return read_inputs(manifest)
 
 
 def write_shards(manifest: str | os.PathLike | Sequence[dict], out_dir: str | os.PathLike,
                  chunk_seconds: float = DEFAULT_CHUNK_SECONDS, shard_rows: int = DEFAULT_SHARD_ROWS,
                  progress: bool = True, *, root: str | os.PathLike | None = None,
                  on_error: str = "raise") -> dict:
-    """Featurise every conversation of ``manifest`` and write training shards + ``dataset.json`` to ``out_dir``.
+    """Featurise every conversation of ``manifest`` and write training shards + ``dataset.json`` to ``out_dir``,
+    sequentially in this process, from scratch.
 
-    ``manifest``: a ``manifest.jsonl`` path, a corpus directory, or a list of rows (then ``root`` is the
-    directory their relative paths start from). Sequential; each shard is written under a temporary
-    name and renamed into place; ``dataset.json`` is written last, so a directory with a
-    ``dataset.json`` is always complete. Shards of an earlier run that the new ``dataset.json``
-    does not list are removed at the end. ``on_error="skip"`` logs and skips a conversation whose
-    media cannot be read (listed under ``skipped`` in ``dataset.json``); ``"raise"`` stops.
-    Returns the ``dataset.json`` content.
+    The same job as ``echo-stream preprocess`` (:func:`echo_stream.preprocess.preprocess`, which also
+    runs on Ray and resumes) with its in-process executor and ``fresh=True``: earlier output in
+    ``out_dir`` is discarded first. ``manifest``: a manifest path, a directory, or a list of rows (then
+    ``root`` is the directory their relative paths start from). ``on_error="skip"`` quarantines a
+    conversation whose files are unusable (listed under ``quarantined`` in ``dataset.json``);
+    ``"raise"`` stops at it. Returns the ``dataset.json`` content.
     """
+    from .preprocess import Settings, preprocess
+
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if chunk_seconds <= 0:
-        raise InputError("--chunk-seconds", f"must be > 0, got {chunk_seconds}")
     if shard_rows < 1:
         raise InputError("--shard-rows", f"must be >= 1, got {shard_rows}")
-    if isinstance(manifest, (str, os.PathLike)):
-        rows, mroot = read_manifest(manifest)
-        root = root if root is not None else mroot
-        source = str(manifest)
-    else:
-        rows = list(manifest)
-        if root is None:
-            raise ValueError("root: needed when the manifest is given as rows")
-        source = "<rows>"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chunk_frames = max(1, int(round(chunk_seconds * config.FPS)))
-    t_start = time.perf_counter()
-
-    buffers: dict[str, list[dict]] = {}
-    shard_index: dict[str, int] = {}
-    shards: list[dict] = []
-    counts: dict[str, dict] = {}
-    motion_m = {"train": _Moments(motion.NUM_CHANNELS), "all": _Moments(motion.NUM_CHANNELS)}
-    audio_m = {"train": _Moments(config.AUDIO_FEAT_DIM), "all": _Moments(config.AUDIO_FEAT_DIM)}
-    skipped = []
-
-    def flush(split: str) -> None:
-        buf = buffers.get(split)
-        if not buf:
-            return
-        idx = shard_index.get(split, 0)
-        name = f"{split}-{idx:05d}.parquet"
-        _atomic_parquet(_rows_to_table(buf), out / name)
-        shards.append({"file": name, "split": split, "rows": len(buf),
-                       "frames": int(sum(r["frames"] for r in buf))})
-        shard_index[split] = idx + 1
-        buffers[split] = []
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(rows), desc="featurise", unit="conv")
-    seen = set()
-    try:
-        for row in rows:
-            cid = str(row.get("conversation_id"))
-            if cid in seen:
-                raise InputError(cid, "conversation_id appears twice in the manifest")
-            seen.add(cid)
-            split = str(row.get("split", "train"))
-            if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-                raise InputError(cid, f"split {split!r}: use letters, digits and '_' only")
-            try:
-                if not row.get("avatar_motion"):
-                    raise InputError(cid, "manifest row has no 'avatar_motion' (training needs motion targets)")
-                feats = featurize_conversation(row, root)
-            except InputError as e:
-                if on_error == "raise":
-                    raise
-                log.warning("skipping conversation %s: %s", cid, e)
-                skipped.append({"conversation_id": cid, "error": str(e)})
-                if bar is not None:
-                    bar.update(1)
-                continue
-            for which in (("train", "all") if split == "train" else ("all",)):
-                motion_m[which].add(feats["motion"])
-                audio_m[which].add(feats["avatar_audio"])
-                if feats["has_user_audio"]:
-                    audio_m[which].add(feats["user_audio"])
-            c = counts.setdefault(split, {"conversations": 0, "chunks": 0, "frames": 0})
-            chunk_rows = _chunk_rows(row, feats, split, chunk_frames)
-            c["conversations"] += 1
-            c["chunks"] += len(chunk_rows)
-            c["frames"] += feats["frames"]
-            for r in chunk_rows:
-                buffers.setdefault(split, []).append(r)
-                if len(buffers[split]) >= shard_rows:
-                    flush(split)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(cid)
-        for split in list(buffers):
-            flush(split)
-    finally:
-        if bar is not None:
-            bar.close()
-    if not shards:
-        raise InputError(source, "no usable conversations: nothing to write")
-    for c in counts.values():
-        c["hours"] = c["frames"] / config.FPS / 3600.0
-    which = "train" if motion_m["train"].n else "all"
-    mm, ms = motion_m[which].result()
-    am, as_ = audio_m[which].result()
-    info = {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "code_version": __version__,
-        "source": source,
-        "fps": config.FPS,
-        "chunk_seconds": float(chunk_seconds),
-        "chunk_frames": chunk_frames,
-        "shard_rows": int(shard_rows),
-        "frame_columns": {k: list(v) for k, v in FRAME_COLUMNS.items()},
-        "motion_channels": list(motion.CHANNELS),
-        "audio_features": list(features.AUDIO_FEATURE_COLUMNS),
-        "user_video_features": list(features.USER_VIDEO_FEATURES),
-        "shards": shards,
-        "splits": counts,
-        "total": {"conversations": sum(c["conversations"] for c in counts.values()),
-                  "chunks": sum(c["chunks"] for c in counts.values()),
-                  "frames": sum(c["frames"] for c in counts.values()),
-                  "hours": sum(c["hours"] for c in counts.values())},
-        "stats": {"split": which, "frames": motion_m[which].n,
-                  "motion_mean": mm, "motion_std": ms, "audio_mean": am, "audio_std": as_},
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t_start, 3),
-    }
-    _atomic_text(out / DATASET_JSON, json.dumps(info, indent=1) + "\n")
-    listed = {s["file"] for s in shards}
-    for p in out.iterdir():
-        if _SHARD_RE.match(p.name) and p.name not in listed:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    info = preprocess(manifest, out_dir, root=root, settings=Settings(chunk_seconds=float(chunk_seconds)),
+                      shard_size=shard_rows, executor="local", progress=progress, fresh=True,
+                      on_error="quarantine" if on_error == "skip" else "raise")
+    info.pop("run", None)
     return info
 
 
@@ -842,7 +689,8 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
                    help=f"chunks per shard file (default {DEFAULT_SHARD_ROWS})")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and list in dataset.json) conversations whose files cannot be read, instead of stopping")
+                   help="quarantine (list in dataset.json and outcomes.jsonl) conversations whose files cannot be "
+                        "read, instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -856,5 +704,6 @@ def run(args) -> int:
     splits = ", ".join(f"{k}: {v['conversations']}" for k, v in sorted(info["splits"].items()))
     print(f"wrote {len(info['shards'])} shards to {args.out}: {tot['conversations']} conversations ({splits}), "
           f"{tot['chunks']} chunks, {tot['hours'] * 60:.1f} min, in {info['seconds']:.0f} s"
-          + (f"; skipped {len(info['skipped'])}" if info["skipped"] else ""), file=sys.stderr)
+          + (f"; quarantined {len(info['quarantined'])} (see outcomes.jsonl)" if info["quarantined"] else ""),
+          file=sys.stderr)
     return 0

@@ -42,3 +42,20 @@ def test_idle_listening_without_a_user(model):
     head = m[:, [motion.CHANNEL_INDEX[c] for c in ("headPitch", "headYaw", "headRoll")]]
     assert head.std(0).max() > 0.003
     assert m[:, motion.CHANNEL_INDEX["jawOpen"]].mean() < 0.15  # silent: mouth mostly closed
+
+
+def test_long_range_context_shifts_later_behaviour(model):
+    """An affect said in the first seconds still shows 30+ s later with the LCU memory on, and not with it off."""
+    from echo_stream.transcript import Segment
+
+    T = 40 * config.FPS
+    feats = evaluate.audio_only_features(np.zeros(T * config.SAMPLES_PER_FRAME, np.float32))
+    late = slice(T - 10 * config.FPS, T)
+    smile = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmileRight"]]
+    runs = {}
+    for use_memory in (True, False):
+        for name, text in (("pos", evaluate.POSITIVE), ("neg", evaluate.NEGATIVE)):
+            m = evaluate.rollout(model, feats, [Segment(1.0, 5.0, "user", text)], seed=4, use_memory=use_memory)
+            runs[use_memory, name] = m[late]
+    assert runs[True, "pos"][:, smile].mean() - runs[True, "neg"][:, smile].mean() > 0.05
+    np.testing.assert_array_equal(runs[False, "pos"], runs[False, "neg"])

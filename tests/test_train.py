@@ -179,7 +179,8 @@ def test_bad_rows_named_or_skipped(corpus, tmp_path):
     dataset.add_arguments(parser)
     assert dataset.run(parser.parse_args([str(manifest), "-o", str(tmp_path / "b"), "--skip-bad", "--quiet"])) == 0
     info = read_dataset_info(tmp_path / "b")
-    assert info["total"]["conversations"] == 1 and info["skipped"][0]["conversation_id"] == "broken"
+    assert info["total"]["conversations"] == 1 and info["quarantined"][0]["conversation_id"] == "broken"
+    assert "missing.wav" in info["quarantined"][0]["reason"]
     with pytest.raises(InputError, match="dataset.json"):
         read_dataset_info(tmp_path / "nothing")
 

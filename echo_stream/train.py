@@ -41,10 +41,12 @@ which generates the synthetic corpus (20 one-minute conversations, when
 ``out/corpus`` has none), writes the shards (``out/train/shards``), runs stage
 1 then stage 2 with the default settings of :data:`DEFAULTS` and writes
 ``out/train/final`` (10 MB) to the default checkpoint path. On 2 CPU cores
-(measured, uncontended medians): corpus ~1.5 min, shards ~1.5 min, stage 1
-2000 steps x 32 windows at ~3.7 steps/s (~9 min), stage 2 700 steps x 16
-windows with up to 47 history windows (30 s) at ~1.1 steps/s (~11 min):
-about 23 minutes in all. Add ``--time-budget 20m`` to cap the training part
+(measured): corpus ~1.5 min, shards ~1.5 min, stage 1 2000 steps x 32
+windows at ~3.3 steps/s (~10 min, uncontended), stage 2 700 steps x 16 windows
+with up to 47 history windows (30 s; back-propagation through the last 12 of
+them, the transcript traces in closed form over the whole past) at ~0.73
+steps/s with ``--threads 1`` while other jobs shared the cores (~16 min):
+under 30 minutes in all. Add ``--time-budget 20m`` to cap the training part
 on a slower machine (the schedules shrink to fit).
 """
 from __future__ import annotations

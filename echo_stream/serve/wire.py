@@ -62,23 +62,22 @@ class SessionSpec:
         return self.output_mode in ("motion", "both")
 
 
-def parse_client_message(data: bytes):
+def _parse(cls, data: bytes):
     """gRPC request deserializer that never raises: undecodable bytes become a :class:`Malformed`."""
-    msg = pb.ClientMessage()
+    msg = cls()
     try:
         msg.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError) as e:
-        return Malformed(f"ClientMessage: not a valid protobuf message ({e})", len(data))
+        return Malformed(f"{cls.__name__}: not a valid protobuf message ({e})", len(data))
     return msg
+
+
+def parse_client_message(data: bytes):
+    return _parse(pb.ClientMessage, data)
 
 
 def parse_control_request(data: bytes):
-    msg = pb.SessionControlRequest()
-    try:
-        msg.ParseFromString(data)
-    except (DecodeError, ValueError, RuntimeError) as e:
-        return Malformed(f"SessionControlRequest: not a valid protobuf message ({e})", len(data))
-    return msg
+    return _parse(pb.SessionControlRequest, data)
 
 
 @dataclass

@@ -46,6 +46,20 @@ def user_video_size(path: str, width: int = USER_VIDEO_WIDTH) -> tuple[int, int]
     return width, h
 
 
+def _stream_decoder(current, codec: str, what: str, kind: str):
+    """The PyAV decoder of a pushed encoded stream: ``current`` once open, else a new one for ``codec``."""
+    import av
+
+    if current is None:
+        try:
+            return av.CodecContext.create(codec, "r")
+        except (av.FFmpegError, ValueError) as e:
+            raise InputError(f"{what}.codec", f"unknown {kind} decoder {codec!r} ({e})") from None
+    if current.name != codec and codec:
+        raise InputError(f"{what}.codec", f"changed from {current.name!r} to {codec!r} mid-stream")
+    return current
+
+
 class PushedAudio:
     """One pushed audio track -> 16 kHz mono float32: PCM (s16le / f32le, any rate, mono or stereo)
     or pieces of an encoded elementary stream (an FFmpeg decoder with a parser: mp3, aac (ADTS), flac, ...)."""
@@ -78,26 +92,19 @@ class PushedAudio:
         import av
 
         if "encoded" in item:
-            codec = item.get("codec") or ""
-            if self._codec is None:
-                try:
-                    self._codec = av.CodecContext.create(codec, "r")
-                except (av.FFmpegError, ValueError) as e:
-                    raise InputError(f"{self.what}.codec", f"unknown audio decoder {codec!r} ({e})") from None
-            elif self._codec.name != codec and codec:
-                raise InputError(f"{self.what}.codec", f"changed from {self._codec.name!r} to {codec!r} mid-stream")
+            self._codec = _stream_decoder(self._codec, item.get("codec") or "", self.what, "audio")
             out = []
             try:
                 packets = self._codec.parse(item["encoded"])
             except av.FFmpegError as e:
-                raise InputError(f"{self.what}.encoded", f"unparsable {codec} data ({e})") from None
+                raise InputError(f"{self.what}.encoded", f"unparsable {self._codec.name} data ({e})") from None
             for pkt in packets:
                 try:
                     frames = self._codec.decode(pkt)
                 except av.FFmpegError as e:   # a damaged or non-audio frame (e.g. a tag): skipped, like players do
                     self._bad += 1
                     if self._bad > 64 and not self._good:
-                        raise InputError(f"{self.what}.encoded", f"not decodable as {codec} ({e})") from None
+                        raise InputError(f"{self.what}.encoded", f"not decodable as {self._codec.name} ({e})") from None
                     continue
                 self._good += len(frames)
                 for fr in frames:
@@ -139,16 +146,11 @@ class PushedVideo:
         import av
 
         if "encoded" in item:
-            codec = item.get("codec") or ""
-            if self._codec is None:
-                try:
-                    self._codec = av.CodecContext.create(codec, "r")
-                except (av.FFmpegError, ValueError) as e:
-                    raise InputError(f"{self.what}.codec", f"unknown video decoder {codec!r} ({e})") from None
+            self._codec = _stream_decoder(self._codec, item.get("codec") or "", self.what, "video")
             try:
                 return [self._fit(fr) for pkt in self._codec.parse(item["encoded"]) for fr in self._codec.decode(pkt)]
             except av.FFmpegError as e:
-                raise InputError(f"{self.what}.encoded", f"undecodable {codec} data ({e})") from None
+                raise InputError(f"{self.what}.encoded", f"undecodable {self._codec.name} data ({e})") from None
         w, h = int(item["width"]), int(item["height"])
         rgb = np.frombuffer(item["raw"], np.uint8).reshape(h, w, 3)
         if self.size is None or (w, h) != self.size:

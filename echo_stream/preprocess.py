@@ -39,7 +39,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,9 @@ import numpy as np
 
 from . import __version__, atomic, config, features, motion
 from .errors import EchoStreamError, InputError
+
+#: set by the CLI's SIGINT handler: a Ctrl-C that Ray turns into another error must still stop the run
+_interrupted = threading.Event()
 
 log = logging.getLogger(__name__)
 
@@ -750,6 +755,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                         t_proc = t_proc or time.perf_counter()
                         stream = run_local(todo, settings)
                     for r in stream:
+                        if _interrupted.is_set():  # Ctrl-C that Ray's threads swallowed: stop before committing more
+                            raise KeyboardInterrupt
                         cid = r["conversation_id"]
                         if cid in outcome:        # a result delivered twice (retried task): drop it
                             stats["duplicates"] += 1
@@ -777,6 +784,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                 except Exception as e:  # a failed Ray pass (lost node, dead actors): keep what is done, go again
                     if executor != "ray":
                         raise
+                    if _interrupted.is_set():  # Ctrl-C surfaced as Ray's own error: stop, do not retry
+                        raise KeyboardInterrupt from e
                     log.warning("preprocess pass %d failed (%s: %s); resuming the %d inputs not yet accounted for",
                                 stats["passes"], type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                                 len([i for i in todo if i.conversation_id not in outcome]))
@@ -993,6 +1002,13 @@ def run(args) -> int:
     """``echo-stream preprocess``."""
     opts = RayOptions(address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, workers=args.workers,
                       gpus_per_worker=args.gpus_per_worker)
+
+    def on_sigint(signum, frame):
+        _interrupted.set()
+        signal.default_int_handler(signum, frame)
+
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         info = preprocess(args.input, args.output, settings=settings_from_args(args), shard_size=args.shard_size,
                           executor="local" if args.sequential else "ray", ray_options=opts,
@@ -1002,6 +1018,8 @@ def run(args) -> int:
         print(f"echo-stream preprocess: interrupted; committed shards are kept in {args.output}. "
               "Run the same command again to resume (every input is processed exactly once).", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if not args.quiet:
         print(summary_table(info), file=sys.stderr)
     if args.json:

@@ -753,6 +753,23 @@ def _bump(t: np.ndarray, t0: float, dur: float, rise: float = 0.3, fall: float =
     return np.minimum(_smoothstep((t - t0) / rise), 1.0 - _smoothstep((t - t0 - dur) / fall))
 
 
+def _speaking_face(phones, t: np.ndarray, duration: float, rng, blink_interval_s: float, gaze_amp: float):
+    """One speaker's base motion (float64) and blink times: neutral face + articulation, blinks, gaze shifts.
+
+    Draws from ``rng`` in a fixed order (blinks, then gaze), so callers' later draws are unchanged.
+    """
+    n = len(t)
+    m = motion.neutral_motion(n).astype(np.float64)
+    m += articulation_targets(phones, n)
+    blinks = _blinks(rng, duration, blink_interval_s)
+    b = _blink_track(t, blinks)
+    m[:, _CI["eyeBlinkLeft"]] += b
+    m[:, _CI["eyeBlinkRight"]] += b
+    h, v = _gaze(rng, t, duration, gaze_amp)
+    _apply_gaze(m, h, v)
+    return m, blinks
+
+
 def _vowel_envelope(phones, n: int) -> np.ndarray:
     """1.0 on the frames where a vowel sounds, else 0 (the speaking activity that drives gestures)."""
     env = np.zeros(n)
@@ -1054,15 +1071,8 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
         ts += d + float(rng_l.uniform(4.0, 9.0))
 
     # ================================================================ user motion
-    um = motion.neutral_motion(n).astype(np.float64)
-    um += articulation_targets(user_phones, n)
     rng_b = np.random.default_rng([seed, g, 3])        # continuous processes: identical in a group
-    user_blinks = _blinks(rng_b, duration, 3.0)
-    b = _blink_track(t, user_blinks)
-    um[:, _CI["eyeBlinkLeft"]] += b
-    um[:, _CI["eyeBlinkRight"]] += b
-    h, v = _gaze(rng_b, t, duration, 0.12)
-    _apply_gaze(um, h, v)
+    um, user_blinks = _speaking_face(user_phones, t, duration, rng_b, 3.0, 0.12)
     noise_u = rng_b.standard_normal((n, 6))
     um[:, _HEAD6] += _head_idle(noise_u, 1.0, np.array([0.03, 0.05, 0.02, 0.01, 0.008, 0.01]))
     user_env = _vowel_envelope(user_phones, n)
@@ -1106,15 +1116,8 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     user_motion = motion.clamp_motion(um.astype(np.float32))
 
     # ================================================================ avatar motion
-    am = motion.neutral_motion(n).astype(np.float64)
-    am += articulation_targets(avatar_phones, n)
     rng_ab = np.random.default_rng([seed, g, 6])
-    avatar_blinks = _blinks(rng_ab, duration, rules.blink_mean_interval_s)
-    b = _blink_track(t, avatar_blinks)
-    am[:, _CI["eyeBlinkLeft"]] += b
-    am[:, _CI["eyeBlinkRight"]] += b
-    h, v = _gaze(rng_ab, t, duration, 0.08)
-    _apply_gaze(am, h, v)
+    am, avatar_blinks = _speaking_face(avatar_phones, t, duration, rng_ab, rules.blink_mean_interval_s, 0.08)
     noise_a = rng_ab.standard_normal((n, 6))
     amps = np.array([0.02, 0.035, 0.015, 0.006, 0.004, 0.008])
     idle_n = _head_idle(noise_a, dyn_n["head_speed"], amps * dyn_n["head_amp"])

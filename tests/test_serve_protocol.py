@@ -298,10 +298,6 @@ def test_health_reflection_and_metrics(make_server):
 
 def test_push_decode_paths():
     """The decode stage's pushed input: PCM at other rates / stereo, encoded mp3 pieces, raw frames resized."""
-    import io
-
-    import av
-
     from echo_stream.stages.decode import DecodeStage
     from echo_stream import schemas
 
@@ -321,17 +317,7 @@ def test_push_decode_paths():
     p2, info2 = d.push("s", [], end=True)
     assert info2["first_frame"] == info["frames"] and p2.end
 
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp3") as c:
-        s = c.add_stream("libmp3lame", rate=16000, layout="mono")
-        for i in range(0, 16000, 1152):
-            f = av.AudioFrame.from_ndarray(x[None, i:i + 1152].astype(np.float32), format="fltp", layout="mono")
-            f.sample_rate = 16000
-            for pkt in s.encode(f):
-                c.mux(pkt)
-        for pkt in s.encode(None):
-            c.mux(pkt)
-    data = buf.getvalue()
+    data = _mp3_bytes(x)
     d.open_stream("m")
     total = 0
     for i in range(0, len(data), 500):

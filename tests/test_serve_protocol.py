@@ -296,6 +296,35 @@ def test_health_reflection_and_metrics(make_server):
         mserver.shutdown()
 
 
+def test_push_decode_bounds_what_one_session_can_buffer():
+    """Pushed input a shared decode actor must not hold without bound: extreme frame shapes are squeezed,
+    user media far ahead of the avatar audio and one message decoding to minutes of audio are refused."""
+    from echo_stream.errors import InputError
+    from echo_stream.serve.wire import InputChecker, Limits
+    from echo_stream.stages.decode import MAX_USER_VIDEO_ASPECT, DecodeStage, working_size
+
+    assert working_size(640, 480) == (192, 144)
+    assert working_size(16, 69000) == (192, MAX_USER_VIDEO_ASPECT * 192)
+    tall = pb.ClientMessage(seq=1, pts=0.0, user_video=pb.VideoFrame(raw_rgb=bytes(16 * 6000 * 3), width=16,
+                                                                      height=6000))
+    with pytest.raises(InputError, match="aspect ratio"):
+        InputChecker(Limits()).check(tall)
+
+    d = DecodeStage()
+    d.open_stream("s")
+    frame = np.zeros((24, 32, 3), np.uint8)
+    item = ("user_video", {"raw": frame.tobytes(), "width": 32, "height": 24})
+    d.push("s", [item] * 200)                       # 8 s of video ahead of no avatar audio: accepted
+    with pytest.raises(InputError, match="user_video.*ahead of the avatar audio"):
+        d.push("s", [item] * 100)
+    d.open_stream("b")
+    with pytest.raises(InputError, match="user_blendshapes.*ahead"):
+        d.push("b", [("blendshapes", {"values": {"jawOpen": 0.1}})] * 300)
+    d.open_stream("m")
+    with pytest.raises(InputError, match="avatar_audio.encoded.*real-time-sized pieces"):
+        d.push("m", [("avatar_audio", {"encoded": _mp3_bytes(_audio(6.0, seed=2)), "codec": "mp3"})])
+
+
 def test_push_decode_paths():
     """The decode stage's pushed input: PCM at other rates / stereo, encoded mp3 pieces, raw frames resized."""
     from echo_stream.stages.decode import DecodeStage

@@ -159,7 +159,7 @@ async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
     try:
         port = await server.start()
         if metrics_port is not None:
-            metrics.serve_metrics(metrics_port)
+            metrics.serve_metrics(metrics_port, opts.host)  # /metrics only where the service itself listens
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(server.drain()))
         print(f"echo-stream serve: listening on {opts.host}:{port} "

@@ -34,7 +34,7 @@ DIFFUSION_BATCH = Histogram("echo_stream_diffusion_batch_size", "session windows
 DIFFUSION_WAIT = Histogram("echo_stream_diffusion_queue_seconds", "window ready -> its batch starts", buckets=_LAT)
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0"):
+def serve_metrics(port: int, addr: str = "127.0.0.1"):
     """Start the /metrics HTTP endpoint (a daemon thread); returns the server."""
     server, _thread = start_http_server(port, addr=addr)
     return server

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
+from .. import config
 from ..errors import InputError
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
@@ -254,7 +255,7 @@ class AvatarServer:
                 f = session.failure
                 code = _CODES.get(f.code, grpc.StatusCode.INTERNAL)
                 seq += 1
-                yield pb.ServerMessage(seq=seq, pts=session.produced / 25.0,
+                yield pb.ServerMessage(seq=seq, pts=session.produced / config.FPS,
                                        event=pb.Event(kind=pb.Event.ERROR, message=f.message))
                 await self._abort(context, code, f.message, "failed" if code != grpc.StatusCode.INVALID_ARGUMENT
                                   else "invalid")
@@ -345,7 +346,7 @@ class AvatarServer:
         else:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               "control.kind: use INTERRUPT, FLUSH or END")
-        return pb.SessionControlReply(playback_frame=playback, playback_pts=playback / 25.0)
+        return pb.SessionControlReply(playback_frame=playback, playback_pts=playback / config.FPS)
 
 
 class ServerThread:

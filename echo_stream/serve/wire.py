@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from .. import config, motion
 from ..errors import InputError
+from ..stages.decode import MAX_USER_VIDEO_ASPECT
 from ..protos import echo_stream_pb2 as pb
 
 OUTPUT_MODES = {pb.OUTPUT_MODE_UNSPECIFIED: "both", pb.OUTPUT_MODE_VIDEO: "video",
@@ -130,7 +131,6 @@ class InputChecker:
         self.limits = limits
         self.next_seq = 1
         self.last_pts: dict[str, float] = {}
-        self.user_video_size: tuple[int, int] | None = None
 
     def _audio(self, what: str, a) -> dict:
         which = a.WhichOneof("payload")
@@ -196,6 +196,9 @@ class InputChecker:
             if not v.width or not v.height or v.width * v.height > self.limits.max_video_pixels:
                 raise InputError("user_video", f"raw frame size {v.width}x{v.height} is not in 1x1.."
                                                f"{self.limits.max_video_pixels} pixels")
+            if max(v.width, v.height) > MAX_USER_VIDEO_ASPECT * min(v.width, v.height):
+                raise InputError("user_video", f"raw frame size {v.width}x{v.height}: aspect ratio beyond "
+                                               f"{MAX_USER_VIDEO_ASPECT}:1")
             if len(data) != v.width * v.height * 3:
                 raise InputError("user_video.raw_rgb", f"{len(data)} bytes, expected width*height*3 = "
                                                        f"{v.width * v.height * 3}")

@@ -38,12 +38,25 @@ class _Source:
     meta: dict = field(default_factory=dict)
 
 
+#: the working height of user video is at most this many times its width (extreme shapes are squeezed)
+MAX_USER_VIDEO_ASPECT = 4
+#: pushed user media (audio, video frames, blendshapes) may run this far ahead of the avatar audio
+MAX_USER_LEAD_S = 10.0
+#: one pushed encoded avatar/user audio message may decode to at most this much audio
+MAX_DECODED_SECONDS_PER_PUSH = 4.0
+
+
+def working_size(w: int, h: int, width: int = USER_VIDEO_WIDTH) -> tuple[int, int]:
+    """The (even) working size of user video: ``width`` wide, the source's aspect, at most 4:1 tall."""
+    h = int(round(width * h / max(w, 1) / 2)) * 2
+    return width, min(max(2, h), MAX_USER_VIDEO_ASPECT * width)
+
+
 def user_video_size(path: str, width: int = USER_VIDEO_WIDTH) -> tuple[int, int]:
     info = media.probe(path)
     if not info.has_video:
         raise InputError(path, "no video stream")
-    h = max(2, int(round(width * info.height / max(info.width, 1) / 2)) * 2)
-    return width, h
+    return working_size(info.width, info.height, width)
 
 
 def _stream_decoder(current, codec: str, what: str, kind: str):
@@ -109,7 +122,12 @@ class PushedAudio:
                 self._good += len(frames)
                 for fr in frames:
                     out += self._resample(fr)
-            return np.clip(np.concatenate(out), -1, 1) if out else np.zeros(0, np.float32)
+            y = np.clip(np.concatenate(out), -1, 1) if out else np.zeros(0, np.float32)
+            if len(y) > MAX_DECODED_SECONDS_PER_PUSH * config.SAMPLE_RATE:
+                raise InputError(f"{self.what}.encoded", f"one message decodes to {len(y) / config.SAMPLE_RATE:.1f} s "
+                                 f"of audio (at most {MAX_DECODED_SECONDS_PER_PUSH:g} s): send encoded audio in "
+                                 f"real-time-sized pieces")
+            return y
         rate, ch = int(item["rate"]), int(item.get("channels") or 1)
         dtype = "<i2" if item["format"] == "s16le" else "<f4"
         x = np.frombuffer(item["pcm"], dtype=dtype).reshape(-1, ch)
@@ -136,8 +154,7 @@ class PushedVideo:
 
     def _fit(self, frame) -> np.ndarray:
         if self.size is None:
-            w, h = frame.width, frame.height
-            self.size = (USER_VIDEO_WIDTH, max(2, int(round(USER_VIDEO_WIDTH * h / max(w, 1) / 2)) * 2))
+            self.size = working_size(frame.width, frame.height)
         if (frame.width, frame.height) == self.size and frame.format.name == "rgb24":
             return frame.to_ndarray()
         return frame.reformat(width=self.size[0], height=self.size[1], format="rgb24").to_ndarray()
@@ -349,6 +366,13 @@ class DecodeStage(Stage):
                 src.blend.append(feat.blendshape_frames(dict(item["values"]))[0])
             else:
                 raise InputError("push", f"unknown input kind {kind!r}")
+        lead_frames = MAX_USER_LEAD_S * config.FPS
+        have = src.avatar_len / config.SAMPLES_PER_FRAME
+        for what, ahead in (("user_audio", src.user_len / config.SAMPLES_PER_FRAME - have),
+                            ("user_video", len(src.frames) - have), ("user_blendshapes", len(src.blend) - have)):
+            if ahead > lead_frames:   # buffered per session in a shared actor: must stay bounded
+                raise InputError(what, f"{ahead / config.FPS:.1f} s ahead of the avatar audio (at most "
+                                       f"{MAX_USER_LEAD_S:g} s): send user media in real time with the avatar audio")
         spf = config.SAMPLES_PER_FRAME
         n_frames = -(-src.avatar_len // spf) if end else src.avatar_len // spf
         n_valid = min(src.avatar_len, n_frames * spf)

@@ -48,10 +48,11 @@ SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmil
 
 
 def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, use_memory: bool = True,
-            chunk_frames: int = 8) -> np.ndarray:
+            chunk_frames: int = 8, stride: int | None = None) -> np.ndarray:
     """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores."""
     T = len(feats["avatar_audio"])
-    ms, ds = MemoryStage(model=model, use_memory=use_memory), DiffusionStage(model=model)
+    ms = MemoryStage(model=model, use_memory=use_memory, stride=stride)
+    ds = DiffusionStage(model=model, stride=stride)
     sid = "eval"
     ds.set_seed(sid, seed)
     if transcript:

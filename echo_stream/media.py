@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Iterator
@@ -694,7 +695,10 @@ class Mp4Writer:
     output is written there, fragmented (``movflags=frag_keyframe+empty_moov+
     default_base_moof``, a keyframe every ``gop`` frames, default 1 s) so that
     a server can send bytes as they are produced; ``fragmented=True`` does the
-    same for a path.
+    same for a path. ``fragment_frames`` also cuts a fragment whenever one
+    spans that many frames (FFmpeg's ``frag_duration``); ``audio_lead_frames``
+    lets audio already given be encoded that far ahead of the video (streaming:
+    the muxer interleaves by time, so video waits for audio at least as late).
     """
 
     def __init__(self, path: str | os.PathLike | BinaryIO, width: int, height: int, fps: int = FPS,
@@ -702,7 +706,8 @@ class Mp4Writer:
                  preset: str = "veryfast", *, with_audio: bool | None = None, aac_rate: int = 48000,
                  audio_bitrate: int = 96_000, fragmented: bool | None = None, gop: int | None = None,
                  tune: str | None = None, format: str = "mp4", threads: int = 0,
-                 audio_decision_s: float = 10.0):
+                 audio_decision_s: float = 10.0, audio_lead_frames: int = 0,
+                 fragment_frames: int | None = None):
         self._is_file = hasattr(path, "write")
         self.path = "<stream>" if self._is_file else os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
@@ -719,6 +724,9 @@ class Mp4Writer:
             fragmented = self._is_file
         self.fragmented = bool(fragmented)
         self.audio_rate = int(audio_rate)
+        #: audio already given may be encoded this many frames ahead of the video: the MP4 muxer interleaves
+        #: by time, so video packets wait until audio at least as late is muxed (streaming latency)
+        self._audio_lead = max(0, int(audio_lead_frames))
         if audio is not None:
             with_audio = True
         self._audio_mode: bool | None = None if with_audio is None else bool(with_audio)
@@ -735,6 +743,8 @@ class Mp4Writer:
             raise InputError(self.path, f"AAC cannot encode at {aac_rate} Hz")
         if self.fragmented:
             options = {"movflags": _FRAG_FLAGS}
+            if fragment_frames:   # also cut a fragment once it spans this many frames (not only at keyframes)
+                options["frag_duration"] = str(int(1_000_000 * int(fragment_frames) / self.fps))
         elif self._is_file:
             options = {}  # faststart re-opens the output by name: impossible for a file object
         else:
@@ -799,7 +809,7 @@ class Mp4Writer:
                 fr.time_base = Fraction(1, self.fps)
                 self._mux(self._vstream.encode(fr))
                 self.frames_written += 1
-            self._pump_audio(until_input_sample=self.frames_written * self.audio_rate // self.fps)
+            self._pump_audio(until_input_sample=self._audio_until())
         except av.FFmpegError as e:
             raise InputError(self.path, f"MP4 encoding failed: {_av_reason(e)}") from None
 
@@ -816,9 +826,12 @@ class Mp4Writer:
             samples = np.asarray(samples, dtype=np.float32).reshape(-1)
             if samples.size:
                 self._audio_pending.append(samples)
-            self._pump_audio(until_input_sample=self.frames_written * self.audio_rate // self.fps)
+            self._pump_audio(until_input_sample=self._audio_until())
         except av.FFmpegError as e:
             raise InputError(self.path, f"MP4 encoding failed: {_av_reason(e)}") from None
+
+    def _audio_until(self) -> int:
+        return (self.frames_written + self._audio_lead) * self.audio_rate // self.fps
 
     def _add_audio_stream(self) -> None:
         a = self._container.add_stream("aac", rate=self._aac_rate)
@@ -966,24 +979,44 @@ class FragmentedMp4Encoder:
     """Incremental fragmented-MP4 (H.264 + optional AAC) encoder for streaming.
 
     ``encode(frames, audio=None)`` returns the bytes produced so far (possibly
-    ``b""``: a fragment is emitted at each keyframe, every ``gop`` frames,
-    default 1 s); ``close()`` returns the rest. Concatenated, the chunks are a
+    ``b""``); ``close()`` returns the rest. Concatenated, the chunks are a
     playable fragmented MP4 (init segment ``ftyp+moov`` first, then
-    ``moof+mdat`` pairs). x264 runs with ``tune=zerolatency`` so frames are
-    not held back for lookahead.
+    ``moof+mdat`` pairs; a keyframe every ``gop`` frames, a fragment every
+    ``fragment_frames`` frames (default: each frame its own). x264 runs with
+    ``tune=zerolatency`` so frames are not held back for lookahead, and audio
+    given ahead of the video is encoded up to ``audio_lead_frames`` frames
+    ahead, so the muxer's interleaving does not hold video back either. The
+    muxer still keeps the newest video frame until the next one (or
+    ``close``) arrives; :attr:`frames_emitted` counts the video frames whose
+    bytes have been returned (parsed from the fragments), so a server knows
+    exactly which frames it has sent.
     """
 
     def __init__(self, width: int, height: int, fps: int = FPS, *, with_audio: bool = True,
                  audio_rate: int = SAMPLE_RATE, crf: int = 23, preset: str = "veryfast",
-                 gop: int | None = None, aac_rate: int = 48000):
+                 gop: int | None = None, aac_rate: int = 48000, audio_lead_frames: int = 3,
+                 fragment_frames: int = 1):
         self._sink = _ByteSink()
         self._writer = Mp4Writer(self._sink, width, height, fps, None, audio_rate, crf, preset,
                                  with_audio=with_audio, aac_rate=aac_rate, fragmented=True,
-                                 gop=gop, tune="zerolatency")
+                                 gop=gop, tune="zerolatency", audio_lead_frames=audio_lead_frames,
+                                 fragment_frames=fragment_frames)
+        self._video_track = self._writer._vstream.index + 1   # MP4 track ids follow the stream order
+        self._frags = _FragmentCounter(self._video_track)
 
     @property
     def frames_written(self) -> int:
         return self._writer.frames_written
+
+    @property
+    def frames_emitted(self) -> int:
+        """Video frames whose complete fragments (``moof`` + ``mdat``) have been returned so far."""
+        return self._frags.samples
+
+    def _drain(self) -> bytes:
+        data = self._sink.drain()
+        self._frags.feed(data)
+        return data
 
     def encode(self, frames: np.ndarray, audio: np.ndarray | None = None) -> bytes:
         """Add audio (mono float32 at ``audio_rate``) then frames; return new bytes."""
@@ -991,9 +1024,70 @@ class FragmentedMp4Encoder:
             self._writer.write_audio(audio)
         if frames is not None and len(frames):
             self._writer.write(frames)
-        return self._sink.drain()
+        return self._drain()
 
     def close(self) -> bytes:
         """Finish the stream; return its last bytes."""
         self._writer.close()
-        return self._sink.drain()
+        return self._drain()
+
+
+class _FragmentCounter:
+    """Counts the samples of one track in a fragmented-MP4 byte stream fed in arbitrary pieces.
+
+    A fragment's samples count once its ``mdat`` (the box after its ``moof``) is complete.
+    """
+
+    def __init__(self, track_id: int):
+        self.track_id = int(track_id)
+        self.samples = 0
+        self._buf = b""
+        self._pending = 0          # samples of the last complete moof, waiting for its mdat
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf + data
+        off = 0
+        while len(buf) - off >= 8:
+            size, kind = struct.unpack_from(">I4s", buf, off)
+            head = 8
+            if size == 1:                               # 64-bit size
+                if len(buf) - off < 16:
+                    break
+                size, head = struct.unpack_from(">Q", buf, off + 8)[0], 16
+            if size < head or len(buf) - off < size:
+                if size == 0 or size < head:            # "to the end of the file" or malformed: stop counting
+                    off = len(buf)
+                break
+            if kind == b"moof":
+                self._pending = self._moof_samples(buf, off + head, off + size)
+            elif kind == b"mdat":
+                self.samples += self._pending
+                self._pending = 0
+            off += size
+        self._buf = buf[off:]
+
+    def _moof_samples(self, buf: bytes, lo: int, hi: int) -> int:
+        n = 0
+        for kind, blo, bhi in _boxes(buf, lo, hi):
+            if kind != b"traf":
+                continue
+            track, count = None, 0
+            for k2, clo, chi in _boxes(buf, blo, bhi):
+                if k2 == b"tfhd" and chi - clo >= 8:
+                    track = struct.unpack_from(">I", buf, clo + 4)[0]
+                elif k2 == b"trun" and chi - clo >= 8:
+                    count += struct.unpack_from(">I", buf, clo + 4)[0]
+            if track == self.track_id:
+                n += count
+        return n
+
+
+def _boxes(buf: bytes, lo: int, hi: int):
+    """(type, payload start, end) of the boxes in ``buf[lo:hi]``."""
+    off = lo
+    while hi - off >= 8:
+        size, kind = struct.unpack_from(">I4s", buf, off)
+        if size < 8 or off + size > hi:
+            return
+        yield kind, off + 8, off + size
+        off += size

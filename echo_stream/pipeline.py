@@ -56,6 +56,8 @@ class PipelineOptions:
     size: tuple[int, int] = (256, 256)
     chunk_frames: int = 8
     max_inflight: int = 4
+    #: new frames per generation window (None: the model config's new_frames; shorter = lower latency)
+    stride: int | None = None
 
     def model_loader(self) -> Callable:
         return functools.partial(load_model, self.checkpoint, self.config, self.device)
@@ -73,8 +75,8 @@ def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
     return {
         "decode": DecodeStage(chunk_frames=opts.chunk_frames),
         "features": FeaturesStage(),
-        "memory": MemoryStage(model_loader=loader),
-        "diffusion": DiffusionStage(model_loader=loader, device=opts.device),
+        "memory": MemoryStage(model_loader=loader, stride=opts.stride),
+        "diffusion": DiffusionStage(model_loader=loader, device=opts.device, stride=opts.stride),
         "render": RenderStage(device=opts.device),
     }
 

@@ -106,6 +106,8 @@ class StageSettings:
     min_lr_frac: float = 0.05
     #: stage 2: share of windows whose known frames lose their non-lip baseline (see EchoModel.loss)
     known_drop: float = 0.0
+    #: share of windows with more known frames than overlap_frames (low-latency stride; see EchoModel.loss)
+    long_known: float = 0.0
 
 
 #: The default recipe (tiny config, 2 CPU cores): see the module docstring and docs.
@@ -499,7 +501,8 @@ def _evaluate(model: EchoModel, ds: ShardDataset, run: _StageRun) -> dict:
                 else:
                     batch = ds.stage2_batch(rng, run.settings.batch_size, run.history)
                 batch.pop("history_windows", None)
-                _, lg = model.loss(batch, run.stage, known_drop=run.settings.known_drop, generator=gen)
+                _, lg = model.loss(batch, run.stage, known_drop=run.settings.known_drop,
+                                       long_known=run.settings.long_known, generator=gen)
                 for k, v in lg.items():
                     if k != "stage":
                         logs.setdefault(k, []).append(v)
@@ -574,7 +577,8 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
             n_hist = int(batch.pop("history_windows", 0))
             if run.stage == 2 and run.bptt is not None and n_hist > run.bptt:
                 batch = _roll_memory(model, batch, run.bptt)
-            loss, logs = model.loss(batch, run.stage, known_drop=st.known_drop, generator=gen)
+            loss, logs = model.loss(batch, run.stage, known_drop=st.known_drop, long_known=st.long_known,
+                                    generator=gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage {run.stage} step {step}: loss is {float(loss)} "
                                          "(lower the learning rate)")
@@ -671,7 +675,8 @@ def train(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, config: str
           init_from: str | os.PathLike | None = None, checkpoint_every: int | None = None, progress: bool = True,
           time_budget_s: float | None = None, *, history_s: float = DEFAULT_HISTORY_S,
           bptt_windows: int | None = DEFAULT_BPTT_WINDOWS, eval_batches: int = 4,
-          export: str | os.PathLike | None = None, threads: int | None = None) -> Path:
+          export: str | os.PathLike | None = None, threads: int | None = None,
+          long_known: float | None = None) -> Path:
     """Train (stage 1, stage 2 or both) and return the final checkpoint directory (``OUT/final``).
 
     ``steps``, ``batch_size``, ``lr``: one value for every stage, a ``(stage1, stage2)`` pair or a
@@ -684,20 +689,22 @@ def train(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, config: str
     :data:`STAGE1_BUDGET_SHARE` when both run). ``history_s``: stage-2 history length (windows
     ``ceil(history_s / 0.64 s)`` for tiny); ``bptt_windows``: windows of that history rolled with
     gradients (None = all). ``export``: also write the final model there (``"default"`` = the
-    packaged default checkpoint path).
+    packaged default checkpoint path). ``long_known``: stage-2 share of windows trained with more
+    known frames than ``overlap_frames`` (what low-latency serving strides use; None: the default).
     """
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(int(threads) if threads else _threads())
     try:
         return _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resume, init_from,
-                      checkpoint_every, progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0)
+                      checkpoint_every, progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0,
+                      long_known)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resume, init_from, checkpoint_every,
-           progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0) -> Path:
+           progress, time_budget_s, history_s, bptt_windows, eval_batches, export, t0, long_known=None) -> Path:
     stages = {"both": [1, 2], "1": [1], "2": [2], 1: [1], 2: [2]}.get(stage if isinstance(stage, int) else str(stage))
     if stages is None:
         raise InputError("--stage", f"must be 1, 2 or both, got {stage!r}")
@@ -723,6 +730,10 @@ def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resu
             steps=int(_per_stage(steps, n, "steps") or base.steps),
             batch_size=int(_per_stage(batch_size, n, "batch-size") or base.batch_size),
             lr=float(_per_stage(lr, n, "lr") or base.lr))
+        if long_known is not None and n == 2:
+            if not 0.0 <= long_known <= 1.0:
+                raise InputError("--long-known", f"must be a probability in [0, 1], got {long_known}")
+            settings = dataclasses.replace(settings, long_known=float(long_known))
         settings = dataclasses.replace(settings, warmup=min(settings.warmup, max(1, settings.steps // 10)))
         if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:
             raise InputError("train", f"stage {n}: steps, batch size and lr must be positive ({settings})")
@@ -896,6 +907,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=4, help="heldout batches per evaluation (0 = none)")
     p.add_argument("--export", metavar="DIR|default",
                    help="also write the final model to DIR ('default' = the packaged default checkpoint)")
+    p.add_argument("--long-known", type=float, metavar="P",
+                   help=f"stage 2: share of windows trained with more known frames than the config's overlap, "
+                        f"so that serving can use strides shorter than new_frames (low latency; default "
+                        f"{DEFAULTS[2].long_known})")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -932,7 +947,7 @@ def run(args) -> int:
                   checkpoint_every=args.checkpoint_every, progress=progress,
                   time_budget_s=parse_duration(args.time_budget), history_s=args.history_s,
                   bptt_windows=args.bptt_windows or None, eval_batches=args.eval_batches, export=args.export,
-                  threads=args.threads)
+                  threads=args.threads, long_known=args.long_known)
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
     print(f"final checkpoint: {final} ({size / 1e6:.1f} MB) after {(time.perf_counter() - t) / 60:.1f} min; "
           f"losses in {out / LOSS_CSV} and {out / LOSS_PNG}", file=sys.stderr)

@@ -201,3 +201,79 @@ def test_inline_pipeline_streams_every_frame_once(media, model):
     stats = runner.stats()
     assert set(stats) == {"decode", "features", "memory", "diffusion", "render"}
     assert all(s["calls"] for s in stats.values())
+
+
+# ---------------------------------------------------------------- low-latency stride
+
+def _stride_windows(media, model, stride, **kw):
+    ms = MemoryStage(model=model, stride=stride)
+    wins = []
+    for f in _features(media, **kw):
+        wins.extend(ms.process(f))
+    return ms, wins
+
+
+@pytest.mark.parametrize("stride", [6, 5])
+def test_stride_windows_keep_the_span_and_cover_every_frame_once(media, model, stride):
+    from echo_stream.pipeline import transcript_batch
+
+    ms, wins = _stride_windows(media, model, stride, user_video=media["user_video"])
+    W, L = CFG.window_frames, CFG.lookahead_frames
+    K = W - stride
+    n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
+    assert len(wins) == math.ceil(n_frames / stride) and wins[-1].end
+    for w, p in enumerate(wins):
+        frames = schemas.column(p.get(schemas.FEATURES), "frame")
+        assert np.array_equal(frames, np.arange(w * stride - K, w * stride + stride + L))  # W + L rows each
+    ds = DiffusionStage(model=model, stride=stride)
+    ds.set_seed("s1", 3)
+    mw = schemas.concat([ds.process(w)[0].get(schemas.MOTION_WINDOW) for w in wins], schemas.MOTION_WINDOW)
+    assert np.array_equal(schemas.column(mw, "frame"), np.arange(n_frames))
+    m = schemas.column(mw, "motion")
+    assert np.isfinite(m).all() and m.std(axis=0).max() > 0
+
+
+def test_stride_memory_advances_in_blocks_of_new_frames(media, model):
+    """The LCU memory folds the same 16-frame blocks (and text) whatever the stride: same state after them."""
+    from echo_stream.pipeline import transcript_batch
+
+    seg = [Segment(0.2, 1.0, "user", "I got the job, wonderful news")]
+    states = {}
+    for stride in (None, 4):
+        ms = MemoryStage(model=model, stride=stride)
+        ms.add_transcript(transcript_batch("s1", seg))
+        f = _features(media, user_video=media["user_video"])
+        toks = []
+        for p in f[:-1]:                         # not the end: the session's state stays
+            toks += [schemas.column(w.get(schemas.MEMORY_TOKENS), "tokens")[0] for w in ms.process(p)]
+        s = ms._sessions["s1"]
+        states[stride] = (s.steps, s.memory.clone(), s.mem_frame)
+    (n16, m16, f16), (n4, m4, f4) = states[None], states[4]
+    assert n16 >= 1 and f16 == f4 == n16 * CFG.new_frames
+    assert n4 == n16 and torch.allclose(m16, m4, atol=1e-6)
+
+
+def test_stride_is_validated(model):
+    with pytest.raises(ValueError, match="stride"):
+        MemoryStage(model=model, stride=CFG.new_frames + 1).setup()
+    with pytest.raises(ValueError, match="stride"):
+        DiffusionStage(model=model, stride=0).setup()
+    with pytest.raises(ValueError, match="known frames"):
+        model.sample(torch.zeros(1, CFG.window_frames, motion.NUM_CHANNELS),
+                     torch.zeros(1, CFG.window_frames + CFG.lookahead_frames, 2, config.AUDIO_FEAT_DIM))
+
+
+def test_loss_with_longer_known_prefix_is_finite_and_differentiable(model):
+    """long_known: items carry K' > overlap known frames; the loss and its gradient stay finite."""
+    W, L = CFG.window_frames, CFG.lookahead_frames
+    g = torch.Generator().manual_seed(0)
+    batch = {"motion": torch.from_numpy(np.stack([motion.neutral_motion(W)] * 4)) + 0.01 * torch.randn(4, W, 58, generator=g),
+             "avatar_audio": torch.randn(4, W + L, 2, config.AUDIO_FEAT_DIM, generator=g)}
+    model.train()
+    try:
+        loss, logs = model.loss(batch, 2, long_known=1.0, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert torch.isfinite(loss) and logs["fm"] > 0

@@ -95,6 +95,9 @@ class EchoModel(nn.Module):
         self.register_buffer("audio_std", torch.ones(cfg.audio_dim))
         self.register_buffer("channel_min", torch.from_numpy(motion.CHANNEL_MIN.copy()), persistent=False)
         self.register_buffer("channel_max", torch.from_numpy(motion.CHANNEL_MAX.copy()), persistent=False)
+        non_lip = torch.ones(cfg.motion_dim, dtype=torch.bool)
+        non_lip[torch.from_numpy(motion.REGION_SLICES["lips"])] = False
+        self.register_buffer("_non_lip_channels", non_lip, persistent=False)
         self._external_text_encoder: TranscriptEncoder | None = None
         #: metadata of the checkpoint this model was loaded from (set by load_checkpoint)
         self.checkpoint_meta: dict = {}
@@ -284,10 +287,19 @@ class EchoModel(nn.Module):
         ``memory`` None uses ``memory_init``; ``seeds`` None uses 0 for every item.
         ``return_window=True`` returns all W frames (the first K equal ``prev_motion``).
         ``use_context=False`` turns the user/context branch off (as in stage-1 training).
+
+        ``prev_motion`` may hold more known frames than ``cfg.overlap_frames``: with K' known frames
+        (``overlap_frames <= K' < window_frames``) the window still spans W frames and generates
+        ``W - K'`` new ones. This is the low-latency streaming mode (a stride shorter than
+        ``cfg.new_frames``: see :func:`echo_stream.stages.memory.window_geometry`).
         """
         cfg = self.cfg
-        k, w, lk = cfg.overlap_frames, cfg.window_frames, cfg.lookahead_frames
-        prev = self._t("prev_motion", prev_motion, (None, k, cfg.motion_dim))
+        w, lk = cfg.window_frames, cfg.lookahead_frames
+        prev = self._t("prev_motion", prev_motion, (None, None, cfg.motion_dim))
+        k = prev.shape[1]
+        if not cfg.overlap_frames <= k < w:
+            raise ValueError(f"prev_motion: expected between {cfg.overlap_frames} and {w - 1} known frames "
+                             f"(overlap_frames .. window_frames - 1), got {k}")
         b = prev.shape[0]
         avatar_audio = self._t("avatar_audio", avatar_audio, (b, w + lk, cfg.mels_per_frame, cfg.audio_dim))
         if user_present is None:
@@ -324,7 +336,10 @@ class EchoModel(nn.Module):
                 cond.append(self.denoiser.condition_known(known, mask, ctx))
             return self.denoiser.step(x, tau, cond[0], ctx)
 
-        x = sample_window(denoise, self.normalise_motion(prev), noise, steps, cfg.seam_blend_frames)
+        # at a stride shorter than new_frames every new frame lies in the seam fade, which would drag the
+        # lips towards the previous window's mouth shape: there the correction is left to non-lip channels
+        seam_channels = None if k == cfg.overlap_frames else self._non_lip_channels
+        x = sample_window(denoise, self.normalise_motion(prev), noise, steps, cfg.seam_blend_frames, seam_channels)
         out = self.denormalise_motion(x)
         out = torch.maximum(torch.minimum(out, self.channel_max), self.channel_min)
         out[:, :k] = prev
@@ -377,7 +392,8 @@ class EchoModel(nn.Module):
         return torch.cat([mem[:, :self.cfg.memory_slots], self.text_traces_from_history(texts)], dim=1)
 
     def loss(self, batch: dict, stage: int, *, vel_weight: float = 0.5, user_drop: float = 0.1,
-             known_drop: float = 0.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+             known_drop: float = 0.0, long_known: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Flow-matching (x0-prediction) loss on one batch of training windows.
 
         ``batch`` (tensors, physical units; W = window_frames, L = lookahead_frames):
@@ -402,6 +418,10 @@ class EchoModel(nn.Module):
         this the model learns to copy the level of smiles, brows and head pose from the known frames
         instead of reading it from the memory. With it, the model learns to move from a plausible but
         wrong level towards the one the context implies, which over a session's windows converges.
+
+        With probability ``long_known`` an item's window carries more known frames than
+        ``overlap_frames``: K' drawn uniformly from ``[K + 1, W - 2]`` (so 2 to S - 1 new frames), the
+        layout of the low-latency streaming mode (``sample`` with a longer ``prev_motion``).
 
         Loss = MSE(x0_hat, x) on the new frames + ``vel_weight`` * MSE of frame-to-frame differences over
         the window with the known frames in place (penalises seams and jitter).
@@ -444,34 +464,42 @@ class EchoModel(nn.Module):
         pick = torch.rand(b, generator=generator) < 0.5
         tau = torch.where(pick, u, grid).to(dev)
         eps = torch.randn(x1.shape, generator=generator).to(dev)
-        xk = x1[:, :k]
+        # known frames per item: K, or with probability long_known K' in [K + 1, W - 2]
+        kk = torch.full((b,), k, dtype=torch.long)
+        if long_known > 0 and w - 2 > k:
+            longer = torch.rand(b, generator=generator) < long_known
+            kk = torch.where(longer, torch.randint(k + 1, w - 1, (b,), generator=generator), kk)
+        kk = kk.to(dev)
+        known_m = (torch.arange(w, device=dev)[None, :] < kk[:, None])  # (B, W) bool
+        km = known_m[:, :, None]
+        xk = x1
         if stage == 2 and known_drop > 0 and k > 0 and b > 1:
             drop = (torch.rand(b, generator=generator) < known_drop).to(dev)
             shift = int(torch.randint(1, b, (1,), generator=generator))
             lip = torch.zeros(cfg.motion_dim, dtype=torch.bool, device=dev)
             lip[slice(*self.denoiser.ranges[0])] = True
-            base = xk.mean(dim=1, keepdim=True)
-            swapped = xk - base + torch.roll(base, shift, dims=0)
-            xk = torch.where(drop[:, None, None] & ~lip, swapped, xk)
+            base = (x1 * km).sum(dim=1, keepdim=True) / kk[:, None, None].to(x1.dtype)
+            swapped = x1 - base + torch.roll(base, shift, dims=0)
+            xk = torch.where(drop[:, None, None] & ~lip, swapped, x1)
         tb = tau[:, None, None]
-        x_tau = tb * x1 + (1.0 - tb) * eps
-        x_tau[:, :k] = tb * xk + (1.0 - tb) * eps[:, :k]
-        known = torch.zeros_like(x1)
-        known[:, :k] = xk
-        mask = torch.zeros(b, w, device=dev)
-        mask[:, :k] = 1.0
+        x_tau = torch.where(km, tb * xk + (1.0 - tb) * eps, tb * x1 + (1.0 - tb) * eps)
+        known = torch.where(km, xk, torch.zeros_like(x1))
+        mask = known_m.to(x1.dtype)
         x0 = self.denoiser(x_tau, tau, known, mask, ctx)
 
-        fm = F.mse_loss(x0[:, k:], x1[:, k:])
-        full = torch.cat([x1[:, :k], x0[:, k:]], dim=1)
+        new_m = (~known_m).to(x1.dtype)[:, :, None]
+        n_new = new_m.sum() * x1.shape[-1]
+        fm = ((x0 - x1) ** 2 * new_m).sum() / n_new
+        full = torch.where(km, x1, x0)
         vel = F.mse_loss(full[:, 1:] - full[:, :-1], x1[:, 1:] - x1[:, :-1])
         total = fm + vel_weight * vel
         lip = slice(*self.denoiser.ranges[0])
+        lip_err = (x0[..., lip] - x1[..., lip]) ** 2 * new_m
         logs = {
             "loss": float(total.detach()),
             "fm": float(fm.detach()),
             "vel": float(vel.detach()),
-            "lip_mse": float(F.mse_loss(x0[:, k:, lip], x1[:, k:, lip]).detach()),
+            "lip_mse": float((lip_err.sum() / (new_m.sum() * lip_err.shape[-1])).detach()),
             "stage": stage,
         }
         return total, logs

@@ -78,11 +78,13 @@ def seam_weights(new_frames: int, blend_frames: int, device=None) -> torch.Tenso
 
 
 def sample_window(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                  known: torch.Tensor, noise: torch.Tensor, steps: int, seam_blend_frames: int = 0) -> torch.Tensor:
+                  known: torch.Tensor, noise: torch.Tensor, steps: int, seam_blend_frames: int = 0,
+                  seam_channels: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one window per batch item.
 
     ``denoise(x_tau, tau (B,), known_full (B,W,C), known_mask (B,W)) -> x0_hat (B,W,C)``;
-    ``known``: (B, K, C) normalised previous motion; ``noise``: (B, W, C).
+    ``known``: (B, K, C) normalised previous motion; ``noise``: (B, W, C); ``seam_channels``: optional
+    (C,) bool, the channels the seam correction applies to (None: all).
     Returns the (B, W, C) normalised window whose first K frames equal ``known``.
     """
     b, w, c = noise.shape
@@ -104,6 +106,8 @@ def sample_window(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, t
             x[:, :k] = tau_next * known + (1.0 - tau_next) * noise[:, :k]
     if k > 0 and seam_blend_frames > 0 and w > k:
         offset = known[:, -1] - x0[:, k - 1]
+        if seam_channels is not None:
+            offset = offset * seam_channels.to(offset.dtype)
         x[:, k:] += offset[:, None, :] * seam_weights(w - k, seam_blend_frames, x.device)[None, :, None]
     x[:, :k] = known
     return x

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ..config import DEFAULT_SERVE_STRIDE
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="a running server (host:port); default: start one here on local Ray")
@@ -39,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="model config of the local server (tiny, base)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
+                   help="new frames per generation window: a window's first frame waits for the audio of "
+                        "STRIDE + lookahead frames before it is computed, so a shorter stride means lower "
+                        "latency and more model calls per second (default %(default)s = "
+                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
     p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")
 
@@ -101,9 +108,10 @@ def run(args) -> int:
 
         start_ray(None, args.num_cpus)
         backend = RayBackend.start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
-                                                   device=args.device, size=(args.size, args.size)),
+                                                   device=args.device, size=(args.size, args.size),
+                                                   stride=args.stride or None),
                                    num_cpus=args.num_cpus)
-        server = ServerThread(backend, ServeOptions.for_model(args.config, port=0,
+        server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None, port=0,
                                                               max_sessions=args.max_sessions or max(counts)))
         target = f"127.0.0.1:{server.start()}"
     rows = []

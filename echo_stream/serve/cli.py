@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from ..config import DEFAULT_SERVE_STRIDE
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="model checkpoint (default: the bundled tiny one)")
     p.add_argument("--config", metavar="NAME|PATH", help="model config (tiny, base or a JSON file)")
     p.add_argument("--device", default="cpu", help="torch device of diffusion and render (cpu, cuda)")
+    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
+                   help="new frames per generation window: a window's first frame waits for the audio of "
+                        "STRIDE + lookahead frames before it is computed, so a shorter stride means lower "
+                        "latency and more model calls per second (default %(default)s = "
+                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny)")
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,12 +130,12 @@ def run_serve(args) -> int:
             raise InputError(f"--avatar {spec}", "expected NAME=IMAGE with an existing image file")
         avatars[name] = os.path.abspath(path)
     from .server import ServeOptions
-    opts = ServeOptions.for_model(args.config, host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
+    opts = ServeOptions.for_model(args.config, stride=args.stride or None, host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
                         tls_cert=_read(args.tls_cert, "TLS certificate"), tls_key=_read(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
-                            size=(args.size, args.size))
+                            size=(args.size, args.size), stride=args.stride or None)
     return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
 
 

@@ -50,18 +50,19 @@ class ServeOptions:
     max_inflight: int = 4
     max_batch: int = 64
     batch_wait_s: float = 0.004
-    overlap_frames: int = 4                 # the model's window geometry (ModelConfig): K previous-motion frames,
-    new_frames: int = 16                    # S new frames per window, L lookahead frames
+    overlap_frames: int = 4                 # the window geometry of the stages: K' previous-motion frames,
+    new_frames: int = 16                    # S' new frames per window (the stride), L lookahead frames
     lookahead_frames: int = 2
 
     @classmethod
-    def for_model(cls, config_name: str | None = None, **kw) -> "ServeOptions":
-        """Options with the window geometry of a model config (tiny by default)."""
+    def for_model(cls, config_name: str | None = None, stride: int | None = None, **kw) -> "ServeOptions":
+        """Options with the window geometry of a model config (tiny by default) at ``stride`` new frames per
+        window (None: the config's own ``new_frames``); the stages must run with the same stride."""
         from ..config import get_config
+        from ..stages.memory import window_geometry
 
-        c = get_config(config_name or "tiny")
-        return cls(overlap_frames=c.overlap_frames, new_frames=c.new_frames, lookahead_frames=c.lookahead_frames,
-                   **kw)
+        k, s, lk = window_geometry(get_config(config_name or "tiny"), stride)
+        return cls(overlap_frames=k, new_frames=s, lookahead_frames=lk, **kw)
     recovery_timeout_s: float = 30.0
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 

@@ -65,10 +65,17 @@ class AudioTimeline:
 
     def __init__(self):
         self._parts: dict[int, np.ndarray] = {}
+        self.end_sample = 0          # the end of the audio received, in samples from frame 0
 
     def add(self, first_frame: int, samples: np.ndarray) -> None:
         if len(samples):
             self._parts[int(first_frame)] = np.asarray(samples, np.float32)
+            self.end_sample = max(self.end_sample, int(first_frame) * SPF + len(samples))
+
+    @property
+    def end_frame(self) -> int:
+        """Frames whose audio is complete."""
+        return self.end_sample // SPF
 
     def take(self, first: int, last: int) -> np.ndarray:
         """Samples of frames [first, last) (silence where unknown); forgets everything before ``last``."""
@@ -85,6 +92,7 @@ class AudioTimeline:
 
     def clear(self) -> None:
         self._parts.clear()
+        self.end_sample = 0
 
 
 @dataclass
@@ -151,6 +159,8 @@ class Session:
         self._video_sent = 0               # encoded frames whose bytes were sent
         self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
         self._enc_dropped = 0              # entries trimmed from the front of those two lists
+        self._audio_fed: int | None = None  # global frame up to which avatar audio went to the encoder
+        self._enc_next: int | None = None   # global frame after the last one encoded
         self._tasks: list[asyncio.Task] = []
         self.closed = False
         self.incarnations: dict = {}
@@ -395,18 +405,36 @@ class Session:
         while self.replay_log and self.replay_log[0][1] <= self.produced / FPS + 1e-9:
             self.replay_log.popleft()
         if self.spec.wants_video and self.spec.codec == "fmp4" and images is not None:
-            audio = self.audio.take(int(frames[0]), int(frames[-1]) + 1)
+            audio = self._encoder_audio(int(frames[0]), int(frames[-1]) + 1)
             data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._encode, images, audio)
             self._enc_frames.extend(frames.tolist())
             self._enc_origins.extend(origins)
             if data:
                 # the MP4 muxer interleaves video with the AAC track, whose encoder delay holds back the last
                 # few video frames until more audio comes: count those as not yet sent
-                covered = max(self._video_sent, self._encoder.frames_written - self._mux_lag - self._enc_dropped)
+                covered = max(self._video_sent, self._encoder.frames_emitted - self._enc_dropped)
                 await self._send_video(data, covered)
 
-    _gop = 16          # frames per GOP (= per fMP4 fragment)
-    _mux_lag = 4       # frames the muxer may still hold after an encode (AAC delay; measured: 3)
+    _gop = 16          # frames per GOP
+    _audio_lead = 3    # frames of avatar audio handed to the encoder ahead of the video (see _encoder_audio)
+
+    def _encoder_audio(self, first: int, last: int) -> np.ndarray:
+        """The avatar audio to encode with frames [first, last): up to ``_audio_lead`` frames beyond them
+        when it has arrived (it has, for the window's lookahead), so that the muxer, which interleaves
+        audio and video by time, can release every video frame at once instead of holding the last few
+        until the next window. Frames skipped by a gap skip their audio too (the MP4 timeline is the
+        frames sent)."""
+        if self._audio_fed is None:
+            self._audio_fed = first
+        elif self._enc_next is not None and first > self._enc_next:
+            self._audio_fed += first - self._enc_next
+        self._enc_next = last
+        upto = max(last, min(last + self._audio_lead, self.audio.end_frame))
+        if upto <= self._audio_fed:
+            return np.zeros(0, np.float32)
+        audio = self.audio.take(self._audio_fed, upto)
+        self._audio_fed = upto
+        return audio
 
     def _encode(self, images: np.ndarray, audio: np.ndarray) -> bytes:
         from ..media import FragmentedMp4Encoder

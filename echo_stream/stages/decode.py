@@ -217,6 +217,17 @@ class DecodeStage(Stage):
         self.chunk_frames = int(chunk_frames)
         self._sessions: dict[str, _Source] = {}
 
+    def setup(self) -> None:
+        """Warm the push path (imports, the resampler) so a session's first audio is not the one to pay."""
+        sid = "\0warmup"
+        self.open_stream(sid)
+        try:
+            pcm = np.zeros(3 * 2 * config.SAMPLES_PER_FRAME, "<i2").tobytes()   # 80 ms at 48 kHz
+            self.push(sid, [("avatar_audio", {"pcm": pcm, "format": "s16le", "rate": 48000, "channels": 1})], end=True)
+        finally:
+            self.close_session(sid)
+        super().setup()
+
     def open_session(self, session_id: str, avatar_audio: str, user_audio: str | None = None,
                      user_video: str | None = None) -> dict:
         """Open a session's input files; returns what was found (durations, which user tracks exist).

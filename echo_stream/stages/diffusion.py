@@ -17,7 +17,7 @@ import torch
 from .. import motion, schemas
 from ..model import EchoModel, window_seed
 from . import Packet, Stage
-from .memory import window_arrays
+from .memory import window_arrays, window_geometry
 
 
 @dataclass
@@ -39,8 +39,11 @@ class DiffusionStage(Stage):
     resources = {"num_cpus": 0.5}
     input_contracts = (schemas.FEATURES, schemas.MEMORY_TOKENS)
 
-    def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu") -> None:
+    def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu",
+                 stride: int | None = None) -> None:
         super().__init__()
+        #: new frames per window (None: the config's ``new_frames``); must match the memory stage's
+        self.stride = stride
         self._model = model
         self._loader = model_loader
         self.device = device
@@ -51,7 +54,18 @@ class DiffusionStage(Stage):
         if self._model is None:
             self._model = self._loader()
         self._model.to(self.device).eval()
+        k, _, lk = window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
+        cfg = self._model.cfg
+        with torch.inference_mode():      # warm-up at the serving shapes: the first call is the slow one
+            self._model.sample(torch.from_numpy(motion.neutral_motion(k))[None].to(self.device),
+                               torch.zeros(1, cfg.window_frames + lk, cfg.mels_per_frame, cfg.audio_dim,
+                                           device=self.device))
         super().setup()
+
+    @property
+    def known_frames(self) -> int:
+        """K': previous-motion frames each window is conditioned on (``window_frames - stride``)."""
+        return window_geometry(self.model.cfg, self.stride)[0]
 
     @property
     def model(self) -> EchoModel:
@@ -64,7 +78,7 @@ class DiffusionStage(Stage):
     def _session(self, sid: str) -> _SessionMotion:
         s = self._sessions.get(sid)
         if s is None:
-            K = self.model.cfg.overlap_frames
+            K = self.known_frames
             s = self._sessions[sid] = _SessionMotion(motion.neutral_motion(K),
                                                      self._seeds.get(sid, session_seed(sid, None)))
         return s
@@ -86,7 +100,7 @@ class DiffusionStage(Stage):
             if id(p) in results:
                 new = results[id(p)]
                 s = self._session(sid)
-                K = self.model.cfg.overlap_frames
+                K = self.known_frames
                 s.prev = np.concatenate([s.prev, new])[-K:]
                 valid = int(p.meta.get("valid_frames", len(new)))
                 new = new[:valid]

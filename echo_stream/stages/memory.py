@@ -8,6 +8,18 @@ frames of context, L lookahead frames = 80 ms). Each window goes out with the
 memory tokens as they were *before* the window (generation is causal), then the
 memory is updated from the window's new frames of both sides' behaviour and
 the transcript text that has arrived by the window's end.
+
+Stride (low-latency streaming)
+------------------------------
+By default a window generates ``S = cfg.new_frames`` frames, so its first frame
+waits for ``S + L`` frames of the avatar's audio before anything is computed
+(0.72 s with ``tiny``). ``stride`` ``S' < S`` cuts that wait: the window keeps
+its trained span ``W = K + S`` frames, but carries ``K' = W - S'`` known frames
+(the session's latest generated motion) and generates ``S'`` new ones, one
+model call every ``S'`` frames (``W / S'`` times as many calls per second).
+The LCU memory still advances in blocks of ``S`` frames (its decays are per
+block), so its time scale does not depend on the stride; each window goes out
+with the memory as of the last complete block before it.
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ class _SessionMemory:
     steps: int = 0
     window: int = 0
     seq: int = 0
+    mem_frame: int = 0                      # first frame not yet folded into the memory
     buf_start: int = 0                      # frame index of buf row 0
     buf: dict = field(default_factory=dict)  # column -> (n, ...) array
     total_frames: int | None = None
@@ -40,10 +53,13 @@ class MemoryStage(Stage):
     resources = {"num_cpus": 0.25}
     input_contracts = (schemas.FEATURES,)
 
-    def __init__(self, model: EchoModel | None = None, model_loader=None, use_memory: bool = True) -> None:
+    def __init__(self, model: EchoModel | None = None, model_loader=None, use_memory: bool = True,
+                 stride: int | None = None) -> None:
         super().__init__()
         #: False = LCU ablation: every window sees the initial memory (no long-range context)
         self.use_memory = use_memory
+        #: new frames per window (None: the config's ``new_frames``); see the module docstring
+        self.stride = stride
         self._model = model
         self._loader = model_loader
         self._sessions: dict[str, _SessionMemory] = {}
@@ -52,7 +68,19 @@ class MemoryStage(Stage):
         if self._model is None:
             self._model = self._loader()
         self._model.eval()
+        window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
+        cfg = self._model.cfg
+        with torch.inference_mode():      # warm-up: the first call of each op is the slow one
+            z = lambda *shape: torch.zeros(1, cfg.new_frames, *shape)  # noqa: E731
+            self._model.memory_update(self._model.memory_init(1), z(cfg.mels_per_frame, cfg.audio_dim),
+                                      z(cfg.mels_per_frame, cfg.audio_dim), z(cfg.user_video_dim),
+                                      z(cfg.motion_dim), z(3), self._model.encode_transcript(["warm up"]))
         super().setup()
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        """(K', S', L): known frames, new frames and lookahead frames of every window."""
+        return window_geometry(self.model.cfg, self.stride)
 
     @property
     def model(self) -> EchoModel:
@@ -65,9 +93,10 @@ class MemoryStage(Stage):
         with torch.inference_mode():
             mem = self.model.memory_init(1)
         s = _SessionMemory(memory=mem)
-        # K frames of silence before t = 0 give the first window its context rows
-        s.buf_start = -cfg.overlap_frames
-        s.buf = {name: np.zeros((cfg.overlap_frames, *shape), np.float32)
+        # K' frames of silence before t = 0 give the first window its context rows
+        K = self.geometry[0]
+        s.buf_start = -K
+        s.buf = {name: np.zeros((K, *shape), np.float32)
                  for name, shape in self._shapes().items()}
         return s
 
@@ -125,7 +154,7 @@ class MemoryStage(Stage):
 
     def _next_window(self, sid: str, s: _SessionMemory, meta: dict) -> Packet | None:
         cfg = self.model.cfg
-        K, S, L = cfg.overlap_frames, cfg.new_frames, cfg.lookahead_frames
+        K, S, L = self.geometry
         t0 = s.window * S
         have_until = s.buf_start + len(s.buf["avatar_audio"])  # exclusive
         if s.total_frames is not None:
@@ -133,13 +162,7 @@ class MemoryStage(Stage):
                 return None
         elif have_until < t0 + S + L:
             return None
-        lo, hi = t0 - K - s.buf_start, t0 + S + L - s.buf_start
-        rows = {}
-        for name in _COLUMNS:
-            a = s.buf[name][lo:hi]
-            if len(a) < hi - lo:  # end of stream: silence after the last frame
-                a = np.concatenate([a, np.zeros((hi - lo - len(a), *a.shape[1:]), np.float32)])
-            rows[name] = a
+        rows = self._rows(s, t0 - K, t0 + S + L)
         frames = np.arange(t0 - K, t0 + S + L)
         n = len(frames)
         valid = S if s.total_frames is None else min(S, s.total_frames - t0)
@@ -153,15 +176,32 @@ class MemoryStage(Stage):
             "session_id": [sid], "seq": [s.window], "pts": [t0 / cfg.fps], "window": [s.window],
             "first_frame": [t0], "tokens": tokens[None]}), schemas.MEMORY_TOKENS)
         s.seq += n
-        self._update(s, {k: v[K:K + S] for k, v in rows.items()}, (t0 + S) / cfg.fps)
+        # fold every complete block of cfg.new_frames frames generated so far into the memory
+        block = cfg.new_frames
+        while s.mem_frame + block <= t0 + S:
+            f0 = s.mem_frame
+            self._update(s, self._rows(s, f0, f0 + block), (f0 + block) / cfg.fps)
+            s.mem_frame += block
         s.window += 1
-        # keep only what the next window needs: frames from (t0 + S - K) on
-        drop = (t0 + S - K) - s.buf_start
+        # keep only what comes next needs: the next window's rows and the memory's next block
+        drop = min(t0 + S - K, s.mem_frame) - s.buf_start
         if drop > 0:
             for name in _COLUMNS:
                 s.buf[name] = s.buf[name][drop:]
             s.buf_start += drop
         return win
+
+    @staticmethod
+    def _rows(s: _SessionMemory, f0: int, f1: int) -> dict[str, np.ndarray]:
+        """Feature rows of frames [f0, f1) from the buffer; silence past the end of the stream."""
+        lo, hi = f0 - s.buf_start, f1 - s.buf_start
+        rows = {}
+        for name in _COLUMNS:
+            a = s.buf[name][lo:hi]
+            if len(a) < hi - lo:
+                a = np.concatenate([a, np.zeros((hi - lo - len(a), *a.shape[1:]), np.float32)])
+            rows[name] = a
+        return rows
 
     def _update(self, s: _SessionMemory, rows: dict, until_pts: float) -> None:
         text = " ".join(t for p, t in s.texts if p < until_pts)
@@ -187,6 +227,18 @@ class MemoryStage(Stage):
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+
+
+def window_geometry(cfg, stride: int | None = None) -> tuple[int, int, int]:
+    """(K', S', L) for windows of ``stride`` new frames: ``K' = window_frames - S'`` known frames.
+
+    ``stride`` None means the config's own ``new_frames`` (then ``K' = overlap_frames``).
+    """
+    S = cfg.new_frames if stride is None else int(stride)
+    if not 1 <= S <= cfg.new_frames:
+        raise ValueError(f"stride: new frames per window must be between 1 and {cfg.new_frames} "
+                         f"(the config's new_frames) for config {cfg.name!r}, got {stride}")
+    return cfg.window_frames - S, S, cfg.lookahead_frames
 
 
 def window_arrays(packet: Packet) -> dict[str, np.ndarray]:

@@ -39,13 +39,47 @@ class RayBackend:
               max_restarts: int = -1) -> "RayBackend":
         runner = RayRunner(opts, address=address, num_cpus=num_cpus, max_restarts=max_restarts)
         runner.setup()
-        return cls(runner)
+        backend = cls(runner)
+        log.info("stage actors warmed up in %.2f s", backend.warm_up())
+        return backend
 
     def call(self, stage: str, method: str, *args, num_returns: int = 1):
         return self.runner.call(stage, method, *args, num_returns=num_returns)
 
     async def get(self, handle) -> Any:
         return await handle
+
+    def warm_up(self, timeout: float = 120.0) -> float:
+        """One synthetic session through the actor chain, as a served session's chunks travel it.
+
+        Each stage warms its own code in ``setup``; what only the chain itself warms is Ray's part:
+        the first object passed from one actor to the next (connections between worker processes,
+        first (de)serialisation of the packet classes, here and there). Without this a server's first session pays it
+        on its first frame (0.4 s on 2 CPU cores). Returns the seconds it took.
+        """
+        from importlib import resources
+
+        from .. import schemas
+        from ..stages import warmup
+
+        t = time.perf_counter()
+        sid = warmup.SESSION
+        portrait = str(resources.files("echo_stream") / "assets" / "portrait.jpg")
+        try:
+            self.ray.get([self.call("decode", "open_stream", sid),
+                          self.call("render", "open_session", sid, portrait)], timeout=timeout)
+            pk, _ = self.call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
+            wins = self.call("memory", "process", self.call("features", "process", pk))
+            wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
+            out = self.ray.get(self.call("render", "process", self.call("diffusion", "process", wins)),
+                               timeout=timeout)
+            for p in out:      # the egress reads these columns: the first conversion in a process is slow
+                for name, batch in p.batches.items():
+                    for col in batch.schema.names:
+                        schemas.column(batch, col)
+        finally:
+            self.ray.get([self.call(stage, "close_session", sid) for stage in STAGES], timeout=timeout)
+        return time.perf_counter() - t
 
     def is_fault(self, exc: BaseException) -> bool:
         from ray import exceptions as rex

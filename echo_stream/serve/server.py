@@ -25,7 +25,7 @@ from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
-from .session import Session, SessionFailed
+from .session import Session, SessionFailed, warm_up_encoder
 from .wire import Limits
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,9 @@ class AvatarServer:
         from grpc_reflection.v1alpha import reflection
 
         self._stopped = asyncio.Event()
+        # the first H.264/AAC encoder opened in a process costs ~0.35 s (codec set-up): pay it now, not on
+        # the first session's first frame
+        await asyncio.get_running_loop().run_in_executor(None, warm_up_encoder)
         self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
         self.batcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")

@@ -51,6 +51,15 @@ SPF = config.SAMPLES_PER_FRAME
 _ENCODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="fmp4")
 
 
+def warm_up_encoder() -> None:
+    """Open, use and close one fMP4 encoder (the first one in a process is the slow one)."""
+    from ..media import FragmentedMp4Encoder
+
+    enc = FragmentedMp4Encoder(64, 64, FPS, with_audio=True)
+    enc.encode(np.zeros((3, 64, 64, 3), np.uint8), np.zeros(6 * SPF, np.float32))
+    enc.close()
+
+
 class SessionFailed(Exception):
     """The session cannot continue; ``code`` is the gRPC status for the client."""
 

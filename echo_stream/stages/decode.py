@@ -218,14 +218,14 @@ class DecodeStage(Stage):
         self._sessions: dict[str, _Source] = {}
 
     def setup(self) -> None:
-        """Warm the push path (imports, the resampler) so a session's first audio is not the one to pay."""
-        sid = "\0warmup"
-        self.open_stream(sid)
+        """Warm the push path (see :mod:`.warmup`) so that a session's first audio is not the one to pay."""
+        from . import warmup
+
+        self.open_stream(warmup.SESSION)
         try:
-            pcm = np.zeros(3 * 2 * config.SAMPLES_PER_FRAME, "<i2").tobytes()   # 80 ms at 48 kHz
-            self.push(sid, [("avatar_audio", {"pcm": pcm, "format": "s16le", "rate": 48000, "channels": 1})], end=True)
+            self.push(warmup.SESSION, warmup.pushed_inputs(4), end=True)
         finally:
-            self.close_session(sid)
+            self.close_session(warmup.SESSION)
         super().setup()
 
     def open_session(self, session_id: str, avatar_audio: str, user_audio: str | None = None,

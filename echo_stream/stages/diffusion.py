@@ -54,13 +54,19 @@ class DiffusionStage(Stage):
         if self._model is None:
             self._model = self._loader()
         self._model.to(self.device).eval()
-        k, _, lk = window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
-        cfg = self._model.cfg
-        with torch.inference_mode():      # warm-up at the serving shapes: the first call is the slow one
-            self._model.sample(torch.from_numpy(motion.neutral_motion(k))[None].to(self.device),
-                               torch.zeros(1, cfg.window_frames + lk, cfg.mels_per_frame, cfg.audio_dim,
-                                           device=self.device))
+        window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
         super().setup()
+        from . import warmup
+        from .memory import MemoryStage
+
+        # one synthetic session's windows through process, at the serving shapes (see .warmup)
+        cfg = self._model.cfg
+        windows = MemoryStage(model=self._model, stride=self.stride).process(
+            warmup.features_packet(cfg.window_frames + cfg.lookahead_frames))
+        try:
+            self.process(windows)
+        finally:
+            self.close_session(warmup.SESSION)
 
     @property
     def known_frames(self) -> int:

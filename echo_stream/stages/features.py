@@ -59,8 +59,14 @@ class FeaturesStage(Stage):
         self._sessions: dict[str, _SessionFeatures] = {}
 
     def setup(self) -> None:
+        from . import warmup
+
         features.warmup()
         super().setup()
+        try:                                  # one synthetic session through process (see .warmup)
+            self.process(warmup.decode_packet(12))
+        finally:
+            self.close_session(warmup.SESSION)
 
     def _session(self, sid: str) -> _SessionFeatures:
         s = self._sessions.get(sid)

@@ -25,6 +25,8 @@ class StageHost:
         self.stage = factory()
         self.busy: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        #: seconds of each method's first call (cold-start costs the stage's setup did not absorb)
+        self.first_s: dict[str, float] = {}
         self.setup_s = 0.0
         #: differs after every (re)start of the process hosting the stage: a restarted actor lost its sessions
         self.incarnation = uuid.uuid4().hex
@@ -43,12 +45,14 @@ class StageHost:
         try:
             return getattr(self.stage, method)(*args, **kwargs)
         finally:
-            self.busy[method] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            self.busy[method] += dt
             self.calls[method] += 1
+            self.first_s.setdefault(method, dt)
 
     def stats(self) -> dict:
         import resource
 
         return {"stage": self.stage.name, "setup_s": self.setup_s, "busy_s": dict(self.busy),
-                "calls": dict(self.calls), "pid": os.getpid(),
+                "calls": dict(self.calls), "first_call_s": dict(self.first_s), "pid": os.getpid(),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -69,13 +69,13 @@ class MemoryStage(Stage):
             self._model = self._loader()
         self._model.eval()
         window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
-        cfg = self._model.cfg
-        with torch.inference_mode():      # warm-up: the first call of each op is the slow one
-            z = lambda *shape: torch.zeros(1, cfg.new_frames, *shape)  # noqa: E731
-            self._model.memory_update(self._model.memory_init(1), z(cfg.mels_per_frame, cfg.audio_dim),
-                                      z(cfg.mels_per_frame, cfg.audio_dim), z(cfg.user_video_dim),
-                                      z(cfg.motion_dim), z(3), self._model.encode_transcript(["warm up"]))
         super().setup()
+        from . import warmup
+
+        try:                                  # one synthetic session through process (see .warmup)
+            self.process(warmup.features_packet(self._model.cfg.window_frames + self._model.cfg.lookahead_frames))
+        finally:
+            self.close_session(warmup.SESSION)
 
     @property
     def geometry(self) -> tuple[int, int, int]:

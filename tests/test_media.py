@@ -586,6 +586,44 @@ def test_fragmented_mp4_stream(tmp_path):
     assert abs(len(media.decode_audio(p)) - len(audio)) < 0.05 * SR
 
 
+def test_fragmented_mp4_counts_the_frames_it_has_emitted(tmp_path):
+    """Streaming: with the audio given ahead, every encode call returns all its frames but the newest (the muxer
+    needs the next one for its duration); frames_emitted says exactly which frames the returned bytes hold."""
+    n, step = 48, 6
+    frames = mg.face_frames(n, 64, 48, motion="nod")
+    audio = mg.speech_like((n + 3) / 25, SR)
+    enc = media.FragmentedMp4Encoder(64, 48, gop=16)
+    data, emitted = b"", []
+    for i in range(0, n, step):
+        lo, hi = (0 if i == 0 else (i + 3) * 640), (i + step + 3) * 640     # audio 3 frames ahead of the video
+        data += enc.encode(frames[i:i + step], audio[lo:hi])
+        emitted.append(enc.frames_emitted)
+        p = tmp_path / f"part{i}.mp4"
+        p.write_bytes(data)
+        assert len(list(media.iter_video_frames(p))) >= enc.frames_emitted   # the bytes do hold those frames
+    assert emitted == [i + step - 1 for i in range(0, n, step)]
+    data += enc.close()
+    assert enc.frames_emitted == n
+    p = tmp_path / "all.mp4"
+    p.write_bytes(data)
+    assert media.read_mp4_info(p).video_frames == n
+
+
+def test_fragment_counter_handles_arbitrary_pieces():
+    """The counter counts a fragment once its moof and mdat are both complete, however the bytes are split."""
+    enc = media.FragmentedMp4Encoder(64, 48, gop=8)
+    data = enc.encode(mg.face_frames(12, 64, 48), np.zeros(15 * 640, np.float32)) + enc.close()
+    whole = media._FragmentCounter(1)
+    whole.feed(data)
+    assert whole.samples == 12
+    pieces = media._FragmentCounter(1)
+    seen = []
+    for k in range(0, len(data), 97):
+        pieces.feed(data[k:k + 97])
+        seen.append(pieces.samples)
+    assert pieces.samples == 12 and seen == sorted(seen)
+
+
 def test_mp4_writer_to_file_object(tmp_path):
     buf = io.BytesIO()
     with media.Mp4Writer(buf, 64, 48) as w:

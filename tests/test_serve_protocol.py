@@ -150,6 +150,8 @@ def test_bad_messages_are_invalid_argument_and_other_sessions_continue(make_serv
                                                                                   height=8))], None, "raw_rgb"),
         "bad blendshape": ([cfg, pb.ClientMessage(seq=1, user_blendshapes=pb.Blendshapes(values={"noseWiggle": 1}))],
                            None, "noseWiggle"),
+        "bad stride": ([pb.ClientMessage(seq=0, config=pb.SessionConfig(output_mode=pb.OUTPUT_MODE_MOTION,
+                                                                          stride_frames=17))], None, "stride_frames"),
         "odd size": ([pb.ClientMessage(seq=0, config=pb.SessionConfig(output_mode=pb.OUTPUT_MODE_MOTION,
                                                                        width=101))], None, "config.width"),
         "no portrait": ([pb.ClientMessage(seq=0, config=pb.SessionConfig(output_mode=pb.OUTPUT_MODE_VIDEO))],
@@ -573,3 +575,24 @@ def test_client_vanishing_mid_session_frees_everything(make_server, backend):
     for name, host in backend.runner.hosts.items():
         held = [k for k in getattr(host.stage, "_sessions", {}) if k.startswith(sid)]
         assert not held, f"stage {name} still holds {held}"
+
+
+def test_sessions_with_different_strides_share_the_pipeline(make_server):
+    """A low-latency session (6 new frames per window) next to a default one (16 new frames) on the same audio:
+    both get every frame once, in order; the low-latency session's motion is the same as when it runs alone
+    (windows of different strides never mix up their previous motion), and the stride changed the generation."""
+    st, target = make_server(motion_stride=16)
+    n = int(np.ceil(1.6 * config.FPS))
+    a = _audio(1.6, seed=4)
+
+    async def main():
+        async with AvatarClient(target) as c:
+            both = await asyncio.gather(
+                stream_inputs(c, Inputs(a), output="motion", realtime=True, seed=3, stride=6),
+                stream_inputs(c, Inputs(a), output="motion", realtime=True, seed=3))
+            alone = await stream_inputs(c, Inputs(a), output="motion", realtime=False, seed=3, stride=6)
+            return both, alone
+    (r6, r16), alone = run(main())
+    assert r6.motion_frames == r16.motion_frames == alone.motion_frames == list(range(n))
+    np.testing.assert_allclose(np.stack(r6.motion), np.stack(alone.motion), rtol=0, atol=1e-5)
+    assert not np.allclose(np.stack(r6.motion), np.stack(r16.motion), atol=1e-3)

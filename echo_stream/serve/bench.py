@@ -42,10 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
-                   help="new frames per generation window: a window's first frame waits for the audio of "
-                        "STRIDE + lookahead frames before it is computed, so a shorter stride means lower "
-                        "latency and more model calls per second (default %(default)s = "
-                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny)")
+                   help="new frames per generation window of video sessions: a window's first frame waits for "
+                        "the audio of STRIDE + lookahead frames before it is computed, so a shorter stride means "
+                        "lower latency and more model calls per second (default %(default)s = "
+                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny). A client "
+                        "may ask for its own (SessionConfig.stride_frames)")
+    p.add_argument("--motion-stride", type=int, default=0, metavar="FRAMES",
+                   help="the same for motion-only sessions (default 0 = the config's new_frames: the fewest "
+                        "model calls, the most sessions per CPU)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
     p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")
 
@@ -111,7 +115,8 @@ def run(args) -> int:
                                                    device=args.device, size=(args.size, args.size),
                                                    stride=args.stride or None),
                                    num_cpus=args.num_cpus)
-        server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None, port=0,
+        server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None,
+                                                              motion_stride=args.motion_stride or None, port=0,
                                                               max_sessions=args.max_sessions or max(counts)))
         target = f"127.0.0.1:{server.start()}"
     rows = []

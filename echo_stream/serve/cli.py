@@ -72,10 +72,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="NAME|PATH", help="model config (tiny, base or a JSON file)")
     p.add_argument("--device", default="cpu", help="torch device of diffusion and render (cpu, cuda)")
     p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
-                   help="new frames per generation window: a window's first frame waits for the audio of "
-                        "STRIDE + lookahead frames before it is computed, so a shorter stride means lower "
-                        "latency and more model calls per second (default %(default)s = "
-                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny)")
+                   help="new frames per generation window of video sessions: a window's first frame waits for "
+                        "the audio of STRIDE + lookahead frames before it is computed, so a shorter stride means "
+                        "lower latency and more model calls per second (default %(default)s = "
+                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny). A client "
+                        "may ask for its own (SessionConfig.stride_frames)")
+    p.add_argument("--motion-stride", type=int, default=0, metavar="FRAMES",
+                   help="the same for motion-only sessions (default 0 = the config's new_frames: the fewest "
+                        "model calls, the most sessions per CPU)")
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +102,9 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=256, help="video size in pixels (square, even; default 256)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same as generate --seed)")
     p.add_argument("--fast", action="store_true", help="send as fast as the server accepts, not in real time")
+    p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
+                   help="new frames per generation window for this session (lower = less latency, more server "
+                        "compute; default: the server's choice for the output mode)")
     p.add_argument("-o", "--out", metavar="OUT.mp4", help="save the returned H.264/AAC video (fragmented MP4)")
     p.add_argument("--motion-out", metavar="MOTION.parquet", help="save the returned motion")
 
@@ -130,7 +137,8 @@ def run_serve(args) -> int:
             raise InputError(f"--avatar {spec}", "expected NAME=IMAGE with an existing image file")
         avatars[name] = os.path.abspath(path)
     from .server import ServeOptions
-    opts = ServeOptions.for_model(args.config, stride=args.stride or None, host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
+    opts = ServeOptions.for_model(args.config, stride=args.stride or None, motion_stride=args.motion_stride or None,
+                                  host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
                         tls_cert=_read(args.tls_cert, "TLS certificate"), tls_key=_read(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
@@ -203,7 +211,8 @@ def run_client(args) -> int:
         async with AvatarClient(args.target, token=token, tls_ca=_read(args.tls_ca, "CA certificate"),
                                 tls=args.tls) as c:
             return await stream_inputs(c, inp, portrait=portrait, avatar_id=args.avatar_id, output=output,
-                                       size=args.size, seed=args.seed, realtime=not args.fast)
+                                       size=args.size, seed=args.seed, realtime=not args.fast,
+                                       stride=args.stride)
     import grpc
     try:
         res = asyncio.run(main())

@@ -59,11 +59,15 @@ class AvatarClient:
         await self.channel.close()
 
     async def open(self, portrait: bytes | None = None, avatar_id: str | None = None, output: str = "both",
-                   codec: str = "fmp4", size: int | tuple[int, int] = 256, seed: int | None = None) -> "ClientSession":
-        """Start a session; returns once the server has issued its id (raises grpc.aio.AioRpcError)."""
+                   codec: str = "fmp4", size: int | tuple[int, int] = 256, seed: int | None = None,
+                   stride: int | None = None) -> "ClientSession":
+        """Start a session; returns once the server has issued its id (raises grpc.aio.AioRpcError).
+
+        ``stride``: new frames per generation window (None: the server's default for the output mode).
+        """
         w, h = (size, size) if isinstance(size, int) else size
         cfg = pb.SessionConfig(output_mode=MODES[output], codec=CODECS[codec], width=w, height=h, fps=config.FPS,
-                               seed=seed or 0, has_seed=seed is not None)
+                               seed=seed or 0, has_seed=seed is not None, stride_frames=stride or 0)
         if portrait is not None:
             cfg.portrait_image = portrait
         elif avatar_id is not None:
@@ -299,10 +303,11 @@ async def send_inputs(s: ClientSession, inp: Inputs, realtime: bool = True, tick
 async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | None = None,
                         avatar_id: str | None = None, output: str = "both", codec: str = "fmp4", size: int = 256,
                         seed: int | None = None, realtime: bool = True, tick_frames: int = 2,
-                        lead_s: float = 0.0) -> SessionResult:
+                        lead_s: float = 0.0, stride: int | None = None) -> SessionResult:
     """Open a session, send ``inp`` while receiving, and collect everything the server sends back."""
     t = time.monotonic()
-    s = await client.open(portrait=portrait, avatar_id=avatar_id, output=output, codec=codec, size=size, seed=seed)
+    s = await client.open(portrait=portrait, avatar_id=avatar_id, output=output, codec=codec, size=size, seed=seed,
+                          stride=stride)
     res = SessionResult(session_id=s.session_id)
 
     def mark(_pts):

@@ -50,19 +50,32 @@ class ServeOptions:
     max_inflight: int = 4
     max_batch: int = 64
     batch_wait_s: float = 0.004
-    overlap_frames: int = 4                 # the window geometry of the stages: K' previous-motion frames,
-    new_frames: int = 16                    # S' new frames per window (the stride), L lookahead frames
+    window_frames: int = 20                 # the model's window geometry (ModelConfig): W frames per window,
+    max_stride: int = 16                    # at most new_frames of them new, L lookahead frames
     lookahead_frames: int = 2
+    stride: int | None = None               # default new frames per window of video sessions (None: max_stride)
+    motion_stride: int | None = None        # ... of motion-only sessions (None: max_stride)
 
     @classmethod
-    def for_model(cls, config_name: str | None = None, stride: int | None = None, **kw) -> "ServeOptions":
-        """Options with the window geometry of a model config (tiny by default) at ``stride`` new frames per
-        window (None: the config's own ``new_frames``); the stages must run with the same stride."""
+    def for_model(cls, config_name: str | None = None, **kw) -> "ServeOptions":
+        """Options with the window geometry of a model config (tiny by default)."""
         from ..config import get_config
-        from ..stages.memory import window_geometry
 
-        k, s, lk = window_geometry(get_config(config_name or "tiny"), stride)
-        return cls(overlap_frames=k, new_frames=s, lookahead_frames=lk, **kw)
+        c = get_config(config_name or "tiny")
+        opts = cls(window_frames=c.window_frames, max_stride=c.new_frames, lookahead_frames=c.lookahead_frames, **kw)
+        for name in ("stride", "motion_stride"):
+            opts.stride_for(None, getattr(opts, name))   # a bad default fails at start
+        return opts
+
+    def stride_for(self, spec, requested: int | None = None) -> int:
+        """A session's new frames per window: its own request, else the default for its output mode."""
+        if requested is None and spec is not None:
+            requested = spec.stride or (self.stride if spec.wants_video else self.motion_stride)
+        s = self.max_stride if requested is None else int(requested)
+        if not 1 <= s <= self.max_stride:
+            raise InputError("stride_frames", f"new frames per window must be between 1 and {self.max_stride} "
+                                              f"for this model, got {s}")
+        return s
     recovery_timeout_s: float = 30.0
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
@@ -231,14 +244,14 @@ class AvatarServer:
                                   "the stream ended before its SessionConfig", "invalid")
             try:
                 spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
+                stride = self.opts.stride_for(spec)
             except InputError as e:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
             sid = secrets.token_urlsafe(24)
             o = self.opts
             session = Session(sid, principal, spec, self.backend, self.batcher, o.limits, o.chunk_frames,
-                              o.max_inflight, overlap_frames=o.overlap_frames,
-                              recovery_timeout_s=o.recovery_timeout_s, new_frames=o.new_frames,
-                              lookahead_frames=o.lookahead_frames)
+                              o.max_inflight, recovery_timeout_s=o.recovery_timeout_s, stride=stride,
+                              window_frames=o.window_frames, lookahead_frames=o.lookahead_frames)
             self.sessions[sid] = session
             self._opening -= 1
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))

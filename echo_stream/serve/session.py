@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -125,8 +126,8 @@ class SessionStats:
 class Session:
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
-                 inbox_size: int = 64, overlap_frames: int = 4, recovery_timeout_s: float = 30.0,
-                 new_frames: int = 16, lookahead_frames: int = 2):
+                 inbox_size: int = 64, recovery_timeout_s: float = 30.0, stride: int = 16,
+                 window_frames: int = 20, lookahead_frames: int = 2):
         self.id = session_id
         self.principal = principal
         self.spec = spec
@@ -136,9 +137,10 @@ class Session:
         self.chunk_s = chunk_frames / FPS
         # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
         # features look ahead) is in: the feed hands audio over exactly then, so no frame waits for a chunk
-        self.window_s = new_frames / FPS
+        self.stride = stride                      # S' new frames per window; K' = W - S' known frames
+        self.window_s = stride / FPS
         self.ready_extra_s = lookahead_frames / FPS + 0.010
-        self.overlap = overlap_frames
+        self.overlap = window_frames - stride
         self.recovery_timeout_s = recovery_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue(inbox_size)
         self.inflight: asyncio.Queue = asyncio.Queue(max_inflight)
@@ -164,6 +166,7 @@ class Session:
         self.t_first_audio: float | None = None
         self.received_s = 0.0          # avatar audio received (pacing)
         self._encoder = None
+        self._enc_lock = threading.Lock()
         self._enc_frames: list[int] = []   # global frame of each encoded frame, in encoder order
         self._video_sent = 0               # encoded frames whose bytes were sent
         self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
@@ -227,16 +230,15 @@ class Session:
                 self.backend.call(stage, "close_session", self.iid)
             except Exception:  # noqa: BLE001
                 pass
-        if self._encoder is not None:
-            enc, self._encoder = self._encoder, None
-            try:
-                enc.close()
-            except Exception:  # noqa: BLE001
-                pass
+        try:     # in the encoder's pool, under its lock: an encode of this session may still be running there
+            await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._close_encoder)
+        except Exception:  # noqa: BLE001
+            pass
 
     async def _open_epoch(self, restore: bool) -> None:
         b, iid = self.backend, self.iid
-        hs = [b.call("decode", "open_stream", iid), b.call("diffusion", "set_seed", iid, self.spec.seed)]
+        hs = [b.call("memory", "set_stride", iid, self.stride),       # before import_state: same actor, in order
+              b.call("decode", "open_stream", iid), b.call("diffusion", "set_seed", iid, self.spec.seed)]
         if restore:
             if self.ckpt is not None:
                 hs.append(b.call("memory", "import_state", iid, self.ckpt))
@@ -446,12 +448,22 @@ class Session:
         return audio
 
     def _encode(self, images: np.ndarray, audio: np.ndarray) -> bytes:
+        """(Encoder pool thread.) Encode frames; the lock keeps the codec to one thread at a time."""
         from ..media import FragmentedMp4Encoder
 
-        if self._encoder is None:
-            self._encoder = FragmentedMp4Encoder(self.spec.width, self.spec.height, FPS, with_audio=True,
-                                                 gop=self._gop)
-        return self._encoder.encode(images, audio)
+        with self._enc_lock:
+            if self.closed:
+                return b""
+            if self._encoder is None:
+                self._encoder = FragmentedMp4Encoder(self.spec.width, self.spec.height, FPS, with_audio=True,
+                                                     gop=self._gop)
+            return self._encoder.encode(images, audio)
+
+    def _close_encoder(self) -> bytes:
+        """(Encoder pool thread.) Finish the stream; its last bytes (b"" if there was no encoder)."""
+        with self._enc_lock:
+            enc, self._encoder = self._encoder, None
+            return enc.close() if enc is not None else b""
 
     async def _send_video(self, data: bytes, covered: int) -> None:
         """Send fMP4 bytes that complete the encoded frames up to ``covered`` (encoder order)."""
@@ -471,8 +483,7 @@ class Session:
 
     async def _finish(self) -> None:
         if self._encoder is not None:
-            enc, self._encoder = self._encoder, None
-            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, enc.close)
+            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._close_encoder)
             await self._send_video(data, len(self._enc_frames))
         await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
             kind=pb.Event.ENDED, message="end of session", first_frame=self.produced,

@@ -53,6 +53,7 @@ class SessionSpec:
     height: int = 256
     seed: int | None = None
     portrait: bytes | str | None = None         # image bytes, or a path of a registered avatar
+    stride: int | None = None                   # new frames per window (None: the server's default)
 
     @property
     def wants_video(self) -> bool:
@@ -101,7 +102,8 @@ def session_spec(msg, limits: Limits, avatars: dict[str, str]) -> SessionSpec:
     if c.codec not in CODECS:
         raise InputError("config.codec", f"unknown value {c.codec}")
     spec = SessionSpec(output_mode=OUTPUT_MODES[c.output_mode], codec=CODECS[c.codec],
-                       width=c.width or 256, height=c.height or 256, seed=c.seed if c.has_seed else None)
+                       width=c.width or 256, height=c.height or 256, seed=c.seed if c.has_seed else None,
+                       stride=c.stride_frames or None)
     if c.fps not in (0, config.FPS):
         raise InputError("config.fps", f"{c.fps} is not supported: the motion rate is {config.FPS} fps")
     for name, v in (("width", spec.width), ("height", spec.height)):

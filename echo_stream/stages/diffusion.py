@@ -2,9 +2,11 @@
 
 Windows of *different sessions* are stacked into one model call (the serving
 layer hands it every window that is ready). Per session the stage keeps the
-previous motion (the last K frames it generated), which conditions the next
-window so windows join without seams, and a seed: sampling is deterministic
-for a given (session seed, window index), batched or not.
+previous motion (the last ``W - 1`` frames it generated; a window cut with
+stride S' is conditioned on the last ``K' = W - S'`` of them), so windows join
+without seams, and a seed: sampling is deterministic for a given (session
+seed, window index), batched or not. Windows of sessions running different
+strides share a call only with windows of the same K' (one model call per K').
 """
 from __future__ import annotations
 
@@ -83,11 +85,22 @@ class DiffusionStage(Stage):
 
     def _session(self, sid: str) -> _SessionMotion:
         s = self._sessions.get(sid)
-        if s is None:
-            K = self.known_frames
-            s = self._sessions[sid] = _SessionMotion(motion.neutral_motion(K),
+        if s is None:   # prev holds as many frames as any stride's windows need (W - 1)
+            s = self._sessions[sid] = _SessionMotion(motion.neutral_motion(self.model.cfg.window_frames - 1),
                                                      self._seeds.get(sid, session_seed(sid, None)))
         return s
+
+    def _known(self, p: Packet) -> int:
+        """K' of a window: what the memory stage cut it with (the stage's default for older packets)."""
+        return int(p.meta.get("known_frames", self.known_frames))
+
+    @staticmethod
+    def _prev(s: _SessionMotion, k: int) -> np.ndarray:
+        """The session's last ``k`` frames (the earliest one repeated if fewer were restored)."""
+        prev = s.prev[-k:]
+        if len(prev) < k:
+            prev = np.concatenate([np.repeat(prev[:1], k - len(prev), axis=0), prev])
+        return prev
 
     def process(self, packets: list[Packet] | Packet) -> list[Packet]:
         """Generate one window for every packet (sessions batched in one model call)."""
@@ -106,8 +119,7 @@ class DiffusionStage(Stage):
             if id(p) in results:
                 new = results[id(p)]
                 s = self._session(sid)
-                K = self.known_frames
-                s.prev = np.concatenate([s.prev, new])[-K:]
+                s.prev = np.concatenate([s.prev, new])[-(self.model.cfg.window_frames - 1):]
                 valid = int(p.meta.get("valid_frames", len(new)))
                 new = new[:valid]
                 t0 = int(p.meta["t0"])
@@ -124,6 +136,17 @@ class DiffusionStage(Stage):
         return out
 
     def _sample(self, packets: list[Packet]) -> list[np.ndarray]:
+        """One model call per distinct K' among the packets (sessions may run different strides)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(packets):
+            groups.setdefault(self._known(p), []).append(i)
+        out: list = [None] * len(packets)
+        for k, idx in groups.items():
+            for i, o in zip(idx, self._sample_group([packets[i] for i in idx], k)):
+                out[i] = o
+        return out
+
+    def _sample_group(self, packets: list[Packet], k: int) -> list[np.ndarray]:
         m = self.model
         cfg = m.cfg
         W = cfg.window_frames
@@ -135,7 +158,7 @@ class DiffusionStage(Stage):
 
         with torch.inference_mode():
             out = m.sample(
-                prev_motion=torch.from_numpy(np.stack([s.prev for s in sessions])).to(self.device),
+                prev_motion=torch.from_numpy(np.stack([self._prev(s, k) for s in sessions])).to(self.device),
                 avatar_audio=stack("avatar_audio"),
                 user_audio=stack("user_audio", W), user_video=stack("user_video", W),
                 user_blend=stack("user_blend", W), user_present=stack("user_present", W),

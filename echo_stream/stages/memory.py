@@ -19,7 +19,9 @@ its trained span ``W = K + S`` frames, but carries ``K' = W - S'`` known frames
 model call every ``S'`` frames (``W / S'`` times as many calls per second).
 The LCU memory still advances in blocks of ``S`` frames (its decays are per
 block), so its time scale does not depend on the stride; each window goes out
-with the memory as of the last complete block before it.
+with the memory as of the last complete block before it. The stride is the
+stage's (``stride``) unless :meth:`MemoryStage.set_stride` gave a session its
+own; each window's packet says its K' (``meta["known_frames"]``).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class _SessionMemory:
     steps: int = 0
     window: int = 0
     seq: int = 0
+    known: int = 0                          # K' known frames per window
+    stride: int = 0                         # S' new frames per window
     mem_frame: int = 0                      # first frame not yet folded into the memory
     buf_start: int = 0                      # frame index of buf row 0
     buf: dict = field(default_factory=dict)  # column -> (n, ...) array
@@ -60,6 +64,7 @@ class MemoryStage(Stage):
         self.use_memory = use_memory
         #: new frames per window (None: the config's ``new_frames``); see the module docstring
         self.stride = stride
+        self._strides: dict[str, int | None] = {}   # per-session strides (set_stride)
         self._model = model
         self._loader = model_loader
         self._sessions: dict[str, _SessionMemory] = {}
@@ -77,10 +82,6 @@ class MemoryStage(Stage):
         finally:
             self.close_session(warmup.SESSION)
 
-    @property
-    def geometry(self) -> tuple[int, int, int]:
-        """(K', S', L): known frames, new frames and lookahead frames of every window."""
-        return window_geometry(self.model.cfg, self.stride)
 
     @property
     def model(self) -> EchoModel:
@@ -88,13 +89,20 @@ class MemoryStage(Stage):
         return self._model
 
     # -- state ---------------------------------------------------------------------------------
-    def _new_session(self) -> _SessionMemory:
+    def set_stride(self, session_id: str, stride: int | None) -> None:
+        """This session's new frames per window (None: the stage's default); before its first features."""
+        window_geometry(self.model.cfg, stride if stride is not None else self.stride)
+        self._strides[session_id] = stride
+
+    def _new_session(self, sid: str) -> _SessionMemory:
         cfg = self.model.cfg
         with torch.inference_mode():
             mem = self.model.memory_init(1)
         s = _SessionMemory(memory=mem)
+        stride = self._strides.get(sid)
+        s.known, s.stride, _ = window_geometry(cfg, self.stride if stride is None else stride)
         # K' frames of silence before t = 0 give the first window its context rows
-        K = self.geometry[0]
+        K = s.known
         s.buf_start = -K
         s.buf = {name: np.zeros((K, *shape), np.float32)
                  for name, shape in self._shapes().items()}
@@ -110,7 +118,7 @@ class MemoryStage(Stage):
 
     def import_state(self, session_id: str, data: bytes) -> None:
         st = MemoryState.from_bytes(data, self.model.cfg)
-        s = self._sessions.get(session_id) or self._new_session()
+        s = self._sessions.get(session_id) or self._new_session(session_id)
         s.memory = st.memory.unsqueeze(0)
         s.steps = st.steps
         self._sessions[session_id] = s
@@ -122,7 +130,7 @@ class MemoryStage(Stage):
                                   schemas.column(batch, "text").tolist()):
             s = self._sessions.get(sid)
             if s is None:
-                s = self._sessions[sid] = self._new_session()
+                s = self._sessions[sid] = self._new_session(sid)
             s.texts.append((pts, text))
 
     # -- processing ------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ class MemoryStage(Stage):
         sid = packet.session_id
         s = self._sessions.get(sid)
         if s is None:
-            s = self._sessions[sid] = self._new_session()
+            s = self._sessions[sid] = self._new_session(sid)
         feats = packet.get(schemas.FEATURES)
         if feats is not None and feats.num_rows:
             for name in _COLUMNS:
@@ -154,7 +162,7 @@ class MemoryStage(Stage):
 
     def _next_window(self, sid: str, s: _SessionMemory, meta: dict) -> Packet | None:
         cfg = self.model.cfg
-        K, S, L = self.geometry
+        K, S, L = s.known, s.stride, cfg.lookahead_frames
         t0 = s.window * S
         have_until = s.buf_start + len(s.buf["avatar_audio"])  # exclusive
         if s.total_frames is not None:
@@ -166,7 +174,7 @@ class MemoryStage(Stage):
         frames = np.arange(t0 - K, t0 + S + L)
         n = len(frames)
         valid = S if s.total_frames is None else min(S, s.total_frames - t0)
-        win = Packet(sid, meta=dict(meta, window=s.window, t0=t0, valid_frames=valid,
+        win = Packet(sid, meta=dict(meta, window=s.window, t0=t0, valid_frames=valid, known_frames=K,
                                     total_frames=s.total_frames))
         win.put(schemas.make_batch(schemas.FEATURES, {
             "session_id": [sid] * n, "seq": np.arange(n) + s.seq, "pts": frames / cfg.fps, "frame": frames,
@@ -221,12 +229,13 @@ class MemoryStage(Stage):
         s = self._sessions.get(session_id)
         if s is None:
             return
-        fresh = self._new_session()
+        fresh = self._new_session(session_id)
         fresh.memory, fresh.steps = s.memory, s.steps
         self._sessions[session_id] = fresh
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+        self._strides.pop(session_id, None)
 
 
 def window_geometry(cfg, stride: int | None = None) -> tuple[int, int, int]:

@@ -745,6 +745,10 @@ class Mp4Writer:
             options = {"movflags": _FRAG_FLAGS}
             if fragment_frames:   # also cut a fragment once it spans this many frames (not only at keyframes)
                 options["frag_duration"] = str(int(1_000_000 * int(fragment_frames) / self.fps))
+                # and hand packets to the muxer as they come instead of queueing them for interleaving: the
+                # audio written ahead then closes the fragment of the newest video frame at once (otherwise
+                # that frame waits for the next write)
+                options["max_interleave_delta"] = "1"
         elif self._is_file:
             options = {}  # faststart re-opens the output by name: impossible for a file object
         else:
@@ -985,11 +989,12 @@ class FragmentedMp4Encoder:
     ``fragment_frames`` frames (default: each frame its own). x264 runs with
     ``tune=zerolatency`` so frames are not held back for lookahead, and audio
     given ahead of the video is encoded up to ``audio_lead_frames`` frames
-    ahead, so the muxer's interleaving does not hold video back either. The
-    muxer still keeps the newest video frame until the next one (or
-    ``close``) arrives; :attr:`frames_emitted` counts the video frames whose
-    bytes have been returned (parsed from the fragments), so a server knows
-    exactly which frames it has sent.
+    ahead and muxed without interleaving delay, which closes the newest video
+    frame's fragment at once: every ``encode`` call returns all its frames
+    when audio at least ``audio_lead_frames`` ahead has been given (otherwise
+    the newest frame waits for the next call). :attr:`frames_emitted` counts
+    the video frames whose bytes have been returned (parsed from the
+    fragments), so a server knows exactly which frames it has sent.
     """
 
     def __init__(self, width: int, height: int, fps: int = FPS, *, with_audio: bool = True,

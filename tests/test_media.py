@@ -587,8 +587,8 @@ def test_fragmented_mp4_stream(tmp_path):
 
 
 def test_fragmented_mp4_counts_the_frames_it_has_emitted(tmp_path):
-    """Streaming: with the audio given ahead, every encode call returns all its frames but the newest (the muxer
-    needs the next one for its duration); frames_emitted says exactly which frames the returned bytes hold."""
+    """Streaming: with the audio given 3 frames ahead, every encode call returns all its frames (none held back for
+    the next call); frames_emitted says exactly which frames the returned bytes hold."""
     n, step = 48, 6
     frames = mg.face_frames(n, 64, 48, motion="nod")
     audio = mg.speech_like((n + 3) / 25, SR)
@@ -601,7 +601,7 @@ def test_fragmented_mp4_counts_the_frames_it_has_emitted(tmp_path):
         p = tmp_path / f"part{i}.mp4"
         p.write_bytes(data)
         assert len(list(media.iter_video_frames(p))) >= enc.frames_emitted   # the bytes do hold those frames
-    assert emitted == [i + step - 1 for i in range(0, n, step)]
+    assert emitted == [i + step for i in range(0, n, step)]
     data += enc.close()
     assert enc.frames_emitted == n
     p = tmp_path / "all.mp4"

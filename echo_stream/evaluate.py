@@ -174,7 +174,10 @@ def _read_motion(path: Path) -> np.ndarray:
 
 
 def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | None = None,
-             tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True) -> dict:
+             tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True,
+             stride: int | None = None) -> dict:
+    """Every metric of the module docstring; ``stride``: new frames per window of every rollout (None: the
+    config's own ``new_frames``; serving's low-latency windows use fewer)."""
     from .dataset import featurize_conversation
     from .pipeline import load_model
     from .transcript import load as load_transcript
@@ -183,7 +186,10 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     abl = load_model(ablation, None) if ablation else None
     corpus_p = Path(corpus)
     rows = _load_manifest(corpus_p, "heldout")[:max_clips] or _load_manifest(corpus_p, "train")[:max_clips]
-    res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus,
+    def roll(*a, **kw):    # every rollout of this evaluation at the chosen stride
+        return rollout(*a, stride=stride, **kw)
+
+    res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus, "stride": stride,
                  "clips": [r["conversation_id"] for r in rows]}
     t0 = time.perf_counter()
     ls, ls_silent, ls_abl, ls_abl_silent, listener, gen_all, gt_all = [], [], [], [], [], [], []
@@ -197,12 +203,12 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
         user_samples = media.decode_audio(corpus_p / r["user_media"]) if media.probe(
             corpus_p / r["user_media"]).has_audio else np.zeros(1, np.float32)
         segs = load_transcript(str(corpus_p / r["transcript"])) if r.get("transcript") else []
-        m = rollout(model, feats, segs, seed)
+        m = roll(model, feats, segs, seed)
         ls.append(lip_sync(m, samples))
-        ls_silent.append(lip_sync(rollout(model, silence_user(feats), segs, seed), samples))
+        ls_silent.append(lip_sync(roll(model, silence_user(feats), segs, seed), samples))
         if abl is not None:
-            ls_abl.append(lip_sync(rollout(abl, feats, segs, seed), samples))
-            ls_abl_silent.append(lip_sync(rollout(abl, silence_user(feats), segs, seed), samples))
+            ls_abl.append(lip_sync(roll(abl, feats, segs, seed), samples))
+            ls_abl_silent.append(lip_sync(roll(abl, silence_user(feats), segs, seed), samples))
         user_smile = None
         if r.get("user_motion"):
             user_smile = _read_motion(corpus_p / r["user_motion"])[:, SMILE].mean(1)
@@ -232,11 +238,11 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     tts_scores = {}
     for p in tts:
         s = media.decode_audio(p)
-        tts_scores[p.name] = lip_sync(rollout(model, audio_only_features(s), (), seed), s)
+        tts_scores[p.name] = lip_sync(roll(model, audio_only_features(s), (), seed), s)
     if tts_scores:
         res["lip_sync_real_tts"] = float(np.mean(list(tts_scores.values())))
         res["lip_sync_real_tts_per_clip"] = tts_scores
-    res["long_range"] = long_range(model, corpus_p, rows, seed)
+    res["long_range"] = long_range(model, corpus_p, rows, seed, stride)
     res["eval_seconds"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -249,7 +255,7 @@ POSITIVE = "I got the job! This is wonderful news, I am so happy, thank you so m
 NEGATIVE = "I lost my job. This is terrible news, I am so sad and worried, I am sorry, it is awful."
 
 
-def long_range(model, corpus: Path, rows: list[dict], seed: int) -> dict:
+def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | None = None) -> dict:
     """Same media, early transcript positive vs negative; behaviour difference in the last 10 s."""
     from .dataset import featurize_conversation
 
@@ -264,7 +270,7 @@ def long_range(model, corpus: Path, rows: list[dict], seed: int) -> dict:
         runs = []
         for text in (POSITIVE, NEGATIVE):
             segs = [Segment(1.0, 5.0, "user", text)]
-            runs.append(rollout(model, feats, segs, seed, use_memory=use_memory)[late])
+            runs.append(rollout(model, feats, segs, seed, use_memory=use_memory, stride=stride)[late])
         out[name] = {"mean_abs_diff_last10s": float(np.abs(runs[0] - runs[1]).mean()),
                      "smile_diff_last10s": float(runs[0][:, SMILE].mean() - runs[1][:, SMILE].mean())}
     return out
@@ -302,11 +308,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results/eval", help="output directory for eval.json and eval.png")
     p.add_argument("--clips", type=int, default=4, help="held-out conversations to use")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
+                   help="new frames per generation window of every rollout (default: the config's new_frames; "
+                        "serve uses 6 for video sessions)")
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:
     res = evaluate(args.checkpoint, args.corpus, args.out, ablation=args.ablation, tts_dir=args.tts,
-                   max_clips=args.clips, seed=args.seed, progress=not args.quiet)
+                   max_clips=args.clips, seed=args.seed, progress=not args.quiet, stride=args.stride)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("per_clip")}, indent=2))
     return 0

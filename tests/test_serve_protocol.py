@@ -596,3 +596,26 @@ def test_sessions_with_different_strides_share_the_pipeline(make_server):
     assert r6.motion_frames == r16.motion_frames == alone.motion_frames == list(range(n))
     np.testing.assert_allclose(np.stack(r6.motion), np.stack(alone.motion), rtol=0, atol=1e-5)
     assert not np.allclose(np.stack(r6.motion), np.stack(r16.motion), atol=1e-3)
+
+
+def test_streams_waiting_for_their_config_are_capped_and_strangers_wait_briefly(make_server):
+    """Connections that never send a SessionConfig cannot pile up: without a known token one is dropped after
+    ~1 s (UNAUTHENTICATED), and past max_pending_streams new streams are refused at once."""
+    st, target = make_server(tokens={ALICE: "alice"}, limits=Limits(max_pending_streams=1,
+                                                                     unauthenticated_config_timeout_s=0.5))
+
+    async def main():
+        async with aio.insecure_channel(target) as ch:
+            rpc = ch.stream_stream(SESSION_METHOD, request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=pb.ServerMessage.FromString)
+            silent = rpc()                                   # no token, no first message
+            t = time.monotonic()
+            await asyncio.sleep(0.2)
+            held = rpc(metadata=(("authorization", f"Bearer {ALICE}"),))   # the second pending stream
+            code2, details2 = await _status_of(held.read())
+            code1, _ = await _status_of(silent.read())
+            return code1, time.monotonic() - t, code2, details2
+    code1, waited, code2, details2 = run(main())
+    assert code2 == grpc.StatusCode.RESOURCE_EXHAUSTED and "SessionConfig" in details2
+    assert code1 == grpc.StatusCode.UNAUTHENTICATED and waited < 5.0
+    assert st.server._pending == 0

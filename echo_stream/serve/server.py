@@ -110,6 +110,7 @@ class AvatarServer:
         self.auth = Authenticator(opts.tokens)
         self.sessions: dict[str, Session] = {}
         self._opening = 0
+        self._pending = 0       # streams whose first message has not been read yet
         self.draining = False
         self.server: aio.Server | None = None
         self.batcher: WindowBatcher | None = None
@@ -213,16 +214,30 @@ class AvatarServer:
         await context.abort(code, details)
 
     async def _session_rpc(self, request_iterator, context):
+        lim = self.opts.limits
+        principal = self.auth.principal(context.invocation_metadata())
+        # Streams that have not sent their SessionConfig yet are capped (all clients together), and one
+        # without a known token gets a short wait: idle unauthenticated connections cannot pile up.
+        if self._pending >= lim.max_pending_streams:
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._pending} streams are already waiting to send their SessionConfig: "
+                              "send it as the first message, then retry", "rejected_capacity")
         # The first message is read before any refusal: a client that is still writing it when the server
         # ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
+        wait = lim.config_timeout_s if principal is not None else min(lim.config_timeout_s,
+                                                                      lim.unauthenticated_config_timeout_s)
+        self._pending += 1
         try:
-            first = await asyncio.wait_for(request_iterator.__anext__(), self.opts.limits.config_timeout_s)
+            first = await asyncio.wait_for(request_iterator.__anext__(), wait)
         except StopAsyncIteration:
             first = None
         except asyncio.TimeoutError:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"no SessionConfig within {self.opts.limits.config_timeout_s:g} s", "invalid")
-        principal = self.auth.principal(context.invocation_metadata())
+            first = None
+            if principal is not None:
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"no SessionConfig within {wait:g} s", "invalid")
+        finally:
+            self._pending -= 1
         if principal is None:
             await self._abort(context, grpc.StatusCode.UNAUTHENTICATED,
                               "missing or unknown bearer token: send metadata 'authorization: Bearer <token>' "

@@ -43,6 +43,8 @@ class Limits:
     burst: int = 1000
     max_lead_s: float = 2.0                     # avatar audio may run this far ahead of real time (flow control)
     config_timeout_s: float = 10.0
+    unauthenticated_config_timeout_s: float = 1.0   # a stream without a known token waits at most this long
+    max_pending_streams: int = 64               # streams still waiting for their SessionConfig, all clients
 
 
 @dataclass

@@ -22,9 +22,9 @@ PROSODY_DIM = 3               # log-energy, log-f0 (normalised), voicing probabi
 AUDIO_FEAT_DIM = MEL_BINS + PROSODY_DIM
 USER_VIDEO_DIM = 16           # behaviour features computed from the user's webcam frames
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
-#: new frames per generation window when serving (``serve --stride``): a window's first frame waits for
-#: stride + lookahead frames of audio, so 6 + 2 frames = 320 ms instead of 16 + 2 = 720 ms (tiny's own
-#: new_frames); checkpoints trained with ``long_known`` (train --long-known) generate well at it
+#: new frames per generation window of served video sessions (``serve --stride``): a window's first frame
+#: waits for stride + lookahead frames of audio, so 6 + 2 frames = 320 ms instead of 16 + 2 = 720 ms (tiny's
+#: own new_frames); what it does to the motion is measured in docs/serving.md
 DEFAULT_SERVE_STRIDE = 6
 
 

@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 
-from ..config import DEFAULT_SERVE_STRIDE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,15 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="model config of the local server (tiny, base)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
-                   help="new frames per generation window of video sessions: a window's first frame waits for "
-                        "the audio of STRIDE + lookahead frames before it is computed, so a shorter stride means "
-                        "lower latency and more model calls per second (default %(default)s = "
-                        f"{DEFAULT_SERVE_STRIDE * 40} ms; 0 = the config's new_frames, 16 for tiny). A client "
-                        "may ask for its own (SessionConfig.stride_frames)")
-    p.add_argument("--motion-stride", type=int, default=0, metavar="FRAMES",
-                   help="the same for motion-only sessions (default 0 = the config's new_frames: the fewest "
-                        "model calls, the most sessions per CPU)")
+    from .cli import add_stride_arguments
+
+    add_stride_arguments(p)
     p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
     p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")
 

@@ -71,6 +71,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="model checkpoint (default: the bundled tiny one)")
     p.add_argument("--config", metavar="NAME|PATH", help="model config (tiny, base or a JSON file)")
     p.add_argument("--device", default="cpu", help="torch device of diffusion and render (cpu, cuda)")
+    add_stride_arguments(p)
+
+
+def add_stride_arguments(p: argparse.ArgumentParser) -> None:
+    """``--stride`` / ``--motion-stride`` (serve and bench serve)."""
     p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
                    help="new frames per generation window of video sessions: a window's first frame waits for "
                         "the audio of STRIDE + lookahead frames before it is computed, so a shorter stride means "

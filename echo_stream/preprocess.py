@@ -526,6 +526,17 @@ class OutputDir:
 
 # ============================================================================ executors
 
+def one_thread_per_library() -> None:
+    """Pin this process's feature libraries to one thread each: OpenCV's pool (the behaviour detector) and
+    FFmpeg's threads (decoding, RGB conversion). A featuriser actor does this (one featuriser per CPU: the
+    libraries' own threads would only oversubscribe the cores; Ray already sets ``OMP_NUM_THREADS=1`` for
+    BLAS), and so does the benchmark's single-threaded sequential baseline. Outputs do not depend on it."""
+    from . import media
+
+    features._cv2().setNumThreads(1)
+    media.set_decode_threads(1)
+
+
 class _Featurizer:
     """Ray Data actor: holds the models for its lifetime and featurises one conversation per call."""
 
@@ -533,9 +544,7 @@ class _Featurizer:
         from . import tracks
 
         self.settings = Settings(**settings)
-        # one featuriser per CPU: OpenCV's own thread pool (the behaviour detector) would only
-        # oversubscribe the cores (Ray already sets OMP_NUM_THREADS=1 for BLAS)
-        features._cv2().setNumThreads(1)
+        one_thread_per_library()
         self.tracker = (tracks.load_extractor(self.settings.extractor, self.settings.extractor_model)
                         if self.settings.extractor else None)
         features.warmup()

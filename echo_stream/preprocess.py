@@ -747,7 +747,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             pending = pending[:max(0, int(limit))]
         bar = _Progress(len(pending), progress)
         stats = {"passes": 0, "pass_errors": [], "media_s": 0.0, "done": 0, "quarantined": 0, "duplicates": 0,
-                 "nodes": {}}
+                 "nodes": {}, "featurise_s": 0.0, "first_result_s": None}
         buffers: dict[str, list[dict]] = {}
         started_ray = False
         t_proc = None
@@ -767,6 +767,9 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                         if _interrupted.is_set():  # Ctrl-C that Ray's threads swallowed: stop before committing more
                             raise KeyboardInterrupt
                         cid = r["conversation_id"]
+                        if stats["first_result_s"] is None:
+                            stats["first_result_s"] = time.perf_counter() - t_proc
+                        stats["featurise_s"] += r.get("elapsed_s") or 0.0
                         if cid in outcome:        # a result delivered twice (retried task): drop it
                             stats["duplicates"] += 1
                             continue
@@ -834,6 +837,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             "processing_s": time.perf_counter() - (t_proc or t_start), "passes": stats["passes"],
             "pass_errors": stats["pass_errors"], "duplicates_dropped": stats["duplicates"],
             "executor": executor, "results_per_node": stats["nodes"],
+            "featurise_s": stats["featurise_s"], "first_result_s": stats["first_result_s"],
         }
         return info
     finally:

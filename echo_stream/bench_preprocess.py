@@ -266,7 +266,7 @@ def _one(spec: dict) -> dict:
             "done": r["done"], "quarantined": r["quarantined_now"], "media_s": r["media_s"],
             "driver_peak_rss_mb": round(ru.ru_maxrss / 1024, 1), "driver_cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
             "shards": len(info["shards"]), "frames": info["total"]["frames"],
-            "featurise_s": round(r["featurise_s"], 2),
+            "featurise_s": round(r["featurise_s"], 2), "workers": r.get("workers"),
             "first_result_s": None if r["first_result_s"] is None else round(wall - r["processing_s"]
                                                                              + r["first_result_s"], 2)}
 

@@ -21,12 +21,16 @@ For each corpus size it runs, every run in a fresh subprocess writing into an em
 
 Figures per run: wall-clock seconds end to end (Ray start-up and actor warm-up included) and
 without Ray's start-up (from when ``ray.init`` returned; actor start and warm-up still included),
-files/s, media hours per wall-clock hour, speed-up over both sequential baselines, time to the first
-result, peak memory (the peak summed proportional set size (PSS, shared pages split between
+files/s, media hours per wall-clock hour, speed-up over both sequential baselines, seconds from the
+start to the first finished conversation, the featurisers' utilisation (Ray), peak memory (the peak summed proportional set size (PSS, shared pages split between
 processes) of the run's whole process tree: driver, Ray's own processes, workers; plus the driver's
 peak RSS) and CPU seconds per kind of process (driver, featurisers, Ray's helpers). Memory and CPU
 are sampled from the benchmark's parent process, on a thread at the lowest priority, so that the
 sampling takes as little as possible from the run.
+
+With ``--repeat N`` every runner runs once per round, N rounds one after the other, and speed-ups are
+taken within a round (each against the baselines of its own round, minutes apart) and summarised by
+their median, every round's figure kept: on a shared machine the conditions drift over minutes.
 
 The machine's parallel capacity is probed before the first run and after every run (``--no-probe``
 skips it): two copies of a single-threaded CPU-bound loop run together for 2 s, against one copy
@@ -63,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequential", action="store_true", help="skip the sequential baselines")
     p.add_argument("--no-ideal", action="store_true", help="skip the ideal split (plain processes, no Ray)")
     p.add_argument("--no-probe", action="store_true", help="skip the parallel-capacity probes")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds per size: every runner once per round, rounds one after the other; speed-ups "
+                        "are taken within a round and summarised by their median (default 1)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
     p.add_argument("--tag", help="JSON file name suffix: preprocess_<N>cpu_<tag>.json (default: none)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
@@ -144,22 +151,23 @@ class TreeSampler:
     """Peak summed PSS (MiB) of a process tree and the CPU seconds each of its processes used.
 
     Runs on a thread of the benchmark's parent process at the lowest priority (nice 19: it yields to
-    the measured run). Every ``every_s`` it reads ``/proc/PID/stat`` (CPU, RSS: cheap); the PSS
-    (``smaps_rollup``, which walks page tables: milliseconds per large process) is read when the
-    tree's summed RSS is at a new high (within 3 %) and at least every ``pss_every_s``. A process's
-    CPU is its last sample (the last < ``every_s`` of one that exits is missed; the driver reports its
-    own exactly).
+    the measured run). Every ``every_s`` it reads ``/proc/PID/stat`` of every process (CPU, RSS,
+    parent: cheap). A process's PSS (``smaps_rollup``, which walks its page tables: milliseconds for a
+    large process) is read again only when its RSS moved by more than 2 % (or 4 MiB) since the last
+    read, and for every process at least every ``pss_every_s`` (sharing changes when processes come
+    and go); the tree's PSS is the sum of the latest readings. A process's CPU is its last sample (the
+    last < ``every_s`` of one that exits is missed; the driver reports its own exactly).
     """
 
-    def __init__(self, root: int, every_s: float = 0.5, pss_every_s: float = 2.0):
+    def __init__(self, root: int, every_s: float = 0.5, pss_every_s: float = 5.0):
         self.root = root
         self.every = every_s
         self.pss_every = pss_every_s
         self.peak_mb = 0.0
-        self.pss_samples = 0
+        self.pss_reads = 0
         self.own_cpu_s = 0.0
-        self._max_rss = 0
-        self._last_pss = 0.0
+        self._pss: dict[int, tuple[int, int]] = {}   # pid -> (RSS KiB when read, PSS KiB)
+        self._last_full = 0.0
         self._cpu: dict[int, float] = {}
         self._names: dict[int, str] = {}
         self._stop = threading.Event()
@@ -179,19 +187,22 @@ class TreeSampler:
     def _sample(self) -> None:
         table = _proc_table()
         pids = _tree(table, self.root)
-        rss = sum(table[p][2] for p in pids)
+        now = time.monotonic()
+        full = now - self._last_full >= self.pss_every
+        if full:
+            self._last_full = now
+        total = 0
         for p in pids:
             self._cpu[p] = table[p][1]
-            if p not in self._names:
-                self._names[p] = _name(p) or "?"
-        now = time.monotonic()
-        if rss >= 0.97 * self._max_rss or now - self._last_pss >= self.pss_every:
-            self._max_rss = max(self._max_rss, rss)
-            self._last_pss = now
-            self.peak_mb = max(self.peak_mb, sum(_pss_kb(p) for p in pids) / 1024)
-            self.pss_samples += 1
-            for p in pids:  # Ray renames its workers (ray::IDLE -> ray::MapWorker(...))
-                self._names[p] = _name(p) or self._names[p]
+            rss = table[p][2]
+            seen = self._pss.get(p)
+            if full or seen is None or abs(rss - seen[0]) > max(0.02 * seen[0], 4096):
+                seen = (rss, _pss_kb(p))
+                self._pss[p] = seen
+                self.pss_reads += 1
+                self._names[p] = _name(p) or self._names.get(p, "?")   # Ray renames workers
+            total += seen[1]
+        self.peak_mb = max(self.peak_mb, total / 1024)
 
     def cpu_by_name(self, driver_cpu_s: float | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -319,7 +330,7 @@ def _spawn(spec: dict) -> dict:
     if spec["executor"] == "split":                                # its children are the loops
         names = {("sequential loop" if k != "driver" else k): v for k, v in names.items()}
     total = sum(names.values())
-    r.update(peak_tree_pss_mb=round(mem.peak_mb, 1), pss_samples=mem.pss_samples,
+    r.update(peak_tree_pss_mb=round(mem.peak_mb, 1), pss_reads=mem.pss_reads,
              sampler_cpu_s=round(mem.own_cpu_s, 2), cpu_s=round(total, 2), cores_used=round(total / r["wall_s"], 3),
              cpu_s_by_kind=_by_kind(names), cpu_s_by_process=names)
     return r
@@ -366,27 +377,38 @@ def _label(r: dict) -> str:
 
 
 def _speedups(results: list[dict]) -> None:
+    """Speed-ups over the baselines of the same size and the same round (run minutes apart, under the
+    same conditions of a shared machine)."""
     for r in results:
         for threads in ("1", "default"):
             base = next((b for b in results if b["executor"] == "sequential" and b["library_threads"] == threads
-                         and b["conversations"] == r["conversations"]), None)
+                         and b["conversations"] == r["conversations"] and b["round"] == r["round"]), None)
             if base is not None:
                 key = "1thread" if threads == "1" else "default_threads"
                 r[f"speedup_vs_sequential_{key}"] = round(base["wall_s"] / r["wall_s"], 3)
                 r[f"speedup_vs_sequential_{key}_processing"] = round(base["processing_s"] / r["processing_s"], 3)
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def _summary(results: list[dict]) -> list[dict]:
+    """Per size and runner over the rounds: median wall time and speed-ups (every round's value listed
+    too), the largest peak memory."""
     out = []
-    for r in results:
-        if r["executor"] == "sequential":
-            continue
-        s = {"conversations": r["conversations"], "runner": _label(r), "wall_s": round(r["wall_s"], 1),
-             "peak_tree_pss_mb": r["peak_tree_pss_mb"],
-             "capacity": [r.get("capacity_before"), r.get("capacity_after")]}
+    for key in dict.fromkeys((r["conversations"], _label(r)) for r in results):
+        runs = [r for r in results if (r["conversations"], _label(r)) == key]
+        s = {"conversations": key[0], "runner": key[1], "rounds": len(runs),
+             "wall_s_median": round(_median([r["wall_s"] for r in runs]), 1),
+             "wall_s": [round(r["wall_s"], 1) for r in runs],
+             "peak_tree_pss_mb_max": max(r["peak_tree_pss_mb"] for r in runs)}
         for k in ("speedup_vs_sequential_1thread", "speedup_vs_sequential_default_threads"):
-            if k in r:
-                s[k] = r[k]
+            vals = [r[k] for r in runs if k in r]
+            if vals:
+                s[k + "_median"] = round(_median(vals), 3)
+                s[k] = vals
         out.append(s)
     return out
 
@@ -423,14 +445,15 @@ def run(args) -> int:
                        + [{"executor": "ray", "library_threads": "1 per actor", "num_cpus": c} for c in cpus]
                        + ([] if args.no_ideal else
                           [{"executor": "ideal-split", "library_threads": "1", "num_cpus": max(cpus)}]))
-            for cfg in configs:
+            for rnd, cfg in [(k, c) for k in range(args.repeat) for c in configs]:   # rounds interleaved
                 spec = {"manifest": str(sub), "num_cpus": cfg["num_cpus"],
                         "output": str(Path(tmp) / f"out_{n}_{cfg['executor']}_{cfg['library_threads']}_"
                                                   f"{cfg['num_cpus']}".replace(" ", "")),
                         "executor": {"sequential": "local", "ray": "ray", "ideal-split": "split"}[cfg["executor"]],
                         "one_thread": cfg["executor"] == "sequential" and cfg["library_threads"] == "1"}
-                r = dict(cfg, conversations=n)
-                print(f"[{n} conversations] {_label(r)} ...", file=sys.stderr, flush=True)
+                r = dict(cfg, conversations=n, round=rnd)
+                print(f"[{n} conversations, round {rnd + 1}/{args.repeat}] {_label(r)} ...", file=sys.stderr,
+                      flush=True)
                 r.update(_spawn(spec))
                 r["capacity_before"] = capacity
                 capacity = probe()
@@ -449,10 +472,11 @@ def run(args) -> int:
               "command": "echo-stream bench preprocess " + " ".join(
                   a for a in (f"--sizes {args.sizes}", f"--cpus {args.cpus}",
                               f"--baselines {args.baselines}" if args.baselines != "1,default" else "",
+                              f"--repeat {args.repeat}" if args.repeat != 1 else "",
                               "--no-ideal" if args.no_ideal else "", "--no-probe" if args.no_probe else "",
                               f"--tag {args.tag}" if args.tag else "") if a),
               "config": {"corpus": str(manifest), "sizes": sizes, "cpus": cpus, "minutes": args.minutes,
-                         "user_video": not args.no_video, "baselines": baselines},
+                         "user_video": not args.no_video, "baselines": baselines, "repeat": args.repeat},
               "floor_baseline": "sequential, library_threads=1 (see the module docstring)",
               "parallel_capacity_probes": probes, "summary": _summary(results), "runs": results}
     os.makedirs(args.out, exist_ok=True)
@@ -462,7 +486,8 @@ def run(args) -> int:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {path}", file=sys.stderr)
     for r in results:
-        print(f"{r['conversations']:>4} conv  {_label(r):<38} {r['wall_s']:7.1f} s  {r['files_per_s']:.3f} files/s  "
+        print(f"{r['conversations']:>4} conv  r{r['round'] + 1}  {_label(r):<38} {r['wall_s']:7.1f} s  "
+              f"{r['files_per_s']:.3f} files/s  "
               f"x{r.get('speedup_vs_sequential_1thread', float('nan')):.2f} (1 thread)  "
               f"x{r.get('speedup_vs_sequential_default_threads', float('nan')):.2f} (default threads)  "
               f"peak {r['peak_tree_pss_mb']:.0f} MiB")

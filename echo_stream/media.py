@@ -166,6 +166,58 @@ _FAMILY_HINT = {
 }
 
 
+#: FFmpeg threads for decoding files (:func:`decode_audio`, :func:`iter_video_frames`) and for converting
+#: their video frames to RGB: ``None`` = FFmpeg's automatic choice (as many as the machine has cores);
+#: ``n`` = that many. See :func:`set_decode_threads`.
+_DECODE_THREADS: int | None = None
+
+
+def set_decode_threads(n: int | None) -> None:
+    """Threads FFmpeg uses in this process to decode files and convert their frames (``None``: FFmpeg's
+    automatic choice, the default).
+
+    A process that is one of several running in parallel, one per core (a preprocessing featuriser
+    actor), sets 1: FFmpeg's own threads would only compete with the other processes for the cores,
+    and on small frames their hand-offs cost more than they save. Output does not depend on it.
+    """
+    global _DECODE_THREADS
+    if n is not None and int(n) < 1:
+        raise ValueError(f"decode threads must be >= 1 or None, got {n}")
+    _DECODE_THREADS = None if n is None else int(n)
+
+
+def _set_threads(stream) -> None:
+    if _DECODE_THREADS is None:
+        stream.thread_type = "AUTO"
+    else:
+        stream.codec_context.thread_count = _DECODE_THREADS
+        if _DECODE_THREADS > 1:
+            stream.thread_type = "AUTO"
+
+
+class _ToRgb:
+    """RGB conversion of one file's video frames through one reused swscale context.
+
+    (``VideoFrame.reformat`` makes a new context per frame, and with automatic threading each new
+    context starts and stops its own threads: per frame, which costs more than the conversion of a
+    small frame and makes the caller wait for thread start-up whenever the cores are busy.)
+    """
+
+    def __init__(self):
+        from av.video.reformatter import VideoReformatter
+
+        self._r = VideoReformatter()
+        self._threads = {} if _DECODE_THREADS is None else {"threads": _DECODE_THREADS}
+
+    def __call__(self, frame, width: int | None = None, height: int | None = None) -> np.ndarray:
+        try:
+            out = self._r.reformat(frame, width=width, height=height, format="rgb24", **self._threads)
+        except TypeError:  # PyAV < 13: no ``threads`` argument
+            self._threads = {}
+            out = self._r.reformat(frame, width=width, height=height, format="rgb24")
+        return out.to_ndarray()
+
+
 def _open(path: str | os.PathLike):
     p = _check_path(path)
     try:
@@ -413,7 +465,7 @@ def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[n
     p, c = _open(path)
     try:
         stream = _stream_or_fail(p, c, "audio")
-        stream.thread_type = "AUTO"
+        _set_threads(stream)
         ends = _EndCheck(p, c, stream)
         # MP4/MOV declare the exact (edit list) duration: samples past it are encoder padding
         cap = None
@@ -540,7 +592,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
     p, c = _open(path)
     try:
         stream = _stream_or_fail(p, c, "video")
-        stream.thread_type = "AUTO"
+        _set_threads(stream)
         eps = 5e-4
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         nominal = 1.0 / float(rate) if rate else 1.0 / fps
@@ -551,6 +603,7 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
         prev_interval = nominal
         last_dur = None
         t_now = 0.0
+        to_rgb = _ToRgb()
 
         def convert(frame) -> np.ndarray:
             rot = 0
@@ -560,9 +613,9 @@ def iter_video_frames(path: str | os.PathLike, fps: float = FPS,
                 rot = 0
             if size is not None:
                 tw, th = (size[1], size[0]) if rot % 2 else (size[0], size[1])
-                img = frame.reformat(width=tw, height=th, format="rgb24").to_ndarray()
+                img = to_rgb(frame, tw, th)
             else:
-                img = frame.to_ndarray(format="rgb24")
+                img = to_rgb(frame)
             if rot:
                 img = np.ascontiguousarray(np.rot90(img, k=rot))
             return img

@@ -526,6 +526,17 @@ class OutputDir:
 
 # ============================================================================ executors
 
+def one_thread_per_library() -> None:
+    """Pin this process's feature libraries to one thread each: OpenCV's pool (the behaviour detector) and
+    FFmpeg's threads (decoding, RGB conversion). A featuriser actor does this (one featuriser per CPU: the
+    libraries' own threads would only oversubscribe the cores; Ray already sets ``OMP_NUM_THREADS=1`` for
+    BLAS), and so does the benchmark's single-threaded sequential baseline. Outputs do not depend on it."""
+    from . import media
+
+    features._cv2().setNumThreads(1)
+    media.set_decode_threads(1)
+
+
 class _Featurizer:
     """Ray Data actor: holds the models for its lifetime and featurises one conversation per call."""
 
@@ -533,9 +544,7 @@ class _Featurizer:
         from . import tracks
 
         self.settings = Settings(**settings)
-        # one featuriser per CPU: OpenCV's own thread pool (the behaviour detector) would only
-        # oversubscribe the cores (Ray already sets OMP_NUM_THREADS=1 for BLAS)
-        features._cv2().setNumThreads(1)
+        one_thread_per_library()
         self.tracker = (tracks.load_extractor(self.settings.extractor, self.settings.extractor_model)
                         if self.settings.extractor else None)
         features.warmup()
@@ -548,12 +557,14 @@ class _Featurizer:
         node = ray.get_runtime_context().get_node_id()
         out = {"conversation_id": [], "result": [], "table": []}
         for blob in batch.column("item").to_pylist():
+            t0 = time.time()
             r = process_input(Item(**json.loads(blob)), self.settings, self.tracker)
             r["node"] = node
             table = r.pop("table")
+            out["table"].append(None if table is None else _ipc(table))
+            r["busy"] = [f"{node}:{os.getpid()}", t0, time.time()]   # this worker's busy interval (run summary)
             out["conversation_id"].append(r["conversation_id"])
             out["result"].append(json.dumps(r))
-            out["table"].append(None if table is None else _ipc(table))
         return pa.table({"conversation_id": pa.array(out["conversation_id"], pa.string()),
                          "result": pa.array(out["result"], pa.string()),
                          "table": pa.array(out["table"], pa.binary())})
@@ -592,6 +603,10 @@ def run_local(items: Sequence[Item], settings: Settings) -> Iterator[dict]:
     tracker = tracks.load_extractor(settings.extractor, settings.extractor_model) if settings.extractor else None
     for it in items:
         yield process_input(it, settings, tracker)
+
+
+#: conversations handed to a featuriser actor at a time: the one it works on and the next (see run_ray)
+_IN_FLIGHT_PER_ACTOR = 2
 
 
 @dataclass
@@ -639,8 +654,12 @@ def run_ray(items: Sequence[Item], settings: Settings, opts: RayOptions) -> Iter
     blobs = [{"item": json.dumps(dataclasses.asdict(it))} for it in items]
     ds = ray.data.from_items(blobs, override_num_blocks=len(blobs))
     # the pool starts at n actors and may shrink to 1 (a lost node); actors restart and their tasks are
-    # retried by Ray Data's defaults; one conversation in flight per actor keeps the tail balanced
-    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n, max_tasks_in_flight_per_actor=1)
+    # retried by Ray Data's defaults. Two conversations in flight per actor: the one it works on and the next,
+    # already queued at the actor, so it starts at once (with one, each actor waited about 0.16 s per
+    # conversation for the executor to hand it the next: 4 % of a 1-minute conversation). More would only
+    # make the tail uneven (a queued conversation cannot move to an actor that has run out of work).
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n,
+                                      max_tasks_in_flight_per_actor=_IN_FLIGHT_PER_ACTOR)
     ds = ds.map_batches(_featurizer_class(dataclasses.asdict(settings)), batch_size=1, batch_format="pyarrow", compute=pool,
                         num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker or None)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
@@ -738,7 +757,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             pending = pending[:max(0, int(limit))]
         bar = _Progress(len(pending), progress)
         stats = {"passes": 0, "pass_errors": [], "media_s": 0.0, "done": 0, "quarantined": 0, "duplicates": 0,
-                 "nodes": {}}
+                 "nodes": {}, "featurise_s": 0.0, "first_result_s": None, "busy": []}
         buffers: dict[str, list[dict]] = {}
         started_ray = False
         t_proc = None
@@ -758,6 +777,11 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                         if _interrupted.is_set():  # Ctrl-C that Ray's threads swallowed: stop before committing more
                             raise KeyboardInterrupt
                         cid = r["conversation_id"]
+                        if stats["first_result_s"] is None:
+                            stats["first_result_s"] = time.perf_counter() - t_proc
+                        stats["featurise_s"] += r.get("elapsed_s") or 0.0
+                        if r.get("busy"):
+                            stats["busy"].append(r["busy"])
                         if cid in outcome:        # a result delivered twice (retried task): drop it
                             stats["duplicates"] += 1
                             continue
@@ -825,10 +849,29 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
             "processing_s": time.perf_counter() - (t_proc or t_start), "passes": stats["passes"],
             "pass_errors": stats["pass_errors"], "duplicates_dropped": stats["duplicates"],
             "executor": executor, "results_per_node": stats["nodes"],
+            "featurise_s": stats["featurise_s"], "first_result_s": stats["first_result_s"],
+            "workers": worker_utilisation(stats["busy"]),
         }
         return info
     finally:
         out.close()
+
+
+def worker_utilisation(busy: Sequence[Sequence]) -> dict | None:
+    """How busy the featuriser workers were, from their ``(worker, start, end)`` intervals (Ray runs only):
+    ``utilisation`` = busy time / (workers x the span from the first start to the last end), and the mean
+    idle gap between one conversation and the next on the same worker."""
+    if not busy:
+        return None
+    per: dict[str, list[tuple[float, float]]] = {}
+    for w, a, b in busy:
+        per.setdefault(w, []).append((a, b))
+    span = max(b for _, _, b in busy) - min(a for _, a, _ in busy)
+    gaps = [max(0.0, iv[k + 1][0] - iv[k][1]) for iv in map(sorted, per.values()) for k in range(len(iv) - 1)]
+    total = sum(b - a for _, a, b in busy)
+    return {"workers": len(per), "span_s": round(span, 2), "busy_s": round(total, 2),
+            "utilisation": round(total / max(len(per) * span, 1e-9), 3),
+            "mean_gap_s": round(sum(gaps) / len(gaps), 3) if gaps else None}
 
 
 def _flush(out: OutputDir, outcome: dict, split: str, buf: list[dict], shard_size: int) -> None:

@@ -93,6 +93,62 @@ AUDIO_FEATURE_COLUMNS: tuple[str, ...] = tuple(f"logmel_{b:02d}" for b in range(
 assert len(AUDIO_FEATURE_COLUMNS) == AUDIO_FEAT_DIM
 
 
+#: Where the mel filterbank is cached (see :func:`_mel_cache_path`); ``ECHO_STREAM_CACHE_DIR`` overrides it.
+CACHE_ENV = "ECHO_STREAM_CACHE_DIR"
+
+
+def _mel_cache_path() -> str | None:
+    """``<cache dir>/mel_<key>.npy``: the key names everything the table depends on (the parameters, the
+    librosa and numpy versions), so another version computes and caches its own. ``None`` when librosa's
+    version cannot be read without importing it."""
+    import hashlib
+    import os
+    from importlib import metadata
+
+    try:
+        versions = f"librosa={metadata.version('librosa')},numpy={np.__version__}"
+    except metadata.PackageNotFoundError:
+        return None
+    params = f"sr={SAMPLE_RATE},n_fft={N_FFT},n_mels={MEL_BINS},fmin={FMIN},fmax={FMAX},slaney,float64,{versions}"
+    base = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "echo-stream")
+    return os.path.join(base, f"mel_{hashlib.sha256(params.encode()).hexdigest()[:16]}.npy")
+
+
+def _mel_filterbank() -> np.ndarray:
+    """``librosa.filters.mel(sr=16000, n_fft=512, n_mels=80, fmin=20, fmax=7600)`` in float64, ``(80, 257)``.
+
+    Importing librosa (with scipy.signal and numba) costs about a second of CPU and 130 MB per process,
+    only for this constant table; so the table librosa computed is kept in a per-user cache file (keyed
+    by the librosa and numpy versions) and later processes load it (bit for bit the same numbers)
+    without importing librosa. An unreadable or malformed cache file is recomputed; a cache directory
+    that cannot be written is skipped.
+    """
+    import os
+
+    path = _mel_cache_path()
+    if path is not None and os.path.isfile(path):
+        try:
+            fb = np.load(path, allow_pickle=False)
+            if fb.shape == (MEL_BINS, N_FFT // 2 + 1) and fb.dtype == np.float64 and np.all(np.isfinite(fb)):
+                return fb
+        except (OSError, ValueError):
+            pass
+    import librosa
+
+    fb = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=MEL_BINS, fmin=FMIN, fmax=FMAX, dtype=np.float64)
+    if path is not None:
+        try:
+            from . import atomic
+
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(fb, np.float64), allow_pickle=False)
+        except OSError:
+            pass
+    return fb
+
+
 class _Tables:
     """Lazily built constant tables (mel filterbank, window)."""
 
@@ -102,10 +158,7 @@ class _Tables:
     @classmethod
     def get(cls) -> tuple[np.ndarray, np.ndarray]:
         if cls.mel_fb is None:
-            import librosa  # imported lazily: ~0.3 s
-
-            fb = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=MEL_BINS, fmin=FMIN, fmax=FMAX,
-                                     dtype=np.float64)
+            fb = _mel_filterbank()
             n = np.arange(WIN_LENGTH)
             cls.window = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / WIN_LENGTH)  # periodic Hann (fftbins=True)
             cls.mel_fb = np.ascontiguousarray(fb.T)

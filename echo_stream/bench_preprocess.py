@@ -39,7 +39,9 @@ a virtual machine, other guests on the host). A speed-up over the single-threade
 exceed it.
 
 The input is the synthetic corpus (``echo-stream corpus``; generated into ``--work`` when absent) or
-``--corpus``. One JSON file (machine, versions, load average, config, figures) goes to ``--out``.
+``--corpus``. One JSON file (machine, versions, load average, config, figures) goes to ``--out``, and
+a PNG beside it: throughput per runner and corpus size, with the speed-up over the single-threaded
+loop on each bar, and peak memory. ``--plot JSON`` redraws the figure of an earlier result.
 """
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "are taken within a round and summarised by their median (default 1)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
     p.add_argument("--tag", help="JSON file name suffix: preprocess_<N>cpu_<tag>.json (default: none)")
+    p.add_argument("--plot", metavar="JSON",
+                   help="only draw the figure of an earlier result (its PNG beside it) and print its table; "
+                        "runs nothing")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
 
 
@@ -419,6 +424,18 @@ def run(args) -> int:
     if args.one:
         print(json.dumps(_one(json.loads(args.one))))
         return 0
+    if args.plot:
+        src = Path(args.plot)
+        if not src.is_file():
+            raise SystemExit(f"--plot: {src} is not a file (give a JSON written by `echo-stream bench preprocess`)")
+        result = json.loads(src.read_text())
+        if result.get("benchmark") != "preprocess" or not result.get("runs"):
+            raise SystemExit(f"--plot: {src} is not a preprocess benchmark result (no 'runs')")
+        png = src.with_suffix(".png")
+        write_plot(png, result)
+        print(f"wrote {png}", file=sys.stderr)
+        _print_table(result["runs"])
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     cpus = [int(c) for c in args.cpus.split(",")]
     baselines = [] if args.no_sequential else [b.strip() for b in args.baselines.split(",") if b.strip()]
@@ -485,13 +502,68 @@ def run(args) -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {path}", file=sys.stderr)
+    png = Path(path).with_suffix(".png")
+    write_plot(png, result)
+    print(f"wrote {png}", file=sys.stderr)
+    _print_table(results)
+    return 0
+
+
+def _print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['conversations']:>4} conv  r{r['round'] + 1}  {_label(r):<38} {r['wall_s']:7.1f} s  "
               f"{r['files_per_s']:.3f} files/s  "
               f"x{r.get('speedup_vs_sequential_1thread', float('nan')):.2f} (1 thread)  "
               f"x{r.get('speedup_vs_sequential_default_threads', float('nan')):.2f} (default threads)  "
               f"peak {r['peak_tree_pss_mb']:.0f} MiB")
-    return 0
+
+
+def write_plot(path: Path, result: dict) -> None:
+    """Two panels per result: throughput (media hours per wall-clock hour; the speed-up over the
+    single-threaded sequential loop written on each bar) and peak memory (process-tree PSS), one group
+    of bars per corpus size; medians over the rounds, each round's figure as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    sizes = list(dict.fromkeys(r["conversations"] for r in runs))
+    labels = list(dict.fromkeys(_label(r) for r in runs))
+    fig, (ax_tp, ax_mem) = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(sizes) * len(labels) / 2 + 4), 4.8))
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        xs, tp, mem = [], [], []
+        for j, n in enumerate(sizes):
+            mine = [r for r in runs if r["conversations"] == n and _label(r) == label]
+            if not mine:
+                continue
+            x = j + (i - (len(labels) - 1) / 2) * width
+            xs.append(x)
+            tp.append(_median([r["media_h_per_h"] for r in mine]))
+            mem.append(max(r["peak_tree_pss_mb"] for r in mine))
+            ax_tp.scatter([x] * len(mine), [r["media_h_per_h"] for r in mine], s=8, color="black", zorder=3)
+            ups = [r["speedup_vs_sequential_1thread"] for r in mine if "speedup_vs_sequential_1thread" in r]
+            if ups:
+                ax_tp.annotate(f"x{_median(ups):.2f}", (x, tp[-1]), ha="center", va="bottom", fontsize="small",
+                               xytext=(0, 2), textcoords="offset points")
+        ax_tp.bar(xs, tp, width=width, label=label)
+        ax_mem.bar(xs, mem, width=width, label=label)
+    for ax in (ax_tp, ax_mem):
+        ax.set_xticks(range(len(sizes)))
+        ax.set_xticklabels([f"{n} conversations" for n in sizes])
+    ax_tp.set_ylabel("media hours per wall-clock hour")
+    ax_tp.set_title("throughput (x: speed-up over the 1-thread loop)", fontsize="medium")
+    ax_mem.set_ylabel("peak memory, process tree PSS (MiB)")
+    ax_mem.set_title("peak memory", fontsize="medium")
+    handles, names = ax_tp.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize="small", frameon=False)
+    env = result.get("environment", {})
+    fig.suptitle(f"echo-stream bench preprocess: {env.get('cpu_count')} CPUs, ray {env.get('ray')}, "
+                 f"av {env.get('av')}, {result.get('time', '')[:10]}", fontsize="medium")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -374,8 +374,8 @@ def _subset(manifest: Path, n: int, dest: Path) -> Path:
 
 
 def _label(r: dict) -> str:
-    if r["executor"] == "sequential":
-        return f"sequential, library threads {r['library_threads']}"
+    if r["executor"] == "sequential":   # results written before the 1-thread baseline existed ran at the default
+        return f"sequential, library threads {r.get('library_threads', 'default')}"
     if r["executor"] == "ideal-split":
         return f"ideal split, {r['num_cpus']} processes"
     return f"ray num_cpus={r['num_cpus']}"
@@ -511,10 +511,11 @@ def run(args) -> int:
 
 def _print_table(results: list[dict]) -> None:
     for r in results:
-        print(f"{r['conversations']:>4} conv  r{r['round'] + 1}  {_label(r):<38} {r['wall_s']:7.1f} s  "
+        print(f"{r['conversations']:>4} conv  r{r.get('round', 0) + 1}  {_label(r):<38} {r['wall_s']:7.1f} s  "
               f"{r['files_per_s']:.3f} files/s  "
               f"x{r.get('speedup_vs_sequential_1thread', float('nan')):.2f} (1 thread)  "
-              f"x{r.get('speedup_vs_sequential_default_threads', float('nan')):.2f} (default threads)  "
+              f"x{r.get('speedup_vs_sequential_default_threads', r.get('speedup_vs_sequential', float('nan'))):.2f}"
+              f" (default threads)  "
               f"peak {r['peak_tree_pss_mb']:.0f} MiB")
 
 

@@ -69,3 +69,15 @@ def test_plot_refuses_what_is_not_a_preprocess_result(tmp_path):
     other.write_text(json.dumps({"benchmark": "serve", "runs": []}))
     with pytest.raises(SystemExit, match="not a preprocess benchmark result"):
         bp.run(argparse.Namespace(one=None, plot=str(other)))
+
+
+def test_plot_reads_results_written_before_the_one_thread_baseline(tmp_path, capsys):
+    old = [{k: v for k, v in r.items() if k not in ("library_threads", "round")}
+           for r in (_run("sequential", "default", 48, 0, 300.0), _run("ray", "x", 48, 0, 200.0, cpus=2))]
+    old[1]["speedup_vs_sequential"] = 1.5
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps({"benchmark": "preprocess", "runs": old}))
+    assert bp.run(argparse.Namespace(one=None, plot=str(src))) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "sequential, library threads default" in table[0] and "x1.50 (default threads)" in table[1]
+    assert (tmp_path / "old.png").is_file()

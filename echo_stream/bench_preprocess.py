@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -301,13 +302,13 @@ def _one_split(spec: dict) -> dict:
         part.write_text("\n".join(lines[k::n]) + "\n")
         sub = {"manifest": str(part), "output": spec["output"] + f"_part{k}", "executor": "local", "one_thread": True}
         procs.append(subprocess.Popen([sys.executable, "-m", "echo_stream.bench_preprocess", json.dumps(sub)],
-                                      stdout=subprocess.PIPE, text=True, env=dict(os.environ, **ONE_THREAD_ENV)))
-    parts = []
-    for p in procs:
-        out, _ = p.communicate()
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, **ONE_THREAD_ENV)))
+    outputs = [p.communicate() for p in procs]        # every part ends before any is judged
+    for k, (p, (_, err)) in enumerate(zip(procs, outputs)):
         if p.returncode != 0:
-            raise RuntimeError("an ideal-split part failed")
-        parts.append(json.loads(out.strip().splitlines()[-1]))
+            raise RuntimeError(f"ideal-split part {k} of {n} failed (exit {p.returncode}):\n{err[-3000:]}")
+    parts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": wall, "processing_s": wall, "startup_s": 0.0,
@@ -394,11 +395,6 @@ def _speedups(results: list[dict]) -> None:
                 r[f"speedup_vs_sequential_{key}_processing"] = round(base["processing_s"] / r["processing_s"], 3)
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def _summary(results: list[dict]) -> list[dict]:
     """Per size and runner over the rounds: median wall time and speed-ups (every round's value listed
     too), the largest peak memory."""
@@ -406,16 +402,27 @@ def _summary(results: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["conversations"], _label(r)) for r in results):
         runs = [r for r in results if (r["conversations"], _label(r)) == key]
         s = {"conversations": key[0], "runner": key[1], "rounds": len(runs),
-             "wall_s_median": round(_median([r["wall_s"] for r in runs]), 1),
+             "wall_s_median": round(statistics.median([r["wall_s"] for r in runs]), 1),
              "wall_s": [round(r["wall_s"], 1) for r in runs],
              "peak_tree_pss_mb_max": max(r["peak_tree_pss_mb"] for r in runs)}
         for k in ("speedup_vs_sequential_1thread", "speedup_vs_sequential_default_threads"):
             vals = [r[k] for r in runs if k in r]
             if vals:
-                s[k + "_median"] = round(_median(vals), 3)
+                s[k + "_median"] = round(statistics.median(vals), 3)
                 s[k] = vals
         out.append(s)
     return out
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    """``"16,48"`` -> ``[16, 48]``; anything else is refused with the flag named."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"{flag}: comma-separated whole numbers >= 1, e.g. 16,48; got {text!r}")
+    return vals
 
 
 def run(args) -> int:
@@ -428,16 +435,21 @@ def run(args) -> int:
         src = Path(args.plot)
         if not src.is_file():
             raise SystemExit(f"--plot: {src} is not a file (give a JSON written by `echo-stream bench preprocess`)")
-        result = json.loads(src.read_text())
-        if result.get("benchmark") != "preprocess" or not result.get("runs"):
+        try:
+            result = json.loads(src.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--plot: {src} is not JSON ({e})") from None
+        if not isinstance(result, dict) or result.get("benchmark") != "preprocess" or not result.get("runs"):
             raise SystemExit(f"--plot: {src} is not a preprocess benchmark result (no 'runs')")
         png = src.with_suffix(".png")
         write_plot(png, result)
         print(f"wrote {png}", file=sys.stderr)
         _print_table(result["runs"])
         return 0
-    sizes = [int(s) for s in args.sizes.split(",")]
-    cpus = [int(c) for c in args.cpus.split(",")]
+    sizes = _positive_ints("--sizes", args.sizes)
+    cpus = _positive_ints("--cpus", args.cpus)
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat: at least 1 round, got {args.repeat}")
     baselines = [] if args.no_sequential else [b.strip() for b in args.baselines.split(",") if b.strip()]
     if any(b not in ("1", "default") for b in baselines):
         raise SystemExit(f"--baselines: '1' and/or 'default', got {args.baselines!r}")
@@ -541,12 +553,12 @@ def write_plot(path: Path, result: dict) -> None:
                 continue
             x = j + (i - (len(labels) - 1) / 2) * width
             xs.append(x)
-            tp.append(_median([r["media_h_per_h"] for r in mine]))
+            tp.append(statistics.median([r["media_h_per_h"] for r in mine]))
             mem.append(max(r["peak_tree_pss_mb"] for r in mine))
             ax_tp.scatter([x] * len(mine), [r["media_h_per_h"] for r in mine], s=8, color="black", zorder=3)
             ups = [r["speedup_vs_sequential_1thread"] for r in mine if "speedup_vs_sequential_1thread" in r]
             if ups:
-                ax_tp.annotate(f"x{_median(ups):.2f}", (x, tp[-1]), ha="center", va="bottom", fontsize="small",
+                ax_tp.annotate(f"x{statistics.median(ups):.2f}", (x, tp[-1]), ha="center", va="bottom", fontsize="small",
                                xytext=(0, 2), textcoords="offset points")
         ax_tp.bar(xs, tp, width=width, label=label)
         ax_mem.bar(xs, mem, width=width, label=label)

@@ -46,7 +46,8 @@ def test_summary_takes_medians_over_rounds_and_the_largest_peak():
     assert ray16["speedup_vs_sequential_1thread_median"] == 2.0
     assert ray16["peak_tree_pss_mb_max"] == 1700.0
     assert s[(48, "sequential, library threads 1")]["rounds"] == 1
-    assert bp._median([3.0, 1.0]) == 2.0
+    two = bp._summary([_run("ray", "x", 8, 0, 50.0, cpus=2), _run("ray", "x", 8, 1, 80.0, cpus=2)])
+    assert two[0]["wall_s_median"] == 65.0                          # even count: the middle two averaged
 
 
 def test_plot_of_an_earlier_result(tmp_path, capsys):
@@ -81,3 +82,31 @@ def test_plot_reads_results_written_before_the_one_thread_baseline(tmp_path, cap
     table = capsys.readouterr().out.splitlines()
     assert "sequential, library threads default" in table[0] and "x1.50 (default threads)" in table[1]
     assert (tmp_path / "old.png").is_file()
+
+
+def test_plot_refuses_a_file_that_is_not_json(tmp_path):
+    bad = tmp_path / "half.json"
+    bad.write_text('{"benchmark": "preprocess", "runs": [')
+    with pytest.raises(SystemExit, match="is not JSON"):
+        bp.run(argparse.Namespace(one=None, plot=str(bad)))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sizes", "16,x", "--sizes: comma-separated whole numbers"),
+    ("sizes", "0", "--sizes: comma-separated whole numbers"),
+    ("cpus", "", "--cpus: comma-separated whole numbers"),
+    ("repeat", 0, "--repeat: at least 1 round"),
+])
+def test_bad_numbers_are_named_before_anything_runs(field, value, message):
+    args = dict(one=None, plot=None, sizes="16,48", cpus="2", repeat=1)
+    args[field] = value
+    with pytest.raises(SystemExit, match=message):
+        bp.run(argparse.Namespace(**args))
+
+
+def test_a_failed_ideal_split_part_says_why(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"conversation_id": f"c{k}", "avatar_media": f"missing{k}.wav"})
+                                   for k in range(2)) + "\n")
+    with pytest.raises(RuntimeError, match=r"ideal-split part \d of 2 failed \(exit \d+\):\n(.|\n)*usable"):
+        bp._one_split({"manifest": str(manifest), "output": str(tmp_path / "out"), "num_cpus": 2})

@@ -132,7 +132,7 @@ def _mel_filterbank() -> np.ndarray:
             fb = np.load(path, allow_pickle=False)
             if fb.shape == (MEL_BINS, N_FFT // 2 + 1) and fb.dtype == np.float64 and np.all(np.isfinite(fb)):
                 return fb
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):   # EOFError: an empty file
             pass
     import librosa
 

@@ -81,6 +81,7 @@ def timed_gen(name, fn):
                 _stack.pop()
                 T[name][0] += dt
                 T[name][1] += dc
+                T[name][2] += 1
                 if _stack:
                     T[_stack[-1]][0] -= dt
                     T[_stack[-1]][1] -= dc
@@ -105,7 +106,6 @@ preprocess.check_quality = timed("quality checks", preprocess.check_quality)
 
 rows, root = preprocess.read_inputs(args.manifest)
 items, _ = preprocess.make_items(rows[args.skip:args.skip + args.n], root)
-t = time.perf_counter()
 w0 = features.warmup()
 results = []
 t_all, c_all = time.perf_counter(), _cpu()

@@ -622,6 +622,21 @@ def test_fragment_counter_handles_arbitrary_pieces():
         pieces.feed(data[k:k + 97])
         seen.append(pieces.samples)
     assert pieces.samples == 12 and seen == sorted(seen)
+    ends = [hi for kind, _, hi in media._boxes(data, 0, len(data)) if kind == b"mdat"]
+    counts = []
+    for e in ends:
+        c = media._FragmentCounter(1)
+        c.feed(data[:e])
+        counts.append(c.samples)
+    k = next(i for i, n in enumerate(counts) if n > (counts[i - 1] if i else 0))   # first mdat with video
+    before = counts[k - 1] if k else 0
+    held = media._FragmentCounter(1)
+    held.feed(data[:ends[k] - 1])                # that mdat lacks one byte: its samples are not counted yet
+    assert held.samples == before
+    held.feed(data[ends[k] - 1:ends[k]])
+    assert held.samples == counts[k] > before
+    held.feed(data[ends[k]:])
+    assert held.samples == 12
 
 
 def test_mp4_writer_to_file_object(tmp_path):

@@ -39,7 +39,7 @@ def test_cached_table_is_librosas_bit_for_bit(fresh_tables):
     assert np.array_equal(again, fb) and again.flags["C_CONTIGUOUS"]
 
 
-def test_malformed_cache_is_recomputed_and_unwritable_cache_is_skipped(fresh_tables):
+def test_malformed_cache_is_recomputed_and_unwritable_cache_is_skipped(fresh_tables, monkeypatch):
     path = Path(features._mel_cache_path())
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a numpy file")
@@ -47,9 +47,11 @@ def test_malformed_cache_is_recomputed_and_unwritable_cache_is_skipped(fresh_tab
     assert np.array_equal(np.load(path), _librosa_mel())   # replaced by the good table
     np.save(path, np.zeros((3, 3)))
     assert np.array_equal(features._mel_filterbank(), _librosa_mel())
+    path.write_bytes(b"")                                    # an empty file (numpy: EOFError)
+    assert np.array_equal(features._mel_filterbank(), _librosa_mel())
     blocked = fresh_tables.parent / "blocked"
     blocked.write_text("a file where the cache directory would be")
-    os.environ[features.CACHE_ENV] = str(blocked / "sub")
+    monkeypatch.setenv(features.CACHE_ENV, str(blocked / "sub"))
     assert np.array_equal(features._mel_filterbank(), _librosa_mel())
 
 

@@ -456,7 +456,7 @@ class Session:
                 return b""
             if self._encoder is None:
                 self._encoder = FragmentedMp4Encoder(self.spec.width, self.spec.height, FPS, with_audio=True,
-                                                     gop=self._gop)
+                                                     gop=self._gop, audio_lead_frames=self._audio_lead)
             return self._encoder.encode(images, audio)
 
     def _close_encoder(self) -> bytes:

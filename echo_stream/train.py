@@ -708,6 +708,11 @@ def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resu
     stages = {"both": [1, 2], "1": [1], "2": [2], 1: [1], 2: [2]}.get(stage if isinstance(stage, int) else str(stage))
     if stages is None:
         raise InputError("--stage", f"must be 1, 2 or both, got {stage!r}")
+    if long_known is not None:      # checked before any training, whatever the stages
+        if not 0.0 <= long_known <= 1.0:
+            raise InputError("--long-known", f"must be a probability in [0, 1], got {long_known}")
+        if 2 not in stages:
+            raise InputError("--long-known", "applies to stage 2 only; this run trains stage 1 only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = read_dataset_info(shards_dir)
@@ -731,8 +736,6 @@ def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resu
             batch_size=int(_per_stage(batch_size, n, "batch-size") or base.batch_size),
             lr=float(_per_stage(lr, n, "lr") or base.lr))
         if long_known is not None and n == 2:
-            if not 0.0 <= long_known <= 1.0:
-                raise InputError("--long-known", f"must be a probability in [0, 1], got {long_known}")
             settings = dataclasses.replace(settings, long_known=float(long_known))
         settings = dataclasses.replace(settings, warmup=min(settings.warmup, max(1, settings.steps // 10)))
         if settings.steps < 1 or settings.batch_size < 1 or settings.lr <= 0:

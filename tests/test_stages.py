@@ -263,6 +263,21 @@ def test_stride_is_validated(model):
                      torch.zeros(1, CFG.window_frames + CFG.lookahead_frames, 2, config.AUDIO_FEAT_DIM))
 
 
+def test_set_stride_after_a_transcript_takes_effect_then_is_fixed(media, model):
+    """A transcript may open the session first: set_stride still gives it its geometry, until features arrive."""
+    from echo_stream.pipeline import transcript_batch
+
+    ms = MemoryStage(model=model)
+    ms.add_transcript(transcript_batch("s1", [Segment(0.2, 1.0, "user", "hello there")]))
+    ms.set_stride("s1", 6)
+    s = ms._sessions["s1"]
+    assert (s.stride, s.known) == (6, CFG.window_frames - 6) and len(s.texts) == 1
+    wins = [w for p in _features(media)[:-1] for w in ms.process(p)]
+    assert wins and all(w.meta["known_frames"] == CFG.window_frames - 6 for w in wins)
+    with pytest.raises(ValueError, match="stride is fixed"):
+        ms.set_stride("s1", 4)
+
+
 def test_loss_with_longer_known_prefix_is_finite_and_differentiable(model):
     """long_known: items carry K' > overlap known frames; the loss and its gradient stay finite."""
     W, L = CFG.window_frames, CFG.lookahead_frames

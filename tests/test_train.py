@@ -386,3 +386,13 @@ def test_load_for_training_adds_transcript_traces(tmp_path):
     save_checkpoint(model, tmp_path / "ck2")
     with pytest.raises(CheckpointError, match="traces"):
         _load_for_training(tmp_path / "ck2", dataclasses.replace(tiny, text_trace_decays=(0.5, 0.9)))
+
+
+def test_long_known_is_checked_before_any_training(tmp_path):
+    from echo_stream.train import train
+
+    with pytest.raises(InputError, match="--long-known.*probability"):
+        train(tmp_path / "no_shards", tmp_path / "out", stage="both", long_known=1.5)
+    with pytest.raises(InputError, match="--long-known.*stage 2 only"):
+        train(tmp_path / "no_shards", tmp_path / "out", stage=1, long_known=0.3)
+    assert not (tmp_path / "out").exists()               # refused before anything was written

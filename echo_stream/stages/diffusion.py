@@ -92,7 +92,8 @@ class DiffusionStage(Stage):
 
     def _known(self, p: Packet) -> int:
         """K' of a window: what the memory stage cut it with (the stage's default for older packets)."""
-        return int(p.meta.get("known_frames", self.known_frames))
+        k = p.meta.get("known_frames")
+        return self.known_frames if k is None else int(k)      # the property validates: only when needed
 
     @staticmethod
     def _prev(s: _SessionMotion, k: int) -> np.ndarray:

@@ -90,9 +90,18 @@ class MemoryStage(Stage):
 
     # -- state ---------------------------------------------------------------------------------
     def set_stride(self, session_id: str, stride: int | None) -> None:
-        """This session's new frames per window (None: the stage's default); before its first features."""
+        """This session's new frames per window (None: the stage's default); before its first features.
+
+        A session that exists already (a transcript came first) gets the new geometry while no feature
+        row has reached it; after that the stride is fixed (ValueError)."""
         window_geometry(self.model.cfg, stride if stride is not None else self.stride)
+        old = self._sessions.get(session_id)
+        if old is not None and (old.window > 0 or old.buf_start + len(old.buf["avatar_audio"]) > 0):
+            raise ValueError(f"session {session_id}: the stride is fixed once its features started arriving")
         self._strides[session_id] = stride
+        if old is not None:            # only transcript so far: same texts, the new window geometry
+            s = self._sessions[session_id] = self._new_session(session_id)
+            s.texts, s.total_frames = old.texts, old.total_frames
 
     def _new_session(self, sid: str) -> _SessionMemory:
         cfg = self.model.cfg

@@ -26,20 +26,17 @@ class RenderStage(Stage):
         self._sessions: dict[str, tuple] = {}
 
     def setup(self) -> None:
-        """Warm up on the bundled portrait at 256x256: portrait placement, then one window rendered."""
-        from importlib import resources
-
+        """Warm up on the bundled portrait at 256x256: portrait placement, then one window rendered. The placed
+        portrait stays in the (bounded) cache: the server's chain warm-up and sessions on the default portrait
+        use it."""
         from . import warmup
 
         super().setup()
-        before = set(self._cache)
         try:
-            self.open_session(warmup.SESSION, str(resources.files("echo_stream") / "assets" / "portrait.jpg"))
+            self.open_session(warmup.SESSION, str(render.SAMPLE_PORTRAIT))
             self.process(warmup.motion_packet(6))
         finally:
             self.close_session(warmup.SESSION)
-            for key in set(self._cache) - before:   # the cache is for sessions' portraits
-                del self._cache[key]
 
     def open_session(self, session_id: str, portrait: str | bytes, size: tuple[int, int] = (256, 256),
                      landmarks: str | None = None) -> dict:

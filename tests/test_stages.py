@@ -215,8 +215,6 @@ def _stride_windows(media, model, stride, **kw):
 
 @pytest.mark.parametrize("stride", [6, 5])
 def test_stride_windows_keep_the_span_and_cover_every_frame_once(media, model, stride):
-    from echo_stream.pipeline import transcript_batch
-
     ms, wins = _stride_windows(media, model, stride, user_video=media["user_video"])
     W, L = CFG.window_frames, CFG.lookahead_frames
     K = W - stride

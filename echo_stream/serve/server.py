@@ -222,8 +222,10 @@ class AvatarServer:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"{self._pending} streams are already waiting to send their SessionConfig: "
                               "send it as the first message, then retry", "rejected_capacity")
-        # The first message is read before any refusal: a client that is still writing it when the server
-        # ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
+        # The first message is read before any other refusal: a client that is still writing it when the
+        # server ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
+        # The cap above is the exception on purpose: under a flood of streams, reading one more first
+        # message is what it must not do (such a client may see INTERNAL; it retries either way).
         wait = lim.config_timeout_s if principal is not None else min(lim.config_timeout_s,
                                                                       lim.unauthenticated_config_timeout_s)
         self._pending += 1

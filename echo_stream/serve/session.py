@@ -421,8 +421,7 @@ class Session:
             self._enc_frames.extend(frames.tolist())
             self._enc_origins.extend(origins)
             if data:
-                # the MP4 muxer interleaves video with the AAC track, whose encoder delay holds back the last
-                # few video frames until more audio comes: count those as not yet sent
+                # the frames whose bytes these are: the encoder counts them from the moof boxes it emitted
                 covered = max(self._video_sent, self._encoder.frames_emitted - self._enc_dropped)
                 await self._send_video(data, covered)
 

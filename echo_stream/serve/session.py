@@ -433,7 +433,10 @@ class Session:
         when it has arrived (it has, for the window's lookahead), so that the muxer, which interleaves
         audio and video by time, can release every video frame at once instead of holding the last few
         until the next window. Frames skipped by a gap skip their audio too (the MP4 timeline is the
-        frames sent)."""
+        frames sent). The price of the lead: after an interrupt (or a recovery) the file already holds up to
+        ``_audio_lead`` frames (120 ms) of audio past the last frame shown; those frames' new audio is not
+        encoded, so the new reply's first 120 ms are not heard and the old speech's next 120 ms are (lips
+        and audio stay in sync)."""
         if self._audio_fed is None:
             self._audio_fed = first
         elif self._enc_next is not None and first > self._enc_next:

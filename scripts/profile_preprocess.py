@@ -28,6 +28,7 @@ if args.threads == "1":
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[k] = "1"
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
@@ -48,43 +49,41 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+@contextlib.contextmanager
+def _stage(name):
+    """Charge the wall and CPU time of the block to ``name``; a nested stage's time is taken off the outer one."""
+    _stack.append(name)
+    t, c = time.perf_counter(), _cpu()
+    try:
+        yield
+    finally:
+        dt, dc = time.perf_counter() - t, _cpu() - c
+        _stack.pop()
+        T[name][0] += dt
+        T[name][1] += dc
+        T[name][2] += 1
+        if _stack:
+            T[_stack[-1]][0] -= dt
+            T[_stack[-1]][1] -= dc
+
+
 def timed(name, fn):
     def w(*a, **k):
-        _stack.append(name)
-        t, c = time.perf_counter(), _cpu()
-        try:
+        with _stage(name):
             return fn(*a, **k)
-        finally:
-            dt, dc = time.perf_counter() - t, _cpu() - c
-            _stack.pop()
-            T[name][0] += dt
-            T[name][1] += dc
-            T[name][2] += 1
-            if _stack:   # nested: charge only the outer stage's own time
-                T[_stack[-1]][0] -= dt
-                T[_stack[-1]][1] -= dc
     return w
 
 
 def timed_gen(name, fn):
+    """Each step of the generator is charged to ``name`` (not the consumer's work between steps)."""
     def w(*a, **k):
         it = fn(*a, **k)
         while True:
-            _stack.append(name)
-            t, c = time.perf_counter(), _cpu()
-            try:
-                x = next(it)
-            except StopIteration:
-                return
-            finally:
-                dt, dc = time.perf_counter() - t, _cpu() - c
-                _stack.pop()
-                T[name][0] += dt
-                T[name][1] += dc
-                T[name][2] += 1
-                if _stack:
-                    T[_stack[-1]][0] -= dt
-                    T[_stack[-1]][1] -= dc
+            with _stage(name):
+                try:
+                    x = next(it)
+                except StopIteration:
+                    return
             yield x
     return w
 

@@ -394,6 +394,7 @@ class Portrait:
     source: str
     path: str | None = None
     face_box: np.ndarray | None = None   # (x, y, w, h) of the detected face, when detected
+    detector: str | None = None          # "mesh" or "haar" when detected
 
     @property
     def size(self) -> tuple[int, int]:
@@ -761,16 +762,35 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
             _refine_mouth_line(_gray(rgb), known, (ml[1] + mr[1]) / 2 + 0.02, float(np.clip(0.3 * half, 0.06, 0.15)),
                                (ml[0] + mr[0]) / 2)
         return Portrait(rgb, _complete_landmarks(known, jaw), "sidecar", what if src_path else None)
-    key = hashlib.sha1(data).hexdigest()
+    key = (hashlib.sha1(data).hexdigest(), PLACEMENT)
     hit = _DETECTION_CACHE.get(key)
     if hit is None:
-        hit = _detect_landmarks(rgb, what)
+        hit = _place_face(rgb, what)
         if len(_DETECTION_CACHE) >= _DETECTION_CACHE_SIZE:
             _DETECTION_CACHE.pop(next(iter(_DETECTION_CACHE)))
         _DETECTION_CACHE[key] = hit
-    known, box = hit
+    known, box, jaw, detector = hit
     known = {k: v.copy() for k, v in known.items()}
-    return Portrait(rgb, _complete_landmarks(known), "detected", what if src_path else None, box.copy())
+    return Portrait(rgb, _complete_landmarks(known, jaw), "detected", what if src_path else None, box.copy(),
+                    detector)
+
+
+#: How a portrait without a sidecar is placed: ``"mesh"`` (the face tracker's 468-point mesh, with the
+#: Haar cascades as the fallback when the mesh finds no face) or ``"haar"`` (the cascades only).
+PLACEMENT = "mesh"
+
+
+def _place_face(rgb: np.ndarray, what: str):
+    """(known points, face box, jaw outline or None, detector name) of the photo's face."""
+    if PLACEMENT == "mesh":
+        from .face.portrait import mesh_landmarks
+
+        found = mesh_landmarks(rgb)
+        if found is not None:
+            known, jaw, box = found
+            return known, box, jaw.astype(np.float32), "mesh"
+    known, box = _detect_landmarks(rgb, what)
+    return known, box, None, "haar"
 
 
 def _parse_size(size) -> tuple[int, int]:

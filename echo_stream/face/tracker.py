@@ -1,0 +1,202 @@
+"""The face tracker: frames in, head pose and ARKit blendshape estimates out.
+
+Per frame: where the previous frame's mesh was, read the mesh again (the
+region follows the face: MediaPipe's tracking rule); when there is no face yet,
+or the mesh's presence score falls below 0.5, run the detector on the whole
+frame first (the largest face wins). Then the iris points, the measures of
+:mod:`echo_stream.face.expressions`, and — against the person's neutral — the
+58-channel motion vector of :mod:`echo_stream.motion`.
+
+Two ways to use it:
+
+* **streaming** (:meth:`FaceTracker.process`, the user's webcam in a
+  session): the neutral is the statistic of :func:`expressions.neutral_of` over
+  the last 20 s of this session's face frames (every second frame), so it
+  settles within the first seconds and follows lighting and seating changes;
+  outputs pass a One-Euro filter. The first frame with a face reads as neutral.
+* **offline** (:func:`track_frames`, ``echo-stream track`` and
+  ``preprocess``): the neutral comes from the whole video, frames without a
+  face up to 0.5 s are bridged by interpolation (longer gaps are neutral with
+  ``face_present = 0``), then the same filter runs.
+
+Deterministic: the same frames give the same numbers, however they are split
+into calls. CPU by default (LiteRT, one thread each), about 3-5 ms per frame.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import motion
+from . import expressions as ex
+from . import roi as roimod
+from .detector import FaceDetector
+from .filters import OneEuro
+from .mesh import MESH_ROI_SCALE, PRESENCE_THRESHOLD, FaceMesh, Iris, roi_from_mesh
+
+#: One-Euro settings of the outputs (Hz, and Hz per unit/s of speed).
+FILTER_MIN_CUTOFF = 1.5
+FILTER_BETA = 0.3
+#: Streaming neutral: statistics over this many face frames, taking every ``_NEUTRAL_STEP``-th.
+_NEUTRAL_SAMPLES = 250
+_NEUTRAL_STEP = 2
+#: Offline: longest run of face-less frames bridged by interpolation.
+MAX_BRIDGE_S = 0.5
+
+
+@dataclass
+class Observation:
+    """What the models saw in one frame (no calibration, no filtering)."""
+
+    present: bool
+    confidence: float                       # the mesh's face-presence probability (0 without a face)
+    points: np.ndarray | None = None        # (468, 3) image pixels
+    eyes: np.ndarray | None = None          # (2, 19, 2) image pixels per eye: iris centre, eye contour, brow
+    measures: np.ndarray | None = None      # (len(expressions.MEASURES),)
+
+
+@dataclass
+class Track:
+    """A tracked clip: per-frame motion, presence and confidence (and the raw observations)."""
+
+    motion: np.ndarray                      # (N, 58) float32
+    present: np.ndarray                     # (N,) bool: a face was found in this frame
+    confidence: np.ndarray                  # (N,) float32
+    neutral: np.ndarray | None = None       # (len(MEASURES),) the person's neutral measures
+    observations: list[Observation] = field(default_factory=list, repr=False)
+
+
+class FaceTracker:
+    def __init__(self, fps: int = motion.FPS, *, iris: bool = True, smooth: bool = True, threads: int = 1):
+        self.fps = int(fps)
+        self._detector = FaceDetector(threads=threads)
+        self._mesh = FaceMesh(threads=threads)
+        self._iris = Iris(threads=threads) if iris else None
+        self.smooth = bool(smooth)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the face, the neutral and the filter (a new session)."""
+        self._roi: roimod.Roi | None = None
+        self._history: deque[np.ndarray] = deque(maxlen=_NEUTRAL_SAMPLES)
+        self._face_frames = 0
+        self._filter = OneEuro(self.fps, FILTER_MIN_CUTOFF, FILTER_BETA)
+        self._last = motion.neutral_motion(1)[0]
+
+    # ------------------------------------------------------------------ perception
+    def _detect_roi(self, rgb: np.ndarray) -> roimod.Roi | None:
+        dets = self._detector.detect(rgb)
+        if not dets:
+            return None
+        d = dets[0]
+        corners = d.box.reshape(2, 2)
+        left, right = d.eyes
+        return roimod.roi_from_points(corners, left, right, MESH_ROI_SCALE, centre=corners.mean(0))
+
+    def observe(self, rgb: np.ndarray) -> Observation:
+        """Run the models on one ``(H, W, 3)`` uint8 RGB frame, following the face from the last frame."""
+        rgb = _check_frame(rgb)
+        result = None
+        if self._roi is not None:
+            result = self._mesh.run(rgb, [self._roi])[0]
+            if result.presence < PRESENCE_THRESHOLD:
+                result = None
+        if result is None:
+            roi = self._detect_roi(rgb)
+            if roi is not None:
+                result = self._mesh.run(rgb, [roi])[0]
+                if result.presence < PRESENCE_THRESHOLD:
+                    result = None
+        if result is None:
+            self._roi = None
+            return Observation(False, 0.0)
+        self._roi = roi_from_mesh(result.points)
+        eyes = self._iris.run(rgb, result.points) if self._iris is not None else None
+        return Observation(True, result.presence, result.points, eyes, ex.measures(result.points, eyes))
+
+    def landmarks(self, rgb: np.ndarray, refine: int = 1) -> Observation:
+        """One still image: detect, read the mesh, and re-read it ``refine`` times from its own region."""
+        self._roi = None
+        obs = self.observe(rgb)
+        for _ in range(refine):
+            if not obs.present:
+                break
+            obs = self.observe(rgb)
+        self._roi = None
+        return obs
+
+    # ------------------------------------------------------------------ streaming
+    def process(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, H, W, 3)`` uint8 RGB -> ``(N, 58)`` float32 motion and ``(N,)`` float32 confidence.
+
+        Frames without a face hold the last estimate with confidence 0.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        out = np.zeros((len(frames), motion.NUM_CHANNELS), np.float32)
+        conf = np.zeros(len(frames), np.float32)
+        for i, frame in enumerate(frames):
+            obs = self.observe(frame)
+            if obs.present:
+                if self._face_frames % _NEUTRAL_STEP == 0:
+                    self._history.append(obs.measures)
+                self._face_frames += 1
+                neutral = ex.neutral_of(np.stack(self._history))
+                raw = ex.blendshapes(obs.measures, neutral)[0]
+                self._last = (self._filter(raw) if self.smooth else raw).astype(np.float32)
+                conf[i] = obs.confidence
+            out[i] = self._last
+        return out, conf
+
+
+def _check_frame(rgb: np.ndarray) -> np.ndarray:
+    from ..errors import InputError
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise InputError("video frame", f"expected (H, W, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
+    return rgb
+
+
+def track_frames(frames, tracker: FaceTracker | None = None, fps: int = motion.FPS, progress=None,
+                 keep_observations: bool = False) -> Track:
+    """Track a whole clip offline (see the module notes): an iterable of RGB frames -> :class:`Track`."""
+    tracker = tracker or FaceTracker(fps)
+    tracker.reset()
+    obs: list[Observation] = []
+    for frame in frames:
+        obs.append(tracker.observe(frame))
+        if progress is not None:
+            progress(1)
+    n = len(obs)
+    present = np.array([o.present for o in obs], bool)
+    confidence = np.array([o.confidence for o in obs], np.float32)
+    out = motion.neutral_motion(n)
+    if not present.any():
+        return Track(out, present, confidence, None, obs if keep_observations else [])
+    meas = np.zeros((n, len(ex.MEASURES)))
+    meas[present] = np.stack([o.measures for o in obs if o.present])
+    neutral = ex.neutral_of(meas[present])
+    raw = ex.blendshapes(meas, neutral)
+    # bridge short gaps by interpolation between the frames around them; longer gaps stay neutral
+    bridge = int(round(MAX_BRIDGE_S * fps))
+    idx = np.flatnonzero(present)
+    filled = present.copy()
+    for a, b in zip(idx[:-1], idx[1:]):
+        if 1 < b - a <= bridge + 1:
+            t = (np.arange(a + 1, b) - a) / (b - a)
+            raw[a + 1:b] = (1 - t)[:, None] * raw[a] + t[:, None] * raw[b]
+            filled[a + 1:b] = True
+    raw[~filled] = 0.0
+    if tracker.smooth:
+        filt = OneEuro(fps, FILTER_MIN_CUTOFF, FILTER_BETA)
+        for i in range(n):
+            if filled[i]:
+                raw[i] = filt(raw[i])
+            else:
+                filt.reset()
+    out = motion.clamp_motion(raw).astype(np.float32)
+    return Track(out, present, confidence, neutral, obs if keep_observations else [])

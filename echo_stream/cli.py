@@ -147,6 +147,9 @@ _TOOL_COMMANDS = (
      "Live Link Face CSV) with the same code as the serving pipeline, on Ray Data (local or --address cluster), "
      "into zstd Parquet shards + dataset.json + outcomes.jsonl + dataset_card.md. Exactly once: re-running "
      "resumes after an interruption; bad inputs are quarantined with a reason and the job continues."),
+    ("track", "face.cli", "video with a face -> ARKit blendshapes + head pose (.parquet), bundled face tracker",
+     "Tracks the face in a video with the bundled MediaPipe face mesh (LiteRT, CPU) and writes the motion "
+     "table that generate --motion-out writes, plus face_present and face_confidence per frame."),
     ("train", "train", "two-stage training (stage 1: own audio -> motion; stage 2: full SDCM + LCU)",
      "Trains the ECHO model on Parquet shards with progress, periodic checkpoints, resume and a loss plot."),
     ("eval", "evaluate", "lip sync, SDCM interference, listener responsiveness, long-range context, FD",

@@ -206,8 +206,9 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
       when longer, silence / last frame repeated when shorter; no user track: zeros, flag 0);
     * ``motion`` (T, 58) float32: the avatar's motion targets from ``avatar_motion`` (project motion
       Parquet or Live Link Face CSV, see :mod:`echo_stream.tracks`; shifted by the row's optional
-      ``avatar_motion_offset_s``), else from ``tracker`` (a :class:`~echo_stream.tracks.FaceTracker`)
-      over the avatar media's video stream, else zeros (``has_motion`` says which);
+      ``avatar_motion_offset_s``), else from ``tracker`` (a :class:`~echo_stream.tracks.FaceTracker`, or
+      the bundled :class:`~echo_stream.face.VideoMotionTracker`) over the avatar media's video stream,
+      else zeros (``has_motion`` says which);
     * ``transcript``: list of ``{"start", "end", "speaker", "text"}`` dicts, sorted by start;
     * ``frames`` (int), ``has_user_audio``, ``has_user_video``, ``has_user_blend``, ``has_motion`` (bool);
     * ``media``: facts for quality checks: ``avatar_s`` (seconds), ``avatar_peak`` (max |sample|),
@@ -255,7 +256,10 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
         targets = tracks.resample_to_grid(pts, cols, T, motion_path)
         facts["motion_s"], facts["motion_source"] = tracks.track_span(pts), os.path.basename(motion_path)
     elif tracker is not None and media.probe(avatar_path).has_video:
-        targets, used = tracks.extract_motion(tracker, avatar_path, T)
+        if hasattr(tracker, "track_video"):          # the bundled tracker: whole-video calibration
+            targets, used = tracker.track_video(avatar_path, T)
+        else:
+            targets, used = tracks.extract_motion(tracker, avatar_path, T)
         facts["motion_s"], facts["motion_source"] = used / config.FPS, f"tracker:{type(tracker).__name__}"
     else:
         targets = np.zeros((T, motion.NUM_CHANNELS), np.float32)

@@ -85,6 +85,7 @@ class Settings:
     livelink_fps: float | None = None
     extractor: str | None = None
     extractor_model: str | None = None
+    no_tracker: bool = False
 
     def check(self) -> None:
         if not self.chunk_seconds > 0:
@@ -266,7 +267,8 @@ def check_quality(row: dict, feats: dict, settings: Settings) -> None:
                                               f"< {settings.silence_dbfs:g} dBFS)")
     if settings.require_motion and not feats["has_motion"]:
         raise InputError(cid, "no motion targets: give 'avatar_motion' (motion .parquet or Live Link Face .csv)"
-                              + ("" if settings.extractor else " or run with --extractor on avatar video"))
+                              + (" or avatar video with a face for the tracker" if not settings.no_tracker else
+                                 " or run without --no-tracker on avatar video"))
     declared = row.get("duration_s")
     if declared is not None and abs(float(declared) - dur) > tol:
         raise InputError(row["avatar_media"], f"wrong length: avatar audio is {dur:.2f} s, the manifest says "
@@ -541,12 +543,9 @@ class _Featurizer:
     """Ray Data actor: holds the models for its lifetime and featurises one conversation per call."""
 
     def __init__(self, settings: dict):
-        from . import tracks
-
         self.settings = Settings(**settings)
         one_thread_per_library()
-        self.tracker = (tracks.load_extractor(self.settings.extractor, self.settings.extractor_model)
-                        if self.settings.extractor else None)
+        self.tracker = make_tracker(self.settings)
         features.warmup()
 
     def __call__(self, batch):
@@ -596,11 +595,23 @@ def _from_ipc(blob: bytes):
     return pa.ipc.open_stream(blob).read_all()
 
 
-def run_local(items: Sequence[Item], settings: Settings) -> Iterator[dict]:
-    """The plain sequential loop: :func:`process_input` over ``items`` in this process."""
+def make_tracker(settings: Settings):
+    """The face tracker for avatar video without a motion track: ``--extractor``'s, else the bundled one
+    (:class:`echo_stream.face.VideoMotionTracker`), or none with ``--no-tracker``."""
     from . import tracks
 
-    tracker = tracks.load_extractor(settings.extractor, settings.extractor_model) if settings.extractor else None
+    if settings.extractor:
+        return tracks.load_extractor(settings.extractor, settings.extractor_model)
+    if settings.no_tracker:
+        return None
+    from .face import VideoMotionTracker
+
+    return VideoMotionTracker()
+
+
+def run_local(items: Sequence[Item], settings: Settings) -> Iterator[dict]:
+    """The plain sequential loop: :func:`process_input` over ``items`` in this process."""
+    tracker = make_tracker(settings)
     for it in items:
         yield process_input(it, settings, tracker)
 
@@ -1019,8 +1030,11 @@ def add_arguments(p) -> None:
     p.add_argument("--livelink-fps", type=float,
                    help="capture rate of Live Link Face CSV timecodes (default: inferred from the frame field)")
     p.add_argument("--extractor", metavar="MODULE:CLASS",
-                   help="face tracker making motion targets from avatar video when a row has no avatar_motion "
-                        "(see echo_stream.tracks.FaceTracker)")
+                   help="your own face tracker making motion targets from avatar video when a row has no "
+                        "avatar_motion (see echo_stream.tracks.FaceTracker); default: the bundled one "
+                        "(echo-stream track)")
+    p.add_argument("--no-tracker", action="store_true",
+                   help="do not track avatar video: rows without avatar_motion have no motion targets")
     p.add_argument("--extractor-model", metavar="PATH", help="the tracker's model file, passed to its constructor")
     p.add_argument("--allow-no-motion", action="store_true",
                    help="keep conversations without motion targets (zeros) instead of quarantining them")
@@ -1037,7 +1051,7 @@ def add_arguments(p) -> None:
 def settings_from_args(args) -> Settings:
     return Settings(chunk_seconds=args.chunk_seconds, require_motion=not args.allow_no_motion,
                     length_tolerance_s=args.length_tolerance, silence_dbfs=args.silence_dbfs,
-                    livelink_fps=args.livelink_fps, extractor=args.extractor,
+                    livelink_fps=args.livelink_fps, extractor=args.extractor, no_tracker=args.no_tracker,
                     extractor_model=None if args.extractor_model is None else str(Path(args.extractor_model).resolve()))
 
 

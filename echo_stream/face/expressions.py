@@ -54,9 +54,15 @@ GAINS = {
     "narrow": 0.12, "mouth_x": 0.08, "jaw_x": 0.08,
     "blink": 0.8,      # fraction of the neutral aperture lost at a full blink
     "wide": 0.4,       # fraction of the neutral aperture gained
-    "squint": 0.03, "brow_up": 0.06, "brow_down": 0.05, "cheek": 0.04,
+    "squint": 0.03, "brow_up": 0.08, "brow_down": 0.07, "cheek": 0.04,
     "gaze_x": 0.15, "gaze_y": 0.10,
 }
+
+#: Smallest neutral eye aperture (outer-eye-corner distances) that eye changes are measured against.
+APERTURE_FLOOR = 0.05
+
+#: Blendshape values up to this read as 0 (the rest is stretched back to 0..1).
+DEAD_BAND = 0.02
 
 ESTIMATED: tuple[str, ...] = (
     "jawOpen", "mouthClose", "mouthSmileLeft", "mouthSmileRight", "mouthFrownLeft", "mouthFrownRight",
@@ -114,6 +120,10 @@ def measures(points: np.ndarray, eyes: np.ndarray | None = None) -> np.ndarray:
     y = lambda name: q[IDX[name], 1]  # noqa: E731
     x = lambda name: q[IDX[name], 0]  # noqa: E731
     m = np.zeros(len(MEASURES))
+    # mouth corners: outer and inner lip corner averaged (half the jitter of one point)
+    q = q.copy()
+    for s, inner in (("R", 78), ("L", 308)):
+        q[IDX[f"mouth_corner_{s}"]] = (q[IDX[f"mouth_corner_{s}"]] + q[inner]) / 2
     m[M["lip_gap"]] = y("lip_bottom_inner") - y("lip_top_inner")
     m[M["jaw_drop"]] = y("chin") - y("nose_tip")
     m[M["mouth_width"]] = x("mouth_corner_L") - x("mouth_corner_R")
@@ -143,7 +153,7 @@ def measures(points: np.ndarray, eyes: np.ndarray | None = None) -> np.ndarray:
             brow_outer, brow_inner = y(f"brow_outer_{s}"), y(f"brow_inner_{s}")
         m[M[f"aperture_{s}"]] = bottom - top
         m[M[f"lower_lid_{s}"]] = bottom - mid[1]
-        # brows against the nose tip: a raised brow pulls the upper lid and the eye corners along
+        # brows against the nose tip (rigid; the eye corners move with a brow raise and a look up)
         m[M[f"brow_inner_{s}"]] = y("nose_tip") - brow_inner
         m[M[f"brow_outer_{s}"]] = y("nose_tip") - brow_outer
         m[M[f"cheek_{s}"]] = y(f"cheek_{s}") - mid[1]
@@ -185,10 +195,13 @@ def blendshapes(m: np.ndarray, neutral: np.ndarray) -> np.ndarray:
     widen = col("mouth_width") / g["widen"]
     for side, s in (("Left", "L"), ("Right", "R")):
         up = col(f"corner_up_{s}")
-        put(f"mouthSmile{side}", c(0.6 * up / g["corner_up"] + 0.4 * widen))
+        put(f"mouthSmile{side}", c(0.5 * up / g["corner_up"] + 0.5 * widen))
         put(f"mouthFrown{side}", c(-up / g["corner_down"]))
-        put(f"eyeBlink{side}", c((1.0 - m[:, M[f"aperture_{s}"]] / max(neutral[M[f"aperture_{s}"]], 1e-6)) / g["blink"]))
-        put(f"eyeWide{side}", c((m[:, M[f"aperture_{s}"]] / max(neutral[M[f"aperture_{s}"]], 1e-6) - 1.0) / g["wide"]))
+        # aperture change as a fraction of the neutral aperture (floored: a person calibrated with their
+        # eyes shut must not read as blinking)
+        open_ = -col(f"aperture_{s}") / max(float(neutral[M[f"aperture_{s}"]]), APERTURE_FLOOR)
+        put(f"eyeBlink{side}", c(open_ / g["blink"]))
+        put(f"eyeWide{side}", c(-open_ / g["wide"]))
         put(f"eyeSquint{side}", c(-col(f"lower_lid_{s}") / g["squint"]))
         put(f"browDown{side}", c(-col(f"brow_inner_{s}") / g["brow_down"]))
         put(f"browOuterUp{side}", c(col(f"brow_outer_{s}") / g["brow_up"]))
@@ -208,6 +221,10 @@ def blendshapes(m: np.ndarray, neutral: np.ndarray) -> np.ndarray:
     put("jawLeft", c(col("jaw_x") / g["jaw_x"]))
     put("jawRight", c(-col("jaw_x") / g["jaw_x"]))
     size0 = max(float(neutral[M["size"]]), 1e-6)
+    # a dead band at the bottom of every blendshape: the mesh's frame-to-frame jitter on a still face
+    # is a few hundredths of the range and would otherwise flicker around 0
+    bs = [motion.CHANNEL_INDEX[c] for c in ESTIMATED if not c.startswith("head")]
+    out[:, bs] = np.clip((out[:, bs] - DEAD_BAND) / (1.0 - DEAD_BAND), 0.0, 1.0)
     put("headPitch", col("pitch"))
     put("headYaw", col("yaw"))
     put("headRoll", col("roll"))

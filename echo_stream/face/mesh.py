@@ -30,9 +30,9 @@ IDX = {
 #: 0 outer corner, 1-7 lower lid, 8 inner corner, 9-15 upper lid (12 above 4 at the lid centre).
 EYE_CONTOUR = (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173)
 LID_TOP = (11, 12, 13)
-#: The eye model's brow points above the outer and the inner eye corner (of its 71 points, the
-#: brow arc runs 63-70 from the outer side over the eye to the nose).
-IRIS_BROW = (65, 68)
+#: The eye model's brow points above the outer and the inner eye corner, averaged in threes (of its
+#: 71 points, the brow arc runs 63-70 from the outer side over the eye to the nose).
+IRIS_BROW = ((64, 65, 66), (67, 68, 69))
 LID_BOTTOM = (3, 4, 5)
 
 #: Mesh scale: the mesh model reads the face box enlarged 1.5x (MediaPipe's ROI rule).
@@ -85,7 +85,7 @@ class Iris:
     def run(self, rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
         """(2, 1 + 16 + 2, 2) image pixels per eye [subject's right eye (image left), subject's left eye]:
         the iris centre, the eye contour (:data:`EYE_CONTOUR`: outer corner, lower lid, inner corner,
-        upper lid), then the brow above its outer and inner corner (:data:`IRIS_BROW`). The eye
+        upper lid), then the brow above its outer and inner corner (:data:`IRIS_BROW`, each the mean of three points). The eye
         model's lids follow a blink, and its brows a brow raise, much further than the mesh's."""
         n = self.size
         a_r, b_r = points[IDX["eye_outer_R"], :2], points[IDX["eye_inner_R"], :2]
@@ -95,7 +95,8 @@ class Iris:
         crops = [roimod.crop(rgb, rois[0], n), roimod.crop(rgb, rois[1], n)[:, ::-1]]
         contour, iris = self._model.run(np.stack(crops).astype(np.float32) / 255.0)
         contour = contour.reshape(2, 71, 3)[:, :, :2]
-        pts = np.concatenate([iris.reshape(2, 5, 3)[:, :1, :2], contour[:, :16], contour[:, list(IRIS_BROW)]], 1)
+        brows = np.stack([contour[:, list(IRIS_BROW[0])].mean(1), contour[:, list(IRIS_BROW[1])].mean(1)], 1)
+        pts = np.concatenate([iris.reshape(2, 5, 3)[:, :1, :2], contour[:, :16], brows], 1)
         pts = pts.astype(np.float64)
         pts[1, :, 0] = n - pts[1, :, 0]                        # undo the mirror
         return np.stack([rois[0].to_image(pts[0], n), rois[1].to_image(pts[1], n)])

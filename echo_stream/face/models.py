@@ -18,7 +18,10 @@ thread-safe: each tracker owns its models.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +51,42 @@ def _interpreter_class():
     return Interpreter
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 briefly: LiteRT's C++ logs an INFO line on creating its CPU delegate,
+    and no environment variable turns that off. Python-level writes are flushed first; the window
+    is the interpreter's construction only."""
+    import sys
+
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):          # no usable stderr: nothing to silence
+            yield
+            return
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class Model:
     """One LiteRT model: ``run(x)`` with ``x`` float32 ``(N, H, W, 3)`` -> list of output arrays (N, ...)."""
 
     def __init__(self, name: str, threads: int = 1):
         interp_cls = _interpreter_class()
         self.name = name
-        self._it = interp_cls(model_content=_model_bytes(name), num_threads=max(1, int(threads)))
-        self._it.allocate_tensors()
+        with _quiet_native_stderr():
+            self._it = interp_cls(model_content=_model_bytes(name), num_threads=max(1, int(threads)))
+            self._it.allocate_tensors()
         inp = self._it.get_input_details()[0]
         self._input = inp["index"]
         self.input_size = int(inp["shape"][1])

@@ -31,7 +31,7 @@ def _tracker():
     return _TRACKER
 
 
-def landmarks_from_mesh(p: np.ndarray, eyes: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def landmarks_from_mesh(p: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Named landmark points (image pixels) and the (11, 2) jaw outline from a (468, 2+) mesh."""
     p = np.asarray(p, np.float64)[:, :2]
 
@@ -39,13 +39,10 @@ def landmarks_from_mesh(p: np.ndarray, eyes: np.ndarray | None = None) -> tuple[
         return p[list(idx)].mean(0)
 
     known = {}
-    for side, outer, inner, top, bottom, brow, k in (("left", 33, 133, 159, 145, _BROW_R, 0),
-                                                     ("right", 263, 362, 386, 374, _BROW_L, 1)):
-        centre = (p[outer] + p[inner]) / 2
-        centre[1] = (p[top][1] + p[bottom][1]) / 2
-        if eyes is not None:
-            centre = np.asarray(eyes[k][0], np.float64)          # the iris centre
-        known[f"{side}_eye"] = centre
+    for side, outer, inner, top, bottom, brow in (("left", 33, 133, 159, 145, _BROW_R),
+                                                  ("right", 263, 362, 386, 374, _BROW_L)):
+        # the eye centre as the 68-point convention takes it: the mean of its six contour points
+        known[f"{side}_eye"] = (p[outer] + p[inner] + 2 * p[top] + 2 * p[bottom]) / 6
         known[f"{side}_eye_outer"], known[f"{side}_eye_inner"] = p[outer], p[inner]
         known[f"{side}_eye_top"], known[f"{side}_eye_bottom"] = p[top], p[bottom]
         upper, lower = brow
@@ -62,7 +59,7 @@ def mesh_landmarks(rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, 
     obs = _tracker().landmarks(rgb, refine=2)
     if not obs.present or obs.confidence < MIN_PRESENCE:
         return None
-    known, jaw = landmarks_from_mesh(obs.points, obs.eyes)
+    known, jaw = landmarks_from_mesh(obs.points)
     xy = obs.points[:, :2]
     lo, hi = xy.min(0), xy.max(0)
     return known, jaw, np.array([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], np.float32)

@@ -36,12 +36,17 @@ from .detector import FaceDetector
 from .filters import OneEuro
 from .mesh import MESH_ROI_SCALE, PRESENCE_THRESHOLD, FaceMesh, Iris, roi_from_mesh
 
-#: One-Euro settings of the outputs (Hz, and Hz per unit/s of speed).
-FILTER_MIN_CUTOFF = 1.5
+#: One-Euro settings of the outputs (Hz, and Hz per unit/s of speed). The brows are read from small
+#: points of the eye model and jitter most: a lower resting cut-off for them (the speed term still
+#: lets a quick raise through).
 FILTER_BETA = 0.3
+FILTER_MIN_CUTOFF = np.full(motion.NUM_CHANNELS, 1.0)
+FILTER_MIN_CUTOFF[motion.REGION_SLICES["brows"]] = 0.5
 #: Streaming neutral: statistics over this many face frames, taking every ``_NEUTRAL_STEP``-th.
 _NEUTRAL_SAMPLES = 250
 _NEUTRAL_STEP = 2
+#: Mesh reads of a frame where the face was (re)detected.
+_SETTLE_READS = 3
 #: Offline: longest run of face-less frames bridged by interpolation.
 MAX_BRIDGE_S = 0.5
 
@@ -109,6 +114,12 @@ class FaceTracker:
                 result = self._mesh.run(rgb, [roi])[0]
                 if result.presence < PRESENCE_THRESHOLD:
                     result = None
+                else:   # read again from the mesh's own region, as every following frame will be, until
+                    for _ in range(_SETTLE_READS):    # it settles: a first frame read from the detector's
+                        again = self._mesh.run(rgb, [roi_from_mesh(result.points)])[0]   # box sits apart
+                        if again.presence < PRESENCE_THRESHOLD:
+                            break
+                        result = again
         if result is None:
             self._roi = None
             return Observation(False, 0.0)
@@ -200,3 +211,41 @@ def track_frames(frames, tracker: FaceTracker | None = None, fps: int = motion.F
                 filt.reset()
     out = motion.clamp_motion(raw).astype(np.float32)
     return Track(out, present, confidence, neutral, obs if keep_observations else [])
+
+
+def track_video(path, *, tracker: FaceTracker | None = None, fps: int = motion.FPS, num_frames: int | None = None,
+                progress: bool = False, keep_observations: bool = False) -> Track:
+    """Track a video file on the ``fps`` grid (PyAV decode; display rotation applied); at most ``num_frames``.
+
+    Raises :class:`~echo_stream.errors.InputError` for a file that is missing, not media, has no
+    video stream or no decodable frame.
+    """
+    from .. import media
+    from ..errors import InputError
+
+    info = media.probe(path)
+    if not info.has_video:
+        raise InputError(path, "has no video stream: the face tracker needs video")
+    total = int(round((info.duration or 0.0) * fps)) or None
+    if num_frames is not None:
+        total = num_frames if total is None else min(total, num_frames)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="frame", desc="tracking", dynamic_ncols=True)
+
+    def frames():
+        for i, _, rgb in media.iter_video_frames(path, fps=fps):
+            if num_frames is not None and i >= num_frames:
+                break
+            yield rgb
+
+    try:
+        result = track_frames(frames(), tracker, fps, bar.update if bar else None, keep_observations)
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(result.present) == 0:
+        raise InputError(path, "video stream has no decodable frames")
+    return result

@@ -266,3 +266,34 @@ def test_track_command_writes_motion_with_presence(tmp_path, capsys):
     assert len(err) == 1 and "tts0.ogg" in err[0] and "no video stream" in err[0] and not bad.exists()
     assert main(["track", str(tmp_path / "missing.mp4"), "-o", str(bad)]) == 1
     assert "not found" in capsys.readouterr().err and not bad.exists()
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+
+def test_preprocess_makes_targets_from_real_video_and_quarantines_faceless(tmp_path):
+    """A directory holding only videos with speech (no tracks): targets come from the tracker."""
+    import json
+
+    from echo_stream import preprocess
+    from echo_stream.dataset import ShardDataset
+    from echo_stream.preprocess import Settings
+
+    speech = media.decode_audio(TTS)
+    n = int(len(speech) / 16000 * motion.FPS)
+    face = np.stack([f for i, _, f in media.iter_video_frames(REAL_VIDEO) if 240 <= i < 240 + n])
+    root = tmp_path / "videos"
+    for name, frames in (("talk", face), ("noface", mediagen.blank_frames(n, 320, 240))):
+        (root / name).mkdir(parents=True)
+        mediagen.write_video(root / name / "avatar.mp4", frames, fps=motion.FPS, audio=speech, audio_rate=16000)
+    info = preprocess.preprocess(root, tmp_path / "out", executor="local", progress=False, settings=Settings())
+    outcomes = {o["conversation_id"]: o for o in map(json.loads, (tmp_path / "out/outcomes.jsonl").read_text().splitlines())}
+    assert outcomes["talk"]["status"] == "done"
+    assert outcomes["noface"]["status"] == "quarantined" and "no usable face" in outcomes["noface"]["reason"]
+    assert info["total"]["conversations"] == 1
+    (conv,) = ShardDataset(tmp_path / "out", "train").conversations
+    m = conv.arrays["motion"]
+    # laughing and moving her head: targets from the tracker (relative to this clip's own neutral), not zeros
+    assert np.count_nonzero(m.std(0) > 0.01) >= 8 and m[:, C["headYaw"]].std() > 0.01
+    tracked = track_video(root / "talk" / "avatar.mp4", num_frames=len(m)).motion
+    assert np.array_equal(m[:len(tracked)], tracked) and np.array_equal(m[len(tracked):], tracked[-1:].repeat(
+        len(m) - len(tracked), 0))     # the audio outlasts the video by a frame: its last values hold

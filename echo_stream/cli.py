@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description=bench_preprocess.__doc__.replace("``", "`"),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_preprocess.add_arguments(bpp)
+    from .face import bench as tracker_bench
+    btr = bsub.add_parser("tracker", help="face tracker speed on one CPU core (ms per frame, per model)",
+                          description=tracker_bench.__doc__.replace("``", "`"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    tracker_bench.add_arguments(btr)
     try:
         from .kernels import bench as kbench
     except ImportError:  # pragma: no cover - kernels import torch/triton lazily
@@ -232,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench == "preprocess":
                 from . import bench_preprocess
                 return bench_preprocess.run(args)
+            if args.bench == "tracker":
+                from .face import bench as tracker_bench
+                return tracker_bench.run(args)
             if args.bench == "kernels":
                 from .kernels import bench as kbench
                 return kbench.run(args)

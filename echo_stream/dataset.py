@@ -42,13 +42,15 @@ start_frame            int64                                              first 
 frames                 int32                                              frames in the chunk (``F``)
 avatar_audio           list<fixed_size_list<float32, 166>>                ``F`` x (2, 83) log-mel + prosody
 user_audio             list<fixed_size_list<float32, 166>>                ``F`` x (2, 83); zeros without user audio
-user_video             list<fixed_size_list<float32, 16>>                 ``F`` x 16 behaviour features
-user_blend             list<fixed_size_list<float32, 58>>                 ``F`` x 58 client blendshapes (zeros)
+user_video             list<fixed_size_list<float32, 16>>                 ``F`` x 16 zeros (reserved: the hand-made
+                                                                          behaviour features of earlier shards)
+user_blend             list<fixed_size_list<float32, 58>>                 ``F`` x 58 the user's face as motion
+                                                                          (the face tracker on the user video)
 user_present           list<fixed_size_list<float32, 3>>                  ``F`` x (audio, video, blend) flags
 motion                 list<fixed_size_list<float32, 58>>                 ``F`` x 58 avatar motion targets
 has_user_audio         bool                                               the conversation has user audio
 has_user_video         bool                                               the conversation has user video
-has_user_blend         bool                                               always false for now (no blend tracks)
+has_user_blend         bool                                               user face motion was tracked
 transcript             list<struct<start: double, end: double,            segments whose start falls in the chunk
                        speaker: string, text: string>>                    (chunk 0 also takes those before 0 s)
 synthetic              bool                                               manifest ``synthetic`` (false if absent)
@@ -92,7 +94,7 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the user's face tracked into user_blend; user_video zeros
 FORMAT = "echo-stream/training-shards"
 DATASET_JSON = "dataset.json"
 DEFAULT_CHUNK_SECONDS = 64.0
@@ -157,22 +159,24 @@ def _resolve(root: str | os.PathLike, rel) -> str | None:
     return str(p if p.is_absolute() else Path(root) / p)
 
 
-def _user_video_features(path: str, num_frames: int) -> tuple[np.ndarray, int]:
-    """``((T, 16) behaviour features, source frames used)`` exactly as the streaming decode + features
-    stages compute them: frames on the 25 fps grid at the decode stage's working size, the last frame
-    repeated after the video ends, frames past the avatar's end ignored."""
+def _user_face(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``((T, 58) user face motion, (T,) face flags, source frames used)`` exactly as the streaming decode +
+    features stages compute them: frames on the 25 fps grid at the decode stage's working size through
+    the bundled face tracker (streaming, as in a session), the last frame repeated after the video
+    ends, frames past the avatar's end ignored."""
+    from .face.tracker import FaceTracker
     from .stages.decode import user_video_size
+    from .stages.features import face_rows
 
-    extractor = features.VideoBehaviourExtractor()
-    out = np.zeros((num_frames, config.USER_VIDEO_DIM), np.float32)
+    tracker = FaceTracker()
+    out = np.zeros((num_frames, motion.NUM_CHANNELS + 1), np.float32)
     it = media.iter_video_frames(path, fps=config.FPS, size=user_video_size(path))
     done, last, block = 0, None, []
 
     def flush_block():
         nonlocal done
         if block:
-            feats = extractor.process(np.stack(block))
-            out[done:done + len(block)] = feats
+            out[done:done + len(block)] = face_rows(tracker, np.stack(block))
             done += len(block)
             block.clear()
 
@@ -191,7 +195,7 @@ def _user_video_features(path: str, num_frames: int) -> tuple[np.ndarray, int]:
         if len(block) == 32:
             flush_block()
     flush_block()
-    return out, decoded
+    return np.ascontiguousarray(out[:, :motion.NUM_CHANNELS]), out[:, motion.NUM_CHANNELS], decoded
 
 
 def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
@@ -200,8 +204,9 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
 
     Returns a dict over ``T = ceil(avatar samples / 640)`` frames of the 25 fps grid:
 
-    * ``avatar_audio`` (T, 2, 83), ``user_audio`` (T, 2, 83), ``user_video`` (T, 16),
-      ``user_blend`` (T, 58), ``user_present`` (T, 3) float32: exactly what the pipeline's
+    * ``avatar_audio`` (T, 2, 83), ``user_audio`` (T, 2, 83), ``user_video`` (T, 16: zeros),
+      ``user_blend`` (T, 58: the user's face tracked on the user video, flag 2 where a face was found),
+      ``user_present`` (T, 3) float32: exactly what the pipeline's
       ``FeaturesStage`` emits for the same files (user audio/video aligned to the avatar track: cut
       when longer, silence / last frame repeated when shorter; no user track: zeros, flag 0);
     * ``motion`` (T, 58) float32: the avatar's motion targets from ``avatar_motion`` (project motion
@@ -245,9 +250,8 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
             present[:, 0] = 1.0
             has_ua = True
         if info.has_video:
-            user_video, used = _user_video_features(user_path, T)
+            user_blend, present[:, 2], used = _user_face(user_path, T)
             facts["user_video_s"] = used / config.FPS
-            present[:, 1] = 1.0
             has_uv = True
     motion_path = _resolve(root, row.get("avatar_motion"))
     if motion_path is not None:
@@ -279,7 +283,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
         "frames": int(T),
         "has_user_audio": has_ua,
         "has_user_video": has_uv,
-        "has_user_blend": False,
+        "has_user_blend": has_uv,
         "has_motion": facts["motion_source"] is not None,
         "media": facts,
     }

@@ -514,7 +514,7 @@ class OutputDir:
             "shard_rows": int(shard_size),
             "frame_columns": {k: list(v) for k, v in ds.FRAME_COLUMNS.items()},
             "motion_channels": list(motion.CHANNELS), "audio_features": list(features.AUDIO_FEATURE_COLUMNS),
-            "user_video_features": list(features.USER_VIDEO_FEATURES),
+            "user_face": "user_blend: the user's face as 58-channel motion (echo_stream.face tracker, streaming)",
             "shards": [dict(f, split=e["split"]) for e in self.commits for f in e["files"]],
             "splits": counts,
             "total": {k: sum(c[k] for c in counts.values()) for k in ("conversations", "chunks", "frames", "hours")},
@@ -529,13 +529,15 @@ class OutputDir:
 # ============================================================================ executors
 
 def one_thread_per_library() -> None:
-    """Pin this process's feature libraries to one thread each: OpenCV's pool (the behaviour detector) and
-    FFmpeg's threads (decoding, RGB conversion). A featuriser actor does this (one featuriser per CPU: the
+    """Pin this process's feature libraries to one thread each: OpenCV's pool (the face tracker's crops) and
+    FFmpeg's threads (decoding, RGB conversion); LiteRT runs the face models on one thread already. A featuriser actor does this (one featuriser per CPU: the
     libraries' own threads would only oversubscribe the cores; Ray already sets ``OMP_NUM_THREADS=1`` for
     BLAS), and so does the benchmark's single-threaded sequential baseline. Outputs do not depend on it."""
+    import cv2
+
     from . import media
 
-    features._cv2().setNumThreads(1)
+    cv2.setNumThreads(1)
     media.set_decode_threads(1)
 
 

@@ -321,6 +321,23 @@ def face_frames(n: int, width: int = 320, height: int = 240, *, motion: str = "s
     return frames
 
 
+REAL_FACE_VIDEO = Path(__file__).parent / "data" / "real" / "WolfgangLanger_Pexels.mp4"
+
+
+def real_face_frames(n: int, start_s: float = 6.0, size: tuple[int, int] = (320, 180)) -> np.ndarray:
+    """(n, h, w, 3) frames of the real face video (tests/data/real), from ``start_s`` on the 25 fps grid."""
+    from echo_stream import media
+
+    first = int(round(start_s * 25))
+    out = []
+    for i, _, rgb in media.iter_video_frames(REAL_FACE_VIDEO, size=size):
+        if i >= first:
+            out.append(rgb)
+        if len(out) == n:
+            break
+    return np.stack(out)
+
+
 def blank_frames(n: int, width: int = 320, height: int = 240, *, moving: bool = True,
                  seed: int = 0) -> np.ndarray:
     """(n, height, width, 3) uint8 frames with no face: a textured background and,

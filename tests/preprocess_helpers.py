@@ -65,7 +65,7 @@ def write_conversation(d: Path, k: int, dur: float, *, user: str = "video", trac
     user_audio = mediagen.speech_like(dur, 44100, seed=20 + k)
     row = {"conversation_id": d.name, "avatar_media": f"{d.name}/avatar.wav", "split": "train"}
     if user == "video":
-        frames = mediagen.face_frames(int(dur * 25), 160, 120, motion="nod", seed=k)
+        frames = mediagen.real_face_frames(int(dur * 25), start_s=(1.0 + 3.1 * k) % 16)   # a real face
         mediagen.write_video(d / "user.mp4", frames, fps=25, audio=user_audio, audio_rate=44100)
         row["user_media"] = f"{d.name}/user.mp4"
     elif user == "audio":

@@ -1,9 +1,10 @@
 """FFmpeg thread settings (`media.set_decode_threads`, `preprocess.one_thread_per_library`) change how files
 are decoded, never what comes out: frames, audio and conversation features are the same bit for bit."""
+import cv2
 import numpy as np
 import pytest
 
-from echo_stream import features, media, preprocess
+from echo_stream import media, preprocess
 
 from . import mediagen as mg
 from .preprocess_helpers import write_conversation
@@ -13,7 +14,7 @@ from .preprocess_helpers import write_conversation
 def _restore_threads():
     yield
     media.set_decode_threads(None)
-    features._cv2().setNumThreads(-1)
+    cv2.setNumThreads(-1)
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".webm"])

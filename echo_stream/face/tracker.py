@@ -73,12 +73,25 @@ class Track:
     observations: list[Observation] = field(default_factory=list, repr=False)
 
 
+class FaceModels:
+    """The loaded models (detector, mesh, eyes), shareable by the trackers of many sessions in one thread."""
+
+    def __init__(self, *, iris: bool = True, threads: int = 1):
+        self.detector = FaceDetector(threads=threads)
+        self.mesh = FaceMesh(threads=threads)
+        self.iris = Iris(threads=threads) if iris else None
+
+
 class FaceTracker:
-    def __init__(self, fps: int = motion.FPS, *, iris: bool = True, smooth: bool = True, threads: int = 1):
+    """One face stream's tracker: its region, neutral and filter; the models may be shared (``models``)."""
+
+    def __init__(self, fps: int = motion.FPS, *, iris: bool = True, smooth: bool = True, threads: int = 1,
+                 models: FaceModels | None = None):
         self.fps = int(fps)
-        self._detector = FaceDetector(threads=threads)
-        self._mesh = FaceMesh(threads=threads)
-        self._iris = Iris(threads=threads) if iris else None
+        self.models = models or FaceModels(iris=iris, threads=threads)
+        self._detector = self.models.detector
+        self._mesh = self.models.mesh
+        self._iris = self.models.iris
         self.smooth = bool(smooth)
         self.reset()
 

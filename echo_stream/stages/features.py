@@ -1,11 +1,21 @@
 """Features stage: AudioChunk + VideoFrames -> Features (one row per 25 fps frame).
 
 Both audio tracks go through the same streaming log-mel + prosody extractor
-(:mod:`echo_stream.features`, shared with offline preprocessing); user video
-frames through the behaviour extractor. A frame is emitted once the avatar
-audio it needs (its analysis windows) has arrived, so features lag the input
-by at most one analysis window; the user tracks are decoded in lock-step with
-the avatar track and follow the same timeline.
+(:mod:`echo_stream.features`, shared with offline preprocessing). The user's
+face, whichever side tracked it, reaches the model in one form: the
+58-channel motion of :mod:`echo_stream.motion` in the ``user_blend`` column
+(presence flag 2). Client-side blendshapes are taken as sent; user video
+frames go through the bundled face tracker (:class:`echo_stream.face.tracker.FaceTracker`,
+streaming, one per session, the models shared by all sessions), so a client
+that tracks on the device and one that sends its camera are interchangeable.
+A frame without a face has flag 2 off. The ``user_video`` column (16
+hand-made behaviour features of earlier checkpoints) stays in the schema and is
+zero with flag 1 off. Once a session has sent client blendshapes its video is
+not tracked (the client's own tracking wins).
+
+A frame is emitted once the avatar audio it needs (its analysis windows) has
+arrived, so features lag the input by at most one analysis window; the user
+tracks are decoded in lock-step with the avatar track and follow the same timeline.
 """
 from __future__ import annotations
 
@@ -19,18 +29,27 @@ from . import Packet, Stage
 _FEAT_SHAPE = (config.MELS_PER_FRAME, config.AUDIO_FEAT_DIM)
 
 
+_BLEND_ROW = (motion.NUM_CHANNELS + 1,)                 # 58 values + the frame's face flag
+
+
 @dataclass
 class _SessionFeatures:
     avatar: features.AudioFeatureExtractor
     user: features.AudioFeatureExtractor
-    video: features.VideoBehaviourExtractor
+    face: object | None = None                          # the session's FaceTracker, once video arrives
     next_frame: int = 0
     seq: int = 0
     user_feats: list = field(default_factory=list)      # pending (n, 2, 83) arrays
-    video_feats: list = field(default_factory=list)     # pending (n, 16) arrays
-    blend: list = field(default_factory=list)           # pending (n, 58) client blendshape rows
+    blend: list = field(default_factory=list)           # pending (n, 59) rows: user face motion + face flag
     has_user_audio: bool = False
-    has_user_video: bool = False
+    client_blend: bool = False                          # the client sends its own blendshapes
+
+
+def face_rows(tracker, frames: np.ndarray) -> np.ndarray:
+    """User video frames -> (n, 59) rows: the tracked motion and 1 where a face was found.
+    The same function serves the stage and offline preprocessing (:mod:`echo_stream.dataset`)."""
+    values, confidence = tracker.process(frames)
+    return np.concatenate([values, (confidence > 0).astype(np.float32)[:, None]], 1)
 
 
 def _take(pending: list, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -57,6 +76,14 @@ class FeaturesStage(Stage):
     def __init__(self) -> None:
         super().__init__()
         self._sessions: dict[str, _SessionFeatures] = {}
+        self._face_models = None
+
+    def _tracker(self):
+        from ..face.tracker import FaceModels, FaceTracker
+
+        if self._face_models is None:
+            self._face_models = FaceModels()
+        return FaceTracker(models=self._face_models)
 
     def setup(self) -> None:
         from . import warmup
@@ -71,8 +98,8 @@ class FeaturesStage(Stage):
     def _session(self, sid: str) -> _SessionFeatures:
         s = self._sessions.get(sid)
         if s is None:
-            s = self._sessions[sid] = _SessionFeatures(
-                features.AudioFeatureExtractor(), features.AudioFeatureExtractor(), features.VideoBehaviourExtractor())
+            s = self._sessions[sid] = _SessionFeatures(features.AudioFeatureExtractor(),
+                                                       features.AudioFeatureExtractor())
         return s
 
     def process(self, packet: Packet) -> Packet:
@@ -91,13 +118,18 @@ class FeaturesStage(Stage):
             if len(us):
                 s.has_user_audio = True
                 s.user.push(us)
-        video = packet.get(schemas.VIDEO_FRAMES)
-        if video is not None and video.num_rows:
-            s.has_user_video = True
-            s.video_feats.append(s.video.process(schemas.column(video, "image")))
         blend = packet.get(schemas.USER_BLENDSHAPES)
         if blend is not None and blend.num_rows:
-            s.blend.append(schemas.column(blend, "values"))
+            if not s.client_blend:                      # the client tracks: drop what video gave so far
+                s.client_blend = True
+                s.blend.clear()
+            values = schemas.column(blend, "values")
+            s.blend.append(np.concatenate([values, np.ones((len(values), 1), np.float32)], 1))
+        video = packet.get(schemas.VIDEO_FRAMES)
+        if video is not None and video.num_rows and not s.client_blend:
+            if s.face is None:
+                s.face = self._tracker()
+            s.blend.append(face_rows(s.face, schemas.column(video, "image")))
 
         if packet.end:
             av_feats = s.avatar.flush()
@@ -109,12 +141,12 @@ class FeaturesStage(Stage):
                 s.user_feats.append(s.user.pop_frames())
         n = len(av_feats)
         ua, n_ua = _take(s.user_feats, n, _FEAT_SHAPE)
-        uv, n_uv = _take(s.video_feats, n, (config.USER_VIDEO_DIM,))
-        ub, n_ub = _take(s.blend, n, (motion.NUM_CHANNELS,))
+        uv = np.zeros((n, config.USER_VIDEO_DIM), np.float32)
+        rows, _ = _take(s.blend, n, _BLEND_ROW)
+        ub = np.ascontiguousarray(rows[:, :motion.NUM_CHANNELS])
         present = np.zeros((n, 3), np.float32)
         present[:n_ua, 0] = 1.0
-        present[:n_uv, 1] = 1.0
-        present[:n_ub, 2] = 1.0
+        present[:, 2] = rows[:, motion.NUM_CHANNELS]
         frames = np.arange(s.next_frame, s.next_frame + n)
         out = Packet(sid, end=packet.end, meta=dict(packet.meta))
         out.put(schemas.make_batch(schemas.FEATURES, {

@@ -54,7 +54,7 @@ def main() -> None:
     for title, path in photos:
         cells = []
         for placement in ("haar", "mesh"):
-            render.PLACEMENT = placement
+            render.portrait.PLACEMENT = placement
             r = render.PortraitRenderer(render.load_portrait(path), size=(256, 256))
             cells.append(label(draw(r.crop), f"{placement}: {title}"))
             cells.append(label(r.render(expr)[0], f"{placement}: jawOpen .8 + browInnerUp"))

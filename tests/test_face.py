@@ -239,7 +239,7 @@ def test_portrait_placed_from_the_mesh_with_haar_fallback(monkeypatch):
     assert lm["left_eye"][0] < lm["right_eye"][0]
     assert lm["left_brow"][1] < lm["left_eye"][1] < lm["nose"][1] < lm["mouth_centre"][1] < lm["chin"][1]
     assert lm["mouth_left"][0] < lm["mouth_centre"][0] < lm["mouth_right"][0]
-    monkeypatch.setattr(render, "PLACEMENT", "haar")
+    monkeypatch.setattr(render.portrait, "PLACEMENT", "haar")
     h = render.load_portrait(render.SAMPLE_PORTRAIT)
     assert h.detector == "haar"
     # both find the same eyes within a few pixels; the mesh puts the mouth corners where the lips end

@@ -17,7 +17,7 @@ the manifest's directory::
      "avatar_motion": "conv0000/avatar_motion.parquet", "split": "train", ...}
 
 ``avatar_media`` (required) is the avatar's speech; ``user_media`` (optional)
-is the user's webcam recording (its video stream gives behaviour features, its
+is the user's webcam recording (its video stream gives the user's face as motion, its
 audio stream the user audio) or an audio-only file; ``avatar_motion``
 (required for training) is a Parquet motion table (``frame``, ``pts``, one
 float column per :data:`echo_stream.motion.CHANNELS` name, the layout of
@@ -164,11 +164,11 @@ def _user_face(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, int]
     features stages compute them: frames on the 25 fps grid at the decode stage's working size through
     the bundled face tracker (streaming, as in a session), the last frame repeated after the video
     ends, frames past the avatar's end ignored."""
-    from .face.tracker import FaceTracker
+    from .face.tracker import FaceTracker, shared_models
     from .stages.decode import user_video_size
     from .stages.features import face_rows
 
-    tracker = FaceTracker()
+    tracker = FaceTracker(models=shared_models())
     out = np.zeros((num_frames, motion.NUM_CHANNELS + 1), np.float32)
     it = media.iter_video_frames(path, fps=config.FPS, size=user_video_size(path))
     done, last, block = 0, None, []
@@ -283,7 +283,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
         "frames": int(T),
         "has_user_audio": has_ua,
         "has_user_video": has_uv,
-        "has_user_blend": has_uv,
+        "has_user_blend": bool(present[:, 2].any()),
         "has_motion": facts["motion_source"] is not None,
         "media": facts,
     }

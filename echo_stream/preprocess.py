@@ -5,7 +5,7 @@ the *same* code as the serving pipeline: :func:`echo_stream.dataset.featurize_co
 targets from a track or a face tracker; quality checks; chunk rows as an Arrow table). It runs
 
 * on Ray Data (``executor="ray"``): a streaming ``from_items -> map_batches(actor pool)`` dataset; the
-  pool's actors hold the models (librosa/numba warm-up, the behaviour detector, an optional
+  pool's actors hold the models (librosa/numba warm-up, the face tracker's models, an optional
   user-supplied face tracker), so those load once per worker; the driver consumes the stream and
   commits shards; or
 * in this process (``executor="local"``): the plain sequential loop (``echo-stream shards``, the
@@ -94,6 +94,8 @@ class Settings:
             raise InputError("--length-tolerance", f"must be >= 0, got {self.length_tolerance_s}")
         if self.extractor_model and not self.extractor:
             raise InputError("--extractor-model", "needs --extractor MODULE:CLASS (the tracker that reads it)")
+        if self.no_tracker and self.extractor:
+            raise InputError("--no-tracker", "contradicts --extractor: give one of them")
 
     @property
     def chunk_frames(self) -> int:
@@ -552,7 +554,6 @@ class _Featurizer:
 
     def __call__(self, batch):
         import pyarrow as pa
-
         import ray
 
         node = ray.get_runtime_context().get_node_id()

@@ -2,7 +2,7 @@
 
     python scripts/profile_preprocess.py MANIFEST [--n 8] [--threads 1|default] [--json OUT]
 
-Wraps the functions ``process_input`` calls (decode, audio features, user video decode and behaviour
+Wraps the functions ``process_input`` calls (decode, audio features, user video decode and face tracking
 features, motion track, transcript, chunk rows / Arrow table, moments) plus the driver's parquet
 commit and the Ray path's Arrow IPC round trip, and reports per stage the wall seconds, the CPU
 seconds of the whole process (user + sys, all threads) and their ratio: the cores that stage used.
@@ -36,6 +36,7 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 from echo_stream import dataset, features, media, preprocess, tracks, transcript  # noqa: E402
+from echo_stream.face import tracker as face_tracker  # noqa: E402
 
 if args.threads == "1":
     preprocess.one_thread_per_library()   # OpenCV's pool and FFmpeg's decoder threads, as a Ray featuriser
@@ -92,9 +93,8 @@ media.decode_audio = timed("decode audio (PyAV)", media.decode_audio)
 media.probe = timed("probe (PyAV)", media.probe)
 media.iter_video_frames = timed_gen("decode user video (PyAV, resize, rgb)", media.iter_video_frames)
 features.offline_audio_features = timed("audio features (log-mel + YIN)", features.offline_audio_features)
-features.VideoBehaviourExtractor.process = timed("user video behaviour (OpenCV)",
-                                                 features.VideoBehaviourExtractor.process)
-features.VideoBehaviourExtractor.__init__ = timed("behaviour detector init", features.VideoBehaviourExtractor.__init__)
+face_tracker.FaceTracker.process = timed("user face tracking (LiteRT mesh + eyes)", face_tracker.FaceTracker.process)
+face_tracker.FaceModels.__init__ = timed("face models load", face_tracker.FaceModels.__init__)
 tracks.load_track = timed("motion track read", tracks.load_track)
 tracks.resample_to_grid = timed("motion track resample", tracks.resample_to_grid)
 transcript.load = timed("transcript", transcript.load)

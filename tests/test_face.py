@@ -297,3 +297,53 @@ def test_preprocess_makes_targets_from_real_video_and_quarantines_faceless(tmp_p
     tracked = track_video(root / "talk" / "avatar.mp4", num_frames=len(m)).motion
     assert np.array_equal(m[:len(tracked)], tracked) and np.array_equal(m[len(tracked):], tracked[-1:].repeat(
         len(m) - len(tracked), 0))     # the audio outlasts the video by a frame: its last values hold
+
+
+def test_track_refuses_bad_durations(tmp_path, capsys):
+    from echo_stream.cli import main
+
+    for bad in ("inf", "nan", "0", "-1"):
+        assert main(["track", str(REAL_VIDEO), "-o", str(tmp_path / "m.parquet"), "--max-seconds", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--max-seconds" in err[0], err
+    # a sliver of a second still tracks one frame
+    assert main(["track", str(REAL_VIDEO), "-o", str(tmp_path / "m.parquet"), "--max-seconds", "0.01", "--quiet"]) == 0
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 1
+
+
+def test_user_face_from_video_then_client_blendshapes_keeps_one_row_per_frame():
+    """A session that sends its camera, then starts sending its own blendshapes: every frame keeps its row."""
+    from echo_stream import config, schemas
+    from echo_stream.stages import Packet
+    from echo_stream.stages.features import FeaturesStage
+
+    fs = FeaturesStage()
+    frames = mediagen.real_face_frames(20, size=(192, 108))
+    sid = "s"
+
+    def packet(first, n, video=True, blend=False):
+        p = Packet(sid)
+        idx = np.arange(first, first + n)
+        p.put(schemas.make_batch(schemas.AUDIO_CHUNK, {
+            "session_id": [sid] * n, "seq": idx, "pts": idx / config.FPS, "track": ["avatar"] * n,
+            "samples": np.zeros((n, config.SAMPLES_PER_FRAME), np.float32)}), schemas.AUDIO_CHUNK)
+        if video:
+            p.put(schemas.make_batch(schemas.VIDEO_FRAMES, {
+                "session_id": [sid] * n, "seq": idx, "pts": idx / config.FPS, "frame": idx,
+                "image": frames[first:first + n]}), schemas.VIDEO_FRAMES)
+        if blend:
+            values = np.full((n, motion.NUM_CHANNELS), 0.5, np.float32)
+            p.put(schemas.make_batch(schemas.USER_BLENDSHAPES, {
+                "session_id": [sid] * n, "seq": idx, "pts": idx / config.FPS, "frame": idx, "values": values}),
+                schemas.USER_BLENDSHAPES)
+        return p
+
+    rows = [fs.process(packet(0, 10)), fs.process(packet(10, 10, video=True, blend=True))]
+    out = schemas.concat([r.get(schemas.FEATURES) for r in rows], schemas.FEATURES)
+    blend = schemas.column(out, "user_blend")
+    flags = schemas.column(out, "user_present")[:, 2]
+    n = out.num_rows
+    tracked = np.flatnonzero(~np.all(blend == 0.5, axis=1))
+    # the tracked rows come first and stay in their frames; the client's rows follow them in order
+    assert len(tracked) and np.array_equal(tracked, np.arange(len(tracked))) and flags[:len(tracked)].all()
+    assert np.all(blend[len(tracked):n] == 0.5)

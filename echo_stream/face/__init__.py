@@ -25,10 +25,10 @@ class VideoMotionTracker:
     with that reason). Frames past the video's end hold its last values.
     """
 
-    def __init__(self, model_path: str | None = None):
-        from .tracker import FaceTracker
+    def __init__(self):
+        from .tracker import FaceTracker, shared_models
 
-        self._tracker = FaceTracker()
+        self._tracker = FaceTracker(models=shared_models())
 
     def track_video(self, path, num_frames: int):
         import numpy as np

@@ -30,21 +30,23 @@ def _ms(samples: list[float]) -> dict:
 
 
 def run(args) -> int:
+    import cv2
+
     from .. import atomic, media
     from ..bench_pipeline import environment
     from ..errors import InputError
     from . import expressions as ex
-    from .detector import FaceDetector
-    from .mesh import FaceMesh, Iris, roi_from_mesh
-    from .tracker import FaceTracker
+    from .mesh import roi_from_mesh
+    from .tracker import FaceModels, FaceTracker
 
     if args.repeat < 1:
         raise InputError("--repeat", f"must be >= 1, got {args.repeat}")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)                       # the crops' warps on this core too
     frames = [f for _, _, f in media.iter_video_frames(args.video)]
     if not frames:
         raise InputError(args.video, "no frames")
-    tracker = FaceTracker(threads=1)
+    models = FaceModels(threads=1)
+    tracker = FaceTracker(models=models)
     observe, process = [], []
     for _ in range(args.repeat):
         tracker.reset()
@@ -57,9 +59,11 @@ def run(args) -> int:
             t0 = time.perf_counter()
             tracker.process(f[None])
             process.append(time.perf_counter() - t0)
-    det, mesh, iris = FaceDetector(threads=1), FaceMesh(threads=1), Iris(threads=1)
+    det, mesh, iris = models.detector, models.mesh, models.iris
     t_det, t_mesh, t_iris, t_meas = [], [], [], []
-    obs = FaceTracker(threads=1).landmarks(frames[0])
+    obs = FaceTracker(models=models).landmarks(frames[0])
+    if not obs.present:
+        raise InputError(args.video, "no face in the first frame: the per-model timings read the mesh there")
     roi = roi_from_mesh(obs.points)
     for f in frames[:: max(1, len(frames) // 100)]:
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -86,15 +87,11 @@ def run(args) -> int:
     _check_output(args.out, "motion output")
     if args.plot:
         _check_output(args.plot, "plot")
-    if args.max_seconds is not None and not args.max_seconds > 0:
-        raise InputError("--max-seconds", f"must be > 0, got {args.max_seconds}")
-    limit = None if args.max_seconds is None else int(round(args.max_seconds * motion.FPS))
-    from .. import media
-
-    if not media.probe(args.video).has_video:
-        raise InputError(args.video, "has no video stream: the face tracker needs video")
-    tracker = FaceTracker(smooth=not args.no_smooth)
-    track = track_video(args.video, tracker=tracker, num_frames=limit, progress=not args.quiet)
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise InputError("--max-seconds", f"must be a finite number of seconds > 0, got {args.max_seconds}")
+    limit = None if args.max_seconds is None else max(1, math.ceil(args.max_seconds * motion.FPS - 1e-9))
+    track = track_video(args.video, tracker=lambda: FaceTracker(smooth=not args.no_smooth), num_frames=limit,
+                        progress=not args.quiet)
     atomic.write_parquet(motion_with_presence(track), args.out)
     if args.plot:
         plot(track, args.plot, os.path.basename(args.video))

@@ -13,10 +13,10 @@ Three steps, each a plain function of arrays:
    does not read as an expression: lip gap, jaw drop, mouth width and corner
    height, eye apertures, lower-lid height, brow heights, cheek height, gaze
    (iris against the eye corners), and the face's position and size.
-3. :func:`blendshapes` — each estimated channel is ``clip(gain * (m - m0), 0, 1)``
+3. :func:`blendshapes` — each estimated channel is ``clip((m - m0) / g, 0, 1)``
    of its measures ``m`` against the *neutral* ``m0`` of the same person
-   (:class:`Calibration`), with gains fixed from human proportions
-   (:data:`GAINS`).
+   (:func:`neutral_of`), where ``g`` (:data:`GAINS`) is the change that makes
+   the channel reach 1, fixed from human proportions; then a small dead band.
 
 Estimated channels: :data:`ESTIMATED`. The others — tongueOut, cheekPuff,
 noseSneer*, mouthRoll*, mouthShrug*, mouthPress*, mouthDimple*, mouthStretch*,

@@ -13,8 +13,10 @@ Files (``echo_stream/assets/face/``, Apache-2.0, see ``assets/ATTRIBUTION.md``):
 
 :class:`Model` wraps one interpreter; its ``run`` takes a batch of crops and
 resizes the input tensor when the batch size changes (all four models accept
-any batch size), so a batch of frames costs one call. An interpreter is not
-thread-safe: each tracker owns its models.
+any batch size): both eyes are one call. Frames of one face are read one after
+the other (each frame's crop comes from the previous frame's mesh). An
+interpreter is not thread-safe: a :class:`~echo_stream.face.tracker.FaceModels`
+is shared by the trackers of one thread (a stage's sessions), never across threads.
 """
 from __future__ import annotations
 
@@ -58,20 +60,25 @@ _STDERR_LOCK = threading.Lock()
 def _quiet_native_stderr():
     """Silence file descriptor 2 briefly: LiteRT's C++ logs an INFO line on creating its CPU delegate,
     and no environment variable turns that off. Python-level writes are flushed first; the window
-    is the interpreter's construction only."""
+    is the interpreter's construction only (models load once per process and tracker: at a stage's
+    set-up, a worker's start, a command's start), and whatever another thread writes to stderr in
+    those milliseconds is lost too."""
     import sys
 
     with _STDERR_LOCK:
         try:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             saved = os.dup(2)
-        except (OSError, ValueError):          # no usable stderr: nothing to silence
+        except (OSError, ValueError, AttributeError):   # no usable stderr: nothing to silence
             yield
             return
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
+            try:
+                os.dup2(devnull, 2)
+            finally:
+                os.close(devnull)
             yield
         finally:
             os.dup2(saved, 2)

@@ -1,12 +1,14 @@
 """Placing a portrait's face from its mesh: the renderer's named landmarks from the 468 points.
 
 :func:`mesh_landmarks` reads one photo with the tracker (detection, then the
-mesh read twice more from its own region so that it settles) and returns the
+mesh re-read from its own region until it settles) and returns the
 points the renderer animates — eye centres, lids, corners, brows, nose tip,
 mouth corners, lips, chin and an 11-point jaw outline — in the renderer's
 image-side convention (``left_*`` is the image-left side, the subject's right).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -20,6 +22,7 @@ _JAW = (127, 234, 132, 172, 150, 152, 379, 397, 361, 454, 356)
 MIN_PRESENCE = 0.8
 
 _TRACKER = None
+_LOCK = threading.Lock()
 
 
 def _tracker():
@@ -27,7 +30,7 @@ def _tracker():
     if _TRACKER is None:
         from .tracker import FaceTracker
 
-        _TRACKER = FaceTracker(smooth=False)
+        _TRACKER = FaceTracker(smooth=False, iris=False)
     return _TRACKER
 
 
@@ -56,7 +59,8 @@ def landmarks_from_mesh(p: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarra
 
 def mesh_landmarks(rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
     """(named points, jaw outline, face box x, y, w, h) of the photo's largest face, or None without one."""
-    obs = _tracker().landmarks(rgb, refine=2)
+    with _LOCK:                      # one tracker (and its interpreters) for every caller in this process
+        obs = _tracker().landmarks(rgb, refine=2)
     if not obs.present or obs.confidence < MIN_PRESENCE:
         return None
     known, jaw = landmarks_from_mesh(obs.points)

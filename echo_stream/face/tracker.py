@@ -3,7 +3,7 @@
 Per frame: where the previous frame's mesh was, read the mesh again (the
 region follows the face: MediaPipe's tracking rule); when there is no face yet,
 or the mesh's presence score falls below 0.5, run the detector on the whole
-frame first (the largest face wins). Then the iris points, the measures of
+frame first (the face with the largest area times score wins). Then the iris points, the measures of
 :mod:`echo_stream.face.expressions`, and — against the person's neutral — the
 58-channel motion vector of :mod:`echo_stream.motion`.
 
@@ -80,6 +80,19 @@ class FaceModels:
         self.detector = FaceDetector(threads=threads)
         self.mesh = FaceMesh(threads=threads)
         self.iris = Iris(threads=threads) if iris else None
+
+
+_SHARED: dict[int, FaceModels] = {}
+
+
+def shared_models() -> FaceModels:
+    """This thread's :class:`FaceModels`, loaded on first use (interpreters are not shared across threads)."""
+    import threading
+
+    key = threading.get_ident()
+    if key not in _SHARED:
+        _SHARED[key] = FaceModels()
+    return _SHARED[key]
 
 
 class FaceTracker:
@@ -226,9 +239,12 @@ def track_frames(frames, tracker: FaceTracker | None = None, fps: int = motion.F
     return Track(out, present, confidence, neutral, obs if keep_observations else [])
 
 
-def track_video(path, *, tracker: FaceTracker | None = None, fps: int = motion.FPS, num_frames: int | None = None,
+def track_video(path, *, tracker=None, fps: int = motion.FPS, num_frames: int | None = None,
                 progress: bool = False, keep_observations: bool = False) -> Track:
     """Track a video file on the ``fps`` grid (PyAV decode; display rotation applied); at most ``num_frames``.
+
+    ``tracker``: a :class:`FaceTracker`, a callable making one (called once the file is known to hold
+    video, so a bad file is refused before any model loads), or None for a new default tracker.
 
     Raises :class:`~echo_stream.errors.InputError` for a file that is missing, not media, has no
     video stream or no decodable frame.
@@ -239,6 +255,8 @@ def track_video(path, *, tracker: FaceTracker | None = None, fps: int = motion.F
     info = media.probe(path)
     if not info.has_video:
         raise InputError(path, "has no video stream: the face tracker needs video")
+    if tracker is not None and not isinstance(tracker, FaceTracker):
+        tracker = tracker()
     total = int(round((info.duration or 0.0) * fps)) or None
     if num_frames is not None:
         total = num_frames if total is None else min(total, num_frames)

@@ -18,9 +18,11 @@ therefore sees audio frames ``t + L - 14 .. t + L`` and *never* anything after
 
 User-behaviour encoder
 ----------------------
-Inputs per frame: user audio features ``(2, 83)``, user-video behaviour
-features ``(16,)``, client blendshapes ``(58,)`` and presence flags ``(3,)``
-(audio / video / blendshapes present). Each modality is replaced by zeros where
+Inputs per frame: user audio features ``(2, 83)``, a reserved ``(16,)``
+video slot (hand-made behaviour features in earlier checkpoints; zero with its
+flag off since the face tracker), the user's face as motion ``(58,)`` (client
+blendshapes, or the face tracker on the user video) and presence flags ``(3,)``
+(audio / video slot / face present). Each modality is replaced by zeros where
 its presence flag is off (``torch.where``, so an absent modality contributes
 exactly nothing whatever its buffer holds, NaN included); the flags themselves
 are also inputs. The

@@ -102,7 +102,8 @@ def _gray(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
-_DETECTION_CACHE: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+#: (image sha1, PLACEMENT) -> (known points, face box, jaw outline or None, detector name)
+_DETECTION_CACHE: dict[tuple[str, str], tuple] = {}
 _DETECTION_CACHE_SIZE = 16
 
 

@@ -2,7 +2,7 @@
 
 Audio is resampled to 16 kHz mono float32 and cut into rows of one video frame
 (640 samples, the last row zero-padded); user video is put on the 25 fps grid
-at a small working resolution for behaviour features. The avatar's audio
+at a small working resolution (192 px wide) for the face tracker. The avatar's audio
 defines the session timeline: user streams are aligned to it (silence / the
 last frame after they end, cut when they run longer), so every later stage
 sees the three tracks in lock-step.

@@ -11,7 +11,7 @@ that tracks on the device and one that sends its camera are interchangeable.
 A frame without a face has flag 2 off. The ``user_video`` column (16
 hand-made behaviour features of earlier checkpoints) stays in the schema and is
 zero with flag 1 off. Once a session has sent client blendshapes its video is
-not tracked (the client's own tracking wins).
+no longer tracked (the client's own tracking wins); rows already tracked keep their frames.
 
 A frame is emitted once the avatar audio it needs (its analysis windows) has
 arrived, so features lag the input by at most one analysis window; the user
@@ -120,9 +120,9 @@ class FeaturesStage(Stage):
                 s.user.push(us)
         blend = packet.get(schemas.USER_BLENDSHAPES)
         if blend is not None and blend.num_rows:
-            if not s.client_blend:                      # the client tracks: drop what video gave so far
-                s.client_blend = True
-                s.blend.clear()
+            # the client tracks from now on: rows tracked from its video so far keep their frames (the
+            # timeline is one row per frame), its blendshapes follow them, its video is no longer tracked
+            s.client_blend = True
             values = schemas.column(blend, "values")
             s.blend.append(np.concatenate([values, np.ones((len(values), 1), np.float32)], 1))
         video = packet.get(schemas.VIDEO_FRAMES)

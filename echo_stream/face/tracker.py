@@ -204,18 +204,24 @@ def track_frames(frames, tracker: FaceTracker | None = None, fps: int = motion.F
     tracker = tracker or FaceTracker(fps)
     tracker.reset()
     obs: list[Observation] = []
+    rows: list[np.ndarray | None] = []          # per frame: the measures only (memory: 27 numbers a frame)
+    confidence_list: list[float] = []
     for frame in frames:
-        obs.append(tracker.observe(frame))
+        o = tracker.observe(frame)
+        rows.append(o.measures)
+        confidence_list.append(o.confidence)
+        if keep_observations:
+            obs.append(o)
         if progress is not None:
             progress(1)
-    n = len(obs)
-    present = np.array([o.present for o in obs], bool)
-    confidence = np.array([o.confidence for o in obs], np.float32)
+    n = len(rows)
+    present = np.array([r is not None for r in rows], bool)
+    confidence = np.array(confidence_list, np.float32)
     out = motion.neutral_motion(n)
     if not present.any():
-        return Track(out, present, confidence, None, obs if keep_observations else [])
+        return Track(out, present, confidence, None, obs)
     meas = np.zeros((n, len(ex.MEASURES)))
-    meas[present] = np.stack([o.measures for o in obs if o.present])
+    meas[present] = np.stack([r for r in rows if r is not None])
     neutral = ex.neutral_of(meas[present])
     raw = ex.blendshapes(meas, neutral)
     # bridge short gaps by interpolation between the frames around them; longer gaps stay neutral
@@ -236,7 +242,7 @@ def track_frames(frames, tracker: FaceTracker | None = None, fps: int = motion.F
             else:
                 filt.reset()
     out = motion.clamp_motion(raw).astype(np.float32)
-    return Track(out, present, confidence, neutral, obs if keep_observations else [])
+    return Track(out, present, confidence, neutral, obs)
 
 
 def track_video(path, *, tracker=None, fps: int = motion.FPS, num_frames: int | None = None,

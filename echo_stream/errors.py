@@ -20,6 +20,10 @@ class InputError(EchoStreamError):
         self.problem = problem.strip().replace("\n", " ")
         super().__init__(f"{self.what}: {self.problem}")
 
+    def __reduce__(self):
+        # pickled as its own arguments: an error raised inside a Ray actor crosses intact
+        return (type(self), (self.what, self.problem))
+
 
 class SchemaError(EchoStreamError):
     """An Arrow batch crossing a stage boundary does not match its contract."""
@@ -29,6 +33,9 @@ class SchemaError(EchoStreamError):
         self.field = field
         self.problem = problem
         super().__init__(f"{message_type} batch: field '{field}': {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.message_type, self.field, self.problem))
 
 
 class CheckpointError(EchoStreamError):

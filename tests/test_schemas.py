@@ -79,3 +79,16 @@ def test_concat_and_empty():
     assert c.num_rows == 6
     schemas.validate(c, schemas.MOTION_WINDOW)
     assert schemas.empty(schemas.RENDERED_FRAMES, image=(4, 4, 3)).num_rows == 0
+
+
+def test_errors_survive_pickling():
+    """Errors raised inside a stage actor cross Ray by pickle: type, fields and message intact."""
+    import pickle
+
+    from echo_stream.errors import InputError, SchemaError
+
+    e = pickle.loads(pickle.dumps(InputError("clip.wav", "zero-length audio\nsecond line")))
+    assert type(e) is InputError and (e.what, e.problem) == ("clip.wav", "zero-length audio second line")
+    assert str(e) == "clip.wav: zero-length audio second line"
+    s = pickle.loads(pickle.dumps(SchemaError("Features", "pts", "not increasing")))
+    assert type(s) is SchemaError and str(s) == "Features batch: field 'pts': not increasing"

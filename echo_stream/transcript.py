@@ -67,6 +67,9 @@ def parse(text: str, source: str = "<transcript>") -> list[Segment]:
             items = json.loads(stripped)
         except json.JSONDecodeError:
             items = None
+        except RecursionError:
+            raise InputError(source, "JSON transcript is nested too deeply: expected a flat list of "
+                                     "{start, end, speaker, text} objects") from None
         if isinstance(items, list):
             try:
                 return sorted((Segment(float(d.get("start", 0.0)), float(d.get("end", d.get("start", 0.0))),

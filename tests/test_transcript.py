@@ -39,3 +39,16 @@ def test_bad_transcripts(tmp_path):
     j.write_text('[{"start": 1}]')
     with pytest.raises(InputError, match="JSON transcript"):
         transcript.load(str(j))
+
+
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    from echo_stream import render, transcript
+    from echo_stream.errors import InputError
+
+    deep = "[" * 100000 + "]" * 100000
+    with pytest.raises(InputError, match="nested too deeply"):
+        transcript.parse(deep, "chat.json")
+    side = tmp_path / "p.landmarks.json"
+    side.write_text("{\"a\": " * 100000 + "1" + "}" * 100000)
+    with pytest.raises(InputError, match="p.landmarks.json: landmarks file is nested too deeply"):
+        render.load_portrait(render.SAMPLE_PORTRAIT, landmarks_path=side)

@@ -140,6 +140,9 @@ def parse_sidecar(path: Path, width: int, height: int) -> tuple[dict[str, np.nda
         raise InputError(path, f"cannot read landmarks file ({e})") from None
     except json.JSONDecodeError as e:
         raise InputError(path, f"landmarks file is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise InputError(path, "landmarks file is nested too deeply: expected one JSON object of [x, y] "
+                               "points") from None
     if not isinstance(data, dict):
         raise InputError(path, "landmarks file must hold a JSON object like "
                                '{"left_eye": [x, y], "right_eye": [x, y], "nose": [x, y], '

@@ -81,7 +81,7 @@ def test_committed_pb2_matches_the_proto(tmp_path):
 
 
 def test_auth_required_and_sessions_bound_to_their_principal(make_server):
-    st, target = make_server(tokens={ALICE: "alice", BOB: "bob"})
+    st, target = make_server(tokens={ALICE: "alice", BOB: "böb"})   # a non-ASCII principal name too
 
     async def main():
         for token in (None, "not-a-known-token-xxxxxxxx"):
@@ -111,6 +111,11 @@ def test_tokens_file_and_loopback_rules(tmp_path):
     f.write_text("alice:short\n")
     with pytest.raises(InputError, match="shorter than"):
         auth.load_tokens(str(f), env={})
+    # a token no client can send in gRPC metadata is refused at load; any principal name is fine
+    f.write_text("alice:" + "é" * 40 + "\n")
+    with pytest.raises(InputError, match="printable ASCII"):
+        auth.load_tokens(str(f), env={})
+    assert auth.load_tokens(None, env={auth.ENV: f"zoë:{ALICE}"}) == {ALICE: "zoë"}
     assert auth.is_loopback("127.0.0.1") and auth.is_loopback("::1") and auth.is_loopback("localhost")
     assert not auth.is_loopback("0.0.0.0") and not auth.is_loopback("10.1.2.3")
 

@@ -32,6 +32,9 @@ def _parse_entries(entries, source: str) -> dict[str, str]:
         if len(token) < MIN_TOKEN_CHARS:
             raise InputError(source, f"entry {i}: token shorter than {MIN_TOKEN_CHARS} characters; "
                                      "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        if not all("!" <= ch <= "~" for ch in token):
+            raise InputError(source, f"entry {i}: a token must be printable ASCII without spaces (a gRPC "
+                                     "metadata value); no client could send this one")
         if token in out:
             raise InputError(source, f"entry {i}: the same token is given twice")
         out[token] = principal

@@ -368,7 +368,7 @@ class AvatarServer:
         if session is None:
             await self._abort(context, grpc.StatusCode.NOT_FOUND,
                               "no running session with this id (ended, or never existed)")
-        if not secrets.compare_digest(session.principal, principal):
+        if not secrets.compare_digest(session.principal.encode(), principal.encode()):   # str: ASCII only
             await self._abort(context, grpc.StatusCode.PERMISSION_DENIED,
                               "this session belongs to another principal")
         kind = request.control.kind

@@ -380,3 +380,17 @@ def test_haar_fallback_matches_the_numpy_oracle(monkeypatch):
     centres = sorted((ex + x + ew / 2, ey + y + eh / 2) for ex, ey, ew, eh in eyes)
     for name, c in zip(("left_eye", "right_eye"), centres):
         assert np.hypot(*(p.landmarks[name] - np.array(c))) < 6, name
+
+
+def test_huge_portrait_refused_from_its_header():
+    """A portrait of 12000x12000 (a few hundred KB as PNG) is refused before any pixel is decoded."""
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 1_000_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(InputError, match=r"12000x12000 pixels.*scale it down"):
+            render.load_portrait(buf.getvalue())

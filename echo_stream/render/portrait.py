@@ -57,6 +57,11 @@ class FaceCrop:
     face_height: float                 # hairline-to-chin in crop pixels
 
 
+#: Largest portrait accepted (checked from the image header, before decoding).
+MAX_PORTRAIT_SIDE = 8192
+MAX_PORTRAIT_PIXELS = 40_000_000
+
+
 def _decode_image(data: bytes, what: str) -> np.ndarray:
     """Encoded image bytes -> (H, W, 3) uint8 RGB (EXIF orientation applied, alpha over white)."""
     import io
@@ -67,6 +72,13 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
         raise InputError(what, "empty file, expected a portrait image (png/jpeg)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            # the size comes from the header: refuse a huge image before decoding a pixel of it (a
+            # 12000x12000 PNG of a few hundred KB would cost the shared render actor seconds and GBs)
+            w, h = im.size
+            if w * h > MAX_PORTRAIT_PIXELS or max(w, h) > MAX_PORTRAIT_SIDE:
+                raise InputError(what, f"image is {w}x{h} pixels; a portrait may have at most "
+                                       f"{MAX_PORTRAIT_SIDE} pixels a side and {MAX_PORTRAIT_PIXELS // 10**6} "
+                                       f"megapixels: scale it down")
             try:
                 im = ImageOps.exif_transpose(im)
             except Exception:          # unreadable EXIF: keep the pixels as stored  # noqa: BLE001

@@ -347,3 +347,27 @@ def test_user_face_from_video_then_client_blendshapes_keeps_one_row_per_frame():
     # the tracked rows come first and stay in their frames; the client's rows follow them in order
     assert len(tracked) and np.array_equal(tracked, np.arange(len(tracked))) and flags[:len(tracked)].all()
     assert np.all(blend[len(tracked):n] == 0.5)
+
+
+def test_upside_down_portrait_refused_sideways_accepted():
+    import io
+
+    from PIL import Image
+
+    img = render.load_portrait(render.SAMPLE_PORTRAIT).image
+
+    def as_png(a):
+        b = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(b, format="PNG")
+        return b.getvalue()
+
+    with pytest.raises(InputError, match="upside down: rotate the photo upright"):
+        render.load_portrait(as_png(img[::-1, ::-1]))
+    side = render.load_portrait(as_png(np.rot90(img)))          # the crop turns it upright
+    assert side.detector == "mesh"
+    crop = side.crop((256, 256))
+    assert crop.landmarks["left_eye"][1] == pytest.approx(crop.landmarks["right_eye"][1], abs=1)
+    assert crop.landmarks["chin"][1] > crop.landmarks["nose"][1] > crop.landmarks["left_eye"][1]
+    for i in (100, 300, 470):                                    # real stills of the test video stay accepted
+        frame = [f for j, _, f in media.iter_video_frames(REAL_VIDEO) if j == i][0]
+        assert render.load_portrait(as_png(frame)).detector == "mesh"

@@ -57,10 +57,31 @@ def landmarks_from_mesh(p: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarra
     return known, p[list(_JAW)]
 
 
+class UpsideDown(Exception):
+    """The photo's face is upside down (the detector is far surer of it turned by 180 degrees)."""
+
+
+#: How much surer the detector must be of the photo turned by 180 degrees to call it upside down.
+UPSIDE_DOWN_MARGIN = 0.15
+
+
+def _best_score(tracker, rgb: np.ndarray) -> float:
+    dets = tracker._detector.detect(rgb)
+    return max((d.score for d in dets), default=0.0)
+
+
 def mesh_landmarks(rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
-    """(named points, jaw outline, face box x, y, w, h) of the photo's largest face, or None without one."""
+    """(named points, jaw outline, face box x, y, w, h) of the photo's largest face, or None without one.
+
+    Raises :class:`UpsideDown` for a photo whose face is upside down: the mesh would read an upright
+    face into it (a false face with the chin on the forehead), so the caller asks for an upright photo.
+    """
     with _LOCK:                      # one tracker (and its interpreters) for every caller in this process
-        obs = _tracker().landmarks(rgb, refine=2)
+        tracker = _tracker()
+        upright = _best_score(tracker, rgb)
+        if _best_score(tracker, np.ascontiguousarray(rgb[::-1, ::-1])) > upright + UPSIDE_DOWN_MARGIN:
+            raise UpsideDown()
+        obs = tracker.landmarks(rgb, refine=2)
     if not obs.present or obs.confidence < MIN_PRESENCE:
         return None
     known, jaw = landmarks_from_mesh(obs.points)

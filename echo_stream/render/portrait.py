@@ -177,9 +177,13 @@ PLACEMENT = "mesh"
 def _place_face(rgb: np.ndarray, what: str):
     """(known points, face box, jaw outline or None, detector name) of the photo's face."""
     if PLACEMENT == "mesh":
-        from ..face.portrait import mesh_landmarks
+        from ..face.portrait import UpsideDown, mesh_landmarks
 
-        found = mesh_landmarks(rgb)
+        try:
+            found = mesh_landmarks(rgb)
+        except UpsideDown:
+            raise InputError(what, "the face is upside down: rotate the photo upright (or pass a landmarks "
+                                   "sidecar)") from None
         if found is not None:
             known, jaw, box = found
             return known, box, jaw.astype(np.float32), "mesh"

@@ -23,7 +23,10 @@ data, mp4 AAC priming edit lists, Opus pre-skip) is skipped by the decoder.
 After the start, audio timestamps are honoured: a jump of more than
 ``AUDIO_GAP_FILL_S`` between a frame's timestamp and the samples decoded so far
 (a recording with a dropout) is filled with silence so that later audio stays
-in place; smaller jitter and overlaps are ignored (samples stay contiguous).
+in place; smaller jitter and overlaps are ignored (samples stay contiguous). A
+single jump longer than ``MAX_AUDIO_GAP_S`` is not a dropout but broken timing
+(a few KB claiming an hour): it raises :class:`~echo_stream.errors.InputError`
+instead of allocating the silence.
 
 Errors: every problem with an input raises :class:`~echo_stream.errors.InputError`
 ``(path, problem)`` with a one-line, actionable message; no ``av`` exception
@@ -57,11 +60,13 @@ __all__ = [
     "decode_audio", "iter_audio_chunks", "AudioChunker",
     "iter_video_frames", "load_image",
     "Mp4Writer", "FragmentedMp4Encoder",
-    "AUDIO_GAP_FILL_S",
+    "AUDIO_GAP_FILL_S", "MAX_AUDIO_GAP_S",
 ]
 
 #: Timestamp gaps in an audio stream longer than this (seconds) are filled with silence.
 AUDIO_GAP_FILL_S = 0.1
+#: Longest timestamp jump filled with silence; a longer one is refused as broken timing.
+MAX_AUDIO_GAP_S = 30.0
 
 #: Decoded duration may fall short of the duration the file declares by this
 #: much (seconds, or this fraction of it when larger) before it counts as truncated.
@@ -514,6 +519,10 @@ def _iter_decoded_audio(path: str | os.PathLike, sample_rate: int) -> Iterator[n
                             t0 = ft
                         # honour timestamp gaps (dropouts) by inserting silence
                         gap = int(round((ft - t0) * sample_rate - emitted))
+                        if gap > MAX_AUDIO_GAP_S * sample_rate:
+                            raise InputError(p, f"audio timestamps jump by {gap / sample_rate:.0f} s at "
+                                                f"t={emitted / sample_rate:.2f}s (at most {MAX_AUDIO_GAP_S:g} s of "
+                                                f"dropout is filled): the file's timing is broken; re-encode it")
                         if gap > AUDIO_GAP_FILL_S * sample_rate:
                             if cap is not None:
                                 gap = min(gap, max(0, cap - emitted))

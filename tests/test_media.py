@@ -167,17 +167,16 @@ def test_audio_with_nonzero_start_time(tmp_path):
     np.testing.assert_allclose(y, src, atol=2e-3)   # nothing prepended, nothing lost
 
 
-def test_audio_gap_is_filled_with_silence(tmp_path):
-    """A dropout in the timestamps (a recording that lost 0.5 s) keeps later audio in place."""
+def _gap_file(path, late_samples):
+    """1 s of tone in two halves, the second ``late_samples`` late (pts jump), as Matroska PCM."""
     import av
     from fractions import Fraction
 
-    path = tmp_path / "gap.mka"
     x = mg.tone(250, 1.0, SR)
     with av.open(str(path), "w", format="matroska") as c:
         s = c.add_stream("pcm_s16le", rate=SR)
         s.codec_context.layout = "mono"
-        for start, pts in ((0, 0), (8000, 8000 + 8000)):      # second half 0.5 s late
+        for start, pts in ((0, 0), (8000, 8000 + late_samples)):
             fr = av.AudioFrame.from_ndarray((x[start:start + 8000] * 32767).astype(np.int16)[None], format="s16",
                                             layout="mono")
             fr.sample_rate, fr.pts, fr.time_base = SR, pts, Fraction(1, SR)
@@ -185,6 +184,13 @@ def test_audio_gap_is_filled_with_silence(tmp_path):
                 c.mux(p)
         for p in s.encode(None):
             c.mux(p)
+    return x
+
+
+def test_audio_gap_is_filled_with_silence(tmp_path):
+    """A dropout in the timestamps (a recording that lost 0.5 s) keeps later audio in place."""
+    path = tmp_path / "gap.mka"
+    x = _gap_file(path, 8000)                                  # second half 0.5 s late
     y = media.decode_audio(path)
     assert len(y) == pytest.approx(24000, abs=40)
     assert np.abs(y[8100:15900]).max() < 1e-3           # the gap is silent
@@ -646,3 +652,12 @@ def test_mp4_writer_to_file_object(tmp_path):
     p = tmp_path / "b.mp4"
     p.write_bytes(buf.getvalue())
     assert media.read_mp4_info(p).video_frames == 10
+
+
+def test_a_timestamp_jump_of_an_hour_is_refused_not_allocated(tmp_path):
+    """A small file whose timestamps jump by an hour: one line naming the file, no hour of silence."""
+    path = tmp_path / "jump.mka"
+    _gap_file(path, 3600 * SR)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match=r"jump.mka: audio timestamps jump by 3600 s at t=0.50s"):
+        media.decode_audio(path)

@@ -141,6 +141,9 @@ def test_memory_state_export_import_and_transcript(media, model):
     ms2 = MemoryStage(model=model)
     ms2.import_state("s1", blob)
     assert torch.equal(ms2._sessions["s1"].memory, ms._sessions["s1"].memory)
+    # a session the stage no longer holds (closed, or failed before it arrived): nothing to export
+    ms2.close_session("s1")
+    assert ms2.export_state("s1") is None and ms.export_state("never-opened") is None
 
 
 def test_diffusion_continuous_deterministic_and_batched(media, model):

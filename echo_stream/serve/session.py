@@ -346,7 +346,7 @@ class Session:
                 metrics.STAGE_LATENCY.labels("memory").observe(time.perf_counter() - t0)
                 if ck_h is not None:
                     ck = await self.backend.get(ck_h)
-                    if epoch == self.epoch:
+                    if epoch == self.epoch and ck is not None:   # None: the stage no longer holds it
                         self.ckpt = ck
                 for w in wins:
                     out = await self.batcher.submit(w)

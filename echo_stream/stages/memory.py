@@ -120,9 +120,12 @@ class MemoryStage(Stage):
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(schemas.FEATURES.spec(name).shape) for name in _COLUMNS}
 
-    def export_state(self, session_id: str) -> bytes:
-        """The session's LCU memory as bytes (safetensors), for checkpointing."""
-        s = self._sessions[session_id]
+    def export_state(self, session_id: str) -> bytes | None:
+        """The session's LCU memory as bytes (safetensors), for checkpointing; None for a session this
+        stage does not hold (already closed, or failed before it arrived): nothing to checkpoint."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            return None
         return MemoryState(s.memory[0], steps=s.steps, config_name=self.model.cfg.name).to_bytes()
 
     def import_state(self, session_id: str, data: bytes) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import roi as roimod
-from .models import DETECTOR_FULL, DETECTOR_SHORT, Model
+from .models import DETECTOR_FULL, DETECTOR_SHORT, Model, sigmoid
 
 #: (strides, anchors per cell of each stride group) of the two models.
 _ANCHOR_SPECS = {
@@ -105,7 +105,7 @@ class FaceDetector:
         x = roimod.crop(rgb, region, n).astype(np.float32) / 127.5 - 1.0
         raw, logits = model.run(x[None])
         raw = raw.reshape(-1, 8, 2) / n                        # (A, 8, 2): centre, size, 6 key points
-        scores = 1.0 / (1.0 + np.exp(-np.clip(logits.reshape(-1), -80, 80)))
+        scores = sigmoid(logits.reshape(-1))
         keep = np.flatnonzero(scores >= self.min_score)
         if keep.size == 0:
             return []

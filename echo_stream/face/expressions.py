@@ -117,13 +117,12 @@ def measures(points: np.ndarray, eyes: np.ndarray | None = None) -> np.ndarray:
     """
     origin, rot, d = face_frame(points)
     q = (np.asarray(points, np.float64) - origin) @ rot.T / d      # frontalised, y down
+    # mouth corners: outer and inner lip corner averaged (half the jitter of one point)
+    for s, inner in (("R", 78), ("L", 308)):
+        q[IDX[f"mouth_corner_{s}"]] = (q[IDX[f"mouth_corner_{s}"]] + q[inner]) / 2
     y = lambda name: q[IDX[name], 1]  # noqa: E731
     x = lambda name: q[IDX[name], 0]  # noqa: E731
     m = np.zeros(len(MEASURES))
-    # mouth corners: outer and inner lip corner averaged (half the jitter of one point)
-    q = q.copy()
-    for s, inner in (("R", 78), ("L", 308)):
-        q[IDX[f"mouth_corner_{s}"]] = (q[IDX[f"mouth_corner_{s}"]] + q[inner]) / 2
     m[M["lip_gap"]] = y("lip_bottom_inner") - y("lip_top_inner")
     m[M["jaw_drop"]] = y("chin") - y("nose_tip")
     m[M["mouth_width"]] = x("mouth_corner_L") - x("mouth_corner_R")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import roi as roimod
-from .models import IRIS, MESH, Model
+from .models import IRIS, MESH, Model, sigmoid
 
 NUM_POINTS = 468
 
@@ -65,7 +65,7 @@ class FaceMesh:
         pts, logit = self._model.run(x)
         out = []
         for r, p, lg in zip(rois, pts, logit):
-            presence = float(1.0 / (1.0 + np.exp(-np.clip(lg[0], -80, 80))))
+            presence = float(sigmoid(lg[0]))
             out.append(MeshResult(r.to_image(p.reshape(NUM_POINTS, 3), n), presence, r))
         return out
 

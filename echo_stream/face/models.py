@@ -85,6 +85,11 @@ def _quiet_native_stderr():
             os.close(saved)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The models' logits -> probabilities (clipped: exp of a large logit would overflow float32)."""
+    return 1.0 / (1.0 + np.exp(-np.clip(logits, -80, 80)))
+
+
 class Model:
     """One LiteRT model: ``run(x)`` with ``x`` float32 ``(N, H, W, 3)`` -> list of output arrays (N, ...)."""
 

@@ -66,7 +66,7 @@ UPSIDE_DOWN_MARGIN = 0.15
 
 
 def _best_score(tracker, rgb: np.ndarray) -> float:
-    dets = tracker._detector.detect(rgb)
+    dets = tracker.models.detector.detect(rgb)
     return max((d.score for d in dets), default=0.0)
 
 
@@ -81,7 +81,7 @@ def mesh_landmarks(rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, 
         upright = _best_score(tracker, rgb)
         if _best_score(tracker, np.ascontiguousarray(rgb[::-1, ::-1])) > upright + UPSIDE_DOWN_MARGIN:
             raise UpsideDown()
-        obs = tracker.landmarks(rgb, refine=2)
+        obs = tracker.landmarks(rgb)
     if not obs.present or obs.confidence < MIN_PRESENCE:
         return None
     known, jaw = landmarks_from_mesh(obs.points)

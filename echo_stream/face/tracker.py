@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import motion
+from ..errors import InputError
 from . import expressions as ex
 from . import roi as roimod
 from .detector import FaceDetector
@@ -112,6 +113,7 @@ class FaceTracker:
         """Forget the face, the neutral and the filter (a new session)."""
         self._roi: roimod.Roi | None = None
         self._history: deque[np.ndarray] = deque(maxlen=_NEUTRAL_SAMPLES)
+        self._neutral: np.ndarray | None = None     # of the history: changes only when a sample is added
         self._face_frames = 0
         self._filter = OneEuro(self.fps, FILTER_MIN_CUTOFF, FILTER_BETA)
         self._last = motion.neutral_motion(1)[0]
@@ -153,16 +155,14 @@ class FaceTracker:
         eyes = self._iris.run(rgb, result.points) if self._iris is not None else None
         return Observation(True, result.presence, result.points, eyes, ex.measures(result.points, eyes))
 
-    def landmarks(self, rgb: np.ndarray, refine: int = 1) -> Observation:
-        """One still image: detect, read the mesh, and re-read it ``refine`` times from its own region."""
-        self._roi = None
-        obs = self.observe(rgb)
-        for _ in range(refine):
-            if not obs.present:
-                break
-            obs = self.observe(rgb)
-        self._roi = None
-        return obs
+    def landmarks(self, rgb: np.ndarray) -> Observation:
+        """One still image: detect, then the mesh settled from its own region (what :meth:`observe` does
+        on a frame where the face is found anew); the tracker's region is left as it was before."""
+        roi, self._roi = self._roi, None
+        try:
+            return self.observe(rgb)
+        finally:
+            self._roi = roi
 
     # ------------------------------------------------------------------ streaming
     def process(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,9 +180,9 @@ class FaceTracker:
             if obs.present:
                 if self._face_frames % _NEUTRAL_STEP == 0:
                     self._history.append(obs.measures)
+                    self._neutral = ex.neutral_of(np.stack(self._history))
                 self._face_frames += 1
-                neutral = ex.neutral_of(np.stack(self._history))
-                raw = ex.blendshapes(obs.measures, neutral)[0]
+                raw = ex.blendshapes(obs.measures, self._neutral)[0]
                 self._last = (self._filter(raw) if self.smooth else raw).astype(np.float32)
                 conf[i] = obs.confidence
             out[i] = self._last
@@ -190,8 +190,6 @@ class FaceTracker:
 
 
 def _check_frame(rgb: np.ndarray) -> np.ndarray:
-    from ..errors import InputError
-
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise InputError("video frame", f"expected (H, W, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")

@@ -254,7 +254,6 @@ def track_video(path, *, tracker=None, fps: int = motion.FPS, num_frames: int | 
     video stream or no decodable frame.
     """
     from .. import media
-    from ..errors import InputError
 
     info = media.probe(path)
     if not info.has_video:

@@ -41,6 +41,11 @@ class ModelConfig:
     window_frames: int = 20       # frames generated per model call (overlap + new)
     overlap_frames: int = 4       # previous-motion frames fed back as known context
     lookahead_frames: int = 2     # 2 frames = 80 ms of future audio
+    #: user frames the user branch sees *before* the window's first frame: its keys are the last
+    #: ``user_frames = user_history_frames + window_frames`` frames of the user up to the window's end (a
+    #: reaction comes 0.2-0.6 s after its cue, often after the window it falls in has started). Configs
+    #: written before this field existed load with 0 (the window's own frames only).
+    user_history_frames: int = 0
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4
     transcript_dim: int = 64      # hashed n-gram transcript embedding size
@@ -66,6 +71,11 @@ class ModelConfig:
     @property
     def new_frames(self) -> int:
         return self.window_frames - self.overlap_frames
+
+    @property
+    def user_frames(self) -> int:
+        """Frames of user behaviour each window's user branch attends to (ending at the window's end)."""
+        return self.user_history_frames + self.window_frames
 
     @property
     def text_traces(self) -> int:
@@ -97,11 +107,12 @@ class ModelConfig:
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(text_trace_decays=(0.9, 0.998)),
+    "tiny": ModelConfig(text_trace_decays=(0.9, 0.998), user_history_frames=20),
     "base": ModelConfig(
         name="base", d_model=512, n_layers=12, n_heads=8, head_dim=64, ff_mult=4,
         region_tokens=(2, 2, 1, 1, 2), window_frames=25, overlap_frames=5,
         memory_slots=32, memory_summary_tokens=8, transcript_dim=128, text_trace_decays=(0.9, 0.998),
+        user_history_frames=25,
     ),
 }
 

@@ -637,7 +637,8 @@ class ShardDataset:
             cs = rng.choice(len(self.conversations), size=batch_size - 1, p=late / late.sum())
             items = [(first_c, w0)] + [(int(c), int(rng.integers(max_history, self._n_windows[c]))) for c in cs]
         B = batch_size
-        out = {name: np.empty((B, W + (L if name == "avatar_audio" else 0), *FRAME_COLUMNS[name]), np.float32)
+        U = cfg.user_frames                 # the user's last U frames up to the window's end
+        out = {name: np.empty((B, W + L if name == "avatar_audio" else U, *FRAME_COLUMNS[name]), np.float32)
                for name in ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")}
         out["motion"] = np.empty((B, W, motion.NUM_CHANNELS), np.float32)
         ctx = {name: np.empty((B, n, S, *FRAME_COLUMNS[name]), np.float32) for name in FEATURE_COLUMNS} if n else {}
@@ -648,7 +649,7 @@ class ShardDataset:
             out["motion"][i] = _slice(c.arrays["motion"], t0 - K, t0 + S)
             out["avatar_audio"][i] = _slice(c.arrays["avatar_audio"], t0 - K, t0 + S + L)
             for name in ("user_audio", "user_video", "user_blend", "user_present"):
-                out[name][i] = _slice(c.arrays[name], t0 - K, t0 + S)
+                out[name][i] = _slice(c.arrays[name], t0 + S - U, t0 + S)
             if n:
                 h0 = t0 - n * S
                 for name in FEATURE_COLUMNS:

@@ -48,11 +48,12 @@ SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmil
 
 
 def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, use_memory: bool = True,
-            chunk_frames: int = 8, stride: int | None = None) -> np.ndarray:
-    """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores."""
+            chunk_frames: int = 8, stride: int | None = None, blinks: bool = True) -> np.ndarray:
+    """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores
+    (``blinks=False``: without the spontaneous blinks generation adds, the model's own output)."""
     T = len(feats["avatar_audio"])
     ms = MemoryStage(model=model, use_memory=use_memory, stride=stride)
-    ds = DiffusionStage(model=model, stride=stride)
+    ds = DiffusionStage(model=model, stride=stride, blinks=blinks)
     sid = "eval"
     ds.set_seed(sid, seed)
     if transcript:

@@ -639,33 +639,34 @@ def _train_stage(model: EchoModel, train_ds: ShardDataset, val_ds: ShardDataset 
 # ============================================================================ the function API
 
 def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None, seed: int = 0) -> EchoModel:
-    """A checkpoint to train on; with ``cfg`` differing only in name, fusion or transcript traces, its
-    weights in a ``cfg`` model.
+    """A checkpoint to train on; with ``cfg`` differing only in name, fusion, transcript traces or user
+    history, its weights in a ``cfg`` model.
 
     Switching the fusion (SDCM <-> the entangled ablation) keeps every tensor, so the ablation can start
     from the same stage-1 weights as the SDCM model and differ only in stage 2. Adding transcript traces
-    to a checkpoint without them (stage 1 never uses them) starts the traces' weights as a fresh
-    ``seed``-ed model would (they are the last weights a model creates), so the result equals training
-    both stages in one run.
+    or user history (``user_history_frames``) to a checkpoint without them (stage 1 never uses either)
+    starts their weights as a fresh ``seed``-ed model would, so a stage-1 checkpoint of any of these
+    configs can start stage 2 of another.
     """
     if cfg is not None:
         src_cfg = read_checkpoint_config(path)
-        same = dict(name=cfg.name, fusion=cfg.fusion, text_trace_decays=cfg.text_trace_decays)
+        same = dict(name=cfg.name, fusion=cfg.fusion, text_trace_decays=cfg.text_trace_decays,
+                    user_history_frames=cfg.user_history_frames)
         if src_cfg != cfg and dataclasses.replace(src_cfg, **same) == cfg:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = EchoModel(cfg)
             src = load_checkpoint(path).state_dict()
-            if src_cfg.text_trace_decays != cfg.text_trace_decays:
-                if src_cfg.text_traces:
-                    raise CheckpointError(f"{path}: has transcript traces {src_cfg.text_trace_decays}, the config "
-                                          f"asks for {cfg.text_trace_decays}; traces can only be added")
-                missing = set(model.state_dict()) - set(src)
-                if not all(k.startswith("text_trace.") for k in missing):
-                    raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
-                model.load_state_dict(src, strict=False)
-            else:
-                model.load_state_dict(src)
+            if src_cfg.text_traces and src_cfg.text_trace_decays != cfg.text_trace_decays:
+                raise CheckpointError(f"{path}: has transcript traces {src_cfg.text_trace_decays}, the config "
+                                      f"asks for {cfg.text_trace_decays}; traces can only be added")
+            if src_cfg.user_history_frames and src_cfg.user_history_frames != cfg.user_history_frames:
+                raise CheckpointError(f"{path}: has {src_cfg.user_history_frames} user history frames, the config "
+                                      f"asks for {cfg.user_history_frames}; user history can only be added")
+            missing = set(model.state_dict()) - set(src)
+            if not all(k.startswith("text_trace.") or k == "denoiser.user_hist_pos" for k in missing):
+                raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
+            model.load_state_dict(src, strict=not missing)
             return model.train()
     return load_checkpoint(path, config=cfg).train()
 

@@ -177,7 +177,7 @@ def test_articulation_targets_per_phone():
 
 def test_speech_rhythm_and_pitch(group0):
     conv = group0["neutral"]
-    sp = corpus.speech_with_targets(" ".join(corpus._USER_NEUTRAL[:6]), seed=2)
+    sp = corpus.speech_with_targets(" ".join(corpus.lexicon._USER_NEUTRAL[:6]), seed=2)
     voiced = [p for p in sp.phones if p.symbol in "aeiou"]
     speaking = sum(p.end - p.start for p in sp.phones if p.symbol != "sil")
     assert 3.8 < len(voiced) / speaking < 5.5, "syllables at ~4-5 Hz"
@@ -208,8 +208,10 @@ def test_nods_follow_user_pauses(group0):
         ratio = corpus.nod_power_ratio(conv.avatar_motion[:, CI["headPitch"]], ev["user_phrase_ends"])
         assert ratio > 5, (conv.affect, ratio)
         for nod in ev["avatar_nods"]:
-            assert 0.2 <= nod["start_s"] - nod["trigger_s"] <= 0.6
-            assert 1.8 <= nod["freq_hz"] <= 2.2 and 0.5 <= nod["duration_s"] <= 1.0
+            assert 0.2 <= nod["start_s"] - nod["trigger_s"] <= 0.5
+            assert 1.8 <= nod["freq_hz"] <= 2.2 and 0.5 <= nod["duration_s"] <= 0.9
+        # the end of the user's turn gets the bigger nod
+        assert any(n["turn_end"] for n in ev["avatar_nods"]) and not all(n["turn_end"] for n in ev["avatar_nods"])
 
 
 def test_avatar_mirrors_user_smiles_after_the_delay(group0):
@@ -241,6 +243,37 @@ def test_blinks_idle_motion_and_brow_raises(group0):
     brow = am[:, CI["browOuterUpLeft"]]
     after = np.concatenate([brow[(t >= o + 0.3) & (t < o + 0.9)] for o in onsets])
     assert after.mean() > brow.mean() + 0.05
+
+
+def test_listener_rules_are_measurable_and_their_metrics_follow_them():
+    """Each new listener rule shows in its metric on the ground truth, and the metric vanishes without it."""
+    kw = dict(seed=0, affect="neutral", group=1, minutes=1.5)
+    conv = corpus.synthesize_conversation(1, **kw)
+    ev = conv.events
+    assert ev["user_questions"] and ev["avatar_question_brows"] and ev["user_phrase_pauses"]
+    assert ev["avatar_micro_nods"] and ev["avatar_gaze_aversions"] and ev["avatar_turn_onsets"]
+    for q in ev["avatar_question_brows"]:
+        assert 0.1 <= q["start_s"] - q["trigger_s"] <= 0.3
+    full = corpus.rule_metrics(conv.avatar_motion, events=ev)
+    assert full["question_brow_rise"] > 0.1 and full["turn_brow_rise"] > 0.02
+    assert full["gaze_listening_ratio"] < 0.6            # looks at the user while they talk
+    assert full["gaze_aversion_rise"] > 0.05              # looks away when taking the turn
+    assert full["micro_nod_power_ratio"] > 2
+    none = corpus.Rules(question_brow_amp=0.0, brow_amp=0.0, listen_gaze_scale=1.0, aversion_p=0.0, micro_nod_p=0.0)
+    off = corpus.rule_metrics(corpus.synthesize_conversation(1, rules=none, **kw).avatar_motion, events=ev)
+    assert abs(off["question_brow_rise"]) < 0.03 and abs(off["turn_brow_rise"]) < 0.03
+    assert off["gaze_listening_ratio"] > 0.7 and off["gaze_aversion_rise"] < 0.03
+    assert off["micro_nod_power_ratio"] < full["micro_nod_power_ratio"] / 3
+
+
+def test_blinks_close_the_eyes_at_a_human_rate(group0):
+    for conv in group0.values():
+        st = corpus.metrics.blink_stats(conv.avatar_motion)
+        assert 10 <= st["blinks_per_min"] <= 30, st           # every 2-10 s
+        assert st["blink_max_gap_s"] <= 10.0 and st["blink_max"] >= 0.9, st
+        assert 0.05 <= st["blink_closure_s"] <= 0.3, st       # about a tenth of a second shut
+        gaps = np.diff(conv.events["avatar_blinks"])
+        assert gaps.min() >= 1.0 and gaps.max() <= 9.0
 
 
 def test_long_range_affect_changes_late_behaviour(group0):
@@ -321,14 +354,14 @@ def test_interrupted_run_is_consistent_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(index, **kw)
 
-    monkeypatch.setattr(corpus, "synthesize_conversation", dies_at_2)
+    monkeypatch.setattr(corpus.files, "synthesize_conversation", dies_at_2)
     with pytest.raises(KeyboardInterrupt):
         _no_video(out, 3)
     rows = corpus.read_manifest(out)
     assert [r["conversation_id"] for r in rows] == ["conv0000", "conv0001"]
     assert rows[0]["user_media"] == "conv0000/user.wav"
     assert not (out / "conv0002").exists()
-    monkeypatch.setattr(corpus, "synthesize_conversation", real)
+    monkeypatch.setattr(corpus.files, "synthesize_conversation", real)
 
     (out / ".conv0002.tmp-deadbeef").mkdir()               # what a killed writer leaves
     (out / ".conv0002.tmp-deadbeef" / "avatar.wav").write_bytes(b"partial")
@@ -338,7 +371,7 @@ def test_interrupted_run_is_consistent_and_resumes(tmp_path, monkeypatch):
         calls.append(index)
         return real(index, **kw)
 
-    monkeypatch.setattr(corpus, "synthesize_conversation", counting)
+    monkeypatch.setattr(corpus.files, "synthesize_conversation", counting)
     _no_video(out, 3)
     assert calls == [2], "finished conversations are skipped"
     assert [r["conversation_id"] for r in corpus.read_manifest(out)] == ["conv0000", "conv0001", "conv0002"]
@@ -355,7 +388,7 @@ def test_failed_conversation_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(corpus, "_write_user_webm", broken)
+    monkeypatch.setattr(corpus.files, "_write_user_webm", broken)
     with pytest.raises(OSError):
         corpus.generate_corpus(out, n_conversations=1, seed=1, size=64, progress=False, **TINY)
     assert corpus.read_manifest(out) == []

@@ -26,6 +26,7 @@ from echo_stream.model.encoders import featurize_transcript
 
 TINY = CONFIGS["tiny"]
 K, W, L, S = TINY.overlap_frames, TINY.window_frames, TINY.lookahead_frames, TINY.new_frames
+U = TINY.user_frames   # user frames per window (history + window)
 M, D = TINY.memory_rows, TINY.d_model
 
 
@@ -36,14 +37,14 @@ def make_model(cfg=TINY, seed=0) -> EchoModel:
 
 def window_inputs(b: int, seed: int = 0, cfg=TINY, user: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
-    w, k, lk = cfg.window_frames, cfg.overlap_frames, cfg.lookahead_frames
+    w, k, lk, u = cfg.window_frames, cfg.overlap_frames, cfg.lookahead_frames, cfg.user_frames
     return dict(
         prev_motion=torch.rand(b, k, 58, generator=g) * 0.3,
         avatar_audio=torch.randn(b, w + lk, 2, 83, generator=g),
-        user_audio=torch.randn(b, w, 2, 83, generator=g),
-        user_video=torch.randn(b, w, 16, generator=g),
-        user_blend=torch.rand(b, w, 58, generator=g) * 0.3,
-        user_present=torch.ones(b, w, 3) if user else torch.zeros(b, w, 3),
+        user_audio=torch.randn(b, u, 2, 83, generator=g),
+        user_video=torch.randn(b, u, 16, generator=g),
+        user_blend=torch.rand(b, u, 58, generator=g) * 0.3,
+        user_present=torch.ones(b, u, 3) if user else torch.zeros(b, u, 3),
     )
 
 
@@ -117,7 +118,7 @@ def test_region_major_token_layout():
     den = model.denoiser
     t = sum(cfg.region_tokens)
     b = 2
-    ctx = den.prepare(torch.randn(b, W, 32), torch.randn(b, M, 32), torch.randn(b, W, 32), torch.full((b,), M))
+    ctx = den.prepare(torch.randn(b, W, 32), torch.randn(b, M, 32), torch.randn(b, U, 32), torch.full((b,), M))
     x = torch.randn(b, W, 58)
     known = torch.zeros(b, W, 58)
     mask = torch.zeros(b, W)
@@ -158,7 +159,7 @@ def _cross_layer_io(model: EchoModel, user_tok: torch.Tensor, memory: torch.Tens
     b = user_tok.shape[0]
     audio_tok = torch.randn(b, W, D, generator=g)
     if user_lengths is None:
-        user_lengths = torch.full((b,), M + W)
+        user_lengths = torch.full((b,), M + U)
     ctx = den.prepare(audio_tok, memory, user_tok, user_lengths)
     h = torch.randn(b, den.layout.tokens, D, generator=g)
     cross = den.blocks[0].cross
@@ -173,8 +174,8 @@ def test_sdcm_lip_tokens_never_see_user_or_memory():
     cross.gate_bias.fill_(0.5)  # make the user branch matter
     torch.nn.init.normal_(cross.gate_mod.weight, std=0.05)
     n_lip = den.layout.lip_tokens
-    u1, m1 = torch.randn(2, W, D), random_memory(model, 2, 1)
-    u2, m2 = u1 + torch.randn(2, W, D), random_memory(model, 2, 2)
+    u1, m1 = torch.randn(2, U, D), random_memory(model, 2, 1)
+    u2, m2 = u1 + torch.randn(2, U, D), random_memory(model, 2, 2)
     a = _cross_layer_io(model, u1, m1)
     b = _cross_layer_io(model, u2, m2)
     assert torch.equal(a[:, :n_lip], b[:, :n_lip]), "lip tokens changed with user/memory inputs"
@@ -191,7 +192,7 @@ def test_sdcm_lip_tokens_never_see_user_or_memory():
 @torch.no_grad()
 def test_sdcm_lip_tile_padding_matches_unpadded():
     model = make_model()
-    u, m = torch.randn(2, W, D), random_memory(model, 2)
+    u, m = torch.randn(2, U, D), random_memory(model, 2)
     ref = _cross_layer_io(model, u, m)
     model.denoiser.lip_tile = 16  # what CUDA does with 128: pad the lip prefix to whole tiles
     assert model.denoiser._lip_pad(torch.device("cpu")) == (-W) % 16
@@ -203,9 +204,9 @@ def test_sdcm_lip_tile_padding_matches_unpadded():
 def test_entangled_lip_tokens_do_see_user():
     model = make_model(dataclasses.replace(TINY, fusion="entangled"))
     n_lip = model.denoiser.layout.lip_tokens
-    u1, m1 = torch.randn(1, W, D), random_memory(model, 1, 1)
+    u1, m1 = torch.randn(1, U, D), random_memory(model, 1, 1)
     a = _cross_layer_io(model, u1, m1)
-    b = _cross_layer_io(model, u1 + torch.randn(1, W, D), m1)
+    b = _cross_layer_io(model, u1 + torch.randn(1, U, D), m1)
     assert (a[:, :n_lip] - b[:, :n_lip]).abs().max() > 1e-4
 
 
@@ -645,13 +646,13 @@ def test_trace_bias_reaches_non_lip_tokens_only():
     with torch.no_grad():
         model.text_trace.nonlip_bias.weight.normal_(0, 0.5)
     x = window_inputs(1)
-    audio_tok = torch.zeros(1, W, D)
+    user_tok = torch.zeros(1, U, D)
     ctxs = []
     for text in ("I got the job, I am so happy.", "I lost my job, it is terrible."):
         mem = model.memory_update(model.memory_init(1), x["avatar_audio"][:, :S],
                                   text_emb=model.encode_transcript([text]))
         with torch.no_grad():
-            ctxs.append(model._context(x["avatar_audio"], audio_tok, mem, torch.full((1,), TINY.memory_rows)))
+            ctxs.append(model._context(x["avatar_audio"], user_tok, mem, torch.full((1,), TINY.memory_rows)))
     t, n_lip = TINY.tokens_per_frame, TINY.region_tokens[0]
     a, b = (c.frame_bias.view(1, W, t, D) for c in ctxs)
     assert torch.equal(a[:, :, :n_lip], b[:, :, :n_lip])

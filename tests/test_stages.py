@@ -14,7 +14,7 @@ from echo_stream.stages import Packet
 from echo_stream.stages.decode import DecodeStage, chunks
 from echo_stream.stages.diffusion import DiffusionStage
 from echo_stream.stages.features import FeaturesStage
-from echo_stream.stages.memory import MemoryStage
+from echo_stream.stages.memory import MemoryStage, window_arrays
 from echo_stream.stages.render import RenderStage
 from echo_stream.transcript import Segment
 
@@ -117,12 +117,22 @@ def _windows(media, model, **kw):
 
 def test_memory_cuts_windows_with_overlap_and_lookahead(media, model):
     _, wins = _windows(media, model, user_video=media["user_video"])
-    K, S, L = CFG.overlap_frames, CFG.new_frames, CFG.lookahead_frames
+    K, S, L, H = CFG.overlap_frames, CFG.new_frames, CFG.lookahead_frames, CFG.user_history_frames
+    assert H > 0
     n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
     assert len(wins) == math.ceil(n_frames / S) and wins[-1].end
     for w, p in enumerate(wins):
         frames = schemas.column(p.get(schemas.FEATURES), "frame")
-        assert np.array_equal(frames, np.arange(w * S - K, w * S + S + L))
+        # the window's own frames and lookahead, after H frames of user history
+        assert np.array_equal(frames, np.arange(w * S - K - H, w * S + S + L))
+        arrays = window_arrays(p, CFG)
+        assert arrays["avatar_audio"].shape[0] == CFG.window_frames + L
+        assert arrays["user_audio"].shape[0] == CFG.user_frames
+        rows = {int(f): i for i, f in enumerate(frames)}
+        feats = p.get(schemas.FEATURES)
+        # the user rows end with the window's last frame; the avatar rows start at its first
+        assert np.array_equal(arrays["user_audio"][-1], schemas.column(feats, "user_audio")[rows[w * S + S - 1]])
+        assert np.array_equal(arrays["avatar_audio"][0], schemas.column(feats, "avatar_audio")[rows[w * S - K]])
         tok = schemas.column(p.get(schemas.MEMORY_TOKENS), "tokens")
         assert tok.shape == (1, CFG.memory_rows, CFG.d_model)
     assert sum(p.meta["valid_frames"] for p in wins) == n_frames
@@ -222,13 +232,14 @@ def _stride_windows(media, model, stride, **kw):
 @pytest.mark.parametrize("stride", [6, 5])
 def test_stride_windows_keep_the_span_and_cover_every_frame_once(media, model, stride):
     ms, wins = _stride_windows(media, model, stride, user_video=media["user_video"])
-    W, L = CFG.window_frames, CFG.lookahead_frames
+    W, L, H = CFG.window_frames, CFG.lookahead_frames, CFG.user_history_frames
     K = W - stride
     n_frames = math.ceil(media["samples"] / config.SAMPLES_PER_FRAME)
     assert len(wins) == math.ceil(n_frames / stride) and wins[-1].end
     for w, p in enumerate(wins):
         frames = schemas.column(p.get(schemas.FEATURES), "frame")
-        assert np.array_equal(frames, np.arange(w * stride - K, w * stride + stride + L))  # W + L rows each
+        # H + W + L rows each: the user branch's history ends with the window, whatever the stride
+        assert np.array_equal(frames, np.arange(w * stride - K - H, w * stride + stride + L))
     ds = DiffusionStage(model=model, stride=stride)
     ds.set_seed("s1", 3)
     mw = schemas.concat([ds.process(w)[0].get(schemas.MOTION_WINDOW) for w in wins], schemas.MOTION_WINDOW)

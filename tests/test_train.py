@@ -203,7 +203,7 @@ def test_batches_follow_the_loss_and_memory_geometry(shards):
         b = ds.stage2_batch(rng, 3, max_history=4)
         n = b["history_windows"]
         hist.append(n)
-        assert b["user_video"].shape == (3, W, 16) and b["avatar_audio"].shape == (3, W + L, 2, 83)
+        assert b["user_video"].shape == (3, CFG.user_frames, 16) and b["avatar_audio"].shape == (3, W + L, 2, 83)
         if n:
             assert b["context_avatar_audio"].shape == (3, n, S, 2, 83) and len(b["context_texts"][0]) == n
         else:
@@ -219,6 +219,10 @@ def test_batches_follow_the_loss_and_memory_geometry(shards):
     c_hist = b["context_avatar_audio"][0].reshape(n * S, 2, 83).numpy()
     match = [c for c in ds.conversations if np.array_equal(c.arrays["avatar_audio"][:n * S], c_hist)]
     assert match and np.array_equal(b["motion"][0].numpy(), match[0].arrays["motion"][n * S - K:n * S + S])
+    # the user rows: the last user_frames frames up to the window's end (history before the window)
+    U = CFG.user_frames
+    assert n * S + S - U >= 0
+    assert np.array_equal(b["user_audio"][0].numpy(), match[0].arrays["user_audio"][n * S + S - U:n * S + S])
     assert b["context_texts"][0] == match[0].window_texts[:n]
 
 

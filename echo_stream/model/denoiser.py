@@ -290,12 +290,17 @@ class SDCMDenoiser(nn.Module):
         self.register_buffer("lip_mask", self.layout.lip_mask(), persistent=False)
         #: lip-prefix padding inside the SDCM call: None = automatic (LIP_TILE_CUDA on CUDA, none on CPU)
         self.lip_tile: int | None = None
+        # positions of the user frames before the window (the window's own frames share frame_pos with the
+        # queries, so a query and the user frame at the same time carry the same position)
+        self.user_hist_pos = (nn.Parameter(torch.randn(cfg.user_history_frames, d) * 0.02)
+                              if cfg.user_history_frames else None)
 
     # -- context ---------------------------------------------------------------
 
     def prepare(self, audio_tok: torch.Tensor, memory: torch.Tensor, user_tok: torch.Tensor,
                 user_lengths: torch.Tensor, audio_lengths: torch.Tensor | None = None) -> DenoiserContext:
-        """Per-layer keys/values for one window: audio (B,W,d), memory (B,M,d), user (B,W,d)."""
+        """Per-layer keys/values for one window: audio (B,W,d), memory (B,M,d), user (B,U,d) (``U =
+        cfg.user_frames``: ``cfg.user_history_frames`` before the window, then the window's W frames)."""
         b, w, _ = audio_tok.shape
         if w != self.cfg.window_frames:
             raise ValueError(f"audio tokens: expected {self.cfg.window_frames} frames, got {w}")
@@ -303,8 +308,11 @@ class SDCMDenoiser(nn.Module):
         mem_pos = self.mem_pos
         if memory.shape[1] > mem_pos.shape[0]:  # transcript-trace tokens carry their own embedding
             mem_pos = torch.cat([mem_pos, mem_pos.new_zeros(memory.shape[1] - mem_pos.shape[0], mem_pos.shape[1])])
+        user_pos = self.frame_pos if self.user_hist_pos is None else torch.cat([self.user_hist_pos, self.frame_pos])
+        if user_tok.shape[1] != user_pos.shape[0]:
+            raise ValueError(f"user tokens: expected {user_pos.shape[0]} frames (user_frames), got {user_tok.shape[1]}")
         u = self.user_norm(torch.cat([self.mem_in(memory) + mem_pos,
-                                      user_tok + self.frame_pos + self.user_type], dim=1))
+                                      user_tok + user_pos + self.user_type], dim=1))
         kv = [blk.cross.keys(a, u) for blk in self.blocks]
         if audio_lengths is None:
             audio_lengths = torch.full((b,), w, dtype=torch.long, device=audio_tok.device)

@@ -8,7 +8,8 @@ Shapes (``K = cfg.overlap_frames``, ``S = cfg.new_frames``, ``W = K + S = cfg.wi
 * ``memory_update(mem, avatar_audio (B,T,2,83), user_audio (B,T,2,83), user_video (B,T,16),
   user_blend (B,T,58), user_present (B,T,3), text_emb (B,Dt)) -> (B, M, d)``.
 * ``sample(prev_motion (B,K,58), avatar_audio (B,W+L,2,83) for frames [t0-K, t0+S+L),
-  user_* (B,W,...) for frames [t0-K, t0+S), memory (B,M,d), seeds [B ints]) -> (B, S, 58)``
+  user_* (B,U,...) for frames [t0+S-U, t0+S) (``U = cfg.user_frames``: the window and
+  ``cfg.user_history_frames`` before it), memory (B,M,d), seeds [B ints]) -> (B, S, 58)``
   torch float32 tensor in physical units, clamped to ``motion.CHANNEL_MIN/MAX``.
 * ``loss(batch, stage) -> (loss, logs)``.
 
@@ -55,6 +56,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"overlap_frames: must be in [0, window_frames={cfg.window_frames}), got {cfg.overlap_frames}")
     if cfg.lookahead_frames < 0:
         raise ValueError(f"lookahead_frames: must be >= 0, got {cfg.lookahead_frames}")
+    if cfg.user_history_frames < 0:
+        raise ValueError(f"user_history_frames: must be >= 0, got {cfg.user_history_frames}")
     if cfg.motion_dim != motion.NUM_CHANNELS:
         raise ValueError(f"motion_dim: the motion space has {motion.NUM_CHANNELS} channels, got {cfg.motion_dim}")
     if cfg.text_traces and cfg.transcript_dim >= cfg.d_model:
@@ -301,17 +304,18 @@ class EchoModel(nn.Module):
             raise ValueError(f"prev_motion: expected between {cfg.overlap_frames} and {w - 1} known frames "
                              f"(overlap_frames .. window_frames - 1), got {k}")
         b = prev.shape[0]
+        u = cfg.user_frames
         avatar_audio = self._t("avatar_audio", avatar_audio, (b, w + lk, cfg.mels_per_frame, cfg.audio_dim))
         if user_present is None:
-            user_present = torch.zeros(b, w, 3, device=self.device)
-        user_present = self._t("user_present", user_present, (b, w, 3)) > 0.5
+            user_present = torch.zeros(b, u, 3, device=self.device)
+        user_present = self._t("user_present", user_present, (b, u, 3)) > 0.5
         zeros = torch.zeros
-        user_audio = (zeros(b, w, cfg.mels_per_frame, cfg.audio_dim, device=self.device) if user_audio is None else
-                      self._t("user_audio", user_audio, (b, w, cfg.mels_per_frame, cfg.audio_dim)))
-        user_video = (zeros(b, w, cfg.user_video_dim, device=self.device) if user_video is None else
-                      self._t("user_video", user_video, (b, w, cfg.user_video_dim)))
-        user_blend = (self.motion_mean.expand(b, w, -1) if user_blend is None else
-                      self._t("user_blend", user_blend, (b, w, cfg.motion_dim)))
+        user_audio = (zeros(b, u, cfg.mels_per_frame, cfg.audio_dim, device=self.device) if user_audio is None else
+                      self._t("user_audio", user_audio, (b, u, cfg.mels_per_frame, cfg.audio_dim)))
+        user_video = (zeros(b, u, cfg.user_video_dim, device=self.device) if user_video is None else
+                      self._t("user_video", user_video, (b, u, cfg.user_video_dim)))
+        user_blend = (self.motion_mean.expand(b, u, -1) if user_blend is None else
+                      self._t("user_blend", user_blend, (b, u, cfg.motion_dim)))
         memory = (self.memory_init(b) if memory is None
                   else self._t("memory", memory, (b, cfg.memory_rows, cfg.d_model)))
         if seeds is None:
@@ -322,7 +326,7 @@ class EchoModel(nn.Module):
 
         if use_context:
             user_any = user_present.flatten(1).any(dim=1)
-            user_lengths = cfg.memory_rows + w * user_any.long()
+            user_lengths = cfg.memory_rows + u * user_any.long()
         else:
             user_lengths = torch.zeros(b, dtype=torch.long, device=self.device)
         user_tok = self._user_tokens(user_audio, user_video, user_blend, user_present)
@@ -400,8 +404,9 @@ class EchoModel(nn.Module):
 
         * ``motion`` (B, W, 58): the target window; its first K frames serve as the known context;
         * ``avatar_audio`` (B, W+L, 2, 83);
-        * stage 2 only (absent keys mean "no user input"): ``user_audio`` (B,W,2,83), ``user_video``
-          (B,W,16), ``user_blend`` (B,W,58), ``user_present`` (B,W,3); and the memory, either
+        * stage 2 only (absent keys mean "no user input"): ``user_audio`` (B,U,2,83), ``user_video``
+          (B,U,16), ``user_blend`` (B,U,58), ``user_present`` (B,U,3) (U = ``cfg.user_frames``, ending
+          with the window's last frame); and the memory, either
           ``memory`` (B,M,d) or a history rolled through the LCU with gradients:
           ``context_avatar_audio`` (B,N,T,2,83) + optional ``context_user_audio`` / ``_video`` /
           ``_blend`` / ``_present`` (B,N,T,...) + ``context_text_emb`` (B,N,Dt) or ``context_texts``
@@ -437,25 +442,26 @@ class EchoModel(nn.Module):
         x1 = self.normalise_motion(target)
         dev = self.device
 
+        u = cfg.user_frames
         if stage == 1:
             memory = self.memory_init(b).detach()
-            user_tok = torch.zeros(b, w, cfg.d_model, device=dev)
+            user_tok = torch.zeros(b, u, cfg.d_model, device=dev)
             user_lengths = torch.zeros(b, dtype=torch.long, device=dev)
         else:
             def get(key, tail, default):
                 v = batch.get(key)
-                return default if v is None else self._t(key, v, (b, w) + tail)
+                return default if v is None else self._t(key, v, (b, u) + tail)
 
             u_a = get("user_audio", (cfg.mels_per_frame, cfg.audio_dim),
-                      torch.zeros(b, w, cfg.mels_per_frame, cfg.audio_dim, device=dev))
-            u_v = get("user_video", (cfg.user_video_dim,), torch.zeros(b, w, cfg.user_video_dim, device=dev))
-            u_b = get("user_blend", (cfg.motion_dim,), self.motion_mean.expand(b, w, -1))
-            u_p = get("user_present", (3,), torch.zeros(b, w, 3, device=dev)) > 0.5
+                      torch.zeros(b, u, cfg.mels_per_frame, cfg.audio_dim, device=dev))
+            u_v = get("user_video", (cfg.user_video_dim,), torch.zeros(b, u, cfg.user_video_dim, device=dev))
+            u_b = get("user_blend", (cfg.motion_dim,), self.motion_mean.expand(b, u, -1))
+            u_p = get("user_present", (3,), torch.zeros(b, u, 3, device=dev)) > 0.5
             user_tok = self._user_tokens(u_a, u_v, u_b, u_p)
             memory = self._training_memory(batch, b)
             keep = torch.rand(b, generator=generator).to(dev) >= user_drop
             user_any = u_p.flatten(1).any(dim=1) & keep
-            user_lengths = cfg.memory_rows + w * user_any.long()
+            user_lengths = cfg.memory_rows + u * user_any.long()
         ctx = self._context(avatar_audio, user_tok, memory, user_lengths, use_context=stage == 2)
 
         # flow time: half uniform in [0, 1), half on the sampler's grid

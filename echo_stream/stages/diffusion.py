@@ -7,6 +7,11 @@ stride S' is conditioned on the last ``K' = W - S'`` of them), so windows join
 without seams, and a seed: sampling is deterministic for a given (session
 seed, window index), batched or not. Windows of sessions running different
 strides share a call only with windows of the same K' (one model call per K').
+
+Spontaneous blinks (:mod:`echo_stream.blinks`) are added to each window's frames
+(``max`` with the model's ``eyeBlink``) before they become the next window's
+known frames; they follow the session seed, so they are as deterministic as the
+sampling. ``blinks=False`` gives the model's own output.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import motion, schemas
+from ..blinks import BlinkTrack
 from ..model import EchoModel, window_seed
 from . import Packet, Stage
 from .memory import window_arrays, window_geometry
@@ -27,6 +33,7 @@ class _SessionMotion:
     prev: np.ndarray   # (K, C) last generated frames
     seed: int
     seq: int = 0
+    blinks: BlinkTrack | None = None
 
 
 def session_seed(session_id: str, seed: int | None) -> int:
@@ -42,8 +49,10 @@ class DiffusionStage(Stage):
     input_contracts = (schemas.FEATURES, schemas.MEMORY_TOKENS)
 
     def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu",
-                 stride: int | None = None) -> None:
+                 stride: int | None = None, blinks: bool = True) -> None:
         super().__init__()
+        #: add spontaneous blinks (see the module docstring)
+        self.blinks = blinks
         #: new frames per window (None: the config's ``new_frames``); must match the memory stage's
         self.stride = stride
         self._model = model
@@ -120,10 +129,14 @@ class DiffusionStage(Stage):
             if id(p) in results:
                 new = results[id(p)]
                 s = self._session(sid)
+                t0 = int(p.meta["t0"])
+                if self.blinks:
+                    if s.blinks is None:
+                        s.blinks = BlinkTrack(s.seed)
+                    new = s.blinks.apply(new, t0)
                 s.prev = np.concatenate([s.prev, new])[-(self.model.cfg.window_frames - 1):]
                 valid = int(p.meta.get("valid_frames", len(new)))
                 new = new[:valid]
-                t0 = int(p.meta["t0"])
                 frames = np.arange(t0, t0 + len(new))
                 fps = self.model.cfg.fps
                 q.put(schemas.make_batch(schemas.MOTION_WINDOW, {
@@ -150,19 +163,18 @@ class DiffusionStage(Stage):
     def _sample_group(self, packets: list[Packet], k: int) -> list[np.ndarray]:
         m = self.model
         cfg = m.cfg
-        W = cfg.window_frames
-        arrays = [window_arrays(p) for p in packets]
+        arrays = [window_arrays(p, cfg) for p in packets]
         sessions = [self._session(p.session_id) for p in packets]
 
-        def stack(name, n=None):
-            return torch.from_numpy(np.stack([a[name][:n] for a in arrays])).to(self.device)
+        def stack(name):
+            return torch.from_numpy(np.stack([a[name] for a in arrays])).to(self.device)
 
         with torch.inference_mode():
             out = m.sample(
                 prev_motion=torch.from_numpy(np.stack([self._prev(s, k) for s in sessions])).to(self.device),
                 avatar_audio=stack("avatar_audio"),
-                user_audio=stack("user_audio", W), user_video=stack("user_video", W),
-                user_blend=stack("user_blend", W), user_present=stack("user_present", W),
+                user_audio=stack("user_audio"), user_video=stack("user_video"),
+                user_blend=stack("user_blend"), user_present=stack("user_present"),
                 memory=stack("memory"),
                 seeds=[window_seed(s.seed, int(p.meta["window"])) for s, p in zip(sessions, packets)],
             )

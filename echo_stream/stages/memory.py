@@ -7,7 +7,10 @@ into generation windows: window ``w`` generates frames ``[t0, t0 + S)``
 frames of context, L lookahead frames = 80 ms). Each window goes out with the
 memory tokens as they were *before* the window (generation is causal), then the
 memory is updated from the window's new frames of both sides' behaviour and
-the transcript text that has arrived by the window's end.
+the transcript text that has arrived by the window's end. A window's feature
+rows start ``H = cfg.user_history_frames`` frames earlier, at ``t0 - K - H``:
+the user branch attends to the user's last ``U = H + W`` frames up to the
+window's end (:func:`window_arrays` splits the rows).
 
 Stride (low-latency streaming)
 ------------------------------
@@ -110,8 +113,8 @@ class MemoryStage(Stage):
         s = _SessionMemory(memory=mem)
         stride = self._strides.get(sid)
         s.known, s.stride, _ = window_geometry(cfg, self.stride if stride is None else stride)
-        # K' frames of silence before t = 0 give the first window its context rows
-        K = s.known
+        # K' + H frames of silence before t = 0 give the first window its context rows
+        K = s.known + cfg.user_history_frames
         s.buf_start = -K
         s.buf = {name: np.zeros((K, *shape), np.float32)
                  for name, shape in self._shapes().items()}
@@ -182,8 +185,9 @@ class MemoryStage(Stage):
                 return None
         elif have_until < t0 + S + L:
             return None
-        rows = self._rows(s, t0 - K, t0 + S + L)
-        frames = np.arange(t0 - K, t0 + S + L)
+        H = cfg.user_history_frames
+        rows = self._rows(s, t0 - K - H, t0 + S + L)
+        frames = np.arange(t0 - K - H, t0 + S + L)
         n = len(frames)
         valid = S if s.total_frames is None else min(S, s.total_frames - t0)
         win = Packet(sid, meta=dict(meta, window=s.window, t0=t0, valid_frames=valid, known_frames=K,
@@ -204,7 +208,7 @@ class MemoryStage(Stage):
             s.mem_frame += block
         s.window += 1
         # keep only what comes next needs: the next window's rows and the memory's next block
-        drop = min(t0 + S - K, s.mem_frame) - s.buf_start
+        drop = min(t0 + S - K - H, s.mem_frame) - s.buf_start
         if drop > 0:
             for name in _COLUMNS:
                 s.buf[name] = s.buf[name][drop:]
@@ -262,10 +266,15 @@ def window_geometry(cfg, stride: int | None = None) -> tuple[int, int, int]:
     return cfg.window_frames - S, S, cfg.lookahead_frames
 
 
-def window_arrays(packet: Packet) -> dict[str, np.ndarray]:
-    """The feature columns of a window packet as numpy arrays (plus its memory tokens)."""
+def window_arrays(packet: Packet, cfg) -> dict[str, np.ndarray]:
+    """A window packet's features as the model takes them: ``avatar_audio`` (W + L rows, from the window's
+    first frame), the ``user_*`` columns (the last ``cfg.user_frames`` rows up to the window's end) and
+    ``memory`` (its memory tokens)."""
     feats = packet.get(schemas.FEATURES)
-    out = {name: schemas.column(feats, name) for name in _COLUMNS}
+    h, u = cfg.user_history_frames, cfg.user_frames
+    out = {"avatar_audio": schemas.column(feats, "avatar_audio")[h:]}
+    for name in _COLUMNS[1:]:
+        out[name] = schemas.column(feats, name)[:u]
     out["memory"] = schemas.column(packet.get(schemas.MEMORY_TOKENS), "tokens")[0]
     return out
 

@@ -46,6 +46,13 @@ class ModelConfig:
     #: reaction comes 0.2-0.6 s after its cue, often after the window it falls in has started). Configs
     #: written before this field existed load with 0 (the window's own frames only).
     user_history_frames: int = 0
+    #: dilations of the user encoder's causal convolutions (receptive field 1 + 2 x sum: (1, 2, 4, 8) = 31
+    #: frames, 1.24 s: a user frame's token knows when the user last stopped talking)
+    user_dilations: tuple[int, ...] = (1, 2)
+    #: frame-aligned user conditioning: each frame's user token (projected, learned from zero) is added to
+    #: that frame's non-lip tokens (every token with ``fusion="entangled"``), beside the gated cross-attention.
+    #: Configs written before this field existed load without it.
+    user_frame_bias: bool = False
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4
     transcript_dim: int = 64      # hashed n-gram transcript embedding size
@@ -100,19 +107,20 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         d = dict(d)
-        for key in ("region_tokens", "text_trace_decays"):
+        for key in ("region_tokens", "text_trace_decays", "user_dilations"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(text_trace_decays=(0.9, 0.998), user_history_frames=20),
+    "tiny": ModelConfig(text_trace_decays=(0.9, 0.998), user_history_frames=20, user_dilations=(1, 2, 4, 8),
+                        user_frame_bias=True),
     "base": ModelConfig(
         name="base", d_model=512, n_layers=12, n_heads=8, head_dim=64, ff_mult=4,
         region_tokens=(2, 2, 1, 1, 2), window_frames=25, overlap_frames=5,
         memory_slots=32, memory_summary_tokens=8, transcript_dim=128, text_trace_decays=(0.9, 0.998),
-        user_history_frames=25,
+        user_history_frames=25, user_dilations=(1, 2, 4, 8), user_frame_bias=True,
     ),
 }
 

@@ -511,6 +511,24 @@ def _slice(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+#: training augmentation of audio features: level (natural log of an amplitude factor) and spectral tilt
+#: (log-power change from the lowest to the highest mel bin) drawn uniformly in +- these
+AUGMENT_GAIN, AUGMENT_TILT = 0.5, 0.8
+
+
+def audio_draw(rng: np.random.Generator) -> tuple[float, float]:
+    """One augmentation draw (gain, tilt) for :func:`augment_audio`."""
+    return float(rng.uniform(-AUGMENT_GAIN, AUGMENT_GAIN)), float(rng.uniform(-AUGMENT_TILT, AUGMENT_TILT))
+
+
+def augment_audio(feats: np.ndarray, gain: float, tilt: float) -> None:
+    """In place, audio features ``(..., 2, 83)`` as if the signal were ``exp(gain)`` times louder and tilted:
+    log-mel + 2 gain + tilt (bin / 79 - 0.5), log-energy + gain; f0 and voicing unchanged."""
+    mb = config.MEL_BINS
+    feats[..., :mb] += 2.0 * gain + tilt * (np.arange(mb, dtype=np.float32) / (mb - 1) - 0.5)
+    feats[..., mb] += gain
+
+
 class ShardDataset:
     """Training batches from a shard directory (one split, held in memory).
 
@@ -535,9 +553,15 @@ class ShardDataset:
 
     Arrays are float32 torch tensors. ``rng`` is a ``numpy.random.Generator`` (its state is what
     a resumed training run restores).
+
+    ``augment=True`` (training) changes each item's level and spectral tilt, as another microphone or
+    voice would (:func:`augment_audio`): the avatar's audio with one draw, the user's with another,
+    the same draw over an item's window and its history.
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, split: str = "train", model_config=None):
+    def __init__(self, shards_dir: str | os.PathLike, split: str = "train", model_config=None,
+                 augment: bool = False):
+        self.augment = augment
         from .config import get_config
 
         self.dir = Path(shards_dir)
@@ -613,6 +637,9 @@ class ShardDataset:
             s = int(rng.integers(-K, max(-K, c.frames - W) + 1))
             motion_b[i] = _slice(c.arrays["motion"], s, s + W)
             audio_b[i] = _slice(c.arrays["avatar_audio"], s, s + W + L)
+        if self.augment:                  # drawn after the windows: augmenting does not change which
+            for i in range(batch_size):
+                augment_audio(audio_b[i], *audio_draw(rng))
         import torch
         return {"motion": torch.from_numpy(motion_b), "avatar_audio": torch.from_numpy(audio_b)}
 
@@ -656,6 +683,13 @@ class ShardDataset:
                     ctx[name][i] = _slice(c.arrays[name], h0, t0).reshape(n, S, *FRAME_COLUMNS[name])
                 texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w - n, w)])
             all_texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w)])
+        if self.augment:
+            for i in range(B):
+                for name in ("avatar_audio", "user_audio"):
+                    draw = audio_draw(rng)
+                    augment_audio(out[name][i], *draw)
+                    if n:
+                        augment_audio(ctx[name][i], *draw)
         batch = {k: torch.from_numpy(v) for k, v in out.items()}
         if n:
             for name in FEATURE_COLUMNS:

@@ -10,14 +10,23 @@ Metrics
   avatar audio's smoothed RMS envelope, per clip, averaged — on held-out
   synthetic conversations and on real TTS speech (espeak-ng clips kept in
   ``tests/data/tts``).
-* ``sdcm_interference``: |lip sync with the user stream present − with it
-  silent| for the model, and the same for an entangled-fusion ablation
-  checkpoint (single cross-attention over concatenated audio + user keys).
-* ``listener``: non-lip motion energy (mean |velocity| of non-lip channels)
-  while the user speaks or just after vs during silence; nod energy
-  (``headPitch`` 1.2–3 Hz band) in the 1.5 s after user pauses vs elsewhere;
-  smile mirroring: max cross-correlation (lags 0–1.5 s) between the user's
-  smile and the avatar's.
+* ``sdcm_interference``: lip sync per 10-s segment with the user stream
+  present vs silent (same seed), for the model and for an entangled-fusion
+  ablation checkpoint (single cross-attention over concatenated audio + user
+  keys): the mean drop and |difference| with 95 % bootstrap intervals over
+  segments, and the ablation's drop minus the model's (paired).
+* ``listener``: for the model, the model with its user branch off (user
+  features silenced) and the ground truth: non-lip motion energy while the
+  user speaks or just after vs during silence; nod energy (``headPitch``
+  1.2-3 Hz band) in the 1.5 s after user pauses (found in the user's audio)
+  vs elsewhere; smile mirroring: max cross-correlation (lags 0-1.5 s)
+  between the user's smile and the avatar's.
+* ``rules``: every listener rule of :mod:`echo_stream.corpus.listener`
+  measured from the conversation's events (:func:`echo_stream.corpus.rule_metrics`)
+  on the same three, plus blinks.
+* ``real_user``: the same avatar audio and seed with and without a real
+  person's face (the Pexels test video, tracked) and voice (espeak-ng clips):
+  mean |difference| of non-lip and lip channels.
 * ``long_range``: the same media with two different early transcripts
   (positive vs negative affect, ≥ 30 s before the end); mean absolute
   difference of the avatar's motion over the last 10 s, with LCU on and with
@@ -174,11 +183,56 @@ def _read_motion(path: Path) -> np.ndarray:
     return np.stack([t.column(c).to_numpy() for c in motion.CHANNELS], 1).astype(np.float32)
 
 
+#: the listener-rule metrics of :func:`echo_stream.corpus.rule_metrics` reported per variant
+RULE_METRICS = ("nod_power_ratio", "micro_nod_power_ratio", "smile_xcorr", "smile_lag_s", "question_brow_rise",
+                "turn_brow_rise", "gaze_listening_ratio", "gaze_aversion_rise", "head_motion_listening",
+                "blinks_per_min", "blink_closure_s", "blink_max_gap_s", "blink_max")
+SEGMENT_S = 10.0
+
+
+def segment_lip_sync(m: np.ndarray, samples: np.ndarray, seconds: float = SEGMENT_S) -> np.ndarray:
+    """Lip sync (:func:`lip_sync`) of consecutive ``seconds``-long segments (the units of the bootstrap)."""
+    env = features.rms_envelope(samples)
+    n = min(len(m), len(env))
+    step = int(seconds * config.FPS)
+    return np.array([pearson(m[i:i + step, motion.CHANNEL_INDEX["jawOpen"]], env[i:i + step])
+                     for i in range(0, n - step + 1, step)])
+
+
+def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0, stat=np.mean) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``stat`` over the rows of ``x``."""
+    x = np.asarray(x, np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(x[rng.integers(0, len(x), len(x))]) for _ in range(n)])
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def _mean_table(rows: list[dict], keys) -> dict:
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def _interference(present: list[np.ndarray], silent: list[np.ndarray]) -> dict:
+    """Lip sync with the user present vs silent, per 10-s segment: mean drop and |difference|, 95 % CIs."""
+    p, q = np.concatenate(present), np.concatenate(silent)
+    drop, absdiff = q - p, np.abs(q - p)
+    return {"segments": int(p.size), "lip_sync_user_present": float(p.mean()), "lip_sync_user_silent": float(q.mean()),
+            "drop": float(drop.mean()), "drop_ci95": bootstrap_ci(drop),
+            "abs_diff": float(absdiff.mean()), "abs_diff_ci95": bootstrap_ci(absdiff)}
+
+
 def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | None = None,
              tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True,
              stride: int | None = None) -> dict:
     """Every metric of the module docstring; ``stride``: new frames per window of every rollout (None: the
     config's own ``new_frames``; serving's low-latency windows use fewer)."""
+    from .corpus import rule_metrics
     from .dataset import featurize_conversation
     from .pipeline import load_model
     from .transcript import load as load_transcript
@@ -193,7 +247,12 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus, "stride": stride,
                  "clips": [r["conversation_id"] for r in rows]}
     t0 = time.perf_counter()
-    ls, ls_silent, ls_abl, ls_abl_silent, listener, gen_all, gt_all = [], [], [], [], [], [], []
+    ls, seg = [], {"model": ([], []), "ablation": ([], [])}
+    listener = {"ground_truth": [], "model": [], "user_branch_off": []}
+    rules = {"ground_truth": [], "model": [], "user_branch_off": []}
+    gen_all, gt_all = [], []
+    tts_dir = tts_dir or str(Path(__file__).resolve().parents[1] / "tests" / "data" / "tts")
+    tts = sorted(Path(tts_dir).glob("*.ogg")) if os.path.isdir(tts_dir) else []
     it = rows
     if progress:
         from tqdm import tqdm
@@ -204,52 +263,104 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
         user_samples = media.decode_audio(corpus_p / r["user_media"]) if media.probe(
             corpus_p / r["user_media"]).has_audio else np.zeros(1, np.float32)
         segs = load_transcript(str(corpus_p / r["transcript"])) if r.get("transcript") else []
+        events = json.loads((corpus_p / r["events"]).read_text()) if r.get("events") else None
+        user_motion = _read_motion(corpus_p / r["user_motion"]) if r.get("user_motion") else None
+        user_smile = None if user_motion is None else user_motion[:, SMILE].mean(1)
         m = roll(model, feats, segs, seed)
+        m_off = roll(model, silence_user(feats), segs, seed)
         ls.append(lip_sync(m, samples))
-        ls_silent.append(lip_sync(roll(model, silence_user(feats), segs, seed), samples))
+        seg["model"][0].append(segment_lip_sync(m, samples))
+        seg["model"][1].append(segment_lip_sync(m_off, samples))
         if abl is not None:
-            ls_abl.append(lip_sync(roll(abl, feats, segs, seed), samples))
-            ls_abl_silent.append(lip_sync(roll(abl, silence_user(feats), segs, seed), samples))
-        user_smile = None
-        if r.get("user_motion"):
-            user_smile = _read_motion(corpus_p / r["user_motion"])[:, SMILE].mean(1)
-        listener.append(listener_metrics(m, user_samples, user_smile))
-        gen_all.append(_with_velocity(m))
+            seg["ablation"][0].append(segment_lip_sync(roll(abl, feats, segs, seed), samples))
+            seg["ablation"][1].append(segment_lip_sync(roll(abl, silence_user(feats), segs, seed), samples))
+        variants = {"model": m, "user_branch_off": m_off}
         if r.get("avatar_motion"):
             gt = _read_motion(corpus_p / r["avatar_motion"])[: len(m)]
+            variants["ground_truth"] = gt
+            gen_all.append(_with_velocity(m))
             gt_all.append(_with_velocity(gt))
+        for name, x in variants.items():
+            listener[name].append(listener_metrics(x, user_samples, user_smile))
+            rules[name].append(rule_metrics(x, user_motion=user_motion, events=events))
     res["lip_sync_heldout_synthetic"] = float(np.mean(ls))
     res["lip_sync_per_clip"] = ls
-    res["sdcm_interference"] = {"model": float(np.mean(np.abs(np.array(ls) - np.array(ls_silent)))),
-                                "lip_sync_user_present": float(np.mean(ls)),
-                                "lip_sync_user_silent": float(np.mean(ls_silent))}
+    sdcm = {"model": _interference(*seg["model"])}
     if abl is not None:
-        res["sdcm_interference"].update({
-            "entangled_ablation": float(np.mean(np.abs(np.array(ls_abl) - np.array(ls_abl_silent)))),
-            "ablation_lip_sync_user_present": float(np.mean(ls_abl)),
-            "ablation_lip_sync_user_silent": float(np.mean(ls_abl_silent))})
-    keys = listener[0].keys() if listener else []
-    res["listener"] = {k: float(np.mean([x[k] for x in listener if x.get(k) is not None]))
-                       for k in keys if any(x.get(k) is not None for x in listener)}
+        sdcm["entangled_ablation"] = _interference(*seg["ablation"])
+        d = np.concatenate(seg["ablation"][1]) - np.concatenate(seg["ablation"][0]) \
+            - (np.concatenate(seg["model"][1]) - np.concatenate(seg["model"][0]))
+        sdcm["entangled_minus_sdcm_drop"] = float(d.mean())
+        sdcm["entangled_minus_sdcm_drop_ci95"] = bootstrap_ci(d)
+    sdcm["note"] = (f"lip sync per {SEGMENT_S:g}-s segment of the held-out clips, user present vs silent (same "
+                    "seed); drop = silent - present; 95 % bootstrap intervals over segments")
+    res["sdcm_interference"] = sdcm
+    keys = ("nonlip_motion_user_active", "nonlip_motion_user_silent", "nod_energy_after_pauses",
+            "nod_energy_elsewhere", "user_pauses", "smile_mirroring_corr")
+    res["listener"] = {name: _mean_table(v, keys) for name, v in listener.items() if v}
+    for v in res["listener"].values():
+        if v.get("nod_energy_elsewhere"):
+            v["nod_energy_ratio"] = v["nod_energy_after_pauses"] / v["nod_energy_elsewhere"]
+    res["rules"] = {name: _mean_table(v, RULE_METRICS) for name, v in rules.items() if v}
     if gt_all:
         res["frechet_motion"] = frechet(np.concatenate(gen_all), np.concatenate(gt_all))
     # real speech
-    tts_dir = tts_dir or str(Path(__file__).resolve().parents[1] / "tests" / "data" / "tts")
-    tts = sorted(Path(tts_dir).glob("*.ogg")) if os.path.isdir(tts_dir) else []
     tts_scores = {}
     for p in tts:
-        s = media.decode_audio(p)
-        tts_scores[p.name] = lip_sync(roll(model, audio_only_features(s), (), seed), s)
+        s_ = media.decode_audio(p)
+        tts_scores[p.name] = lip_sync(roll(model, audio_only_features(s_), (), seed), s_)
     if tts_scores:
         res["lip_sync_real_tts"] = float(np.mean(list(tts_scores.values())))
         res["lip_sync_real_tts_per_clip"] = tts_scores
     res["long_range"] = long_range(model, corpus_p, rows, seed, stride)
+    real = real_user_effect(model, tts, seed, stride)
+    if real:
+        res["real_user"] = real
     res["eval_seconds"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(res, f, indent=2)
     plot(res, os.path.join(out_dir, "eval.png"))
     return res
+
+
+REAL_USER_VIDEO = Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / "WolfgangLanger_Pexels.mp4"
+
+
+def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None = None) -> dict:
+    """The same avatar audio and seed with and without a real user: a real person's face (Pexels video,
+    tracked by the bundled face tracker) and a real voice (the espeak-ng clips in another order).
+
+    Mean |difference| of the avatar's motion, non-lip channels vs lip channels (blinks excluded: they
+    follow the seed only)."""
+    import tempfile
+
+    from .corpus.files import _write_wav
+    from .dataset import featurize_conversation
+
+    if len(tts) < 2 or not REAL_USER_VIDEO.is_file():
+        return {}
+    clips = [media.decode_audio(p) for p in tts]
+    gap = np.zeros(int(0.6 * config.SAMPLE_RATE), np.float32)
+    avatar = np.concatenate([x for c in clips for x in (c, gap)])
+    user = np.concatenate([x for c in clips[1:] + clips[:1] for x in (gap, c)])
+    with tempfile.TemporaryDirectory() as d:
+        _write_wav(os.path.join(d, "avatar.wav"), avatar)
+        feats = featurize_conversation({"avatar_media": "avatar.wav", "user_media": str(REAL_USER_VIDEO)}, d)
+    T = len(feats["avatar_audio"])
+    aligned = np.zeros(T * config.SAMPLES_PER_FRAME, np.float32)
+    aligned[:min(user.size, aligned.size)] = user[:aligned.size]
+    feats["user_audio"] = features.offline_audio_features(aligned)
+    feats["user_present"][:, 0] = 1.0
+    with_user = rollout(model, feats, (), seed, stride=stride, blinks=False)
+    without = rollout(model, silence_user(feats), (), seed, stride=stride, blinks=False)
+    diff = np.abs(with_user - without)
+    blink = [motion.CHANNEL_INDEX["eyeBlinkLeft"], motion.CHANNEL_INDEX["eyeBlinkRight"]]
+    nonlip = np.array([c for c in NON_LIP if c not in blink])
+    return {"seconds": T / config.FPS, "user_face_frames": int(feats["user_present"][:, 2].sum()),
+            "nonlip_mean_abs_diff": float(diff[:, nonlip].mean()), "lip_mean_abs_diff": float(diff[:, LIP].mean()),
+            "head_pose_mean_abs_diff": float(diff[:, [motion.CHANNEL_INDEX[c] for c in motion.HEAD_POSE]].mean()),
+            "lip_sync_with_user": lip_sync(with_user, avatar), "lip_sync_without_user": lip_sync(without, avatar)}
 
 
 POSITIVE = "I got the job! This is wonderful news, I am so happy, thank you so much, it is great."
@@ -277,25 +388,69 @@ def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | N
     return out
 
 
+#: reactions shown in the plot, as (metric, label, neutral value: what "no reaction" measures)
+PLOT_REACTIONS = (("nod_power_ratio", "nods after\nsentence ends", 1.0),
+                  ("micro_nod_power_ratio", "micro-nods\nat commas", 1.0),
+                  ("smile_xcorr", "mirrored\nsmiles", 0.0),
+                  ("question_brow_rise", "brows after\nquestions", 0.0),
+                  ("gaze_aversion_rise", "gaze away\ntaking turn", 0.0),
+                  ("gaze_listening_ratio", "gaze on the\nspeaking user", 1.0))
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.6))
+    ax = axes[0, 0]
     names = ["synthetic", "real TTS"]
     vals = [res.get("lip_sync_heldout_synthetic", 0), res.get("lip_sync_real_tts", 0)]
-    axes[0].bar(names, vals, color=["#4c72b0", "#55a868"])
-    axes[0].axhline(0.6, ls="--", c="k", lw=0.8)
-    axes[0].set_title("lip sync (Pearson r)")
-    axes[0].set_ylim(min(0, *vals) - 0.05, 1)
+    ax.bar(names, vals, color=["#4c72b0", "#55a868"])
+    ax.axhline(0.65, ls="--", c="k", lw=0.8)
+    ax.set_title("lip sync (Pearson r; dashed: 0.65)")
+    ax.set_ylim(min(0, *vals) - 0.05, 1)
+    ax = axes[0, 1]
     si = res.get("sdcm_interference", {})
-    axes[1].bar(["SDCM", "entangled"], [si.get("model", 0), si.get("entangled_ablation", 0)], color=["#4c72b0", "#c44e52"])
-    axes[1].set_title("interference: |Δ lip sync| user on/off")
+    labels, drops, errs = [], [], []
+    for key, label in (("model", "SDCM"), ("entangled_ablation", "entangled")):
+        if key in si:
+            lo, hi = si[key]["drop_ci95"]
+            labels.append(label)
+            drops.append(si[key]["drop"])
+            errs.append([si[key]["drop"] - lo, hi - si[key]["drop"]])
+    if labels:
+        ax.bar(labels, drops, yerr=np.array(errs).T, capsize=6, color=["#4c72b0", "#c44e52"][:len(labels)])
+    ax.axhline(0, c="k", lw=0.6)
+    ax.set_title("lip-sync drop with the user present\n(silent - present; 95 % bootstrap)")
+    ax = axes[0, 2]
     lr = res.get("long_range", {})
-    axes[2].bar(["LCU on", "LCU off"], [lr.get("lcu_on", {}).get("mean_abs_diff_last10s", 0),
-                                        lr.get("lcu_off", {}).get("mean_abs_diff_last10s", 0)], color=["#4c72b0", "#8172b2"])
-    axes[2].set_title("affect 30 s+ earlier: Δ motion in last 10 s")
+    ax.bar(["LCU on", "LCU off"], [lr.get("lcu_on", {}).get("smile_diff_last10s", 0),
+                                   lr.get("lcu_off", {}).get("smile_diff_last10s", 0)], color=["#4c72b0", "#8172b2"])
+    ax.set_title("affect 30 s+ earlier: smile difference, last 10 s")
+    # reactions: each variant's effect (metric - its no-reaction value) as a share of the ground truth's
+    ax = plt.subplot2grid((2, 3), (1, 0), colspan=2, fig=fig)
+    axes[1, 0].remove()
+    axes[1, 1].remove()
+    rules = res.get("rules", {})
+    gt = rules.get("ground_truth", {})
+    shown = [(k, lab, z) for k, lab, z in PLOT_REACTIONS if k in gt and abs(gt[k] - z) > 1e-9]
+    x = np.arange(len(shown))
+    for i, (variant, color) in enumerate((("ground_truth", "#999999"), ("model", "#4c72b0"),
+                                          ("user_branch_off", "#dd8452"))):
+        v = rules.get(variant, {})
+        ax.bar(x + (i - 1) * 0.27, [(v.get(k, z) - z) / (gt[k] - z) for k, _, z in shown], 0.27, color=color,
+               label=variant.replace("_", " "))
+    ax.axhline(0.5, ls="--", c="k", lw=0.8)
+    ax.set_xticks(x, [lab for _, lab, _ in shown], fontsize=8)
+    ax.set_ylabel("effect / ground truth's effect")
+    ax.set_title("listener reactions on held-out conversations (dashed: half the ground truth's)")
+    ax.legend(fontsize=8)
+    ax = axes[1, 2]
+    ru = res.get("real_user", {})
+    ax.bar(["non-lip", "lips"], [ru.get("nonlip_mean_abs_diff", 0), ru.get("lip_mean_abs_diff", 0)],
+           color=["#4c72b0", "#55a868"])
+    ax.set_title("real user's face + voice on vs off:\nmean |motion difference|")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

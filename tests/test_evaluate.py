@@ -74,3 +74,36 @@ def test_listener_metrics_detect_nods_after_pauses():
     assert r["user_pauses"] >= 1
     assert r["nod_energy_after_pauses"] > 3 * r["nod_energy_elsewhere"]
     assert r["smile_mirroring_corr"] > 0.95
+
+
+def test_bootstrap_and_segment_lip_sync_measure_what_they_say():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.3, 1.0, 400)
+    lo, hi = evaluate.bootstrap_ci(x)
+    assert lo < 0.3 < hi and hi - lo < 0.4
+    lo0, hi0 = evaluate.bootstrap_ci(np.zeros(50))
+    assert lo0 == hi0 == 0.0
+    # a jaw that follows the audio envelope in the first 10 s only
+    sr, fps = config.SAMPLE_RATE, config.FPS
+    t = np.arange(20 * sr) / sr
+    audio = (np.sin(2 * np.pi * 150 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t))).astype(np.float32)
+    env = evaluate.features.rms_envelope(audio)
+    m = np.zeros((len(env), motion.NUM_CHANNELS), np.float32)
+    m[: 10 * fps, motion.CHANNEL_INDEX["jawOpen"]] = env[: 10 * fps]
+    seg = evaluate.segment_lip_sync(m, audio)
+    assert seg.shape == (2,) and seg[0] > 0.99 and seg[1] == 0.0
+    r = evaluate._interference([np.array([0.9, 0.8])], [np.array([1.0, 0.8])])
+    assert r["drop"] == pytest.approx(0.05) and r["abs_diff"] == pytest.approx(0.05) and r["segments"] == 2
+
+
+def test_real_user_changes_non_lip_motion_of_a_model_that_listens(model):
+    """The real-user experiment runs end to end (real face tracked, real voice) and separates the regions."""
+    from pathlib import Path
+
+    tts = sorted((Path(__file__).parent / "data" / "tts").glob("*.ogg"))
+    res = evaluate.real_user_effect(model, tts, seed=0)
+    assert res["user_face_frames"] > 0.5 * res["seconds"] * config.FPS   # the face is found in most frames
+    assert res["seconds"] > 19
+    # an untrained SDCM model: the user branch reaches non-lip tokens only, and lip tokens never attend to it
+    assert res["nonlip_mean_abs_diff"] > 0
+    assert res["lip_mean_abs_diff"] < res["nonlip_mean_abs_diff"]

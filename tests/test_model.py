@@ -657,3 +657,27 @@ def test_trace_bias_reaches_non_lip_tokens_only():
     a, b = (c.frame_bias.view(1, W, t, D) for c in ctxs)
     assert torch.equal(a[:, :, :n_lip], b[:, :, :n_lip])
     assert (a[:, :, n_lip:] - b[:, :, n_lip:]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_frame_aligned_user_bias_reaches_non_lip_tokens_only_when_the_user_is_there():
+    assert TINY.user_frame_bias
+    t, n_lip = TINY.tokens_per_frame, TINY.region_tokens[0]
+    for fusion in ("sdcm", "entangled"):
+        model = make_model(dataclasses.replace(TINY, fusion=fusion))
+        den = model.denoiser
+        den.user_add.weight.normal_(0, 0.5)
+        g = torch.Generator().manual_seed(1)
+        audio_tok, mem = torch.randn(1, W, D, generator=g), random_memory(model, 1)
+        u1, u2 = torch.randn(1, U, D, generator=g), torch.randn(1, U, D, generator=g)
+
+        def bias(u, lengths):
+            return den.prepare(audio_tok, mem, u, torch.tensor([lengths])).frame_bias.view(1, W, t, D)
+
+        a, b = bias(u1, M + U), bias(u2, M + U)
+        lips_equal = torch.equal(a[:, :, :n_lip], b[:, :, :n_lip])
+        assert lips_equal == (fusion == "sdcm")
+        assert (a[:, :, n_lip:] - b[:, :, n_lip:]).abs().max() > 1e-3
+        # memory only (no user input this window) or the branch off: the user tokens add nothing
+        for lengths in (M, 0):
+            assert torch.equal(bias(u1, lengths), bias(u2, lengths))

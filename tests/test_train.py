@@ -402,3 +402,22 @@ def test_long_known_is_checked_before_any_training(tmp_path):
     with pytest.raises(InputError, match="--long-known.*stage 2 only"):
         train(tmp_path / "no_shards", tmp_path / "out", stage=1, long_known=0.3)
     assert not (tmp_path / "out").exists()               # refused before anything was written
+
+
+def test_audio_augmentation_is_a_level_and_tilt_change(shards):
+    from echo_stream.dataset import augment_audio
+
+    x = np.zeros((3, 2, 83), np.float32)
+    augment_audio(x, 0.25, 0.0)
+    assert np.allclose(x[..., :80], 0.5) and np.allclose(x[..., 80], 0.25) and not x[..., 81:].any()
+    y = np.zeros((1, 2, 83), np.float32)
+    augment_audio(y, 0.0, 0.8)
+    assert y[0, 0, 0] == pytest.approx(-0.4) and y[0, 0, 79] == pytest.approx(0.4)
+    out, _ = shards
+    plain = ShardDataset(out, "train", CFG).stage1_batch(np.random.default_rng(3), 4)
+    aug = ShardDataset(out, "train", CFG, augment=True)
+    b = aug.stage1_batch(np.random.default_rng(3), 4)
+    d = (b["avatar_audio"] - plain["avatar_audio"]).numpy()
+    assert not np.allclose(d, 0)
+    assert np.allclose(d[..., 81:], 0)                            # f0 and voicing untouched
+    assert np.array_equal(b["motion"].numpy(), plain["motion"].numpy())

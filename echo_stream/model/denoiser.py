@@ -25,7 +25,14 @@ CPU (torch reference path) padding would only cost time and is not done.
 
 Per token input: region linear embedding + learned frame-position embedding
 (shared with the audio / user keys, so queries and keys can align in time) +
-learned region-token embedding + the frame-aligned own-audio token (projected).
+learned region-token embedding + the frame-aligned own-audio token (projected);
+with ``cfg.user_frame_bias``, + the frame-aligned user token (projected, from
+zero) on non-lip tokens only (every token with ``fusion == "entangled"``) and
+only for windows with user input. The user encoder's causal convolutions
+(``cfg.user_dilations``) give that token the user's last second: a nod 0.2-0.6 s
+after the user stops talking is a function of the frame's own user token,
+which cross-attention alone (a gated, softmax-weighted read of 58 keys) did
+not learn in 1,400 stage-2 steps.
 
 Block
 -----
@@ -294,6 +301,15 @@ class SDCMDenoiser(nn.Module):
         # queries, so a query and the user frame at the same time carry the same position)
         self.user_hist_pos = (nn.Parameter(torch.randn(cfg.user_history_frames, d) * 0.02)
                               if cfg.user_history_frames else None)
+        # frame-aligned user conditioning (cfg.user_frame_bias), from zero: an untrained path changes nothing
+        self.user_add = nn.Linear(d, d) if cfg.user_frame_bias else None
+        if self.user_add is not None:
+            nn.init.zeros_(self.user_add.weight)
+            nn.init.zeros_(self.user_add.bias)
+            per_token = torch.ones(sum(cfg.region_tokens), 1)
+            if cfg.fusion == "sdcm":
+                per_token[:cfg.region_tokens[0]] = 0.0       # lip tokens: own audio only
+            self.register_buffer("user_add_tokens", per_token, persistent=False)
 
     # -- context ---------------------------------------------------------------
 
@@ -316,8 +332,13 @@ class SDCMDenoiser(nn.Module):
         kv = [blk.cross.keys(a, u) for blk in self.blocks]
         if audio_lengths is None:
             audio_lengths = torch.full((b,), w, dtype=torch.long, device=audio_tok.device)
-        frame_bias = (self.audio_add(audio_tok).unsqueeze(2) + self.frame_pos[:, None, :]
-                      + self.kind_emb).flatten(2)
+        frame_bias = self.audio_add(audio_tok).unsqueeze(2) + self.frame_pos[:, None, :] + self.kind_emb
+        if self.user_add is not None:
+            # the user's frame-aligned tokens (the window's W frames), only for items with user input
+            on = (user_lengths > memory.shape[1]).to(user_tok.dtype)[:, None, None, None]
+            ub = self.user_add(user_tok[:, -w:]).unsqueeze(2) * self.user_add_tokens
+            frame_bias = frame_bias + on * ub
+        frame_bias = frame_bias.flatten(2)
         widths = [e - s for s, e in self.ranges]
         w_in = [lin.weight for lin in self.embed]
         return DenoiserContext(

@@ -56,6 +56,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"overlap_frames: must be in [0, window_frames={cfg.window_frames}), got {cfg.overlap_frames}")
     if cfg.lookahead_frames < 0:
         raise ValueError(f"lookahead_frames: must be >= 0, got {cfg.lookahead_frames}")
+    if not cfg.user_dilations or min(cfg.user_dilations) < 1:
+        raise ValueError(f"user_dilations: need positive dilations, got {cfg.user_dilations}")
     if cfg.user_history_frames < 0:
         raise ValueError(f"user_history_frames: must be >= 0, got {cfg.user_history_frames}")
     if cfg.motion_dim != motion.NUM_CHANNELS:

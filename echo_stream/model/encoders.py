@@ -138,7 +138,7 @@ class UserEncoder(nn.Module):
         self.video_dim = cfg.user_video_dim
         self.blend_dim = cfg.motion_dim
         self.proj = nn.Linear(self.audio_dim + self.video_dim + self.blend_dim + 3, d)
-        self.stack = CausalConvStack(d, dilations=(1, 2))
+        self.stack = CausalConvStack(d, dilations=tuple(cfg.user_dilations))
         self.norm = nn.LayerNorm(d)
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor, blend: torch.Tensor,

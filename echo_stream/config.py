@@ -53,6 +53,11 @@ class ModelConfig:
     #: that frame's non-lip tokens (every token with ``fusion="entangled"``), beside the gated cross-attention.
     #: Configs written before this field existed load without it.
     user_frame_bias: bool = False
+    #: stage 2: weight of an auxiliary loss that reads the target's non-lip motion from each frame's user token
+    #: alone (a training-only linear head): the user encoder must extract the user's cues itself instead of
+    #: waiting for the denoiser to ask for them. 0 = off (the default: at 0.5 the default recipe's nods were no
+    #: better after 480 stage-2 steps; see the README)
+    user_aux_weight: float = 0.0
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4
     transcript_dim: int = 64      # hashed n-gram transcript embedding size

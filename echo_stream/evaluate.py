@@ -412,17 +412,16 @@ def plot(res: dict, path: str) -> None:
     ax.set_ylim(min(0, *vals) - 0.05, 1)
     ax = axes[0, 1]
     si = res.get("sdcm_interference", {})
-    labels, drops, errs = [], [], []
+    labels, vals, errs = [], [], []
     for key, label in (("model", "SDCM"), ("entangled_ablation", "entangled")):
         if key in si:
-            lo, hi = si[key]["drop_ci95"]
+            lo, hi = si[key]["abs_diff_ci95"]
             labels.append(label)
-            drops.append(si[key]["drop"])
-            errs.append([si[key]["drop"] - lo, hi - si[key]["drop"]])
+            vals.append(si[key]["abs_diff"])
+            errs.append([si[key]["abs_diff"] - lo, hi - si[key]["abs_diff"]])
     if labels:
-        ax.bar(labels, drops, yerr=np.array(errs).T, capsize=6, color=["#4c72b0", "#c44e52"][:len(labels)])
-    ax.axhline(0, c="k", lw=0.6)
-    ax.set_title("lip-sync drop with the user present\n(silent - present; 95 % bootstrap)")
+        ax.bar(labels, vals, yerr=np.array(errs).T, capsize=6, color=["#4c72b0", "#c44e52"][:len(labels)])
+    ax.set_title("interference: |lip sync, user present - silent|\n(per 10-s segment; 95 % bootstrap)")
     ax = axes[0, 2]
     lr = res.get("long_range", {})
     ax.bar(["LCU on", "LCU off"], [lr.get("lcu_on", {}).get("smile_diff_last10s", 0),
@@ -445,7 +444,8 @@ def plot(res: dict, path: str) -> None:
     ax.set_xticks(x, [lab for _, lab, _ in shown], fontsize=8)
     ax.set_ylabel("effect / ground truth's effect")
     ax.set_title("listener reactions on held-out conversations (dashed: half the ground truth's)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.25)
     ax = axes[1, 2]
     ru = res.get("real_user", {})
     ax.bar(["non-lip", "lips"], [ru.get("nonlip_mean_abs_diff", 0), ru.get("lip_mean_abs_diff", 0)],

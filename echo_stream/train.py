@@ -124,7 +124,7 @@ GATE_LR_SCALE = 20.0
 #: multiple of the stage-2 rate (x4: 1.6e-3, near stage 1's 1e-3). At x1 the default checkpoint's
 #: nods were still a tenth of the ground truth's after 400 stage-2 steps
 USER_PATH_LR_SCALE = 4.0
-USER_PATH_PREFIXES = ("user_encoder.", "denoiser.user_add.", "denoiser.user_hist_pos")
+USER_PATH_PREFIXES = ("user_encoder.", "denoiser.user_add.", "denoiser.user_hist_pos", "user_aux.")
 #: share of --time-budget given to stage 1 when both stages run
 STAGE1_BUDGET_SHARE = 0.45
 
@@ -663,7 +663,7 @@ def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None, seed: i
     if cfg is not None:
         src_cfg = read_checkpoint_config(path)
         same = dict(name=cfg.name, fusion=cfg.fusion, text_trace_decays=cfg.text_trace_decays,
-                    user_history_frames=cfg.user_history_frames)
+                    user_history_frames=cfg.user_history_frames, user_aux_weight=cfg.user_aux_weight)
         if src_cfg != cfg and dataclasses.replace(src_cfg, **same) == cfg:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -676,7 +676,7 @@ def _load_for_training(path: str | os.PathLike, cfg: ModelConfig | None, seed: i
                 raise CheckpointError(f"{path}: has {src_cfg.user_history_frames} user history frames, the config "
                                       f"asks for {cfg.user_history_frames}; user history can only be added")
             missing = set(model.state_dict()) - set(src)
-            if not all(k.startswith("text_trace.") or k == "denoiser.user_hist_pos" for k in missing):
+            if not all(k.startswith(("text_trace.", "user_aux.")) or k == "denoiser.user_hist_pos" for k in missing):
                 raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
             model.load_state_dict(src, strict=not missing)
             return model.train()

@@ -681,3 +681,26 @@ def test_frame_aligned_user_bias_reaches_non_lip_tokens_only_when_the_user_is_th
         # memory only (no user input this window) or the branch off: the user tokens add nothing
         for lengths in (M, 0):
             assert torch.equal(bias(u1, lengths), bias(u2, lengths))
+
+
+def test_user_aux_loss_trains_the_user_path_in_stage_2_only():
+    model = make_model(dataclasses.replace(TINY, user_aux_weight=0.5)).train()
+    b = 3
+    batch = synthetic_batch(b)
+    x = window_inputs(b, seed=4)
+    batch.update({k: x[k] for k in ("user_audio", "user_video", "user_blend", "user_present")})
+    loss1, logs1 = model.loss(batch, 1)
+    assert "user_aux" not in logs1
+    loss1.backward()
+    assert model.user_aux.weight.grad is None or not model.user_aux.weight.grad.any()
+    model.zero_grad()
+    loss2, logs2 = model.loss(batch, 2, user_drop=0.0)
+    assert logs2["user_aux"] > 0
+    loss2.backward()
+    assert model.user_aux.weight.grad.abs().sum() > 0
+    assert model.user_encoder.proj.weight.grad.abs().sum() > 0
+    # without user input the auxiliary term is zero
+    silent = dict(batch, user_present=torch.zeros_like(batch["user_present"]))
+    assert model.loss(silent, 2)[1]["user_aux"] == 0.0
+    # a config without it (tiny's default) has no head, so checkpoints written before it load unchanged
+    assert make_model().user_aux is None

@@ -58,6 +58,8 @@ def validate_config(cfg: ModelConfig) -> None:
         raise ValueError(f"lookahead_frames: must be >= 0, got {cfg.lookahead_frames}")
     if not cfg.user_dilations or min(cfg.user_dilations) < 1:
         raise ValueError(f"user_dilations: need positive dilations, got {cfg.user_dilations}")
+    if cfg.user_aux_weight < 0:
+        raise ValueError(f"user_aux_weight: must be >= 0, got {cfg.user_aux_weight}")
     if cfg.user_history_frames < 0:
         raise ValueError(f"user_history_frames: must be >= 0, got {cfg.user_history_frames}")
     if cfg.motion_dim != motion.NUM_CHANNELS:
@@ -108,6 +110,8 @@ class EchoModel(nn.Module):
         self.checkpoint_meta: dict = {}
         # created last: a model with traces draws the same initial weights for everything else
         self.text_trace = TextTrace(cfg) if cfg.text_traces else None
+        #: training-only head of the auxiliary user loss (cfg.user_aux_weight; not used to generate)
+        self.user_aux = nn.Linear(cfg.d_model, cfg.motion_dim) if cfg.user_aux_weight > 0 else None
 
     # ------------------------------------------------------------------ utils
 
@@ -431,7 +435,9 @@ class EchoModel(nn.Module):
         layout of the low-latency streaming mode (``sample`` with a longer ``prev_motion``).
 
         Loss = MSE(x0_hat, x) on the new frames + ``vel_weight`` * MSE of frame-to-frame differences over
-        the window with the known frames in place (penalises seams and jitter).
+        the window with the known frames in place (penalises seams and jitter); in stage 2 with
+        ``cfg.user_aux_weight`` > 0, + that weight * MSE of the non-lip motion read from each frame's user
+        token by the linear ``user_aux`` head (items with user input).
         """
         if stage not in (1, 2):
             raise ValueError(f"stage: must be 1 or 2, got {stage}")
@@ -501,6 +507,14 @@ class EchoModel(nn.Module):
         full = torch.where(km, x1, x0)
         vel = F.mse_loss(full[:, 1:] - full[:, :-1], x1[:, 1:] - x1[:, :-1])
         total = fm + vel_weight * vel
+        aux = None
+        if stage == 2 and self.user_aux is not None:
+            # each frame's user token alone predicts that frame's non-lip motion (items with user input)
+            pred = self.user_aux(user_tok[:, -w:])
+            err = ((pred - x1) ** 2)[..., self._non_lip_channels].mean(dim=(1, 2))
+            on = user_any.to(err.dtype)
+            aux = (err * on).sum() / on.sum().clamp_min(1.0)
+            total = total + cfg.user_aux_weight * aux
         lip = slice(*self.denoiser.ranges[0])
         lip_err = (x0[..., lip] - x1[..., lip]) ** 2 * new_m
         logs = {
@@ -510,4 +524,6 @@ class EchoModel(nn.Module):
             "lip_mse": float((lip_err.sum() / (new_m.sum() * lip_err.shape[-1])).detach()),
             "stage": stage,
         }
+        if aux is not None:
+            logs["user_aux"] = float(aux.detach())
         return total, logs

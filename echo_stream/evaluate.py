@@ -57,12 +57,13 @@ SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmil
 
 
 def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, use_memory: bool = True,
-            chunk_frames: int = 8, stride: int | None = None, blinks: bool = True) -> np.ndarray:
+            chunk_frames: int = 8, stride: int | None = None, blinks: bool = True,
+            user_guidance: float = 1.0) -> np.ndarray:
     """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores
     (``blinks=False``: without the spontaneous blinks generation adds, the model's own output)."""
     T = len(feats["avatar_audio"])
     ms = MemoryStage(model=model, use_memory=use_memory, stride=stride)
-    ds = DiffusionStage(model=model, stride=stride, blinks=blinks)
+    ds = DiffusionStage(model=model, stride=stride, blinks=blinks, user_guidance=user_guidance)
     sid = "eval"
     ds.set_seed(sid, seed)
     if transcript:
@@ -229,9 +230,10 @@ def _interference(present: list[np.ndarray], silent: list[np.ndarray]) -> dict:
 
 def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | None = None,
              tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True,
-             stride: int | None = None) -> dict:
+             stride: int | None = None, user_guidance: float = 1.0) -> dict:
     """Every metric of the module docstring; ``stride``: new frames per window of every rollout (None: the
-    config's own ``new_frames``; serving's low-latency windows use fewer)."""
+    config's own ``new_frames``; serving's low-latency windows use fewer); ``user_guidance``: see
+    ``EchoModel.sample`` (every rollout)."""
     from .corpus import rule_metrics
     from .dataset import featurize_conversation
     from .pipeline import load_model
@@ -241,11 +243,11 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     abl = load_model(ablation, None) if ablation else None
     corpus_p = Path(corpus)
     rows = _load_manifest(corpus_p, "heldout")[:max_clips] or _load_manifest(corpus_p, "train")[:max_clips]
-    def roll(*a, **kw):    # every rollout of this evaluation at the chosen stride
-        return rollout(*a, stride=stride, **kw)
+    def roll(*a, **kw):    # every rollout of this evaluation at the chosen stride and guidance
+        return rollout(*a, stride=stride, user_guidance=user_guidance, **kw)
 
     res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus, "stride": stride,
-                 "clips": [r["conversation_id"] for r in rows]}
+                 "user_guidance": user_guidance, "clips": [r["conversation_id"] for r in rows]}
     t0 = time.perf_counter()
     ls, seg = [], {"model": ([], []), "ablation": ([], [])}
     listener = {"ground_truth": [], "model": [], "user_branch_off": []}
@@ -467,11 +469,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
                    help="new frames per generation window of every rollout (default: the config's new_frames; "
                         "serve uses 6 for video sessions)")
+    p.add_argument("--user-guidance", type=float, default=1.0, metavar="G",
+                   help="guidance on the user branch at sampling (1 = none; >1 amplifies the learned reactions, "
+                        "twice the diffusion cost)")
     p.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:
     res = evaluate(args.checkpoint, args.corpus, args.out, ablation=args.ablation, tts_dir=args.tts,
-                   max_clips=args.clips, seed=args.seed, progress=not args.quiet, stride=args.stride)
+                   max_clips=args.clips, seed=args.seed, progress=not args.quiet, stride=args.stride,
+                   user_guidance=args.user_guidance)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("per_clip")}, indent=2))
     return 0

@@ -58,6 +58,9 @@ class PipelineOptions:
     max_inflight: int = 4
     #: new frames per generation window (None: the model config's new_frames; shorter = lower latency)
     stride: int | None = None
+    #: guidance on the user branch (``EchoModel.sample``): 1 = none; > 1 amplifies the reactions, 2x the
+    #: diffusion cost (experimental: see README, "The model and its weights")
+    user_guidance: float = 1.0
 
     def model_loader(self) -> Callable:
         return functools.partial(load_model, self.checkpoint, self.config, self.device)
@@ -76,7 +79,8 @@ def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
         "decode": DecodeStage(chunk_frames=opts.chunk_frames),
         "features": FeaturesStage(),
         "memory": MemoryStage(model_loader=loader, stride=opts.stride),
-        "diffusion": DiffusionStage(model_loader=loader, device=opts.device, stride=opts.stride),
+        "diffusion": DiffusionStage(model_loader=loader, device=opts.device, stride=opts.stride,
+                                    user_guidance=opts.user_guidance),
         "render": RenderStage(device=opts.device),
     }
 

@@ -704,3 +704,20 @@ def test_user_aux_loss_trains_the_user_path_in_stage_2_only():
     assert model.loss(silent, 2)[1]["user_aux"] == 0.0
     # a config without it (tiny's default) has no head, so checkpoints written before it load unchanged
     assert make_model().user_aux is None
+
+
+@torch.no_grad()
+def test_user_guidance_extrapolates_away_from_the_user_free_prediction():
+    model = make_model()
+    model.denoiser.user_add.weight.normal_(0, 0.3)           # an untrained path would make guidance a no-op
+    x = window_inputs(2, seed=5)
+    mem = random_memory(model, 2, 3)
+    plain = model.sample(**x, memory=mem, seeds=[1, 2])
+    assert torch.equal(model.sample(**x, memory=mem, seeds=[1, 2], user_guidance=1.0), plain)
+    g2 = model.sample(**x, memory=mem, seeds=[1, 2], user_guidance=2.0)
+    nolip = ~torch.isin(torch.arange(58), torch.as_tensor(motion.REGION_SLICES["lips"]))
+    assert (g2 - plain)[..., nolip].abs().max() > 1e-4
+    # windows without user input are untouched by guidance
+    silent = dict(x, user_present=torch.zeros_like(x["user_present"]))
+    assert torch.equal(model.sample(**silent, memory=mem, seeds=[1, 2], user_guidance=3.0),
+                       model.sample(**silent, memory=mem, seeds=[1, 2]))

@@ -289,8 +289,13 @@ class EchoModel(nn.Module):
     @torch.no_grad()
     def sample(self, prev_motion, avatar_audio, user_audio=None, user_video=None, user_blend=None,
                user_present=None, memory=None, seeds: Sequence[int] | None = None, steps: int | None = None, *,
-               return_window: bool = False, use_context: bool = True) -> torch.Tensor:
+               return_window: bool = False, use_context: bool = True, user_guidance: float = 1.0) -> torch.Tensor:
         """Generate the S new frames of one window per session (see the module docstring).
+
+        ``user_guidance`` g != 1: guidance on the user branch (as classifier-free guidance; training drops the
+        user with probability ``user_drop``): every step predicts with and without the window's user input
+        (memory kept) and uses ``without + g * (with - without)``, twice the denoiser cost. Windows without
+        user input are unchanged.
 
         ``user_*`` may be None (no user input: the user/context branch then sees the memory only);
         ``memory`` None uses ``memory_init``; ``seeds`` None uses 0 for every item.
@@ -340,11 +345,22 @@ class EchoModel(nn.Module):
         noise = make_noise(seeds, (w, cfg.motion_dim), device=self.device)
 
         cond: list = []
+        guided = use_context and user_guidance != 1.0
+        ctx_off = None
+        if guided:
+            ctx_off = self._context(avatar_audio, user_tok, memory, torch.minimum(
+                user_lengths, torch.full_like(user_lengths, cfg.memory_rows)), use_context)
 
         def denoise(x, tau, known, mask):
             if not cond:  # known context is the same at every step: embed it once
                 cond.append(self.denoiser.condition_known(known, mask, ctx))
-            return self.denoiser.step(x, tau, cond[0], ctx)
+                if guided:
+                    cond.append(self.denoiser.condition_known(known, mask, ctx_off))
+            x0 = self.denoiser.step(x, tau, cond[0], ctx)
+            if not guided:
+                return x0
+            off = self.denoiser.step(x, tau, cond[1], ctx_off)
+            return off + user_guidance * (x0 - off)
 
         # at a stride shorter than new_frames every new frame lies in the seam fade, which would drag the
         # lips towards the previous window's mouth shape: there the correction is left to non-lip channels

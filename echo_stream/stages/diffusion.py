@@ -49,8 +49,10 @@ class DiffusionStage(Stage):
     input_contracts = (schemas.FEATURES, schemas.MEMORY_TOKENS)
 
     def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu",
-                 stride: int | None = None, blinks: bool = True) -> None:
+                 stride: int | None = None, blinks: bool = True, user_guidance: float = 1.0) -> None:
         super().__init__()
+        #: guidance on the user branch (``EchoModel.sample``); 1 = none (the default)
+        self.user_guidance = user_guidance
         #: add spontaneous blinks (see the module docstring)
         self.blinks = blinks
         #: new frames per window (None: the config's ``new_frames``); must match the memory stage's
@@ -177,6 +179,7 @@ class DiffusionStage(Stage):
                 user_blend=stack("user_blend"), user_present=stack("user_present"),
                 memory=stack("memory"),
                 seeds=[window_seed(s.seed, int(p.meta["window"])) for s, p in zip(sessions, packets)],
+                user_guidance=self.user_guidance,
             )
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         return [o.astype(np.float32) for o in out]

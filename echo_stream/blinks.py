@@ -26,7 +26,8 @@ CLOSE_S, SHUT_S, OPEN_S = 0.1, 0.06, 0.2
 CHANNELS = (motion.CHANNEL_INDEX["eyeBlinkLeft"], motion.CHANNEL_INDEX["eyeBlinkRight"])
 
 
-def _smoothstep(x):
+def smoothstep(x):
+    """0 below 0, 1 above 1, 3x^2 - 2x^3 between (the ease of every rise and fall here and in the corpus)."""
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
 
@@ -44,7 +45,7 @@ def blink_shape(t: np.ndarray, times) -> np.ndarray:
         sel = (t > t0 - 0.02) & (t < t0 + CLOSE_S + SHUT_S + OPEN_S + 0.02)
         if sel.any():
             x = t[sel] - t0
-            b = np.minimum(_smoothstep(x / CLOSE_S), 1.0 - _smoothstep((x - CLOSE_S - SHUT_S) / OPEN_S))
+            b = np.minimum(smoothstep(x / CLOSE_S), 1.0 - smoothstep((x - CLOSE_S - SHUT_S) / OPEN_S))
             out[sel] = np.maximum(out[sel], b)
     return out
 
@@ -60,7 +61,7 @@ class BlinkTrack:
         self._next = float(self._rng.uniform(0.5, 2.5))
 
     def values(self, f0: int, f1: int) -> np.ndarray:
-        """(f1 - f0,) closure of frames [f0, f1); frames must not go back by more than a second."""
+        """(f1 - f0,) closure of frames [f0, f1); calls go forward (blinks more than 2 s before f0 are dropped)."""
         end_s = f1 / self.fps
         while self._next < end_s + 1.0:
             self._times.append(self._next)

@@ -314,8 +314,8 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     if tts_scores:
         res["lip_sync_real_tts"] = float(np.mean(list(tts_scores.values())))
         res["lip_sync_real_tts_per_clip"] = tts_scores
-    res["long_range"] = long_range(model, corpus_p, rows, seed, stride)
-    real = real_user_effect(model, tts, seed, stride)
+    res["long_range"] = long_range(model, corpus_p, rows, seed, stride, user_guidance)
+    real = real_user_effect(model, tts, seed, stride, user_guidance)
     if real:
         res["real_user"] = real
     res["eval_seconds"] = time.perf_counter() - t0
@@ -329,7 +329,8 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
 REAL_USER_VIDEO = Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / "WolfgangLanger_Pexels.mp4"
 
 
-def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None = None) -> dict:
+def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None = None,
+                     user_guidance: float = 1.0) -> dict:
     """The same avatar audio and seed with and without a real user: a real person's face (Pexels video,
     tracked by the bundled face tracker) and a real voice (the espeak-ng clips in another order).
 
@@ -354,8 +355,8 @@ def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None =
     aligned[:min(user.size, aligned.size)] = user[:aligned.size]
     feats["user_audio"] = features.offline_audio_features(aligned)
     feats["user_present"][:, 0] = 1.0
-    with_user = rollout(model, feats, (), seed, stride=stride, blinks=False)
-    without = rollout(model, silence_user(feats), (), seed, stride=stride, blinks=False)
+    with_user = rollout(model, feats, (), seed, stride=stride, blinks=False, user_guidance=user_guidance)
+    without = rollout(model, silence_user(feats), (), seed, stride=stride, blinks=False, user_guidance=user_guidance)
     diff = np.abs(with_user - without)
     blink = [motion.CHANNEL_INDEX["eyeBlinkLeft"], motion.CHANNEL_INDEX["eyeBlinkRight"]]
     nonlip = np.array([c for c in NON_LIP if c not in blink])
@@ -369,7 +370,8 @@ POSITIVE = "I got the job! This is wonderful news, I am so happy, thank you so m
 NEGATIVE = "I lost my job. This is terrible news, I am so sad and worried, I am sorry, it is awful."
 
 
-def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | None = None) -> dict:
+def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | None = None,
+               user_guidance: float = 1.0) -> dict:
     """Same media, early transcript positive vs negative; behaviour difference in the last 10 s."""
     from .dataset import featurize_conversation
 
@@ -384,7 +386,8 @@ def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | N
         runs = []
         for text in (POSITIVE, NEGATIVE):
             segs = [Segment(1.0, 5.0, "user", text)]
-            runs.append(rollout(model, feats, segs, seed, use_memory=use_memory, stride=stride)[late])
+            runs.append(rollout(model, feats, segs, seed, use_memory=use_memory, stride=stride,
+                                user_guidance=user_guidance)[late])
         out[name] = {"mean_abs_diff_last10s": float(np.abs(runs[0] - runs[1]).mean()),
                      "smile_diff_last10s": float(runs[0][:, SMILE].mean() - runs[1][:, SMILE].mean())}
     return out
@@ -458,6 +461,16 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _guidance(text: str) -> float:
+    try:
+        g = float(text)
+    except ValueError:
+        g = float("nan")
+    if not (np.isfinite(g) and g >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: need a finite number >= 0 (1 = no guidance)")
+    return g
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint to evaluate (default: the bundled one)")
     p.add_argument("--ablation", help="entangled-fusion checkpoint for the SDCM interference comparison")
@@ -469,7 +482,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
                    help="new frames per generation window of every rollout (default: the config's new_frames; "
                         "serve uses 6 for video sessions)")
-    p.add_argument("--user-guidance", type=float, default=1.0, metavar="G",
+    p.add_argument("--user-guidance", type=_guidance, default=1.0, metavar="G",
                    help="guidance on the user branch at sampling (1 = none; >1 amplifies the learned reactions, "
                         "twice the diffusion cost)")
     p.add_argument("--quiet", action="store_true")

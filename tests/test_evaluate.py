@@ -76,6 +76,17 @@ def test_listener_metrics_detect_nods_after_pauses():
     assert r["smile_mirroring_corr"] > 0.95
 
 
+def test_user_guidance_argument_is_checked_at_parse_time():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    evaluate.add_arguments(p)
+    assert p.parse_args(["--corpus", "c", "--user-guidance", "3"]).user_guidance == 3.0
+    for bad in ("nan", "-1", "x", "inf"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--corpus", "c", "--user-guidance", bad])
+
+
 def test_bootstrap_and_segment_lip_sync_measure_what_they_say():
     rng = np.random.default_rng(1)
     x = rng.normal(0.3, 1.0, 400)

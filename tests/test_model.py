@@ -717,6 +717,9 @@ def test_user_guidance_extrapolates_away_from_the_user_free_prediction():
     g2 = model.sample(**x, memory=mem, seeds=[1, 2], user_guidance=2.0)
     nolip = ~torch.isin(torch.arange(58), torch.as_tensor(motion.REGION_SLICES["lips"]))
     assert (g2 - plain)[..., nolip].abs().max() > 1e-4
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="user_guidance"):
+            model.sample(**x, memory=mem, seeds=[1, 2], user_guidance=bad)
     # windows without user input are untouched by guidance
     silent = dict(x, user_present=torch.zeros_like(x["user_present"]))
     assert torch.equal(model.sample(**silent, memory=mem, seeds=[1, 2], user_guidance=3.0),

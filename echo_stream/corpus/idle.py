@@ -19,9 +19,7 @@ HEAD6 = [_CI[c] for c in motion.HEAD_POSE]
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _smoothstep(x):
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3 - 2 * x)
+_smoothstep = blinks.smoothstep
 
 
 def _bump(t: np.ndarray, t0: float, dur: float, rise: float = 0.3, fall: float = 0.5) -> np.ndarray:

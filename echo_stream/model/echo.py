@@ -28,6 +28,7 @@ wrap it in ``torch.inference_mode`` too).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import numpy as np
@@ -334,6 +335,8 @@ class EchoModel(nn.Module):
         if len(seeds) != b:
             raise ValueError(f"seeds: expected {b} seeds (one per window), got {len(seeds)}")
         steps = cfg.sampler_steps if steps is None else int(steps)
+        if not (math.isfinite(user_guidance) and user_guidance >= 0):
+            raise ValueError(f"user_guidance: must be a finite number >= 0 (1 = none), got {user_guidance}")
 
         if use_context:
             user_any = user_present.flatten(1).any(dim=1)

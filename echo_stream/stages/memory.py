@@ -114,9 +114,9 @@ class MemoryStage(Stage):
         stride = self._strides.get(sid)
         s.known, s.stride, _ = window_geometry(cfg, self.stride if stride is None else stride)
         # K' + H frames of silence before t = 0 give the first window its context rows
-        K = s.known + cfg.user_history_frames
-        s.buf_start = -K
-        s.buf = {name: np.zeros((K, *shape), np.float32)
+        pad = s.known + cfg.user_history_frames
+        s.buf_start = -pad
+        s.buf = {name: np.zeros((pad, *shape), np.float32)
                  for name, shape in self._shapes().items()}
         return s
 

@@ -145,4 +145,6 @@ def get_config(name_or_path: str | os.PathLike) -> ModelConfig:
                 return ModelConfig.from_dict(json.load(f))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{key}: not a valid model config: {e}") from None
+            except RecursionError:
+                raise ValueError(f"{key}: not a valid model config: JSON nested too deeply") from None
     raise ValueError(f"unknown config '{key}': use one of {', '.join(CONFIGS)} or a path to a JSON config file")

@@ -89,7 +89,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import config, features, media, motion, tracks, transcript
+from . import config, features, inputs, media, motion, tracks, transcript
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
         raise InputError(str(row.get("conversation_id", "<row>")) if isinstance(row, dict) else "<row>",
                          "manifest row needs 'avatar_media'")
     avatar_path = _resolve(root, row["avatar_media"])
+    inputs.check_float_audio(avatar_path)
     samples = media.decode_audio(avatar_path)
     T = features.num_video_frames(samples.size)
     facts = {"avatar_s": samples.size / config.SAMPLE_RATE, "avatar_peak": float(np.abs(samples).max()),
@@ -241,6 +242,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
     if user_path is not None:
         info = media.probe(user_path)
         if info.has_audio:
+            inputs.check_float_audio(user_path)
             u = media.decode_audio(user_path)
             facts["user_audio_s"] = u.size / config.SAMPLE_RATE
             aligned = np.zeros(T * config.SAMPLES_PER_FRAME, np.float32)
@@ -412,6 +414,8 @@ def read_dataset_info(shards_dir: str | os.PathLike) -> dict:
         info = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(str(p), f"corrupt dataset description: {e}") from None
+    except RecursionError:
+        raise InputError(str(p), "corrupt dataset description: JSON nested too deeply") from None
     if info.get("format") != FORMAT:
         raise InputError(str(p), f"not an echo-stream shard description (format {info.get('format')!r})")
     if info.get("schema_version") != SCHEMA_VERSION:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import atomic, config, media, motion, render, schemas, transcript
+from . import atomic, config, inputs, media, motion, render, schemas, transcript
 from .errors import EchoStreamError, InputError
 from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
 
@@ -60,10 +60,16 @@ def _check_output(path: str, what: str) -> None:
         raise InputError(path, f"{what}: is a directory, give a file name")
 
 
+#: the output video's side, in pixels (the renderer's working sizes; the server allows 64..1024)
+MIN_SIZE, MAX_SIZE = 32, 2048
+
+
 def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
     """Check every input up front; returns (transcript segments, the placed portrait)."""
     if req.size <= 0 or req.size % 2:
         raise InputError("--size", f"{req.size} is not a positive even number of pixels")
+    if not MIN_SIZE <= req.size <= MAX_SIZE:
+        raise InputError("--size", f"{req.size} pixels is outside {MIN_SIZE}..{MAX_SIZE}")
     if req.out is None and req.motion_out is None:
         raise InputError("-o/--out", "nothing to write: give -o OUT.mp4 and/or --motion-out MOTION.parquet")
     if req.out is not None:
@@ -78,6 +84,14 @@ def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
             raise InputError(req.user_video, "no video stream: --user-video must contain video")
     if req.user_audio is not None and not media.probe(req.user_audio).has_audio:
         raise InputError(req.user_audio, "no audio stream")
+    for path in (req.avatar_audio, req.user_audio, req.user_video):
+        if path is not None:
+            inputs.check_float_audio(path)
+    if req.config is not None:
+        try:
+            config.get_config(req.config)
+        except ValueError as e:
+            raise InputError("--config", str(e)) from None
     segments = transcript.load(req.transcript)
     portrait = render.load_portrait(req.portrait, landmarks_path=req.landmarks)
     return segments, portrait

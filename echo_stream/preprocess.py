@@ -171,6 +171,8 @@ def _read_manifest_file(p: Path) -> list[dict]:
                 r = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{p}:{i}", f"not a JSON object: {e}") from None
+            except RecursionError:
+                raise InputError(f"{p}:{i}", "not a JSON object of one level: nested too deeply") from None
             if not isinstance(r, dict):
                 raise InputError(f"{p}:{i}", "not a JSON object")
             rows.append(_clean_row(r, f"{p}:{i}"))

@@ -37,7 +37,7 @@ def test_bad_transcripts(tmp_path):
         transcript.load(str(bad))
     j = tmp_path / "bad.json"
     j.write_text('[{"start": 1}]')
-    with pytest.raises(InputError, match="JSON transcript"):
+    with pytest.raises(InputError, match="bad.json: item 0: needs a 'text' string"):
         transcript.load(str(j))
 
 

@@ -119,6 +119,10 @@ def _config_from_dict(d, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: config does not match this code: {e}") from None
 
 
+def _json_problem(e: BaseException) -> str:
+    return "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """The config of a checkpoint (``config.json``, else the one embedded in the weights file)."""
     directory, weights = _resolve(path)
@@ -126,16 +130,16 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     if cfg_file.is_file():
         try:
             d = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{cfg_file}: corrupt config file: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{cfg_file}: corrupt config file: {_json_problem(e)}") from None
         return _config_from_dict(d, str(cfg_file))
     _, meta = _read_weights(weights)
     if "config" not in meta:
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} and no config embedded in {weights.name}")
     try:
         d = json.loads(meta["config"])
-    except ValueError as e:
-        raise CheckpointError(f"{weights}: corrupt embedded config: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{weights}: corrupt embedded config: {_json_problem(e)}") from None
     return _config_from_dict(d, f"{weights} (embedded config)")
 
 
@@ -155,8 +159,8 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | str | None = 
     if "config" in meta:
         try:
             embedded = _config_from_dict(json.loads(meta["config"]), f"{weights} (embedded config)")
-        except ValueError as e:
-            raise CheckpointError(f"{weights}: corrupt embedded config: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{weights}: corrupt embedded config: {_json_problem(e)}") from None
     if cfg_file.is_file():
         ckpt_cfg = read_checkpoint_config(directory)
         if embedded is not None and embedded != ckpt_cfg:

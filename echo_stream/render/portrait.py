@@ -65,13 +65,18 @@ MAX_PORTRAIT_PIXELS = 40_000_000
 def _decode_image(data: bytes, what: str) -> np.ndarray:
     """Encoded image bytes -> (H, W, 3) uint8 RGB (EXIF orientation applied, alpha over white)."""
     import io
+    import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise InputError(what, "empty file, expected a portrait image (png/jpeg)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            # Pillow warns (on stderr) about images between its two bomb limits; the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             # the size comes from the header: refuse a huge image before decoding a pixel of it (a
             # 12000x12000 PNG of a few hundred KB would cost the shared render actor seconds and GBs)
             w, h = im.size

@@ -192,7 +192,8 @@ def _run_generate(args, inputs: dict) -> int:
         transcript=inputs.get("transcript"), motion_out=args.motion_out, landmarks=inputs.get("landmarks"),
         checkpoint=args.checkpoint, config=args.config, size=getattr(args, "size", 256),
         seed=getattr(args, "seed", 0), device=args.device)
-    stats = generate(req, use_ray=not args.no_ray, progress=not args.quiet, address=getattr(args, "address", None))
+    stats = generate(req, use_ray=not args.no_ray, progress=not args.quiet, address=getattr(args, "address", None),
+                     handle_sigterm=True)
     wrote = " and ".join(p for p in (args.out, args.motion_out) if p)
     print(f"wrote {wrote}: {stats['frames']} frames, {stats['audio_s']:.2f} s audio, "
           f"processed in {stats['processing_s']:.2f} s (real-time factor {stats['rtf']:.2f}), "
@@ -250,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except EchoStreamError as e:
         print(f"echo-stream: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .errors import Terminated
+
+        if isinstance(e, Terminated):
+            print("echo-stream: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+            return 143
         print("echo-stream: interrupted; no partial output was kept", file=sys.stderr)
         return 130
 

@@ -226,7 +226,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
         raise InputError(str(row.get("conversation_id", "<row>")) if isinstance(row, dict) else "<row>",
                          "manifest row needs 'avatar_media'")
     avatar_path = _resolve(root, row["avatar_media"])
-    inputs.check_float_audio(avatar_path)
+    inputs.check_audio(avatar_path)
     samples = media.decode_audio(avatar_path)
     T = features.num_video_frames(samples.size)
     facts = {"avatar_s": samples.size / config.SAMPLE_RATE, "avatar_peak": float(np.abs(samples).max()),
@@ -242,7 +242,7 @@ def featurize_conversation(row: dict, root: str | os.PathLike, *, tracker=None,
     if user_path is not None:
         info = media.probe(user_path)
         if info.has_audio:
-            inputs.check_float_audio(user_path)
+            inputs.check_audio(user_path)
             u = media.decode_audio(user_path)
             facts["user_audio_s"] = u.size / config.SAMPLE_RATE
             aligned = np.zeros(T * config.SAMPLES_PER_FRAME, np.float32)

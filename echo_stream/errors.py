@@ -40,3 +40,26 @@ class SchemaError(EchoStreamError):
 
 class CheckpointError(EchoStreamError):
     """A checkpoint cannot be loaded (missing, corrupt, or config mismatch)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as an exception so that cleanup runs (no partial output).
+
+    A subclass of KeyboardInterrupt: every path that cleans up after Ctrl-C cleans up after SIGTERM.
+    """
+
+
+def raise_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the previous handler (or None).
+
+    Call it after ``ray.init``: Ray's own handler (a native stack dump and exit status -6) is replaced.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+    return signal.signal(signal.SIGTERM, handler)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import atomic, config, inputs, media, motion, render, schemas, transcript
-from .errors import EchoStreamError, InputError
+from .errors import EchoStreamError, InputError, raise_on_sigterm
 from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
         raise InputError(req.user_audio, "no audio stream")
     for path in (req.avatar_audio, req.user_audio, req.user_video):
         if path is not None:
-            inputs.check_float_audio(path)
+            inputs.check_audio(path)
     if req.config is not None:
         try:
             config.get_config(req.config)
@@ -106,11 +106,14 @@ def unwrap_remote_error(e: BaseException) -> BaseException:
 
 
 def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
-             address: str | None = None, num_cpus: int | None = None, runner=None) -> dict:
+             address: str | None = None, num_cpus: int | None = None, runner=None,
+             handle_sigterm: bool = False) -> dict:
     """Run one session end to end; returns timing figures (start-up separate from processing).
 
     ``runner``: an already set-up runner to reuse (its stages keep their loaded
-    models); by default a new one is started and shut down.
+    models); by default a new one is started and shut down. ``handle_sigterm`` (the CLI's):
+    SIGTERM raises :class:`~echo_stream.errors.Terminated` once the stages run, so the partial
+    output is removed and Ray shut down, instead of Ray's native handler dumping a stack.
     """
     t0 = time.perf_counter()
     segments, _ = validate_request(req)
@@ -121,8 +124,11 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
                                size=(req.size, req.size))
         runner = RayRunner(opts, address=address, num_cpus=num_cpus) if use_ray else InlineRunner(opts)
     writer = None
+    previous_sigterm = None
     try:
         setup_times = runner.setup() if own_runner else {}
+        if handle_sigterm:
+            previous_sigterm = raise_on_sigterm()
         startup_s = time.perf_counter() - t0
         if req.out is not None:
             writer = media.Mp4Writer(req.out, req.size, req.size, fps=config.FPS, with_audio=True)
@@ -143,8 +149,9 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
             mw = packet.get(schemas.MOTION_WINDOW)
             if mw is None or not mw.num_rows:
                 return
-            frames_out.append(schemas.column(mw, "frame"))
-            motion_out.append(schemas.column(mw, "motion"))
+            # copies: a zero-copy view would pin the whole packet (its rendered frames) until the end
+            frames_out.append(np.array(schemas.column(mw, "frame"), copy=True))
+            motion_out.append(np.array(schemas.column(mw, "motion"), copy=True))
             rf = packet.get(schemas.RENDERED_FRAMES)
             if writer is not None and rf is not None:
                 writer.write(schemas.column(rf, "image"))
@@ -183,6 +190,9 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
     finally:
         if own_runner:
             runner.shutdown()
+        if previous_sigterm is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous_sigterm)
     duration = audio_samples[0] / config.SAMPLE_RATE
     return {
         "audio_s": duration, "frames": int(len(frames)), "startup_s": startup_s, "setup_s": setup_times,

@@ -3,6 +3,9 @@
 :func:`echo_stream.media.probe` reads headers; what a header cannot tell is here,
 bounded in time and memory by reading packets (never decoded frames):
 
+* :func:`check_audio` — both checks below, for a file whose audio will be used;
+* :func:`check_ogg_complete` — an Ogg file has no index or declared length, so a truncated
+  one reads as a shorter file; its last page must be whole and carry the end-of-stream flag;
 * :func:`check_float_audio` — a float PCM track (``pcm_f32*`` / ``pcm_f64*``, e.g. a
   32-bit float WAV) is the one audio format whose samples can be NaN, infinite or
   absurdly large; compressed codecs and integer PCM cannot carry such values.
@@ -57,3 +60,46 @@ def check_float_audio(path: str | os.PathLike) -> None:
                 raise InputError(path, f"audio samples reach {float(x[i]):.3g} at t={(seen + i) // channels / rate:.2f} s, "
                                        f"far outside the float range [-1, 1]: normalise the file")
             seen += x.size
+
+
+#: how far from its end an Ogg file's last page header is looked for (a page is at most 65,307 bytes)
+_OGG_TAIL = 70_000
+
+
+def check_ogg_complete(path: str | os.PathLike) -> None:
+    """Raise :class:`InputError` naming ``path`` when an Ogg file (by its magic) was cut short."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"OggS":
+                return
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _OGG_TAIL))
+            start = f.tell()
+            tail = f.read()
+    except OSError:
+        return
+    i = len(tail)
+    while True:
+        i = tail.rfind(b"OggS", 0, i)
+        if i < 0:
+            raise InputError(path, "truncated or corrupt Ogg file: no page header near its end; "
+                                   "re-download or re-export it")
+        if len(tail) - i >= 27 and tail[i + 4] == 0:   # stream structure version 0: a page header
+            nseg = tail[i + 26]
+            if len(tail) - i < 27 + nseg:
+                break     # header cut inside the segment table
+            body = sum(tail[i + 27:i + 27 + nseg])
+            if i + 27 + nseg + body > len(tail):
+                break     # the last page is cut
+            if tail[i + 5] & 0x04:
+                return    # whole last page with the end-of-stream flag
+            raise InputError(path, f"truncated Ogg file: it ends at byte {start + i + 27 + nseg + body} without "
+                                   "its end-of-stream page; re-download or re-export it")
+    raise InputError(path, f"truncated Ogg file: its last page is cut at byte {size}; re-download or re-export it")
+
+
+def check_audio(path: str | os.PathLike) -> None:
+    """Every check of this module for a file whose audio track will be used."""
+    check_ogg_complete(path)
+    check_float_audio(path)

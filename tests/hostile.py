@@ -159,6 +159,11 @@ def generate_cases(d: str | os.PathLike) -> list[Case]:
     long_mp3 = mediagen.write_audio(d / "src.mp3", mediagen.speech_like(2.0, 44100), 44100)
     long_m4a = mediagen.write_audio(d / "src.m4a", mediagen.speech_like(2.0, 44100), 44100)
     long_ogg = mediagen.write_audio(d / "src.ogg", mediagen.speech_like(2.0, 48000), 48000)
+    ogg6 = mediagen.write_audio(d / "src6.ogg", mediagen.speech_like(6.0, 48000), 48000)
+    for keep in (0.6, 0.9):
+        name = f"trunc-{int(keep * 100)}.ogg"
+        mediagen.write_truncated(ogg6, d / name, keep)
+        audio(name, ("truncated",), path=d / name)
     for src, name, keep in ((long_mp3, "trunc.mp3", 0.02), (long_m4a, "trunc.m4a", 0.4),
                             (long_ogg, "trunc.ogg", 0.5), (long_m4a, "head-only.m4a", 0.01)):
         mediagen.write_truncated(src, d / name, keep)

@@ -165,3 +165,34 @@ def test_help_explains():
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 0
+
+
+@pytest.mark.ray
+def test_sigterm_mid_run_exits_143_and_leaves_nothing(tmp_path):
+    """SIGTERM while the stages run: one line, exit 143, no partial output (not Ray's native stack dump)."""
+    import signal
+    import time
+
+    wav = mediagen.write_audio(tmp_path / "long.wav", mediagen.speech_like(120.0, 16000), 16000)
+    out, mo = tmp_path / "o.mp4", tmp_path / "m.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "echo_stream.cli", "generate", "--portrait", PORTRAIT,
+                             "--avatar-audio", str(wav), "-o", str(out), "--motion-out", str(mo), "--size", "64"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    deadline = time.monotonic() + 180
+    while "s audio" not in seen and time.monotonic() < deadline:   # the progress bar: the stages run
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+    assert "s audio" in seen, seen[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    rc = proc.wait(timeout=120)
+    lines = [ln for ln in (seen + rest).replace("\r", "\n").splitlines()
+             if ln.strip() and "generate:" not in ln and "WARNING" not in ln]
+    assert rc == 143, (rc, lines[-20:])
+    assert lines[-1] == "echo-stream: terminated (SIGTERM); no partial output was kept", lines[-20:]
+    assert "SIGTERM received" not in rest and "Traceback" not in rest
+    assert not out.exists() and not mo.exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]

@@ -90,6 +90,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import config, features, media, motion, tracks, transcript
+from .arguments.data import add_shards_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2   # 2: the user's face tracked into user_blend; user_video zeros
 FORMAT = "echo-stream/training-shards"
 DATASET_JSON = "dataset.json"
-DEFAULT_CHUNK_SECONDS = 64.0
-DEFAULT_SHARD_ROWS = 32
+DEFAULT_CHUNK_SECONDS = config.SHARD_CHUNK_SECONDS
+DEFAULT_SHARD_ROWS = config.SHARD_ROWS
 
 #: per-frame columns and their per-frame shapes, in shard order
 FRAME_COLUMNS: dict[str, tuple[int, ...]] = {
@@ -720,22 +721,6 @@ def iter_conversation_features(shards_dir: str | os.PathLike, split: str | None 
 
 
 # ============================================================================ CLI
-
-def add_arguments(p) -> None:
-    """Arguments of ``echo-stream shards``."""
-    p.add_argument("manifest", metavar="CORPUS|MANIFEST",
-                   help="a corpus directory holding manifest.jsonl, or the manifest file itself")
-    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory for the shards")
-    p.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS,
-                   help=f"conversation chunk per Parquet row, seconds (default {DEFAULT_CHUNK_SECONDS:g}; the "
-                        "reader re-joins a conversation's chunks, so stage-2 history is not cut at chunk ends)")
-    p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
-                   help=f"chunks per shard file (default {DEFAULT_SHARD_ROWS})")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="quarantine (list in dataset.json and outcomes.jsonl) conversations whose files cannot be "
-                        "read, instead of stopping")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
 
 def run(args) -> int:
     """``echo-stream shards``."""

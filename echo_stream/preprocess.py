@@ -50,6 +50,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import __version__, atomic, config, features, motion
+from .arguments.data import PREPROCESS_EPILOG as EPILOG  # noqa: F401 (re-exported)
+from .arguments.data import add_preprocess_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .errors import EchoStreamError, InputError
 
 #: set by the CLI's SIGINT handler: a Ctrl-C that Ray turns into another error must still stop the run
@@ -68,7 +70,7 @@ TRANSCRIPT_EXTS = (".json", ".srt", ".vtt", ".txt")
 TRACK_EXTS = (".parquet", ".csv")
 SPLIT_DIRS = ("train", "heldout", "val", "test")
 PATH_FIELDS = ("avatar_media", "user_media", "transcript", "avatar_motion", "user_motion")
-DEFAULT_SHARD_SIZE = 32
+DEFAULT_SHARD_SIZE = config.SHARD_ROWS
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -78,10 +80,10 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 class Settings:
     """What a conversation's output depends on (recorded in ``preprocess.json``; a resumed run must match)."""
 
-    chunk_seconds: float = 64.0
+    chunk_seconds: float = config.SHARD_CHUNK_SECONDS
     require_motion: bool = True
-    length_tolerance_s: float = 1.0
-    silence_dbfs: float = -60.0
+    length_tolerance_s: float = config.PREPROCESS_LENGTH_TOLERANCE_S
+    silence_dbfs: float = config.PREPROCESS_SILENCE_DBFS
     livelink_fps: float | None = None
     extractor: str | None = None
     extractor_model: str | None = None
@@ -990,66 +992,6 @@ def summary_table(info: dict) -> str:
 
 
 # ============================================================================ CLI
-
-EPILOG = """\
-examples:
-  echo-stream preprocess data/corpus out/shards                      # local Ray, all CPUs
-  echo-stream preprocess manifest.csv out/shards --num-cpus 4 --shard-size 64
-  echo-stream preprocess /shared/data /shared/shards --address auto  # on a running cluster
-  echo-stream train --shards out/shards --out runs/mine
-
-INPUT is a manifest (.jsonl or .csv; fields conversation_id, avatar_media, user_media, transcript,
-avatar_motion, user_motion, split, duration_s) or a directory holding manifest.jsonl/.csv or laid out
-as [SPLIT/]ID/{avatar.wav, user.webm, transcript.json, avatar_motion.parquet|.csv}.
-Motion tracks: the project's motion .parquet or Live Link Face .csv exports.
-Re-running the same command resumes: done inputs are skipped, interrupted work is redone once.
-Bad inputs are quarantined with a reason (outcomes.jsonl); the job continues.
-See docs/preprocess.md.
-"""
-
-
-def add_arguments(p) -> None:
-    p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
-    p.epilog = EPILOG
-    p.add_argument("input", metavar="INPUT", help="manifest .jsonl/.csv, or a directory (see below)")
-    p.add_argument("output", metavar="OUTPUT", help="output directory: shards, dataset.json, outcomes.jsonl, "
-                                                    "dataset_card.md, journal.jsonl (resume state)")
-    p.add_argument("--address", metavar="RAY_ADDRESS",
-                   help="connect to a running Ray cluster ('auto' or host:port) instead of starting local Ray")
-    p.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all); ignored with --address")
-    p.add_argument("--num-gpus", type=int, help="GPUs for local Ray (default: detected); ignored with --address")
-    p.add_argument("--workers", type=int, help="featuriser actors at most (default: one per CPU of the cluster)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPU share each featuriser actor requests (for a GPU face tracker; default 0)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                   help=f"chunk rows per shard file, at most (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--chunk-seconds", type=float, default=Settings.chunk_seconds,
-                   help=f"conversation chunk per row, seconds (default {Settings.chunk_seconds:g})")
-    p.add_argument("--length-tolerance", type=float, default=Settings.length_tolerance_s, metavar="SECONDS",
-                   help="quarantine a conversation whose user media / motion track / manifest duration_s differs "
-                        f"from the avatar audio by more than this (default {Settings.length_tolerance_s:g})")
-    p.add_argument("--silence-dbfs", type=float, default=Settings.silence_dbfs,
-                   help=f"quarantine avatar audio whose peak is below this (default {Settings.silence_dbfs:g})")
-    p.add_argument("--livelink-fps", type=float,
-                   help="capture rate of Live Link Face CSV timecodes (default: inferred from the frame field)")
-    p.add_argument("--extractor", metavar="MODULE:CLASS",
-                   help="your own face tracker making motion targets from avatar video when a row has no "
-                        "avatar_motion (see echo_stream.tracks.FaceTracker); default: the bundled one "
-                        "(echo-stream track)")
-    p.add_argument("--no-tracker", action="store_true",
-                   help="do not track avatar video: rows without avatar_motion have no motion targets")
-    p.add_argument("--extractor-model", metavar="PATH", help="the tracker's model file, passed to its constructor")
-    p.add_argument("--allow-no-motion", action="store_true",
-                   help="keep conversations without motion targets (zeros) instead of quarantining them")
-    p.add_argument("--sequential", action="store_true",
-                   help="no Ray: the plain sequential loop in this process (same functions, same output)")
-    p.add_argument("--fresh", action="store_true", help="discard what OUTPUT holds and start over")
-    p.add_argument("--retry-quarantined", action="store_true",
-                   help="try inputs quarantined by an earlier run again (default: keep them quarantined)")
-    p.add_argument("--limit", type=int, help="process at most N pending inputs this run (resumable)")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
-
 
 def settings_from_args(args) -> Settings:
     return Settings(chunk_seconds=args.chunk_seconds, require_motion=not args.allow_no_motion,

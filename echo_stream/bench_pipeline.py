@@ -42,10 +42,10 @@ def environment() -> dict:
 
 
 def run(args) -> int:
-    from .cli import _demo_inputs
     from .generate import GenerateRequest, generate
+    from .samples import demo_inputs
 
-    inputs = _demo_inputs()
+    inputs = demo_inputs()
     if args.no_user:
         inputs.pop("user_video"), inputs.pop("transcript")
     runs = []

@@ -7,12 +7,11 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 
-from . import __version__
+from . import __version__, samples
 from .arguments import module_doc
 
-ASSETS = resources.files("echo_stream") / "assets"
+ASSETS = samples.ASSETS_DIR   # (kept for callers of cli.ASSETS)
 
 #: ``(command, help, description, the arguments' module:function, the module whose ``run(args)`` runs it)``;
 #: a description ``None`` is the command module's docstring. The argument modules are light (see
@@ -120,16 +119,6 @@ def _runner(spec: str):
     return getattr(importlib.import_module(f"echo_stream.{module}"), fn or "run")
 
 
-def _demo_inputs() -> dict:
-    base = str(ASSETS / "sample")
-    return {
-        "portrait": os.path.join(str(ASSETS), "portrait.jpg"),
-        "avatar_audio": os.path.join(base, "avatar_speech.ogg"),
-        "user_video": os.path.join(base, "user_webcam.webm"),
-        "transcript": os.path.join(base, "transcript.txt"),
-    }
-
-
 def _run_generate(args, inputs: dict) -> int:
     from .generate import GenerateRequest, generate
 
@@ -165,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in (args.out, args.motion_out):
                 if p and os.path.dirname(p):
                     os.makedirs(os.path.dirname(p), exist_ok=True)
-            return _run_generate(args, _demo_inputs())
+            return _run_generate(args, samples.demo_inputs())
         if args.command == "bench" and getattr(args, "_run", None) is None:
             parser.parse_args(["bench", "--help"])
             return 2

@@ -93,3 +93,27 @@ def test_defaults_shown_are_the_librarys():
     assert args.history_s == train.DEFAULT_HISTORY_S and args.bptt_windows == train.DEFAULT_BPTT_WINDOWS
     assert (args.chunk_seconds, args.shard_rows) == (dataset.DEFAULT_CHUNK_SECONDS, dataset.DEFAULT_SHARD_ROWS)
 
+
+
+def test_no_library_module_imports_the_command_line():
+    import ast
+    from pathlib import Path
+
+    root = Path(cli.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path == root / "cli.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mod = "." * node.level + (node.module or "")
+                names = {a.name for a in node.names}
+                pkg = path.parent.relative_to(root.parent).as_posix().replace("/", ".")
+                base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                full = (base + "." + (node.module or "")).rstrip(".") if node.level else node.module
+                if full == "echo_stream.cli" or (full == "echo_stream" and "cli" in names):
+                    offenders.append(f"{path.relative_to(root)}: from {mod} import {', '.join(sorted(names))}")
+            elif isinstance(node, ast.Import) and any(a.name == "echo_stream.cli" for a in node.names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

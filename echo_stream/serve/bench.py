@@ -65,19 +65,19 @@ async def _run_n(target, token, n, args, inputs):
 
 
 def run(args) -> int:
-    from .. import cli as main_cli
+    from ..samples import SAMPLE_PORTRAIT
     from ..bench_pipeline import environment
     from .client import Inputs, test_signal
 
     counts = [int(x) for x in str(args.sessions).split(",") if x.strip()]
-    args._portrait = open(str(main_cli.ASSETS / "portrait.jpg"), "rb").read() if args.mode != "motion" else None
+    args._portrait = SAMPLE_PORTRAIT.read_bytes() if args.mode != "motion" else None
     inputs = [Inputs(test_signal(args.duration, seed=s)) for s in range(4)]
     server = backend = None
     target = args.target
     if target is None:
         from ..pipeline import PipelineOptions
         from .backend import RayBackend
-        from .cli import start_ray
+        from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 
         start_ray(None, args.num_cpus)

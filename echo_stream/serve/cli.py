@@ -9,6 +9,7 @@ import sys
 
 from ..arguments.serve import (CLIENT_EPILOG, SERVE_EPILOG, add_client_arguments,  # noqa: F401 (re-exported)
                                add_serve_arguments, add_stride_arguments)
+from ..cluster import start_ray
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,6 @@ def run_serve(args) -> int:
     return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
 
 
-def start_ray(address: str | None, num_cpus: int | None):
-    import ray
-
-    if not ray.is_initialized():
-        kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                     object_store_memory=256 * 1024 * 1024, **kw)
-    return ray
-
-
 async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
     from . import metrics
     from .backend import RayBackend
@@ -94,14 +82,14 @@ async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
 
 
 def run_client(args) -> int:
-    from .. import cli as main_cli
+    from ..samples import SAMPLE_PORTRAIT
     from .client import AvatarClient, Inputs, stream_inputs, test_signal
 
     token = args.token or (_read(args.token_file, "token file") or b"").decode().strip() or \
         os.environ.get("ECHO_STREAM_TOKEN")
     output = args.output or ("both" if args.out else "motion")
     if output in ("video", "both") and not args.avatar_id:
-        portrait = _read(args.portrait or str(main_cli.ASSETS / "portrait.jpg"), "portrait")
+        portrait = _read(args.portrait or str(SAMPLE_PORTRAIT), "portrait")
     else:
         portrait = None
     if args.out is None and args.motion_out is None:

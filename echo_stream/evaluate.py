@@ -235,7 +235,7 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     config's own ``new_frames``; serving's low-latency windows use fewer); ``user_guidance``: see
     ``EchoModel.sample`` (every rollout)."""
     from .corpus import rule_metrics
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
     from .pipeline import load_model
     from .transcript import load as load_transcript
 
@@ -339,7 +339,7 @@ def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None =
     import tempfile
 
     from .corpus.files import _write_wav
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
 
     if len(tts) < 2 or not REAL_USER_VIDEO.is_file():
         return {}
@@ -373,7 +373,7 @@ NEGATIVE = "I lost my job. This is terrible news, I am so sad and worried, I am 
 def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | None = None,
                user_guidance: float = 1.0) -> dict:
     """Same media, early transcript positive vs negative; behaviour difference in the last 10 s."""
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
 
     rows = [r for r in rows if r.get("duration_s", 0) >= 40] or rows
     if not rows:

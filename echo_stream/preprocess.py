@@ -1,7 +1,7 @@
 """``echo-stream preprocess``: conversations -> training shards, on Ray Data, resumable and exactly-once.
 
 The per-conversation work is :func:`process_input`, a plain function (decode with PyAV, features with
-the *same* code as the serving pipeline: :func:`echo_stream.dataset.featurize_conversation`; motion
+the *same* code as the serving pipeline: :func:`echo_stream.featurize.featurize_conversation`; motion
 targets from a track or a face tracker; quality checks; chunk rows as an Arrow table). It runs
 
 * on Ray Data (``executor="ray"``): a streaming ``from_items -> map_batches(actor pool)`` dataset; the
@@ -49,10 +49,11 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__, atomic, config, features, motion
+from . import __version__, atomic, config, features, motion, shards
 from .arguments.data import PREPROCESS_EPILOG as EPILOG  # noqa: F401 (re-exported)
 from .arguments.data import add_preprocess_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .errors import EchoStreamError, InputError
+from .featurize import featurize_conversation
 
 #: set by the CLI's SIGINT handler: a Ctrl-C that Ray turns into another error must still stop the run
 _interrupted = threading.Event()
@@ -105,13 +106,8 @@ class Settings:
 
     def locked(self) -> dict:
         d = dataclasses.asdict(self)
-        d["schema_version"] = _dataset().SCHEMA_VERSION
+        d["schema_version"] = shards.SCHEMA_VERSION
         return d
-
-
-def _dataset():
-    from . import dataset
-    return dataset
 
 
 # ============================================================================ inputs
@@ -300,7 +296,6 @@ def process_input(item: Item, settings: Settings, tracker=None) -> dict:
     Returns ``{"conversation_id", "row_hash", "status": "done"|"quarantined", "reason", "split", "frames",
     "media_s", "chunks", "table": pyarrow.Table (done only), "moments": {"motion", "audio"}, "elapsed_s"}``.
     """
-    ds = _dataset()
     t0 = time.perf_counter()
     row = item.row
     out = {"conversation_id": item.conversation_id, "row_hash": item.row_hash, "status": "quarantined",
@@ -308,10 +303,10 @@ def process_input(item: Item, settings: Settings, tracker=None) -> dict:
            "chunks": 0, "table": None, "moments": None}
     if item.problem is None:
         try:
-            feats = ds.featurize_conversation(row, item.root, tracker=tracker, livelink_fps=settings.livelink_fps)
+            feats = featurize_conversation(row, item.root, tracker=tracker, livelink_fps=settings.livelink_fps)
             check_quality(row, feats, settings)
-            rows = ds._chunk_rows(row, feats, out["split"], settings.chunk_frames)
-            out["table"] = ds._rows_to_table(rows)
+            rows = shards.chunk_rows(row, feats, out["split"], settings.chunk_frames)
+            out["table"] = shards.rows_to_table(rows)
             audio = [feats["avatar_audio"]] + ([feats["user_audio"]] if feats["has_user_audio"] else [])
             out["moments"] = {"motion": _moments(feats["motion"]),
                               "audio": _moments(np.concatenate([a.reshape(-1, a.shape[-1]) for a in audio]))}
@@ -379,12 +374,11 @@ class OutputDir:
 
     @staticmethod
     def _shard_re():
-        return _dataset()._SHARD_RE
+        return shards.SHARD_RE
 
     def _clear(self) -> None:
-        ds = _dataset()
         for p in self.path.iterdir():
-            if (self._shard_re().match(p.name) or p.name in (JOURNAL, OUTCOMES, SETTINGS_JSON, CARD, ds.DATASET_JSON)
+            if (self._shard_re().match(p.name) or p.name in (JOURNAL, OUTCOMES, SETTINGS_JSON, CARD, shards.DATASET_JSON)
                     or (p.name.startswith(".") and p.name.endswith(".tmp"))):
                 p.unlink()
 
@@ -490,7 +484,6 @@ class OutputDir:
 
     # ------------------------------------------------------------------ final files
     def dataset_info(self, settings: Settings, shard_size: int, source: str, seconds: float) -> dict:
-        ds = _dataset()
         counts: dict[str, dict] = {}
         for e in self.commits:
             c = counts.setdefault(e["split"], {"conversations": 0, "chunks": 0, "frames": 0})
@@ -502,7 +495,7 @@ class OutputDir:
         which = "train" if any(e["split"] == "train" for e in self.commits) else "all"
         stats = {}
         for key, dim in (("motion", motion.NUM_CHANNELS), ("audio", config.AUDIO_FEAT_DIM)):
-            m = ds._Moments(dim)
+            m = shards.Moments(dim)
             for e in self.commits:
                 if which == "all" or e["split"] == "train":
                     n, s, ss = e["moments"][key]
@@ -513,10 +506,10 @@ class OutputDir:
         mm, msd = stats["motion"].result()
         am, asd = stats["audio"].result()
         return {
-            "format": ds.FORMAT, "schema_version": ds.SCHEMA_VERSION, "code_version": __version__, "source": source,
+            "format": shards.FORMAT, "schema_version": shards.SCHEMA_VERSION, "code_version": __version__, "source": source,
             "fps": config.FPS, "chunk_seconds": float(settings.chunk_seconds), "chunk_frames": settings.chunk_frames,
             "shard_rows": int(shard_size),
-            "frame_columns": {k: list(v) for k, v in ds.FRAME_COLUMNS.items()},
+            "frame_columns": {k: list(v) for k, v in shards.FRAME_COLUMNS.items()},
             "motion_channels": list(motion.CHANNELS), "audio_features": list(features.AUDIO_FEATURE_COLUMNS),
             "user_face": "user_blend: the user's face as 58-channel motion (echo_stream.face tracker, streaming)",
             "shards": [dict(f, split=e["split"]) for e in self.commits for f in e["files"]],
@@ -854,7 +847,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[dict], output: str | os.Path
                                         if out.quarantined else ""))
         info = out.dataset_info(settings, shard_size, source, seconds)
         if not not_run:
-            atomic.write_text(out.path / _dataset().DATASET_JSON, json.dumps(info, indent=1) + "\n")
+            atomic.write_text(out.path / shards.DATASET_JSON, json.dumps(info, indent=1) + "\n")
             atomic.write_text(out.path / CARD, dataset_card(info))
         info["run"] = {
             "inputs": len(items), "done": stats["done"], "quarantined_now": stats["quarantined"],

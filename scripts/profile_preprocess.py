@@ -35,7 +35,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
-from echo_stream import dataset, features, media, preprocess, tracks, transcript  # noqa: E402
+from echo_stream import features, media, preprocess, shards, tracks, transcript  # noqa: E402
 from echo_stream.face import tracker as face_tracker  # noqa: E402
 
 if args.threads == "1":
@@ -98,8 +98,8 @@ face_tracker.FaceModels.__init__ = timed("face models load", face_tracker.FaceMo
 tracks.load_track = timed("motion track read", tracks.load_track)
 tracks.resample_to_grid = timed("motion track resample", tracks.resample_to_grid)
 transcript.load = timed("transcript", transcript.load)
-dataset._chunk_rows = timed("chunk rows", dataset._chunk_rows)
-dataset._rows_to_table = timed("arrow table", dataset._rows_to_table)
+shards.chunk_rows = timed("chunk rows", shards.chunk_rows)
+shards.rows_to_table = timed("arrow table", shards.rows_to_table)
 preprocess._moments = timed("moments", preprocess._moments)
 preprocess.check_quality = timed("quality checks", preprocess.check_quality)
 

@@ -44,22 +44,13 @@ print(json.dumps({"audio_s": stats["audio_s"], "processing_s": stats["processing
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 600.0],
-                   help="audio lengths to generate, in seconds (default: 10 600)")
-    p.add_argument("--size", type=int, default=64, help="output resolution (default 64: the renderer is not "
-                                                        "what is measured)")
-    p.add_argument("--num-cpus", type=int, default=0, help="CPUs for local Ray (default: all)")
-    p.add_argument("--out", default="bench/results", help="directory for the JSON and PNG (default bench/results)")
-
-
 def _speech(seconds: float, path: str) -> None:
     """The bundled sample speech repeated to ``seconds``, as a 16 kHz wav."""
     import numpy as np
     import soundfile as sf
 
     from . import media
-    from .cli import ASSETS
+    from .samples import ASSETS_DIR as ASSETS
 
     y = media.decode_audio(str(ASSETS / "sample" / "avatar_speech.ogg"))
     n = int(round(seconds * 16000))
@@ -74,7 +65,7 @@ def run(args) -> int:
         for seconds in args.seconds:
             wav = os.path.join(tmp, f"speech-{seconds:g}.wav")
             _speech(seconds, wav)
-            from .cli import ASSETS
+            from .samples import ASSETS_DIR as ASSETS
 
             req = {"portrait": str(ASSETS / "portrait.jpg"), "avatar_audio": wav, "size": args.size,
                    "out": os.path.join(tmp, f"out-{seconds:g}.mp4"),
@@ -130,7 +121,9 @@ def _plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="echo-stream bench memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    from .arguments.bench import add_memory_bench_arguments
+
+    add_memory_bench_arguments(p)
     return run(p.parse_args(argv))
 
 

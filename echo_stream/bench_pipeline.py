@@ -6,7 +6,6 @@ actors, model loading, librosa/numba warm-up) excluded and reported apart.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -15,17 +14,7 @@ import socket
 import tempfile
 import time
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
-    p.add_argument("--size", type=int, default=256, help="output resolution (default 256)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
-    p.add_argument("--repeat", type=int, default=1, help="runs; the JSON keeps each and the median")
-    p.add_argument("--no-user", action="store_true", help="avatar audio only (no user video / transcript)")
-    p.add_argument("--config", default=None, help="model config (default: the checkpoint's)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (default: bundled)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-ray", action="store_true", help="inline runner (no Ray) for comparison")
+from .arguments.bench import add_pipeline_arguments as add_arguments  # noqa: F401 (the command's arguments)
 
 
 def environment() -> dict:
@@ -53,10 +42,10 @@ def environment() -> dict:
 
 
 def run(args) -> int:
-    from .cli import _demo_inputs
     from .generate import GenerateRequest, generate
+    from .samples import demo_inputs
 
-    inputs = _demo_inputs()
+    inputs = demo_inputs()
     if args.no_user:
         inputs.pop("user_video"), inputs.pop("transcript")
     runs = []

@@ -56,30 +56,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", metavar="DIR|MANIFEST",
-                   help="inputs (a manifest or corpus directory); default: a synthetic corpus in --work")
-    p.add_argument("--sizes", default="16,48", help="corpus sizes in conversations, comma-separated (default 16,48)")
-    p.add_argument("--cpus", default="2", help="num_cpus values for the Ray runs, comma-separated (default 2)")
-    p.add_argument("--minutes", type=float, default=1.0, help="minutes per generated conversation (default 1)")
-    p.add_argument("--no-video", action="store_true", help="generated corpus with audio-only user side")
-    p.add_argument("--work", default="out/bench_preprocess", help="corpus cache and scratch directory")
-    p.add_argument("--baselines", default="1,default",
-                   help="sequential baselines to run: library threads '1', 'default', or both (default '1,default')")
-    p.add_argument("--no-sequential", action="store_true", help="skip the sequential baselines")
-    p.add_argument("--no-ideal", action="store_true", help="skip the ideal split (plain processes, no Ray)")
-    p.add_argument("--no-probe", action="store_true", help="skip the parallel-capacity probes")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="rounds per size: every runner once per round, rounds one after the other; speed-ups "
-                        "are taken within a round and summarised by their median (default 1)")
-    p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
-    p.add_argument("--tag", help="JSON file name suffix: preprocess_<N>cpu_<tag>.json (default: none)")
-    p.add_argument("--plot", metavar="JSON",
-                   help="only draw the figure of an earlier result (its PNG beside it) and print its table; "
-                        "runs nothing")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, JSON on stdout
-
+from .arguments.bench import add_preprocess_bench_arguments as add_arguments  # noqa: F401 (the command's arguments)
 
 # ============================================================================ process tree sampling
 

@@ -1,8 +1,11 @@
-"""Named model configurations and pipeline constants.
+"""Named model configurations, pipeline constants and the defaults that the library and the CLI share.
 
 ``tiny`` is the CPU default (real time on 2 cores); ``base`` is the GPU
 reference shape of the brief (d_model 512, 12 layers, 8 heads x 64,
 25 frames x 8 region tokens = 200 query tokens per window).
+
+This module stays light (NumPy at most): the command line reads its defaults
+from here without loading torch, Ray, librosa or PyAV.
 """
 from __future__ import annotations
 
@@ -26,6 +29,14 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 #: waits for stride + lookahead frames of audio, so 6 + 2 frames = 320 ms instead of 16 + 2 = 720 ms (tiny's
 #: own new_frames); what it does to the motion is measured in docs/serving.md
 DEFAULT_SERVE_STRIDE = 6
+
+#: training shards: seconds of conversation per Parquet row (chunk), and chunk rows per shard file
+SHARD_CHUNK_SECONDS = 64.0
+SHARD_ROWS = 32
+#: preprocess's quality checks: quarantine a conversation whose tracks' lengths differ from the avatar
+#: audio's by more than this (seconds), or whose avatar audio peaks below this level (dBFS)
+PREPROCESS_LENGTH_TOLERANCE_S = 1.0
+PREPROCESS_SILENCE_DBFS = -60.0
 
 
 @dataclass(frozen=True)
@@ -148,3 +159,34 @@ def get_config(name_or_path: str | os.PathLike) -> ModelConfig:
             except RecursionError:
                 raise ValueError(f"{key}: not a valid model config: JSON nested too deeply") from None
     raise ValueError(f"unknown config '{key}': use one of {', '.join(CONFIGS)} or a path to a JSON config file")
+
+
+# ============================================================================ the default training recipe
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Optimisation settings of one training stage (:mod:`echo_stream.train`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    clip: float = 1.0
+    min_lr_frac: float = 0.05
+    #: stage 2: share of windows whose known frames lose their non-lip baseline (see EchoModel.loss)
+    known_drop: float = 0.0
+    #: share of windows with more known frames than overlap_frames (low-latency stride; see EchoModel.loss)
+    long_known: float = 0.0
+
+
+#: The default recipe (tiny config, 2 CPU cores): see :mod:`echo_stream.train` and the docs.
+TRAIN_DEFAULTS: dict[int, StageSettings] = {
+    1: StageSettings(steps=2000, batch_size=32, lr=1e-3, warmup=100),
+    2: StageSettings(steps=1200, batch_size=16, lr=4e-4, warmup=50, known_drop=0.35),
+}
+#: stage 2: seconds of history rolled through the LCU memory before each window
+TRAIN_HISTORY_S = 30.0
+#: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
+TRAIN_BPTT_WINDOWS: int | None = 12

@@ -36,7 +36,6 @@ Metrics
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config, features, media, motion, schemas
+from .arguments.training import add_eval_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .stages import Packet
 from .stages.diffusion import DiffusionStage
 from .stages.memory import MemoryStage
@@ -235,7 +235,7 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     config's own ``new_frames``; serving's low-latency windows use fewer); ``user_guidance``: see
     ``EchoModel.sample`` (every rollout)."""
     from .corpus import rule_metrics
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
     from .pipeline import load_model
     from .transcript import load as load_transcript
 
@@ -339,7 +339,7 @@ def real_user_effect(model, tts: list[Path], seed: int = 0, stride: int | None =
     import tempfile
 
     from .corpus.files import _write_wav
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
 
     if len(tts) < 2 or not REAL_USER_VIDEO.is_file():
         return {}
@@ -373,7 +373,7 @@ NEGATIVE = "I lost my job. This is terrible news, I am so sad and worried, I am 
 def long_range(model, corpus: Path, rows: list[dict], seed: int, stride: int | None = None,
                user_guidance: float = 1.0) -> dict:
     """Same media, early transcript positive vs negative; behaviour difference in the last 10 s."""
-    from .dataset import featurize_conversation
+    from .featurize import featurize_conversation
 
     rows = [r for r in rows if r.get("duration_s", 0) >= 40] or rows
     if not rows:
@@ -459,33 +459,6 @@ def plot(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _guidance(text: str) -> float:
-    try:
-        g = float(text)
-    except ValueError:
-        g = float("nan")
-    if not (np.isfinite(g) and g >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: need a finite number >= 0 (1 = no guidance)")
-    return g
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (default: the bundled one)")
-    p.add_argument("--ablation", help="entangled-fusion checkpoint for the SDCM interference comparison")
-    p.add_argument("--corpus", required=True, help="corpus directory (manifest.jsonl) with a heldout split")
-    p.add_argument("--tts", help="directory of real speech clips (*.ogg; default tests/data/tts)")
-    p.add_argument("--out", default="bench/results/eval", help="output directory for eval.json and eval.png")
-    p.add_argument("--clips", type=int, default=4, help="held-out conversations to use")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
-                   help="new frames per generation window of every rollout (default: the config's new_frames; "
-                        "serve uses 6 for video sessions)")
-    p.add_argument("--user-guidance", type=_guidance, default=1.0, metavar="G",
-                   help="guidance on the user branch at sampling (1 = none; >1 amplifies the learned reactions, "
-                        "twice the diffusion cost)")
-    p.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import atomic, config, inputs, media, motion, render, schemas, transcript
+from . import atomic, config, media, motion, render, schemas, transcript
 from .errors import EchoStreamError, InputError, raise_on_sigterm
 from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
 
@@ -86,7 +86,7 @@ def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
         raise InputError(req.user_audio, "no audio stream")
     for path in (req.avatar_audio, req.user_audio, req.user_video):
         if path is not None:
-            inputs.check_audio(path)
+            media.check_audio(path)
     if req.config is not None:
         try:
             config.get_config(req.config)

@@ -71,7 +71,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ModelConfig, get_config
+from .arguments.training import add_train_arguments as add_arguments  # noqa: F401 (the command's arguments)
+from .config import TRAIN_BPTT_WINDOWS, TRAIN_DEFAULTS, TRAIN_HISTORY_S, ModelConfig, StageSettings, get_config
 from .dataset import FEATURE_COLUMNS, ShardDataset, read_dataset_info, write_shards
 from .errors import CheckpointError, InputError
 from . import atomic
@@ -92,32 +93,11 @@ CSV_FIELDS = ("stage", "step", "split", "loss", "fm", "vel", "lip_mse", "lr", "g
               "steps_per_s", "elapsed_s")
 
 
-@dataclass(frozen=True)
-class StageSettings:
-    """Optimisation settings of one training stage."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int = 100
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.99)
-    clip: float = 1.0
-    min_lr_frac: float = 0.05
-    #: stage 2: share of windows whose known frames lose their non-lip baseline (see EchoModel.loss)
-    known_drop: float = 0.0
-    #: share of windows with more known frames than overlap_frames (low-latency stride; see EchoModel.loss)
-    long_known: float = 0.0
-
-
 #: The default recipe (tiny config, 2 CPU cores): see the module docstring and docs.
-DEFAULTS: dict[int, StageSettings] = {
-    1: StageSettings(steps=2000, batch_size=32, lr=1e-3, warmup=100),
-    2: StageSettings(steps=1200, batch_size=16, lr=4e-4, warmup=50, known_drop=0.35),
-}
-DEFAULT_HISTORY_S = 30.0
+DEFAULTS: dict[int, StageSettings] = TRAIN_DEFAULTS
+DEFAULT_HISTORY_S = TRAIN_HISTORY_S
 #: windows of each stage-2 history rolled through the LCU with gradients (the rest without): None = all
-DEFAULT_BPTT_WINDOWS: int | None = 12
+DEFAULT_BPTT_WINDOWS: int | None = TRAIN_BPTT_WINDOWS
 #: learning-rate multiplier of the SDCM gate biases (a few scalars that must travel several logits)
 GATE_LR_SCALE = 20.0
 #: the user path is new in stage 2 (stage 1 never uses it) while the rest fine-tunes: it learns at this
@@ -857,79 +837,6 @@ def _all_synthetic(shards_dir, info: dict) -> bool:
 
 
 # ============================================================================ CLI
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or two numbers separated by a comma, got {text!r}")
-
-
-def _ints(text: str) -> list[int]:
-    vals = _floats(text)
-    if any(v != int(v) for v in vals):
-        raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}")
-    return [int(v) for v in vals]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``echo-stream train``."""
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = (
-        "examples:\n"
-        "  # the default checkpoint, from scratch (SYNTHETIC corpus; ~25 min on 2 CPU cores):\n"
-        "  echo-stream train --make-corpus 20 --corpus out/corpus --out out/train --export default\n"
-        "  # your own data: a manifest.jsonl (see echo_stream/dataset.py) -> shards -> training\n"
-        "  echo-stream train --corpus my_corpus/ --out runs/mine --time-budget 2h\n"
-        "  # shards already written; stage 2 only, from a stage-1 checkpoint\n"
-        "  echo-stream train --shards runs/mine/shards --stage 2 --init-from runs/mine/stage1/step-0002400\n")
-    src = p.add_argument_group("data")
-    src.add_argument("--shards", metavar="DIR",
-                     help="training shards (a directory with dataset.json); default OUT/shards")
-    src.add_argument("--corpus", metavar="DIR|MANIFEST",
-                     help="a corpus (manifest.jsonl + media): its shards are written to --shards first "
-                          "unless that directory already has them")
-    src.add_argument("--make-corpus", type=int, metavar="N",
-                     help="when --corpus has no manifest yet, generate a SYNTHETIC corpus of N conversations "
-                          "there first (echo_stream.corpus)")
-    src.add_argument("--corpus-minutes", type=float, default=1.0, help="minutes per generated conversation (1.0)")
-    src.add_argument("--rewrite-shards", action="store_true", help="write the shards again even if present")
-    src.add_argument("--chunk-seconds", type=float, default=64.0, help="shard chunk length in seconds (64)")
-    src.add_argument("--shard-rows", type=int, default=32, help="chunks per shard file (32)")
-    p.add_argument("-o", "--out", metavar="DIR", default="out/train", help="output directory (default out/train)")
-    p.add_argument("--config", metavar="NAME|PATH", default=None,
-                   help="model config for a new model: tiny (default) or base or a JSON file")
-    p.add_argument("--stage", choices=("1", "2", "both"), default="both", help="which stage(s) to train")
-    p.add_argument("--steps", type=_ints, metavar="S[,S2]",
-                   help=f"training steps (one value for both stages, or stage1,stage2; default "
-                        f"{DEFAULTS[1].steps},{DEFAULTS[2].steps})")
-    p.add_argument("--batch-size", type=_ints, metavar="B[,B2]",
-                   help=f"windows per step (default {DEFAULTS[1].batch_size},{DEFAULTS[2].batch_size})")
-    p.add_argument("--lr", type=_floats, metavar="LR[,LR2]",
-                   help=f"peak learning rate (default {DEFAULTS[1].lr:g},{DEFAULTS[2].lr:g})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and noise (0)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue exactly from OUT's newest checkpoint (default); --no-resume starts over")
-    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this checkpoint instead of a new model")
-    p.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="steps between checkpoints (~10 per stage)")
-    p.add_argument("--time-budget", metavar="DURATION",
-                   help="wall-clock limit (1200, 1200s, 20m, 1.5h): the schedules shrink to fit")
-    p.add_argument("--history-s", type=float, default=DEFAULT_HISTORY_S,
-                   help="stage 2: seconds of history rolled through the LCU memory before each window (30)")
-    p.add_argument("--bptt-windows", type=int, default=DEFAULT_BPTT_WINDOWS or 0, metavar="N",
-                   help=f"stage 2: back-propagate through only the last N history windows of the behaviour "
-                        f"slots (0 = all; default {DEFAULT_BPTT_WINDOWS or 0}); the transcript traces always get "
-                        f"gradients from the whole past")
-    p.add_argument("--eval-batches", type=int, default=4, help="heldout batches per evaluation (0 = none)")
-    p.add_argument("--export", metavar="DIR|default",
-                   help="also write the final model to DIR ('default' = the packaged default checkpoint)")
-    p.add_argument("--long-known", type=float, metavar="P",
-                   help=f"stage 2: share of windows trained with more known frames than the config's overlap, "
-                        f"so that serving can use strides shorter than new_frames (low latency; default "
-                        f"{DEFAULTS[2].long_known})")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: every core this process may use)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
 
 def run(args) -> int:
     """``echo-stream train``."""

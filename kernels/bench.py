@@ -45,15 +45,17 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from echo_stream.arguments.bench import KERNEL_GPU_IMPLS as GPU_IMPLS
+from echo_stream.arguments.bench import RESULTS as DEFAULT_OUT  # noqa: F401 (re-exported)
+from echo_stream.arguments.bench import add_kernels_bench_arguments as add_arguments
+
 # The module itself: the package exports the function under the same name.
 _sdcm = importlib.import_module(f"{__package__ or 'echo_stream.kernels'}.sdcm_attention")
 
 JSON_NAME = "sdcm_attention_bench.json"
 CSV_NAME = "sdcm_attention_bench.csv"
 PNG_NAME = "sdcm_attention_bench.png"
-DEFAULT_OUT = "bench/results"
 
-GPU_IMPLS = ("fused", "eager_sdpa", "compiled_sdpa", "flex")
 CPU_IMPLS = ("reference", "eager_sdpa", "fused")
 
 # (substring of torch.cuda.get_device_name(), dense bf16 tensor TFLOP/s, HBM TB/s); first match wins.
@@ -459,22 +461,6 @@ def write_plot(path: Path, rows: list, env: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``echo-stream bench kernels``."""
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT}/)")
-    parser.add_argument("--quick", action="store_true", help="a small grid instead of the full one")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="run a tiny float32 grid on CPU (reference vs eager composition; the kernel too "
-                             "under TRITON_INTERPRET=1) to exercise the code path; timings are meaningless")
-    parser.add_argument("--impls", default=None,
-                        help=f"comma-separated implementations (default on GPU: {','.join(GPU_IMPLS)})")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
-                        help="input dtype on the GPU (default: bfloat16)")
-    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per measurement")
-    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measurement time per measurement")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,8 +35,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
-from echo_stream import dataset, features, media, preprocess, tracks, transcript  # noqa: E402
+from echo_stream import features, media, preprocess, shards, tracks, transcript  # noqa: E402
 from echo_stream.face import tracker as face_tracker  # noqa: E402
+from echo_stream.preprocess import conversation, runners  # noqa: E402
 
 if args.threads == "1":
     preprocess.one_thread_per_library()   # OpenCV's pool and FFmpeg's decoder threads, as a Ray featuriser
@@ -98,10 +99,10 @@ face_tracker.FaceModels.__init__ = timed("face models load", face_tracker.FaceMo
 tracks.load_track = timed("motion track read", tracks.load_track)
 tracks.resample_to_grid = timed("motion track resample", tracks.resample_to_grid)
 transcript.load = timed("transcript", transcript.load)
-dataset._chunk_rows = timed("chunk rows", dataset._chunk_rows)
-dataset._rows_to_table = timed("arrow table", dataset._rows_to_table)
-preprocess._moments = timed("moments", preprocess._moments)
-preprocess.check_quality = timed("quality checks", preprocess.check_quality)
+shards.chunk_rows = timed("chunk rows", shards.chunk_rows)
+shards.rows_to_table = timed("arrow table", shards.rows_to_table)
+conversation._moments = timed("moments", conversation._moments)            # where process_input looks them up
+conversation.check_quality = timed("quality checks", conversation.check_quality)
 
 rows, root = preprocess.read_inputs(args.manifest)
 items, _ = preprocess.make_items(rows[args.skip:args.skip + args.n], root)
@@ -123,8 +124,8 @@ for it in items:
     assert r["status"] == "done", r["reason"]
     # the Ray path's IPC round trip of the table
     t, c = time.perf_counter(), _cpu()
-    blob = preprocess._ipc(r["table"])
-    preprocess._from_ipc(blob)
+    blob = runners._ipc(r["table"])
+    runners._from_ipc(blob)
     T["arrow IPC round trip (ray only)"][0] += time.perf_counter() - t
     T["arrow IPC round trip (ray only)"][1] += _cpu() - c
     T["arrow IPC round trip (ray only)"][2] += 1

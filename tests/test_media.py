@@ -13,6 +13,7 @@ import pytest
 
 from echo_stream import media
 from echo_stream.errors import InputError
+from echo_stream.media import fmp4
 
 from . import mediagen as mg
 
@@ -619,24 +620,24 @@ def test_fragment_counter_handles_arbitrary_pieces():
     """The counter counts a fragment once its moof and mdat are both complete, however the bytes are split."""
     enc = media.FragmentedMp4Encoder(64, 48, gop=8)
     data = enc.encode(mg.face_frames(12, 64, 48), np.zeros(15 * 640, np.float32)) + enc.close()
-    whole = media._FragmentCounter(1)
+    whole = fmp4._FragmentCounter(1)
     whole.feed(data)
     assert whole.samples == 12
-    pieces = media._FragmentCounter(1)
+    pieces = fmp4._FragmentCounter(1)
     seen = []
     for k in range(0, len(data), 97):
         pieces.feed(data[k:k + 97])
         seen.append(pieces.samples)
     assert pieces.samples == 12 and seen == sorted(seen)
-    ends = [hi for kind, _, hi in media._boxes(data, 0, len(data)) if kind == b"mdat"]
+    ends = [hi for kind, _, hi in fmp4._boxes(data, 0, len(data)) if kind == b"mdat"]
     counts = []
     for e in ends:
-        c = media._FragmentCounter(1)
+        c = fmp4._FragmentCounter(1)
         c.feed(data[:e])
         counts.append(c.samples)
     k = next(i for i, n in enumerate(counts) if n > (counts[i - 1] if i else 0))   # first mdat with video
     before = counts[k - 1] if k else 0
-    held = media._FragmentCounter(1)
+    held = fmp4._FragmentCounter(1)
     held.feed(data[:ends[k] - 1])                # that mdat lacks one byte: its samples are not counted yet
     assert held.samples == before
     held.feed(data[ends[k] - 1:ends[k]])

@@ -311,8 +311,8 @@ def test_a_failed_ray_pass_is_resumed_by_the_next_pass(mixed, tmp_path, monkeypa
                 yield r                                   # a retried task's result, delivered twice
                 raise ConnectionError("node 10.0.0.7 lost")
 
-    monkeypatch.setattr(preprocess, "run_ray", flaky_run_ray)
-    monkeypatch.setattr(preprocess, "_ensure_ray", lambda opts: False)
+    monkeypatch.setattr(preprocess.job, "run_ray", flaky_run_ray)       # where the job looks them up
+    monkeypatch.setattr(preprocess.job, "_ensure_ray", lambda opts: False)
     info = preprocess.preprocess(good, tmp_path / "o", root=root, progress=False, shard_size=1)
     assert passes == [["good0", "good1", "good2"], ["good2"]]
     run = info["run"]

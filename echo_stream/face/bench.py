@@ -14,13 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "tests" / "data" / "real" / "WolfgangLanger_Pexels.mp4"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--video", default=str(DEFAULT_VIDEO), help="a face video (default: the tests' real clip)")
-    p.add_argument("--repeat", type=int, default=3, help="passes over the video (default 3)")
-    p.add_argument("--out", default="bench/results/tracker_cpu1.json", help="JSON output path")
+from ..arguments.bench import add_tracker_bench_arguments as add_arguments  # noqa: F401 (the command's arguments)
 
 
 def _ms(samples: list[float]) -> dict:

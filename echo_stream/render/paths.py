@@ -1,8 +1,6 @@
 """Where the renderer's bundled files are."""
 from __future__ import annotations
 
-from pathlib import Path
+from ..samples import ASSETS_DIR, SAMPLE_PORTRAIT  # noqa: F401 (SAMPLE_PORTRAIT re-exported)
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-SAMPLE_PORTRAIT = ASSETS_DIR / "portrait.jpg"
 CASCADE_DIR = ASSETS_DIR / "haarcascades"

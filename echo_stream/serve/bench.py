@@ -14,7 +14,6 @@ Without ``--target`` a server is started in this process on local Ray
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -22,29 +21,7 @@ import time
 
 import numpy as np
 
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", help="a running server (host:port); default: start one here on local Ray")
-    p.add_argument("--token", help="bearer token for --target")
-    p.add_argument("--sessions", default="1,2,4,8", help="concurrent session counts to try (default 1,2,4,8)")
-    p.add_argument("--mode", choices=("video", "motion", "both"), default="video", help="output mode (default video)")
-    p.add_argument("--codec", choices=("fmp4", "raw"), default="fmp4", help="video codec (default fmp4)")
-    p.add_argument("--size", type=int, default=256, help="video size (default 256)")
-    p.add_argument("--duration", type=float, default=8.0, help="seconds of avatar audio per session (default 8)")
-    p.add_argument("--rt-p99", type=float, default=2.0, help="client p99 frame latency bound of 'real time' (s, default 2)")
-    p.add_argument("--max-growth", type=float, default=0.25, help="latency growth bound of 'real time' (s)")
-    p.add_argument("--stop-after-miss", action="store_true", help="stop the sweep at the first N not real time")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--max-sessions", type=int, default=None, help="local server capacity (default: max N)")
-    p.add_argument("--config", default=None, help="model config of the local server (tiny, base)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--device", default="cpu")
-    from .cli import add_stride_arguments
-
-    add_stride_arguments(p)
-    p.add_argument("--out", default="bench/results", help="directory for the JSON (default bench/results)")
-    p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")
+from ..arguments.bench import add_serve_bench_arguments as add_arguments  # noqa: F401 (the command's arguments)
 
 
 def _client_latency(res, t_start: float) -> np.ndarray:
@@ -88,19 +65,19 @@ async def _run_n(target, token, n, args, inputs):
 
 
 def run(args) -> int:
-    from .. import cli as main_cli
+    from ..samples import SAMPLE_PORTRAIT
     from ..bench_pipeline import environment
     from .client import Inputs, test_signal
 
     counts = [int(x) for x in str(args.sessions).split(",") if x.strip()]
-    args._portrait = open(str(main_cli.ASSETS / "portrait.jpg"), "rb").read() if args.mode != "motion" else None
+    args._portrait = SAMPLE_PORTRAIT.read_bytes() if args.mode != "motion" else None
     inputs = [Inputs(test_signal(args.duration, seed=s)) for s in range(4)]
     server = backend = None
     target = args.target
     if target is None:
         from ..pipeline import PipelineOptions
         from .backend import RayBackend
-        from .cli import start_ray
+        from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 
         start_ray(None, args.num_cpus)

@@ -35,15 +35,6 @@ import time
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=float, default=60.0, help="how long sessions are opened and closed (default 60)")
-    p.add_argument("--concurrency", type=int, default=3, help="sessions in flight at any time (default 3)")
-    p.add_argument("--size", type=int, default=128, help="video size of the video sessions (default 128)")
-    p.add_argument("--every", type=float, default=15.0, help="seconds between samples (default 15)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--out", default="bench/results", help="directory for soak.json / soak.png (default bench/results)")
-
-
 # --------------------------------------------------------------------------- /proc readings
 
 def _proc(pid: int) -> dict | None:
@@ -280,7 +271,9 @@ def main(argv=None) -> int:
         return _client_main(argv[1:])
     p = argparse.ArgumentParser(prog="echo-stream bench soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    from ..arguments.bench import add_soak_bench_arguments
+
+    add_soak_bench_arguments(p)
     return run(p.parse_args(argv))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import config, media, schemas
 from ..errors import InputError
-from . import Packet, Stage
+from . import Packet, Stage, warmup
 
 USER_VIDEO_WIDTH = 192
 
@@ -219,8 +219,6 @@ class DecodeStage(Stage):
 
     def setup(self) -> None:
         """Warm the push path (see :mod:`.warmup`) so that a session's first audio is not the one to pay."""
-        from . import warmup
-
         self.open_stream(warmup.SESSION)
         try:
             self.push(warmup.SESSION, warmup.pushed_inputs(4), end=True)
@@ -448,3 +446,14 @@ def chunks(stage: DecodeStage, session_id: str) -> Iterator[tuple[Packet, dict]]
         yield packet, info
         if info["end"]:
             return
+
+
+def warmup_packet(frames: int) -> Packet:
+    """What the decode stage makes of :func:`.warmup.pushed_inputs` (the features stage's warm-up input)."""
+    dec = DecodeStage()
+    dec.open_stream(warmup.SESSION)
+    try:
+        packet, _ = dec.push(warmup.SESSION, warmup.pushed_inputs(frames), end=True)
+    finally:
+        dec.close_session(warmup.SESSION)
+    return packet

@@ -87,11 +87,12 @@ class FeaturesStage(Stage):
 
     def setup(self) -> None:
         from . import warmup
+        from .decode import warmup_packet
 
         features.warmup()
         super().setup()
         try:                                  # one synthetic session through process (see .warmup)
-            self.process(warmup.decode_packet(12))
+            self.process(warmup_packet(12))
         finally:
             self.close_session(warmup.SESSION)
 

@@ -6,6 +6,10 @@ OpenCV kernel at its shapes): 0.4-0.6 s per stage on a CPU, serially along the
 pipeline, which a live session's first frame would otherwise pay. Each stage's
 ``setup()`` therefore pushes one short synthetic session through its own
 ``process`` (and closes it), so that a session arriving later finds it warm.
+
+This module imports no stage: the stages import it (what the decode stage makes of
+:func:`pushed_inputs`, the features stage's warm-up input, is
+:func:`echo_stream.stages.decode.warmup_packet`).
 """
 from __future__ import annotations
 
@@ -32,19 +36,6 @@ def pushed_inputs(frames: int, seed: int = 0) -> list[tuple[str, dict]]:
     items = [("avatar_audio", pcm()), ("user_audio", pcm())]
     items += [("user_video", {"raw": grey, "width": w, "height": h})] * frames
     return items
-
-
-def decode_packet(frames: int) -> Packet:
-    """What the decode stage makes of :func:`pushed_inputs` (the features stage's input)."""
-    from .decode import DecodeStage
-
-    dec = DecodeStage()
-    dec.open_stream(SESSION)
-    try:
-        packet, _ = dec.push(SESSION, pushed_inputs(frames), end=True)
-    finally:
-        dec.close_session(SESSION)
-    return packet
 
 
 def features_packet(frames: int, end: bool = True, seed: int = 0) -> Packet:

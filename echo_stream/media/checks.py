@@ -1,6 +1,6 @@
 """Checks of untrusted input files that need more than the header but no decoding, run before Ray starts.
 
-:func:`echo_stream.media.probe` reads headers; what a header cannot tell is here,
+:func:`~echo_stream.media.probe` reads headers; what a header cannot tell is here,
 bounded in time and memory by reading packets (never decoded frames):
 
 * :func:`check_audio` — both checks below, for a file whose audio will be used;
@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: float samples beyond this magnitude are not audio in any usual scale (full scale is 1.0)
 MAX_FLOAT_SAMPLE = 64.0

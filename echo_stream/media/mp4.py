@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from fractions import Fraction
 from typing import BinaryIO
 
@@ -10,6 +9,7 @@ import av
 import numpy as np
 
 from ..config import FPS, SAMPLE_RATE
+from .. import atomic
 from ..errors import InputError
 from .inputs import _av_reason
 
@@ -111,8 +111,11 @@ class Mp4Writer:
                 raise InputError(self.path, f"output directory {d} is not writable")
             if os.path.isdir(self.path):
                 raise InputError(self.path, "is a directory; give a file name ending in .mp4")
-            self._tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(6)}")
-            target = self._tmp
+            try:
+                self._tmp = atomic.PendingFile(self.path)
+            except OSError as e:
+                raise InputError(self.path, f"cannot create the output file: {e.strerror or e}") from None
+            target = self._tmp.tmp
         try:
             self._container = av.open(target, "w", format=format, container_options=options)
             vs = self._container.add_stream("libx264", rate=self.fps)
@@ -253,7 +256,7 @@ class Mp4Writer:
             self._container.close()
             self._container = None
             if self._tmp is not None:
-                os.replace(self._tmp, self.path)
+                self._tmp.commit()
                 self._tmp = None
         except av.FFmpegError as e:
             self.abort()
@@ -277,10 +280,7 @@ class Mp4Writer:
                 pass
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            tmp.discard()
 
     def _check_open(self) -> None:
         if self._closed or self._container is None:

@@ -13,7 +13,8 @@ from .. import atomic
 from ..errors import InputError
 from .inputs import _av_reason
 
-_FRAG_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
+#: fragmented output; ``delay_moov`` writes the moov with the first fragment, with edit lists (see Mp4Writer)
+_FRAG_FLAGS = "frag_keyframe+empty_moov+default_base_moof+delay_moov"
 
 
 class Mp4Writer:
@@ -41,9 +42,14 @@ class Mp4Writer:
 
     When ``path`` is a writable binary file-like object (``.write``), the
     output is written there, fragmented (``movflags=frag_keyframe+empty_moov+
-    default_base_moof``, a keyframe every ``gop`` frames, default 1 s) so that
-    a server can send bytes as they are produced; ``fragmented=True`` does the
-    same for a path. ``fragment_frames`` also cuts a fragment whenever one
+    default_base_moof+delay_moov``, a keyframe every ``gop`` frames, default
+    1 s) so that a server can send bytes as they are produced; ``fragmented=True``
+    does the same for a path. The init segment (``ftyp`` + ``moov``) comes
+    with the first fragment (``delay_moov``), once the first packet of every
+    track is known, so that its edit lists carry the timing a finished file
+    has: the AAC encoder's priming is cut, and every video frame lasts
+    ``1/fps`` from pts 0 (without them the first frame was stretched over the
+    priming, ~21 ms, and the audio played that much late). ``fragment_frames`` also cuts a fragment whenever one
     spans that many frames (FFmpeg's ``frag_duration``); ``audio_lead_frames``
     lets audio already given be encoded that far ahead of the video (streaming:
     the muxer interleaves by time, so video waits for audio at least as late).

@@ -81,6 +81,8 @@ def read_manifest_file(path: str | os.PathLike) -> list[dict]:
                 r = json.loads(line)
             except ValueError as e:
                 raise InputError(f"{p}:{i}", f"not a JSON object: {e}") from None
+            except RecursionError:               # a hostile line of thousands of nested brackets
+                raise InputError(f"{p}:{i}", "not a JSON object of one level: nested too deeply") from None
             if not isinstance(r, dict):
                 raise InputError(f"{p}:{i}", "not a JSON object")
             rows.append(_clean_row(r, f"{p}:{i}"))

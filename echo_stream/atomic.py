@@ -1,7 +1,10 @@
 """Atomic file writes: write under a temporary name in the same directory, rename into place when complete.
 
 A crash or an exception never leaves a partial file at the destination, and
-the temporary file is removed.
+the temporary file is removed. The temporary name is ``.NAME.tmp-XXXXXXXX``
+beside ``NAME`` (:func:`is_temp_name` recognises one a killed process left).
+A finished file gets the permissions a plain ``open()`` would give it (the
+process's umask), not the owner-only ones of a temporary file.
 """
 from __future__ import annotations
 
@@ -11,21 +14,60 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+#: what marks a temporary name: ``.NAME.tmp-XXXXXXXX``
+TEMP_MARK = ".tmp-"
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: permissions of a finished file: what ``open(path, "w")`` makes under this process's umask
+_FILE_MODE = _file_mode()
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is the temporary file of an unfinished atomic write (``.NAME.tmp-XXXX``, or the
+    ``.NAME.XXXX.tmp`` that earlier versions wrote)."""
+    return name.startswith(".") and (TEMP_MARK in name or name.endswith(".tmp"))
+
+
+class PendingFile:
+    """A temporary file beside ``path`` (its name in :attr:`tmp`) that becomes ``path`` only through
+    :meth:`commit` (fsynced, then renamed onto it); :meth:`discard` deletes it. For writers whose output
+    is finished by a later call than the one that starts it (:class:`echo_stream.media.Mp4Writer`);
+    otherwise use :func:`atomic_path`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}{TEMP_MARK}", dir=self.path.parent)
+        os.close(fd)
+
+    def commit(self) -> None:
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(self.tmp, _FILE_MODE)
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        tmp, self.tmp = self.tmp, None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    pending = PendingFile(path)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield pending.tmp
+        pending.commit()
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        pending.discard()
         raise
 
 

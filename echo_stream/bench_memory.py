@@ -58,7 +58,8 @@ def _speech(seconds: float, path: str) -> None:
 
 
 def run(args) -> int:
-    from .bench_pipeline import environment
+    from . import atomic
+    from .machine import environment
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,10 +91,7 @@ def run(args) -> int:
               "peak_ratio_longest_to_shortest": ratio, "runs": runs}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "generate_memory.json")
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp_path, path)
+    atomic.write_text(path, json.dumps(result, indent=1))
     _plot(result, os.path.join(args.out, "generate_memory.png"))
     print(f"peak RSS ratio {ratio:.2f} ({runs[-1]['seconds']:g} s vs {runs[0]['seconds']:g} s); wrote {path}")
     return 0

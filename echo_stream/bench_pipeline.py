@@ -8,37 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
-import socket
 import tempfile
 import time
 
 from .arguments.bench import add_pipeline_arguments as add_arguments  # noqa: F401 (the command's arguments)
-
-
-def environment() -> dict:
-    import av
-    import numpy
-    import pyarrow
-    import torch
-
-    env = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-           "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "numpy": numpy.__version__, "pyarrow": pyarrow.__version__,
-           "av": av.__version__, "torch_threads": torch.get_num_threads(),
-           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import ray
-        env["ray"] = ray.__version__
-    except ImportError:
-        pass
-    try:
-        import librosa
-        env["librosa"] = librosa.__version__
-    except ImportError:
-        pass
-    return env
+from .machine import environment
 
 
 def run(args) -> int:

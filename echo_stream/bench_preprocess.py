@@ -403,7 +403,7 @@ def _positive_ints(flag: str, text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from .bench_pipeline import environment
+    from .machine import environment
 
     if args.one:
         print(json.dumps(_one(json.loads(args.one))))

@@ -46,6 +46,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import config, motion, tracks
+from .arrays import take_rows
 from .arguments.data import add_shards_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .errors import InputError
 from .featurize import featurize_conversation  # noqa: F401 (re-exported)
@@ -132,18 +133,6 @@ def _window_texts(segs: list[dict], frames: int, new_frames: int) -> list[str]:
         if p < end(w):           # segments starting after the last window are never consumed
             out[w].append(s["text"])
     return [" ".join(t) for t in out]
-
-
-def _slice(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Rows ``[lo, hi)`` of ``a``, zeros outside ``[0, len(a))``."""
-    n = len(a)
-    if lo >= 0 and hi <= n:
-        return a[lo:hi]
-    out = np.zeros((hi - lo, *a.shape[1:]), a.dtype)
-    s0, s1 = max(lo, 0), min(hi, n)
-    if s1 > s0:
-        out[s0 - lo:s1 - lo] = a[s0:s1]
-    return out
 
 
 #: training augmentation of audio features: level (natural log of an amplitude factor) and spectral tilt
@@ -270,8 +259,8 @@ class ShardDataset:
         for i, ci in enumerate(idx):
             c = self.conversations[ci]
             s = int(rng.integers(-K, max(-K, c.frames - W) + 1))
-            motion_b[i] = _slice(c.arrays["motion"], s, s + W)
-            audio_b[i] = _slice(c.arrays["avatar_audio"], s, s + W + L)
+            motion_b[i] = take_rows(c.arrays["motion"], s, s + W)
+            audio_b[i] = take_rows(c.arrays["avatar_audio"], s, s + W + L)
         if self.augment:                  # drawn after the windows: augmenting does not change which
             for i in range(batch_size):
                 augment_audio(audio_b[i], *audio_draw(rng))
@@ -301,21 +290,21 @@ class ShardDataset:
         B = batch_size
         U = cfg.user_frames                 # the user's last U frames up to the window's end
         out = {name: np.empty((B, W + L if name == "avatar_audio" else U, *FRAME_COLUMNS[name]), np.float32)
-               for name in ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")}
+               for name in FEATURE_COLUMNS}
         out["motion"] = np.empty((B, W, motion.NUM_CHANNELS), np.float32)
         ctx = {name: np.empty((B, n, S, *FRAME_COLUMNS[name]), np.float32) for name in FEATURE_COLUMNS} if n else {}
         texts, all_texts = [], []
         for i, (ci, w) in enumerate(items):
             c = self.conversations[ci]
             t0 = w * S
-            out["motion"][i] = _slice(c.arrays["motion"], t0 - K, t0 + S)
-            out["avatar_audio"][i] = _slice(c.arrays["avatar_audio"], t0 - K, t0 + S + L)
+            out["motion"][i] = take_rows(c.arrays["motion"], t0 - K, t0 + S)
+            out["avatar_audio"][i] = take_rows(c.arrays["avatar_audio"], t0 - K, t0 + S + L)
             for name in ("user_audio", "user_video", "user_blend", "user_present"):
-                out[name][i] = _slice(c.arrays[name], t0 + S - U, t0 + S)
+                out[name][i] = take_rows(c.arrays[name], t0 + S - U, t0 + S)
             if n:
                 h0 = t0 - n * S
                 for name in FEATURE_COLUMNS:
-                    ctx[name][i] = _slice(c.arrays[name], h0, t0).reshape(n, S, *FRAME_COLUMNS[name])
+                    ctx[name][i] = take_rows(c.arrays[name], h0, t0).reshape(n, S, *FRAME_COLUMNS[name])
                 texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w - n, w)])
             all_texts.append([c.window_texts[j] if j < len(c.window_texts) else "" for j in range(w)])
         if self.augment:

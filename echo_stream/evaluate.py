@@ -45,12 +45,12 @@ import numpy as np
 
 from . import config, features, media, motion, schemas
 from .arguments.training import add_eval_arguments as add_arguments  # noqa: F401 (the command's arguments)
+from .manifest import read_manifest
 from .stages import Packet
 from .stages.diffusion import DiffusionStage
 from .stages.memory import MemoryStage
 from .transcript import Segment
 
-_FEATURE_COLS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
 LIP = motion.REGION_SLICES["lips"]
 NON_LIP = np.array([i for i in range(motion.NUM_CHANNELS) if i not in set(LIP.tolist())])
 SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmileRight"]]
@@ -76,7 +76,7 @@ def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, u
         p = Packet(sid, end=f1 == T)
         p.put(schemas.make_batch(schemas.FEATURES, {
             "session_id": [sid] * len(frames), "seq": frames, "pts": frames / config.FPS, "frame": frames,
-            **{c: feats[c][f0:f1] for c in _FEATURE_COLS}}), schemas.FEATURES)
+            **{c: feats[c][f0:f1] for c in schemas.FEATURE_COLUMNS}}), schemas.FEATURES)
         for q in ds.process(ms.process(p)):
             mw = q.get(schemas.MOTION_WINDOW)
             if mw is not None and mw.num_rows:
@@ -173,8 +173,7 @@ def listener_metrics(m: np.ndarray, user_samples: np.ndarray, user_smile: np.nda
 
 # ------------------------------------------------------------------------------------------------------
 def _load_manifest(corpus: Path, split: str) -> list[dict]:
-    rows = [json.loads(l) for l in (corpus / "manifest.jsonl").read_text().splitlines() if l.strip()]
-    return [r for r in rows if r.get("split") == split]
+    return [r for r in read_manifest(corpus) if r.get("split") == split]
 
 
 def _read_motion(path: Path) -> np.ndarray:

@@ -47,9 +47,6 @@ def motion_table(frames: np.ndarray, values: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
-def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    atomic.write_parquet(table, path)
-
 def _check_output(path: str, what: str) -> None:
     d = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(d):
@@ -181,7 +178,7 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
         frames = np.concatenate(frames_out) if frames_out else np.zeros(0, np.int64)
         values = np.concatenate(motion_out) if motion_out else np.zeros((0, motion.NUM_CHANNELS), np.float32)
         if req.motion_out is not None:
-            write_parquet_atomic(motion_table(frames, values), req.motion_out)
+            atomic.write_parquet(motion_table(frames, values), req.motion_out)
         stats = runner.stats()
     except BaseException:
         if writer is not None:

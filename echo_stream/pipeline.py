@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import config, schemas
+from .cluster import ensure_pipeline_ray
 from .stages import Packet, Stage
 from .stages.host import StageHost
 
@@ -128,17 +129,7 @@ class RayRunner:
         from .actors import make_stage_actor
 
         self.ray = ray
-        self._owns_ray = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                                      "configure_logging": True, "logging_level": logging.WARNING}
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs["num_cpus"] = num_cpus or os.cpu_count()
-                kwargs["object_store_memory"] = 256 * 1024 * 1024
-            ray.init(**kwargs)
-            self._owns_ray = True
+        self._owns_ray = ensure_pipeline_ray(address, num_cpus)
         stages = build_stages(opts)
         self.actors = {name: make_stage_actor(stages[name], max_restarts=max_restarts) for name in STAGES}
 

@@ -102,6 +102,8 @@ FEATURES = Contract("Features", _COMMON + (
     # presence flags: user audio, user video, client blendshapes
     ("user_present", TensorSpec(pa.float32(), (3,))),
 ))
+#: the per-frame feature columns of :data:`FEATURES`, in order (also the training shards' feature columns)
+FEATURE_COLUMNS: tuple[str, ...] = tuple(n for n, t in FEATURES.fields if isinstance(t, TensorSpec))
 
 MEMORY_TOKENS = Contract("MemoryTokens", _COMMON + (
     ("window", pa.int64()),

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import config, motion
+from . import config, motion, schemas
 from .errors import InputError
 
 SCHEMA_VERSION = 2   # 2: the user's face tracked into user_blend; user_video zeros
@@ -67,17 +67,13 @@ DATASET_JSON = "dataset.json"
 DEFAULT_CHUNK_SECONDS = config.SHARD_CHUNK_SECONDS
 DEFAULT_SHARD_ROWS = config.SHARD_ROWS
 
-#: per-frame columns and their per-frame shapes, in shard order
+#: the feature columns the pipeline's FeaturesStage produces (same names, same shapes: the Features contract's)
+FEATURE_COLUMNS = schemas.FEATURE_COLUMNS
+#: per-frame columns and their per-frame shapes, in shard order: the features, then the motion targets
 FRAME_COLUMNS: dict[str, tuple[int, ...]] = {
-    "avatar_audio": (config.MELS_PER_FRAME, config.AUDIO_FEAT_DIM),
-    "user_audio": (config.MELS_PER_FRAME, config.AUDIO_FEAT_DIM),
-    "user_video": (config.USER_VIDEO_DIM,),
-    "user_blend": (motion.NUM_CHANNELS,),
-    "user_present": (3,),
+    **{name: tuple(schemas.FEATURES.spec(name).shape) for name in FEATURE_COLUMNS},
     "motion": (motion.NUM_CHANNELS,),
 }
-#: the feature columns the pipeline's FeaturesStage produces (same names, same shapes)
-FEATURE_COLUMNS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
 
 #: shard file names: ``{split}-{NNNNN}.parquet``
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})\.parquet$")

@@ -61,7 +61,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +110,8 @@ STAGE1_BUDGET_SHARE = 0.45
 
 # ============================================================================ small helpers
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    atomic.write_bytes(path, data)
-
 def _atomic_json(path: Path, obj: Any) -> None:
-    _atomic_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
+    atomic.write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n").encode())
 
 
 def _json_default(o):
@@ -305,9 +301,9 @@ def _save_training_checkpoint(stage_dir: Path, model: EchoModel, opt, names: lis
                                           "dataset": state.get("dataset")})
     rng = {"rng/torch_global": torch.get_rng_state(), "rng/loss_generator": gen.get_state()}
     tensors, meta = optimizer_to_safetensors(opt, names, rng)
-    _atomic_bytes(d / OPTIMIZER_NAME, save(tensors, metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)}))
+    atomic.write_bytes(d / OPTIMIZER_NAME, save(tensors, metadata={"format": STATE_FORMAT, "meta": json.dumps(meta)}))
     _atomic_json(d / STATE_NAME, state)
-    _atomic_bytes(stage_dir / LATEST_NAME, (d.name + "\n").encode())
+    atomic.write_bytes(stage_dir / LATEST_NAME, (d.name + "\n").encode())
     olds = sorted(p for p in stage_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and p != d)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -351,11 +347,11 @@ class _LossLog:
         text = [",".join(CSV_FIELDS)]
         for r in rows:
             text.append(",".join(str(r.get(k, "")) for k in CSV_FIELDS))
-        _atomic_bytes(self.path, ("\n".join(text) + "\n").encode())
+        atomic.write_bytes(self.path, ("\n".join(text) + "\n").encode())
 
     def open(self) -> None:
         if not self.path.is_file():
-            _atomic_bytes(self.path, (",".join(CSV_FIELDS) + "\n").encode())
+            atomic.write_bytes(self.path, (",".join(CSV_FIELDS) + "\n").encode())
         self._f = open(self.path, "a", newline="")
         self._w = csv.writer(self._f)
 
@@ -426,16 +422,11 @@ def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Non
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    png = Path(png_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png)
+        with atomic.atomic_path(png_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # ============================================================================ one stage
@@ -804,13 +795,9 @@ def _train(shards_dir, out_dir, config, stage, steps, batch_size, lr, seed, resu
 def _machine() -> dict:
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores_usable": _threads(), "python": platform.python_version(),
+    from .machine import cpu_name
+
+    return {"cpu": cpu_name(), "cores_usable": _threads(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from echo_stream.arguments.bench import KERNEL_GPU_IMPLS as GPU_IMPLS
 from echo_stream.arguments.bench import RESULTS as DEFAULT_OUT  # noqa: F401 (re-exported)
 from echo_stream.arguments.bench import add_kernels_bench_arguments as add_arguments
+from echo_stream.machine import cpu_name
 
 # The module itself: the package exports the function under the same name.
 _sdcm = importlib.import_module(f"{__package__ or 'echo_stream.kernels'}.sdcm_attention")
@@ -320,16 +321,6 @@ def _time_cpu(fn: Callable, reps: int = 5) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: str) -> dict:
     try:
         import triton
@@ -339,13 +330,13 @@ def environment(device: str) -> dict:
         triton_version = None
     info = {
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "hostname": socket.gethostname(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "platform": platform.platform(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton_interpret": _sdcm._interpret_mode(),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echo_stream import config, features, generate, motion
+from echo_stream import atomic, config, features, generate, motion
 
 from . import mediagen
 
@@ -73,7 +73,7 @@ def write_conversation(d: Path, k: int, dur: float, *, user: str = "video", trac
         row["user_media"] = f"{d.name}/user.wav"
     m = motion_for(samples, k)
     if track == "parquet":
-        generate.write_parquet_atomic(generate.motion_table(np.arange(len(m)), m), str(d / "avatar_motion.parquet"))
+        atomic.write_parquet(generate.motion_table(np.arange(len(m)), m), str(d / "avatar_motion.parquet"))
         row["avatar_motion"] = f"{d.name}/avatar_motion.parquet"
     elif track == "csv":  # the same motion sampled at 60 fps, written as a Live Link Face export
         t60 = np.arange(int(dur * 60)) / 60.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from echo_stream import motion
+from echo_stream import atomic, motion
 from echo_stream.config import CONFIGS
 from echo_stream.errors import CheckpointError
 from echo_stream.model import (
@@ -378,7 +378,7 @@ def test_checkpoint_round_trip(tmp_path):
     model.set_motion_stats(torch.full((58,), 0.1), torch.full((58,), 0.2))
     path = save_checkpoint(model, tmp_path / "ck", extra_meta={"stage": 2, "step": 123})
     assert path.name == "model.safetensors" and (tmp_path / "ck" / "config.json").is_file()
-    assert not list((tmp_path / "ck").glob("*.tmp"))
+    assert not [p for p in (tmp_path / "ck").iterdir() if atomic.is_temp_name(p.name)]
     for p in (tmp_path / "ck", path):
         loaded = load_checkpoint(p)
         assert loaded.cfg == TINY and loaded.checkpoint_meta["step"] == 123 and loaded.checkpoint_meta["stage"] == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from echo_stream import config, motion, preprocess, tracks
+from echo_stream import atomic, config, motion, preprocess, tracks
 from echo_stream.dataset import ShardDataset, read_dataset_info, read_shard
 from echo_stream.errors import InputError
 from echo_stream.preprocess import Settings, read_inputs
@@ -126,8 +126,8 @@ def mixed(tmp_path_factory):
     r = add("shorttrack")
     generate_short = np.zeros((10, motion.NUM_CHANNELS), np.float32)
     from echo_stream import generate
-    generate.write_parquet_atomic(generate.motion_table(np.arange(10), generate_short),
-                                  str(root / "shorttrack/avatar_motion.parquet"))
+    atomic.write_parquet(generate.motion_table(np.arange(10), generate_short),
+                         str(root / "shorttrack/avatar_motion.parquet"))
     bad["shorttrack"] = "wrong length: motion track covers 0.40 s"
     r = add("undecodable")
     mediagen.write_text(root / "undecodable/avatar.mp4")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from echo_stream import config, dataset, features, generate, motion, schemas
+from echo_stream import atomic, config, dataset, features, generate, motion, schemas
 from echo_stream.dataset import (FEATURE_COLUMNS, FRAME_COLUMNS, SCHEMA_VERSION, ShardDataset, chunk_bounds,
                                  featurize_conversation, read_dataset_info, read_motion_track, read_shard,
                                  shard_schema, write_shards)
@@ -59,7 +59,7 @@ def corpus(tmp_path_factory):
         else:
             user = mediagen.write_audio(d / "user.wav", user_audio, 44100)
         m = _motion_for(samples, k)
-        generate.write_parquet_atomic(generate.motion_table(np.arange(len(m)), m), str(d / "avatar_motion.parquet"))
+        atomic.write_parquet(generate.motion_table(np.arange(len(m)), m), str(d / "avatar_motion.parquet"))
         (d / "transcript.json").write_text(json.dumps([
             {"start": 0.3, "end": 1.2, "speaker": "user", "text": "I got the job, great news"},
             {"start": 1.5, "end": 2.5, "speaker": "avatar", "text": "that is wonderful"},

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import motion
+from .. import blinks, motion
 from ..errors import InputError
 from .base import AFFECTS, FPS, SPF, SR, _CI
 from .lexicon import _AVATAR_BACKCHANNELS, _AVATAR_NEUTRAL, _EARLY_SCRIPTS, _USER_BACKCHANNELS, _USER_NEUTRAL
 from .plans import AVATAR_VOICE, Phone, SpeechPlan, USER_VOICE, Voice, plan_speech
-from .idle import (HEAD6, _bump, _event_rng, _lowpass, _smoothstep, _spans_track, _unit, apply_gaze, head_idle,
+from .idle import (HEAD6, _bump, _event_rng, _lowpass, _spans_track, _unit, apply_gaze, head_idle,
                    speaking_face, vowel_envelope)
 from .listener import (AFFECT_BASELINE, AFFECT_DYNAMICS, RULES, Cues, Rules, backchannel_nods, brow_raises,
                        listening_gaze, micro_nods, mirrored_smiles)
@@ -226,11 +226,11 @@ def synthesize_conversation(index: int = 0, *, seed: int = 0, minutes: float = 1
     affect_onset = affect_lines[0].start + 1.0
     affect_established = max(u.end for u in affect_lines)
     late_start = max(early_s, affect_established + context_gap_s)
-    alpha = _smoothstep((t - affect_onset) / rules.affect_ramp_s)
+    alpha = blinks.smoothstep((t - affect_onset) / rules.affect_ramp_s)
     dyn_a, dyn_n = AFFECT_DYNAMICS[affect], AFFECT_DYNAMICS["neutral"]
 
     def dyn(name: str, at: float) -> float:
-        a = float(_smoothstep((at - affect_onset) / rules.affect_ramp_s))
+        a = float(blinks.smoothstep((at - affect_onset) / rules.affect_ramp_s))
         return dyn_n[name] + a * (dyn_a[name] - dyn_n[name])
 
     # ---- user smiles (scripted): early ones depend on the affect line, late ones on the group

@@ -6,12 +6,12 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import wave
 from fractions import Fraction
 
 import numpy as np
 
+from .. import atomic, manifest
 from ..errors import InputError
 from .base import CORPUS_VERSION, FPS, SPF, SR
 from .conversation import Conversation, _check_timing, synthesize_conversation
@@ -111,20 +111,6 @@ def _row(conv: Conversation, user_media: str) -> dict:
     }
 
 
-def _write_json_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_conversation(out_dir: str, conv: Conversation, renderer, size: int, render_video: bool) -> None:
     """Write one conversation into a temp dir, then rename it into place (all or nothing)."""
     import pyarrow.parquet as pq
@@ -182,16 +168,13 @@ def _write_manifest(out_dir: str) -> tuple[str, int]:
     rows = _complete_rows(out_dir)
     text = "".join(json.dumps(rows[i], sort_keys=False) + "\n" for i in sorted(rows))
     path = os.path.join(out_dir, "manifest.jsonl")
-    _write_json_atomic(path, text)
+    atomic.write_text(path, text)
     return path, len(rows)
 
 
 def read_manifest(path: str) -> list[dict]:
-    """Rows of a ``manifest.jsonl`` (a corpus directory or the file itself)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "manifest.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows of a ``manifest.jsonl`` (a corpus directory or the file itself); see :mod:`echo_stream.manifest`."""
+    return manifest.read_manifest(path)
 
 
 _README = """\
@@ -302,11 +285,11 @@ def generate_corpus(out_dir: str | os.PathLike, n_conversations: int = 20, minut
     elif done:
         raise InputError(out_dir, "holds conversations but no corpus.json; use a new directory")
     else:
-        _write_json_atomic(spath, json.dumps(settings, indent=1) + "\n")
+        atomic.write_text(spath, json.dumps(settings, indent=1) + "\n")
     for name in os.listdir(out_dir):                 # leftovers of an interrupted run
         if _TMP_RE.match(name):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    _write_json_atomic(os.path.join(out_dir, "README.md"),
+    atomic.write_text(os.path.join(out_dir, "README.md"),
                        _README.format(settings=json.dumps(settings), early_s=early_s, context_gap_s=context_gap_s))
 
     manifest, _ = _write_manifest(out_dir)

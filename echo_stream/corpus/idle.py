@@ -19,12 +19,9 @@ HEAD6 = [_CI[c] for c in motion.HEAD_POSE]
 
 # ------------------------------------------------------------------------------------------- helpers
 
-_smoothstep = blinks.smoothstep
-
-
 def _bump(t: np.ndarray, t0: float, dur: float, rise: float = 0.3, fall: float = 0.5) -> np.ndarray:
     """0 before ``t0``, rises over ``rise``, holds until ``t0 + dur``, falls over ``fall``."""
-    return np.minimum(_smoothstep((t - t0) / rise), 1.0 - _smoothstep((t - t0 - dur) / fall))
+    return np.minimum(blinks.smoothstep((t - t0) / rise), 1.0 - blinks.smoothstep((t - t0 - dur) / fall))
 
 
 def _lowpass(x: np.ndarray, cutoff_hz: float, fs: float = FPS) -> np.ndarray:

@@ -27,7 +27,7 @@ def run(args) -> int:
     import cv2
 
     from .. import atomic, media
-    from ..bench_pipeline import environment
+    from ..machine import environment
     from ..errors import InputError
     from . import expressions as ex
     from .mesh import roi_from_mesh

@@ -40,9 +40,12 @@ class FragmentedMp4Encoder:
 
     ``encode(frames, audio=None)`` returns the bytes produced so far (possibly
     ``b""``); ``close()`` returns the rest. Concatenated, the chunks are a
-    playable fragmented MP4 (init segment ``ftyp+moov`` first, then
-    ``moof+mdat`` pairs; a keyframe every ``gop`` frames, a fragment every
-    ``fragment_frames`` frames (default: each frame its own). x264 runs with
+    playable fragmented MP4 (init segment ``ftyp+moov`` first, returned with
+    the first fragment, then ``moof+mdat`` pairs; a keyframe every ``gop``
+    frames, a fragment every ``fragment_frames`` frames (default: each frame
+    its own), timed as a finished :class:`Mp4Writer` file: every video frame
+    lasts ``1/fps`` from pts 0 and an edit list cuts the AAC priming, so the
+    audio lines up with its source). x264 runs with
     ``tune=zerolatency`` so frames are not held back for lookahead, and audio
     given ahead of the video is encoded up to ``audio_lead_frames`` frames
     ahead and muxed without interleaving delay, which closes the newest video

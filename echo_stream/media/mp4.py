@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from fractions import Fraction
 from typing import BinaryIO
 
@@ -10,10 +9,12 @@ import av
 import numpy as np
 
 from ..config import FPS, SAMPLE_RATE
+from .. import atomic
 from ..errors import InputError
 from .inputs import _av_reason
 
-_FRAG_FLAGS = "frag_keyframe+empty_moov+default_base_moof"
+#: fragmented output; ``delay_moov`` writes the moov with the first fragment, with edit lists (see Mp4Writer)
+_FRAG_FLAGS = "frag_keyframe+empty_moov+default_base_moof+delay_moov"
 
 
 class Mp4Writer:
@@ -41,9 +42,14 @@ class Mp4Writer:
 
     When ``path`` is a writable binary file-like object (``.write``), the
     output is written there, fragmented (``movflags=frag_keyframe+empty_moov+
-    default_base_moof``, a keyframe every ``gop`` frames, default 1 s) so that
-    a server can send bytes as they are produced; ``fragmented=True`` does the
-    same for a path. ``fragment_frames`` also cuts a fragment whenever one
+    default_base_moof+delay_moov``, a keyframe every ``gop`` frames, default
+    1 s) so that a server can send bytes as they are produced; ``fragmented=True``
+    does the same for a path. The init segment (``ftyp`` + ``moov``) comes
+    with the first fragment (``delay_moov``), once the first packet of every
+    track is known, so that its edit lists carry the timing a finished file
+    has: the AAC encoder's priming is cut, and every video frame lasts
+    ``1/fps`` from pts 0 (without them the first frame was stretched over the
+    priming, ~21 ms, and the audio played that much late). ``fragment_frames`` also cuts a fragment whenever one
     spans that many frames (FFmpeg's ``frag_duration``); ``audio_lead_frames``
     lets audio already given be encoded that far ahead of the video (streaming:
     the muxer interleaves by time, so video waits for audio at least as late).
@@ -111,8 +117,11 @@ class Mp4Writer:
                 raise InputError(self.path, f"output directory {d} is not writable")
             if os.path.isdir(self.path):
                 raise InputError(self.path, "is a directory; give a file name ending in .mp4")
-            self._tmp = os.path.join(d, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(6)}")
-            target = self._tmp
+            try:
+                self._tmp = atomic.PendingFile(self.path)
+            except OSError as e:
+                raise InputError(self.path, f"cannot create the output file: {e.strerror or e}") from None
+            target = self._tmp.tmp
         try:
             self._container = av.open(target, "w", format=format, container_options=options)
             vs = self._container.add_stream("libx264", rate=self.fps)
@@ -253,7 +262,7 @@ class Mp4Writer:
             self._container.close()
             self._container = None
             if self._tmp is not None:
-                os.replace(self._tmp, self.path)
+                self._tmp.commit()
                 self._tmp = None
         except av.FFmpegError as e:
             self.abort()
@@ -277,10 +286,7 @@ class Mp4Writer:
                 pass
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            tmp.discard()
 
     def _check_open(self) -> None:
         if self._closed or self._container is None:

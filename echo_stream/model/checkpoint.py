@@ -47,9 +47,6 @@ def default_checkpoint_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "tiny"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic.write_bytes(path, data)
-
 def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
     """(directory, weights file) for a checkpoint directory or a ``.safetensors`` path."""
     p = Path(path)
@@ -81,9 +78,9 @@ def save_checkpoint(model: EchoModel, dir_or_path: str | os.PathLike, extra_meta
     st_meta = {"format": FORMAT, "config": json.dumps(cfg_dict, sort_keys=True),
                "meta": json.dumps(meta, sort_keys=True, default=str)}
     blob = save(tensors, metadata=st_meta)
-    _atomic_write(directory / CONFIG_NAME, (model.cfg.to_json() + "\n").encode())
-    _atomic_write(directory / META_NAME, (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode())
-    _atomic_write(weights, blob)
+    atomic.write_bytes(directory / CONFIG_NAME, (model.cfg.to_json() + "\n").encode())
+    atomic.write_bytes(directory / META_NAME, (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic.write_bytes(weights, blob)
     return weights
 
 

@@ -2,9 +2,7 @@
 conversation (its row, root and identity hash; a manifest-level problem recorded, not raised)."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -14,10 +12,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import InputError
+from ..manifest import MANIFEST_NAMES, find_manifest, read_manifest_file  # noqa: F401 (MANIFEST_NAMES re-exported)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 MEDIA_EXTS = (".wav", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".flac", ".mp4", ".mkv", ".webm", ".mov", ".avi")
 TRANSCRIPT_EXTS = (".json", ".srt", ".vtt", ".txt")
 TRACK_EXTS = (".parquet", ".csv")
@@ -39,60 +37,6 @@ class Item:
 
 def _row_hash(row: dict) -> str:
     return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _clean_row(raw: dict, where: str) -> dict:
-    row = {}
-    for k, v in raw.items():
-        if k is None:
-            raise InputError(where, "more fields than the header has")
-        k = str(k).strip()
-        if isinstance(v, str):
-            v = v.strip()
-            if v == "":
-                v = None
-        row[k] = v
-    for k in ("duration_s", "avatar_motion_offset_s"):
-        if row.get(k) is not None:
-            try:
-                row[k] = float(row[k])
-            except (TypeError, ValueError):
-                raise InputError(where, f"'{k}' must be a number, got {row[k]!r}") from None
-    if isinstance(row.get("synthetic"), str):
-        row["synthetic"] = row["synthetic"].lower() in ("1", "true", "yes")
-    return row
-
-
-def _read_manifest_file(p: Path) -> list[dict]:
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise InputError(str(p), f"cannot read manifest: {e.strerror or e}") from None
-    rows = []
-    if p.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "conversation_id" not in [f.strip() for f in reader.fieldnames]:
-            raise InputError(str(p), "CSV manifest needs a header with 'conversation_id' and 'avatar_media'")
-        for i, r in enumerate(reader, 2):
-            rows.append(_clean_row(r, f"{p}:{i}"))
-    else:
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{p}:{i}", f"not a JSON object: {e}") from None
-            except RecursionError:
-                raise InputError(f"{p}:{i}", "not a JSON object of one level: nested too deeply") from None
-            if not isinstance(r, dict):
-                raise InputError(f"{p}:{i}", "not a JSON object")
-            rows.append(_clean_row(r, f"{p}:{i}"))
-    for i, r in enumerate(rows, 1):
-        if not r.get("conversation_id") or not r.get("avatar_media"):
-            raise InputError(f"{p}: row {i}", "manifest row needs 'conversation_id' and 'avatar_media'")
-        r["conversation_id"] = str(r["conversation_id"])
-    return rows
 
 
 def _find(d: Path, stem: str, exts: Sequence[str]) -> str | None:
@@ -132,13 +76,11 @@ def read_inputs(source: str | os.PathLike) -> tuple[list[dict], Path]:
     of conversation folders. Relative paths in rows start at ``root``."""
     p = Path(source)
     if p.is_dir():
-        for name in MANIFEST_NAMES:
-            if (p / name).is_file():
-                return _read_manifest_file(p / name), p
-        return scan_directory(p), p
+        found = find_manifest(p)
+        return (read_manifest_file(found) if found else scan_directory(p)), p
     if not p.is_file():
         raise InputError(str(p), "input not found (expected a manifest .jsonl/.csv or a directory)")
-    return _read_manifest_file(p), p.parent
+    return read_manifest_file(p), p.parent
 
 
 def make_items(rows: Iterable[dict], root: str | os.PathLike) -> tuple[list[Item], list[tuple[int, str]]]:

@@ -71,9 +71,9 @@ class OutputDir:
         return shards.SHARD_RE
 
     def _clear(self) -> None:
+        ours = (JOURNAL, OUTCOMES, SETTINGS_JSON, CARD, shards.DATASET_JSON)
         for p in self.path.iterdir():
-            if (self._shard_re().match(p.name) or p.name in (JOURNAL, OUTCOMES, SETTINGS_JSON, CARD, shards.DATASET_JSON)
-                    or (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            if self._shard_re().match(p.name) or p.name in ours or atomic.is_temp_name(p.name):
                 p.unlink()
 
     def _recover(self) -> None:
@@ -111,7 +111,7 @@ class OutputDir:
         listed = {f["file"] for e in self.commits for f in e["files"]}
         for p in list(self.path.iterdir()):
             orphan = self._shard_re().match(p.name) and p.name not in listed
-            if orphan or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if orphan or atomic.is_temp_name(p.name):
                 log.warning("removing %s (%s of an interrupted run)", p.name, "uncommitted shard" if orphan else
                             "temporary file")
                 p.unlink()

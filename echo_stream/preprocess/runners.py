@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .. import features
+from ..cluster import ensure_ray
 from .conversation import process_input
 from .inputs import Item
 from .settings import Settings
@@ -121,17 +122,7 @@ class RayOptions:
 
 def _ensure_ray(opts: RayOptions) -> bool:
     """Connect to / start Ray; True when this call started it (and should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kw = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": True,
-          "logging_level": logging.WARNING}
-    if opts.address:
-        ray.init(address=opts.address, **kw)
-    else:
-        ray.init(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, **kw)
-    return True
+    return ensure_ray(opts.address, num_cpus=opts.num_cpus, num_gpus=opts.num_gpus)
 
 
 def run_ray(items: Sequence[Item], settings: Settings, opts: RayOptions) -> Iterator[dict]:

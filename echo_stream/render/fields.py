@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..blinks import smoothstep
 from .landmarks import _TEMPLATE, _TEMPLATE_JAW
 
 
@@ -18,11 +19,6 @@ def _gauss1(Z, c, s):
 
 def _sigmoid(z):
     return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _smoothstep(z):
-    z = np.clip(z, 0.0, 1.0)
-    return z * z * (3.0 - 2.0 * z)
 
 
 @dataclass
@@ -64,8 +60,8 @@ def _expression_fields(X: np.ndarray, Y: np.ndarray, fg: _FaceGeometry) -> dict[
     xl = np.interp(Y, jl[:, 1], jl[:, 0])
     xr = np.interp(Y, jr[:, 1], jr[:, 0])
     side = _sigmoid((X - xl + 0.05) / 0.1) * _sigmoid((xr + 0.05 - X) / 0.1)
-    v = _smoothstep((Y - lip) / max(chin_y - ys, 0.3))
-    below = 1.0 - _smoothstep((Y - chin_y) / 0.55)
+    v = smoothstep((Y - lip) / max(chin_y - ys, 0.3))
+    below = 1.0 - smoothstep((Y - chin_y) / 0.55)
     jaw_shape = lower * (tp + (1.0 - tp) * v) * side * below
     zero = np.zeros_like(X)
     f: dict[str, tuple[np.ndarray, np.ndarray]] = {}

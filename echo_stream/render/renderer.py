@@ -7,13 +7,13 @@ import os
 import numpy as np
 
 from .._lazy import LazyModule
+from ..blinks import smoothstep
 from ..errors import InputError
 from .fields import (
     _LIP_EDGE,
     _expression_fields,
     _FaceGeometry,
     _geometry_channels,
-    _smoothstep,
 )
 from .portrait import EYE_LINE, Portrait, _parse_size, crop_portrait, load_portrait
 
@@ -94,7 +94,7 @@ class PortraitRenderer:
         # Fade every field out toward the ROI border so the box never shows a seam.
         edge = 4.0
         wx = np.clip(np.minimum(xx - rx0, rx1 - 1 - xx) / edge, 0, 1)
-        win = _smoothstep(np.minimum(wx, np.clip(np.minimum(yy - ry0, ry1 - 1 - yy) / edge, 0, 1)))
+        win = smoothstep(np.minimum(wx, np.clip(np.minimum(yy - ry0, ry1 - 1 - yy) / edge, 0, 1)))
         basis = np.zeros((len(names), ry1 - ry0, rx1 - rx0, 2), np.float32)
         for i, n in enumerate(names):
             dx, dy = fields[n]
@@ -218,8 +218,8 @@ class PortraitRenderer:
         Y = (yy - self._eye_y) / e
         # Soft head (with hair) + neck mask: 1 on the head, fading out over the background.
         r = np.sqrt((X / 1.55) ** 2 + ((Y + 0.1) / 2.1) ** 2)
-        head = 1.0 - _smoothstep((r - 1.0) / 0.45)
-        neck = (1.0 - _smoothstep((np.abs(X) - 0.6) / 0.4)) * (1.0 - _smoothstep((Y - 1.6) / 1.1)) * (Y > 0)
+        head = 1.0 - smoothstep((r - 1.0) / 0.45)
+        neck = (1.0 - smoothstep((np.abs(X) - 0.6) / 0.4)) * (1.0 - smoothstep((Y - 1.6) / 1.1)) * (Y > 0)
         w = np.maximum(head, neck)
         self.head_mask = w.astype(np.float32)
         # Depth of the face surface (paraboloid cap) and its gradient.

@@ -66,7 +66,7 @@ async def _run_n(target, token, n, args, inputs):
 
 def run(args) -> int:
     from ..samples import SAMPLE_PORTRAIT
-    from ..bench_pipeline import environment
+    from ..machine import environment
     from .client import Inputs, test_signal
 
     counts = [int(x) for x in str(args.sessions).split(",") if x.strip()]

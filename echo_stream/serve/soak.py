@@ -174,10 +174,10 @@ def _growth_mb_per_hour(t: list[float], v: list[float]) -> float | None:
 
 
 def run(args) -> int:
-    from ..bench_pipeline import environment
+    from ..machine import environment
     from ..pipeline import PipelineOptions
     from .backend import RayBackend
-    from .cli import start_ray
+    from ..cluster import start_ray
     from .server import ServeOptions, ServerThread
 
     start_ray(None, args.num_cpus)

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import config, media, schemas
+from ..arrays import pop_rows
 from ..errors import InputError
 from . import Packet, Stage, warmup
 
@@ -192,20 +193,6 @@ class _PushSource:
     has_user_audio: bool = False
     next_frame: int = 0
     seq: int = 0
-
-
-def _take_samples(buf: list, n: int) -> np.ndarray:
-    """Pop ``n`` samples from a list of arrays (zeros where there are not enough)."""
-    out = np.zeros(n, np.float32)
-    got = 0
-    while buf and got < n:
-        k = min(n - got, len(buf[0]))
-        out[got:got + k] = buf[0][:k]
-        got += k
-        buf[0] = buf[0][k:]
-        if not len(buf[0]):
-            buf.pop(0)
-    return out
 
 
 class DecodeStage(Stage):
@@ -385,7 +372,7 @@ class DecodeStage(Stage):
         spf = config.SAMPLES_PER_FRAME
         n_frames = -(-src.avatar_len // spf) if end else src.avatar_len // spf
         n_valid = min(src.avatar_len, n_frames * spf)
-        avatar = _take_samples(src.avatar_buf, n_frames * spf)
+        avatar = pop_rows(src.avatar_buf, n_frames * spf)[0]
         src.avatar_len -= n_valid
         f0 = src.next_frame
         frames = np.arange(f0, f0 + n_frames)
@@ -395,7 +382,7 @@ class DecodeStage(Stage):
         rows = [avatar.reshape(n_frames, spf)]
         tracks = ["avatar"] * n_frames
         if src.has_user_audio:
-            rows.append(_take_samples(src.user_buf, n_frames * spf).reshape(n_frames, spf))
+            rows.append(pop_rows(src.user_buf, n_frames * spf)[0].reshape(n_frames, spf))
             src.user_len = max(0, src.user_len - n_frames * spf)
             tracks += ["user"] * n_frames
         seq0 = src.seq

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, features, motion, schemas
+from ..arrays import pop_rows
 from . import Packet, Stage
 
 _FEAT_SHAPE = (config.MELS_PER_FRAME, config.AUDIO_FEAT_DIM)
@@ -50,22 +51,6 @@ def face_rows(tracker, frames: np.ndarray) -> np.ndarray:
     The same function serves the stage and offline preprocessing (:mod:`echo_stream.dataset`)."""
     values, confidence = tracker.process(frames)
     return np.concatenate([values, (confidence > 0).astype(np.float32)[:, None]], 1)
-
-
-def _take(pending: list, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """Pop up to n rows from a list of arrays; pad with zeros; return (rows, how many were real)."""
-    out = np.zeros((n, *shape), np.float32)
-    got = 0
-    while pending and got < n:
-        head = pending[0]
-        k = min(n - got, len(head))
-        out[got:got + k] = head[:k]
-        got += k
-        if k == len(head):
-            pending.pop(0)
-        else:
-            pending[0] = head[k:]
-    return out, got
 
 
 class FeaturesStage(Stage):
@@ -141,9 +126,9 @@ class FeaturesStage(Stage):
             if s.has_user_audio:
                 s.user_feats.append(s.user.pop_frames())
         n = len(av_feats)
-        ua, n_ua = _take(s.user_feats, n, _FEAT_SHAPE)
+        ua, n_ua = pop_rows(s.user_feats, n, _FEAT_SHAPE)
         uv = np.zeros((n, config.USER_VIDEO_DIM), np.float32)
-        rows, _ = _take(s.blend, n, _BLEND_ROW)
+        rows, _ = pop_rows(s.blend, n, _BLEND_ROW)
         ub = np.ascontiguousarray(rows[:, :motion.NUM_CHANNELS])
         present = np.zeros((n, 3), np.float32)
         present[:n_ua, 0] = 1.0

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from .. import schemas
+from ..arrays import take_rows
 from ..model import EchoModel, MemoryState
 from . import Packet, Stage
 
-_COLUMNS = ("avatar_audio", "user_audio", "user_video", "user_blend", "user_present")
+_COLUMNS = schemas.FEATURE_COLUMNS
 
 
 @dataclass
@@ -218,14 +219,7 @@ class MemoryStage(Stage):
     @staticmethod
     def _rows(s: _SessionMemory, f0: int, f1: int) -> dict[str, np.ndarray]:
         """Feature rows of frames [f0, f1) from the buffer; silence past the end of the stream."""
-        lo, hi = f0 - s.buf_start, f1 - s.buf_start
-        rows = {}
-        for name in _COLUMNS:
-            a = s.buf[name][lo:hi]
-            if len(a) < hi - lo:
-                a = np.concatenate([a, np.zeros((hi - lo - len(a), *a.shape[1:]), np.float32)])
-            rows[name] = a
-        return rows
+        return {name: take_rows(s.buf[name], f0 - s.buf_start, f1 - s.buf_start) for name in _COLUMNS}
 
     def _update(self, s: _SessionMemory, rows: dict, until_pts: float) -> None:
         text = " ".join(t for p, t in s.texts if p < until_pts)

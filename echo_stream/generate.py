@@ -47,6 +47,49 @@ def motion_table(frames: np.ndarray, values: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
+class MotionWriter:
+    """Motion rows streamed to a Parquet file as they arrive (row groups of ``group_frames``), atomically:
+    the file appears at ``path`` only on :meth:`close`; :meth:`abort` leaves nothing. Memory: one row group,
+    whatever the length of the session."""
+
+    def __init__(self, path: str | os.PathLike, group_frames: int = 1500):
+        import pyarrow.parquet as pq
+
+        self._pending = atomic.PendingFile(path)
+        self._schema = motion_table(np.zeros(0, np.int64), np.zeros((0, motion.NUM_CHANNELS), np.float32)).schema
+        self._writer = pq.ParquetWriter(self._pending.tmp, self._schema, compression="zstd")
+        self._frames: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._buffered = 0
+        self.group_frames = group_frames
+        self.frames = 0
+
+    def write(self, frames: np.ndarray, values: np.ndarray) -> None:
+        self._frames.append(np.array(frames, np.int64, copy=True))
+        self._values.append(np.array(values, np.float32, copy=True))
+        self._buffered += len(frames)
+        self.frames += len(frames)
+        if self._buffered >= self.group_frames:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffered:
+            self._writer.write_table(motion_table(np.concatenate(self._frames), np.concatenate(self._values)))
+        self._frames, self._values, self._buffered = [], [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._pending.commit()
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the file is discarded either way
+            pass
+        self._pending.discard()
+
+
 def _check_output(path: str, what: str) -> None:
     d = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(d):
@@ -120,7 +163,7 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
         opts = PipelineOptions(checkpoint=req.checkpoint, config=req.config, device=req.device,
                                size=(req.size, req.size))
         runner = RayRunner(opts, address=address, num_cpus=num_cpus) if use_ray else InlineRunner(opts)
-    writer = None
+    writer = motion_writer = None
     previous_sigterm = None
     try:
         setup_times = runner.setup() if own_runner else {}
@@ -129,7 +172,9 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
         startup_s = time.perf_counter() - t0
         if req.out is not None:
             writer = media.Mp4Writer(req.out, req.size, req.size, fps=config.FPS, with_audio=True)
-        frames_out, motion_out = [], []
+        if req.motion_out is not None:
+            motion_writer = MotionWriter(req.motion_out)
+        n_frames = [0]
         audio_samples = [0]
         bar = None
         if progress:
@@ -146,9 +191,9 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
             mw = packet.get(schemas.MOTION_WINDOW)
             if mw is None or not mw.num_rows:
                 return
-            # copies: a zero-copy view would pin the whole packet (its rendered frames) until the end
-            frames_out.append(np.array(schemas.column(mw, "frame"), copy=True))
-            motion_out.append(np.array(schemas.column(mw, "motion"), copy=True))
+            n_frames[0] += mw.num_rows
+            if motion_writer is not None:   # copies its rows: a view would pin the whole packet
+                motion_writer.write(schemas.column(mw, "frame"), schemas.column(mw, "motion"))
             rf = packet.get(schemas.RENDERED_FRAMES)
             if writer is not None and rf is not None:
                 writer.write(schemas.column(rf, "image"))
@@ -175,14 +220,14 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
         if writer is not None:
             writer.close()
         processing_s = time.perf_counter() - t_proc
-        frames = np.concatenate(frames_out) if frames_out else np.zeros(0, np.int64)
-        values = np.concatenate(motion_out) if motion_out else np.zeros((0, motion.NUM_CHANNELS), np.float32)
-        if req.motion_out is not None:
-            atomic.write_parquet(motion_table(frames, values), req.motion_out)
+        if motion_writer is not None:
+            motion_writer.close()
         stats = runner.stats()
     except BaseException:
         if writer is not None:
             writer.abort()
+        if motion_writer is not None:
+            motion_writer.abort()
         raise
     finally:
         if own_runner:
@@ -192,7 +237,7 @@ def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,
             signal.signal(signal.SIGTERM, previous_sigterm)
     duration = audio_samples[0] / config.SAMPLE_RATE
     return {
-        "audio_s": duration, "frames": int(len(frames)), "startup_s": startup_s, "setup_s": setup_times,
+        "audio_s": duration, "frames": int(n_frames[0]), "startup_s": startup_s, "setup_s": setup_times,
         "processing_s": processing_s, "rtf": processing_s / max(duration, 1e-9),
         "first_output_s": run["first_output_s"], "stages": stats,
     }

@@ -189,10 +189,10 @@ def test_sigterm_mid_run_exits_143_and_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     rc = proc.wait(timeout=120)
-    lines = [ln for ln in (seen + rest).replace("\r", "\n").splitlines()
-             if ln.strip() and "generate:" not in ln and "WARNING" not in ln]
-    assert rc == 143, (rc, lines[-20:])
-    assert lines[-1] == "echo-stream: terminated (SIGTERM); no partial output was kept", lines[-20:]
+    text = (seen + rest).replace("\r", "\n")
+    assert rc == 143, (rc, text[-2000:])
+    # the last line (the progress bar may end on the same line: it is drawn with carriage returns)
+    assert text.rstrip().endswith("echo-stream: terminated (SIGTERM); no partial output was kept"), text[-2000:]
     assert "SIGTERM received" not in rest and "Traceback" not in rest
     assert not out.exists() and not mo.exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]

@@ -20,12 +20,12 @@ import grpc
 from grpc import aio
 
 from .. import config
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
-from .session import Session, SessionFailed, warm_up_encoder
+from .session import Session, SessionFailed, failure_from, log_error, warm_up_encoder
 from .wire import Limits
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,23 @@ class AvatarServer:
         metrics.ERRORS.labels(code.name).inc()
         if outcome:
             metrics.SESSIONS.labels(outcome).inc()
-        await context.abort(code, details)
+        await context.abort(code, one_line(details))
 
     async def _session_rpc(self, request_iterator, context):
+        """The Session RPC; whatever escapes the handler is answered INTERNAL with an error id (logged), never
+        with the exception's own text (gRPC would send it as UNKNOWN)."""
+        inner = self._session(request_iterator, context)
+        try:
+            async for msg in inner:
+                yield msg
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: this stream only
+            await self._abort(context, grpc.StatusCode.INTERNAL, failure_from(e, "the session RPC").message, "failed")
+        finally:
+            await inner.aclose()          # its clean-up runs now, not when the generator is collected
+
+    async def _session(self, request_iterator, context):
         lim = self.opts.limits
         principal = self.auth.principal(context.invocation_metadata())
         # Streams that have not sent their SessionConfig yet are capped (all clients together), and one
@@ -274,8 +288,14 @@ class AvatarServer:
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))
             try:
                 await session.open()
-            except SessionFailed as e:
-                await self._abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), e.message, "invalid")
+            except Exception as e:  # noqa: BLE001 - reported as its status; the session is closed below
+                if self.backend.is_fault(e):
+                    e = SessionFailed("UNAVAILABLE", "a pipeline stage is restarting (error id "
+                                                     f"{log_error(e, 'session open')}): retry in a few seconds")
+                f = session.failure_from(e, "session open")
+                code = _CODES.get(f.code, grpc.StatusCode.INTERNAL)
+                await self._abort(context, code, f.message,
+                                  "invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "failed")
             metrics.SESSIONS.labels("opened").inc()
             session.start()
             reader = asyncio.get_running_loop().create_task(self._read(session, request_iterator))
@@ -350,15 +370,22 @@ class AvatarServer:
             await session.put_input("control", {"kind": "end"})   # half-close = END
         except asyncio.CancelledError:
             raise
-        except InputError as e:
-            session._fail(SessionFailed("INVALID_ARGUMENT", str(e)))
-        except SessionFailed as e:
-            session._fail(e)
+        except (InputError, SessionFailed) as e:
+            session._fail(session.failure_from(e, "input"))
         except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
             log.info("session %s: input stream ended: %s", session.id[:8], e)
-            session._fail(SessionFailed("CANCELLED", f"input stream broke: {e}"))
+            session._fail(SessionFailed("CANCELLED", "the input stream broke before its END"))
 
     async def _control_rpc(self, request, context):
+        try:
+            return await self._control(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported as its status, without the exception's text
+            f = failure_from(e, "the Control RPC")
+            await self._abort(context, _CODES.get(f.code, grpc.StatusCode.INTERNAL), f.message)
+
+    async def _control(self, request, context):
         principal = self.auth.principal(context.invocation_metadata())
         if principal is None:
             await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")

@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -37,8 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, schemas
-from ..errors import EchoStreamError, InputError
-from ..generate import unwrap_remote_error as remote_cause
+from ..errors import EchoStreamError, one_line, unwrap_remote_error
 from ..pipeline import STAGES, transcript_batch
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
@@ -62,12 +62,42 @@ def warm_up_encoder() -> None:
 
 
 class SessionFailed(Exception):
-    """The session cannot continue; ``code`` is the gRPC status for the client."""
+    """The session cannot continue; ``code`` is the gRPC status for the client, ``message`` its one line."""
 
     def __init__(self, code, message: str):
         self.code = code
-        self.message = message
-        super().__init__(message)
+        self.message = one_line(message)
+        super().__init__(self.message)
+
+
+def failure_from(exc: BaseException, during: str, redact: dict[str, str] | None = None) -> SessionFailed:
+    """What the client is told about an exception: the ONE mapping every error of a session goes through.
+
+    * :class:`SessionFailed` stays as it is;
+    * an :class:`~echo_stream.errors.EchoStreamError` (raised here or inside a stage actor; Ray's wrapper is
+      looked through) is the client's input problem: INVALID_ARGUMENT with its one-line message
+      (``redact`` replaces server-side strings in it, e.g. a registered avatar's path by its id);
+    * anything else is a server fault: INTERNAL with a generic line and an error id; the full exception
+      (Ray's, with the remote traceback) goes to the server's log under that id, never to the client.
+    """
+    if isinstance(exc, SessionFailed):
+        return exc
+    inner = unwrap_remote_error(exc)
+    if isinstance(inner, EchoStreamError):
+        text = str(inner)
+        for secret, label in (redact or {}).items():
+            text = text.replace(secret, label)
+        return SessionFailed("INVALID_ARGUMENT", text)
+    return SessionFailed("INTERNAL", f"internal server error during {during} (error id {log_error(exc, during)}; "
+                                     "the server's log has the details)")
+
+
+def log_error(exc: BaseException, during: str) -> str:
+    """Log ``exc`` with its traceback under a new error id; returns the id (what the client is told)."""
+    eid = secrets.token_hex(6)
+    log.error("error id %s during %s: %s: %s", eid, during, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return eid
 
 
 class AudioTimeline:
@@ -180,6 +210,10 @@ class Session:
         self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
         self._recovery_task = None
         self._pts_base = None            # client pts of session-timeline 0, for encoded audio (reset by interrupts)
+        #: server-side strings never shown to the client -> what is shown instead
+        self.redact: dict[str, str] = {}
+        if isinstance(spec.portrait, str) and spec.avatar_id is not None:
+            self.redact[spec.portrait] = f"avatar {spec.avatar_id!r}"
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -197,11 +231,12 @@ class Session:
             await coro
         except asyncio.CancelledError:
             raise
-        except SessionFailed as e:
-            self._fail(e)
         except Exception as e:  # noqa: BLE001 - a bug must end this session only
-            log.exception("session %s: internal error", self.id[:8])
-            self._fail(SessionFailed("INTERNAL", f"internal error: {e}"))
+            self._fail(self.failure_from(e, f"session {self.id[:8]}"))
+
+    def failure_from(self, exc: BaseException, during: str) -> SessionFailed:
+        """:func:`failure_from` with this session's redactions (a registered avatar's server path)."""
+        return failure_from(exc, during, self.redact)
 
     def _fail(self, e: SessionFailed) -> None:
         if self.failure is None and not self.done.is_set():
@@ -251,10 +286,9 @@ class Session:
             try:
                 await b.get(h)
             except Exception as e:
-                inner = remote_cause(e)
-                if isinstance(inner, EchoStreamError):
-                    raise SessionFailed("INVALID_ARGUMENT", str(inner)) from None
-                raise
+                if b.is_fault(e):
+                    raise
+                raise self.failure_from(e, "session open") from None
         # which process of each stage holds this epoch's state (asked after the opens: same actor order)
         self.incarnations = await b.incarnations()
 
@@ -500,10 +534,7 @@ class Session:
         if self.backend.is_fault(e):
             self._recovery_task = asyncio.get_running_loop().create_task(self._recover_soon(epoch, e))
             return
-        inner = remote_cause(e)
-        if isinstance(inner, (InputError, EchoStreamError)):
-            raise SessionFailed("INVALID_ARGUMENT", str(inner))
-        raise SessionFailed("INTERNAL", f"pipeline error: {type(inner).__name__}: {inner}")
+        raise self.failure_from(e, "the pipeline")
 
     def _drop_queued(self) -> list:
         """Empty the in-flight queues (their work belongs to the old epoch); returns their handles."""
@@ -593,7 +624,9 @@ class Session:
             except SessionFailed:
                 raise
             except Exception as e2:  # noqa: BLE001
-                raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
+                raise SessionFailed("UNAVAILABLE", "a pipeline stage failed and did not recover within "
+                                                   f"{self.recovery_timeout_s:g} s (error id "
+                                                   f"{log_error(e2, 'recovery')}): retry the session") from None
             took = time.perf_counter() - t
             if replay is not None:
                 what = "no frame was lost: the input in flight was replayed"
@@ -621,11 +654,8 @@ class Session:
         """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""
         try:
             await self._recover(epoch, e)
-        except SessionFailed as f:
-            self._fail(f)
         except Exception as f:  # noqa: BLE001
-            log.exception("session %s: recovery failed", self.id[:8])
-            self._fail(SessionFailed("INTERNAL", f"recovery failed: {f}"))
+            self._fail(self.failure_from(f, "recovery"))
 
     async def stage_restarted(self, stage: str, incarnation: str) -> None:
         """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
@@ -669,8 +699,9 @@ class Session:
                 await self._open_epoch(restore=True)
             except Exception as e:  # noqa: BLE001
                 if self.backend.is_fault(e):
-                    raise SessionFailed("UNAVAILABLE", f"a stage failed during the interrupt: {e}") from None
-                raise
+                    raise SessionFailed("UNAVAILABLE", "a pipeline stage failed during the interrupt (error id "
+                                                       f"{log_error(e, 'interrupt')}): retry the session") from None
+                raise self.failure_from(e, "interrupt") from None
             self.ready.set()
             if self.end_pushed:
                 await self._push(end=True)

@@ -56,6 +56,7 @@ class SessionSpec:
     seed: int | None = None
     portrait: bytes | str | None = None         # image bytes, or a path of a registered avatar
     stride: int | None = None                   # new frames per window (None: the server's default)
+    avatar_id: str | None = None                # the registered avatar (portrait is then its server-side path)
 
     @property
     def wants_video(self) -> bool:
@@ -122,6 +123,7 @@ def session_spec(msg, limits: Limits, avatars: dict[str, str]) -> SessionSpec:
             known = ", ".join(sorted(avatars)) or "none registered"
             raise InputError("config.avatar_id", f"unknown avatar {c.avatar_id!r} (known: {known})")
         spec.portrait = avatars[c.avatar_id]
+        spec.avatar_id = c.avatar_id
     elif spec.wants_video:
         raise InputError("config.avatar", "video output needs portrait_image or avatar_id "
                                           "(or set output_mode to OUTPUT_MODE_MOTION)")

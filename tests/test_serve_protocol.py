@@ -604,23 +604,40 @@ def test_sessions_with_different_strides_share_the_pipeline(make_server):
 
 
 def test_streams_waiting_for_their_config_are_capped_and_strangers_wait_briefly(make_server):
-    """Connections that never send a SessionConfig cannot pile up: without a known token one is dropped after
-    ~1 s (UNAUTHENTICATED), and past max_pending_streams new streams are refused at once."""
-    st, target = make_server(tokens={ALICE: "alice"}, limits=Limits(max_pending_streams=1,
-                                                                     unauthenticated_config_timeout_s=0.5))
+    """Connections that never send a SessionConfig cannot pile up, and strangers never take what authenticated
+    callers need: streams without a known token hold slots of their own, a few per peer address (beyond: refused
+    at once), each dropped after ~1 s (UNAUTHENTICATED); authenticated streams still waiting for their config are
+    capped by max_pending_streams, which strangers do not count towards."""
+    st, target = make_server(tokens={ALICE: "alice"}, limits=Limits(
+        max_pending_streams=1, max_unauthenticated_per_peer=2, unauthenticated_config_timeout_s=0.5))
 
     async def main():
         async with aio.insecure_channel(target) as ch:
             rpc = ch.stream_stream(SESSION_METHOD, request_serializer=lambda m: m.SerializeToString(),
                                    response_deserializer=pb.ServerMessage.FromString)
-            silent = rpc()                                   # no token, no first message
             t = time.monotonic()
-            await asyncio.sleep(0.2)
-            held = rpc(metadata=(("authorization", f"Bearer {ALICE}"),))   # the second pending stream
-            code2, details2 = await _status_of(held.read())
-            code1, _ = await _status_of(silent.read())
-            return code1, time.monotonic() - t, code2, details2
-    code1, waited, code2, details2 = run(main())
-    assert code2 == grpc.StatusCode.RESOURCE_EXHAUSTED and "SessionConfig" in details2
-    assert code1 == grpc.StatusCode.UNAUTHENTICATED and waited < 5.0
-    assert st.server._pending == 0
+            silent = [rpc() for _ in range(2)]                # no token, no first message: held ~0.5 s
+            while sum(st.server._strangers.values()) < 2:
+                await asyncio.sleep(0.01)
+            third = await _status_of(rpc().read())             # the peer's third: refused at once
+            async with AvatarClient(target, token=ALICE) as alice:   # strangers hold nothing alice needs
+                s = await alice.open(output="motion")
+                held = rpc(metadata=(("authorization", f"Bearer {ALICE}"),))   # alice's pending stream ...
+                while st.server._pending < 1:
+                    await asyncio.sleep(0.01)
+                second = await _status_of(alice.open(output="motion"))         # ... fills her one pending slot
+                held.cancel()
+                await s.end()
+                async for _ in s.messages():
+                    pass
+            codes = [await _status_of(c.read()) for c in silent]
+            return third, second, codes, time.monotonic() - t
+    third, second, codes, waited = run(main())
+    assert third[0] == grpc.StatusCode.UNAUTHENTICATED and "too many streams" in third[1]
+    assert second[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "SessionConfig" in second[1]
+    assert all(c == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in d for c, d in codes) and waited < 10
+    for _ in range(100):
+        if not st.server._pending and not st.server._strangers:
+            break
+        time.sleep(0.02)
+    assert st.server._pending == 0 and not st.server._strangers

@@ -80,6 +80,22 @@ class ServeOptions:
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
 
+_NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
+             "server knows (--tokens-file / $ECHO_STREAM_TOKENS)")
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``, ``ipv6:[::1]:5678`` ->
+    ``::1``; anything else as it is): the unit that pre-authentication resources are counted in."""
+    peer = peer or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]") if rest.startswith("[") else rest
+    return peer
+
+
 class TokenBucket:
     """``rate`` messages per second with bursts of ``burst``; ``take()`` waits when empty (flow control)."""
 
@@ -110,7 +126,9 @@ class AvatarServer:
         self.auth = Authenticator(opts.tokens)
         self.sessions: dict[str, Session] = {}
         self._opening = 0
-        self._pending = 0       # streams whose first message has not been read yet
+        self._pending = 0       # authenticated streams whose first message has not been read yet
+        self._pending_by: dict[str, int] = {}   # ... per principal
+        self._strangers: dict[str, int] = {}    # streams without a known token awaiting their first message, per peer
         self.draining = False
         self.server: aio.Server | None = None
         self.batcher: WindowBatcher | None = None
@@ -229,20 +247,27 @@ class AvatarServer:
 
     async def _session(self, request_iterator, context):
         lim = self.opts.limits
+        # Authentication comes first, from the call's metadata: what a stream without a known token may hold
+        # (a slot while its first message is awaited) is counted per peer address, in a pool of its own, so
+        # strangers can never use up what authenticated callers need (their pending slots, the sessions).
         principal = self.auth.principal(context.invocation_metadata())
-        # Streams that have not sent their SessionConfig yet are capped (all clients together), and one
-        # without a known token gets a short wait: idle unauthenticated connections cannot pile up.
-        if self._pending >= lim.max_pending_streams:
-            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self._pending} streams are already waiting to send their SessionConfig: "
-                              "send it as the first message, then retry", "rejected_capacity")
+        if principal is None:
+            slot = self._stranger_slot(peer_host(context.peer()))
+            if slot is None:      # refused at once: reading the first message is what a flood must not get
+                await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN + " (too many streams "
+                                  "without a known token from this address are open)", "unauthenticated")
+            wait = min(lim.config_timeout_s, lim.unauthenticated_config_timeout_s)
+        else:
+            slot = self._member_slot(principal)
+            if slot is None:
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self._pending} streams are already waiting to send their SessionConfig: "
+                                  "send it as the first message, then retry", "rejected_capacity")
+            wait = lim.config_timeout_s
         # The first message is read before any other refusal: a client that is still writing it when the
         # server ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
-        # The cap above is the exception on purpose: under a flood of streams, reading one more first
-        # message is what it must not do (such a client may see INTERNAL; it retries either way).
-        wait = lim.config_timeout_s if principal is not None else min(lim.config_timeout_s,
-                                                                      lim.unauthenticated_config_timeout_s)
-        self._pending += 1
+        # The caps above are the exception on purpose (under a flood of streams, reading one more first
+        # message is what the server must not do; such a client may see INTERNAL and retries either way).
         try:
             first = await asyncio.wait_for(request_iterator.__anext__(), wait)
         except StopAsyncIteration:
@@ -253,11 +278,9 @@ class AvatarServer:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                   f"no SessionConfig within {wait:g} s", "invalid")
         finally:
-            self._pending -= 1
+            slot()
         if principal is None:
-            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or unknown bearer token: send metadata 'authorization: Bearer <token>' "
-                              "with a token the server knows (--tokens-file / $ECHO_STREAM_TOKENS)", "unauthenticated")
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN, "unauthenticated")
         if self.draining:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE,
                               "the server is draining (shutting down): connect to another server or retry later",
@@ -327,6 +350,42 @@ class AvatarServer:
                 metrics.SESSIONS_ACTIVE.set(len(self.sessions))
                 await session.close()
 
+    def _stranger_slot(self, peer: str):
+        """Take a pending slot of a stream without a known token from ``peer``; returns its release, or None
+        when the peer (or all strangers together) already hold as many as allowed."""
+        lim = self.opts.limits
+        held = self._strangers.get(peer, 0)
+        if held >= lim.max_unauthenticated_per_peer or sum(self._strangers.values()) >= lim.max_unauthenticated_streams:
+            return None
+        self._strangers[peer] = held + 1
+
+        def release():
+            n = self._strangers.get(peer, 0) - 1
+            if n > 0:
+                self._strangers[peer] = n
+            else:
+                self._strangers.pop(peer, None)
+        return release
+
+    def _member_slot(self, principal: str):
+        """Take a pending slot of an authenticated stream (at most ``max_pending_streams`` of all principals,
+        ``max_pending_per_principal`` of one when tokens are configured); its release, or None when full."""
+        lim = self.opts.limits
+        mine = self._pending_by.get(principal, 0)
+        if self._pending >= lim.max_pending_streams or (self.auth.required and mine >= lim.max_pending_per_principal):
+            return None
+        self._pending += 1
+        self._pending_by[principal] = mine + 1
+
+        def release():
+            self._pending -= 1
+            n = self._pending_by.get(principal, 0) - 1
+            if n > 0:
+                self._pending_by[principal] = n
+            else:
+                self._pending_by.pop(principal, None)
+        return release
+
     async def _outputs(self, session: Session):
         """The session's messages as they leave the egress (frame accounting, latency)."""
         st = session.stats
@@ -388,7 +447,7 @@ class AvatarServer:
     async def _control(self, request, context):
         principal = self.auth.principal(context.invocation_metadata())
         if principal is None:
-            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
         if isinstance(request, wire.Malformed):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
         session = self.sessions.get(request.session_id)

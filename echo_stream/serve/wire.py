@@ -43,8 +43,14 @@ class Limits:
     burst: int = 1000
     max_lead_s: float = 2.0                     # avatar audio may run this far ahead of real time (flow control)
     config_timeout_s: float = 10.0
-    unauthenticated_config_timeout_s: float = 1.0   # a stream without a known token waits at most this long
-    max_pending_streams: int = 64               # streams still waiting for their SessionConfig, all clients
+    max_pending_streams: int = 64               # authenticated streams still waiting for their SessionConfig
+    max_pending_per_principal: int = 16         # ... of one principal (when tokens are configured)
+    # Streams without a known token are refused once their first message is read (the client sees
+    # UNAUTHENTICATED, not a broken write); while it is awaited they hold a slot of their own pool, never one of
+    # the authenticated callers': at most this many per peer address and this many in all, for at most this long
+    unauthenticated_config_timeout_s: float = 1.0
+    max_unauthenticated_per_peer: int = 4
+    max_unauthenticated_streams: int = 256
 
 
 @dataclass

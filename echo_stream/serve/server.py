@@ -423,10 +423,16 @@ class AvatarServer:
                 if kind == "control" and item["kind"] == "interrupt":
                     await session.interrupt()
                     continue
-                await session.put_input(kind, item)
                 if kind == "control" and item["kind"] == "end":
-                    return
-            await session.put_input("control", {"kind": "end"})   # half-close = END
+                    break
+                if "encoded" in item and kind in ("avatar_audio", "user_audio"):
+                    item = await session.decode_encoded(kind, item)   # paced below by its decoded duration
+                    if item is None:
+                        continue
+                await session.put_input(kind, item)
+            for kind, item in await session.finish_encoded():       # END (or half-close, the same)
+                await session.put_input(kind, item)
+            await session.put_input("control", {"kind": "end"})
         except asyncio.CancelledError:
             raise
         except (InputError, SessionFailed) as e:

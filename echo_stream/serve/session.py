@@ -40,6 +40,7 @@ import numpy as np
 from .. import config, schemas
 from ..errors import EchoStreamError, one_line, unwrap_remote_error
 from ..pipeline import STAGES, transcript_batch
+from ..stages.decode import PushedAudio
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
 from .wire import Limits, SessionSpec
@@ -50,6 +51,14 @@ FPS = config.FPS
 SPF = config.SAMPLES_PER_FRAME
 #: the fMP4 encoder runs here, off the event loop
 _ENCODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="fmp4")
+#: encoded client audio is decoded here, off the event loop (see Session.decode_encoded)
+_DECODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="edge-decode")
+
+
+def _pcm_item(y: np.ndarray, pts: float) -> dict:
+    """A decoded piece of audio as the PCM item the decode stage takes (16 kHz mono float32)."""
+    return {"pcm": np.asarray(y, "<f4").tobytes(), "format": "f32le", "rate": config.SAMPLE_RATE, "channels": 1,
+            "seconds": len(y) / config.SAMPLE_RATE, "pts": float(pts)}
 
 
 def warm_up_encoder() -> None:
@@ -209,7 +218,8 @@ class Session:
         self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
         self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
         self._recovery_task = None
-        self._pts_base = None            # client pts of session-timeline 0, for encoded audio (reset by interrupts)
+        #: decoders of encoded avatar / user audio, at the ingress (see :meth:`decode_encoded`)
+        self.edge_audio: dict[str, PushedAudio] = {}
         #: server-side strings never shown to the client -> what is shown instead
         self.redact: dict[str, str] = {}
         if isinstance(spec.portrait, str) and spec.avatar_id is not None:
@@ -293,6 +303,30 @@ class Session:
         self.incarnations = await b.incarnations()
 
     # ------------------------------------------------------------------ input (called by the RPC reader)
+    async def decode_encoded(self, kind: str, item: dict) -> dict | None:
+        """Encoded avatar / user audio (mp3, aac, opus, flac ... pieces) decoded here, at the ingress, to 16 kHz
+        PCM: its duration is then known before it is queued, so it is paced by ``max_lead`` exactly like PCM,
+        it can be replayed after a stage fault, and bytes that are not what their codec says fail this session
+        (INVALID_ARGUMENT) before a shared stage sees them. Decoding runs in a small thread pool, off the
+        event loop; the pacing bounds how much of it a session can ask for. Returns the PCM item, or None
+        while the decoder has produced nothing yet."""
+        dec = self.edge_audio.get(kind)
+        if dec is None:
+            dec = self.edge_audio[kind] = PushedAudio(kind)
+        y = await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, dec.convert, item)
+        return _pcm_item(y, item.get("pts", 0.0)) if len(y) else None
+
+    async def finish_encoded(self) -> list[tuple[str, dict]]:
+        """At END: what the ingress decoders still hold, as PCM items (raises InputError for a track whose
+        bytes decoded to no audio at all)."""
+        out = []
+        for kind, dec in list(self.edge_audio.items()):
+            y = await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, dec.finish)
+            if len(y):
+                out.append((kind, _pcm_item(y, 0.0)))
+        self.edge_audio = {}
+        return out
+
     async def put_input(self, kind: str, item: dict) -> None:
         """Queue a validated input (waits while the inbox is full: flow control)."""
         if kind == "avatar_audio":
@@ -329,19 +363,14 @@ class Session:
             self.group.append((kind, item))
             if kind == "avatar_audio":
                 start = self.pushed_s + self.group_s
-                sec = item.get("seconds")
-                if sec is None:   # encoded: the duration is known only once decoded; the client's pts
-                    if self._pts_base is None:        # (start of each piece) place it on the timeline
-                        self._pts_base = item.get("pts", 0.0) - start
-                    sec = max(0.0, item.get("pts", 0.0) - self._pts_base - start)
+                sec = item["seconds"]
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
-            n_encoded = sum(1 for k, it in self.group if k == "avatar_audio" and "encoded" in it)
             local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
             next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
                                  + self.ready_extra_s)
             crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
-            if crossed or self.group_s >= self.chunk_s - 1e-9 or n_encoded >= 8 or len(self.group) >= 256:
+            if crossed or self.group_s >= self.chunk_s - 1e-9 or len(self.group) >= 256:
                 await self._push(end=False)
 
     def _epoch_t0(self) -> float:
@@ -566,13 +595,12 @@ class Session:
 
         The chains not yet fully turned into frames are in ``replay_log``; the replay starts at the first
         frame boundary of the oldest one (frames before ``produced`` come out again and are dropped by the
-        egress). None when that is impossible (encoded avatar audio: its pieces cannot be cut at a frame).
+        egress). None when that is impossible. (Encoded audio was decoded at the ingress: every avatar audio
+        item here is PCM, which can be cut at a frame.)
         """
         p_s = self.produced / FPS
         chains = [c for c in self.replay_log if c[1] > p_s + 1e-9]
         if not chains or chains[0][0] > p_s + 1e-9:
-            return None
-        if any(k == "avatar_audio" and "encoded" in it for c in chains for k, it in c[2]):
             return None
         start = chains[0][0]
         first = math.ceil(start * FPS - 1e-6)
@@ -685,7 +713,7 @@ class Session:
                 metrics.QUEUE_DEPTH.labels("input").inc()
             self.group, self.group_s = [], 0.0
             self.replay_log.clear()
-            self._pts_base = None
+            self.edge_audio = {}                      # a new reply is a new encoded stream
             playback = self.produced
             self.frame_offset = playback
             self.pushed_s = playback / FPS

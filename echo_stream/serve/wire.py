@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from .. import config, motion
@@ -22,6 +23,7 @@ OUTPUT_MODES = {pb.OUTPUT_MODE_UNSPECIFIED: "both", pb.OUTPUT_MODE_VIDEO: "video
                 pb.OUTPUT_MODE_MOTION: "motion", pb.OUTPUT_MODE_BOTH: "both"}
 CODECS = {pb.VIDEO_CODEC_UNSPECIFIED: "fmp4", pb.VIDEO_CODEC_H264_FMP4: "fmp4", pb.VIDEO_CODEC_RAW_RGB: "raw"}
 _SPEAKER = re.compile(r"[A-Za-z_][\w-]{0,31}")
+_CODEC = re.compile(r"[a-z0-9_]{1,32}")         # an FFmpeg decoder name (mp3, aac, libopus, h264, ...)
 MEDIA_KINDS = ("avatar_audio", "user_audio", "user_video", "user_blendshapes")
 
 
@@ -149,12 +151,15 @@ class InputChecker:
         if which is None:
             raise InputError(what, "no payload: set pcm_s16le, pcm_f32le or encoded")
         data = getattr(a, which)
+        if not data:
+            raise InputError(f"{what}.{which}", "empty (0 bytes): an audio message carries at least one sample")
         if len(data) > self.limits.max_audio_bytes:
             raise InputError(f"{what}.{which}", f"{len(data)} bytes is over the {self.limits.max_audio_bytes}-byte "
                                                 "limit per message; send shorter chunks (e.g. 20-100 ms)")
         if which == "encoded":
             if not a.codec:
                 raise InputError(f"{what}.codec", "encoded audio needs the decoder name (e.g. mp3, aac, flac)")
+            _check_codec(f"{what}.codec", a.codec)
             return {"encoded": bytes(data), "codec": a.codec}   # its duration is known once decoded
         ch = a.channels or 1
         if ch not in (1, 2):
@@ -164,6 +169,8 @@ class InputChecker:
         width = 2 if which == "pcm_s16le" else 4
         if len(data) % (width * ch):
             raise InputError(f"{what}.{which}", f"{len(data)} bytes is not a whole number of {ch}-channel samples")
+        if which == "pcm_f32le" and not np.isfinite(np.frombuffer(data, "<f4")).all():
+            raise InputError(f"{what}.pcm_f32le", "NaN or infinite samples")
         seconds = len(data) / (width * ch) / a.sample_rate
         if seconds > self.limits.max_audio_seconds:
             raise InputError(f"{what}.{which}", f"{seconds:.2f} s of audio in one message; at most "
@@ -198,12 +205,15 @@ class InputChecker:
             if which is None:
                 raise InputError("user_video", "no payload: set raw_rgb or encoded")
             data = getattr(v, which)
+            if not data:
+                raise InputError(f"user_video.{which}", "empty (0 bytes)")
             if len(data) > self.limits.max_video_bytes:
                 raise InputError(f"user_video.{which}", f"{len(data)} bytes is over the "
                                                         f"{self.limits.max_video_bytes}-byte limit per message")
             if which == "encoded":
                 if not v.codec:
                     raise InputError("user_video.codec", "encoded video needs the decoder name (e.g. h264, mjpeg)")
+                _check_codec("user_video.codec", v.codec)
                 return kind, {"encoded": bytes(data), "codec": v.codec}
             if not v.width or not v.height or v.width * v.height > self.limits.max_video_pixels:
                 raise InputError("user_video", f"raw frame size {v.width}x{v.height} is not in 1x1.."
@@ -238,6 +248,11 @@ class InputChecker:
                 raise InputError("control.kind", f"{k} is not INTERRUPT, FLUSH or END")
             return "control", {"kind": names[k]}
         raise InputError(f"message {msg.seq}", f"unexpected {kind}")  # pragma: no cover
+
+
+def _check_codec(what: str, name: str) -> None:
+    if not _CODEC.fullmatch(name):
+        raise InputError(what, f"{name[:40]!r} is not a decoder name (1-32 of a-z, 0-9, _; e.g. mp3, aac, h264)")
 
 
 def opened(seq: int, session_id: str, spec: SessionSpec) -> pb.ServerMessage:

@@ -76,11 +76,11 @@ class DecodedImage:
 
 def jpeg_draft_scale(size: tuple[int, int], max_side: int | None) -> int:
     """The 1/n scale (1, 2, 4 or 8) at which libjpeg would decode a JPEG of ``size`` for ``max_side``:
-    the smallest image that still has at least ``max_side`` pixels on its long side."""
+    the smallest image that still has at least ``max_side`` pixels on its long side (and 32 on its short one)."""
     if not max_side:
         return 1
     n = 1
-    while n < 8 and max(size) / (2 * n) >= max_side:
+    while n < 8 and max(size) / (2 * n) >= max_side and min(size) / (2 * n) >= 32:
         n *= 2
     return n
 
@@ -135,12 +135,10 @@ def _decode_image(data: bytes, what: str, max_side: int | None = None) -> np.nda
         raise InputError(what, f"corrupt or truncated image ({e})") from None
     if arr.ndim != 3 or arr.shape[0] < 32 or arr.shape[1] < 32:
         raise InputError(what, f"image is too small ({arr.shape[1]}x{arr.shape[0]}); need at least 32x32 pixels")
-    if max_side and max(arr.shape[:2]) > max_side:
-        import cv2
-
+    if max_side and max(arr.shape[:2]) > max_side:      # area-averaged (PIL's box filter: no OpenCV needed)
         k = max_side / max(arr.shape[:2])
-        arr = cv2.resize(arr, (max(32, round(arr.shape[1] * k)), max(32, round(arr.shape[0] * k))),
-                         interpolation=cv2.INTER_AREA)
+        size = (max(32, round(arr.shape[1] * k)), max(32, round(arr.shape[0] * k)))
+        arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BOX), dtype=np.uint8).copy()
     return arr
 
 

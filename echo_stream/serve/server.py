@@ -25,6 +25,7 @@ from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
+from .portrait_gate import PortraitGate
 from .session import Session, SessionFailed, failure_from, log_error, warm_up_encoder
 from .wire import Limits
 
@@ -132,6 +133,7 @@ class AvatarServer:
         self.draining = False
         self.server: aio.Server | None = None
         self.batcher: WindowBatcher | None = None
+        self.portraits = PortraitGate(opts.limits)
         self.health = None
         self.port: int | None = None
         self._stopped: asyncio.Event | None = None
@@ -145,6 +147,7 @@ class AvatarServer:
         # the first H.264/AAC encoder opened in a process costs ~0.35 s (codec set-up): pay it now, not on
         # the first session's first frame
         await asyncio.get_running_loop().run_in_executor(None, warm_up_encoder)
+        await asyncio.get_running_loop().run_in_executor(None, self.portraits.start)
         self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
         self.batcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
@@ -204,6 +207,7 @@ class AvatarServer:
             await self.server.stop(grace)
         if self.batcher is not None:
             await self.batcher.stop()
+        self.portraits.close()
         if getattr(self, "_monitor", None) is not None:
             self._monitor.cancel()
         self._stopped.set()
@@ -299,6 +303,8 @@ class AvatarServer:
             try:
                 spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
                 stride = self.opts.stride_for(spec)
+                if spec.wants_video and isinstance(spec.portrait, bytes):   # checked and decoded at the edge
+                    spec.portrait = await self.portraits.prepare(spec.portrait)
             except InputError as e:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
             sid = secrets.token_urlsafe(24)

@@ -220,6 +220,7 @@ class Session:
         self._recovery_task = None
         #: decoders of encoded avatar / user audio, at the ingress (see :meth:`decode_encoded`)
         self.edge_audio: dict[str, PushedAudio] = {}
+        self._portrait_ref = None
         #: server-side strings never shown to the client -> what is shown instead
         self.redact: dict[str, str] = {}
         if isinstance(spec.portrait, str) and spec.avatar_id is not None:
@@ -291,7 +292,9 @@ class Session:
             if len(prev) == self.overlap:
                 hs.append(b.call("diffusion", "import_state", iid, {"prev": np.stack(prev)}))
         if self.spec.wants_video:
-            hs.append(b.call("render", "open_session", iid, self.spec.portrait, (self.spec.width, self.spec.height)))
+            if self._portrait_ref is None:         # stored once (an edge-decoded image is up to 12 MB), not per epoch
+                self._portrait_ref = b.put(self.spec.portrait)
+            hs.append(b.call("render", "open_session", iid, self._portrait_ref, (self.spec.width, self.spec.height)))
         for h in hs:
             try:
                 await b.get(h)

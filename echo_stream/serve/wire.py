@@ -37,6 +37,12 @@ class Limits:
     max_video_bytes: int = 4 * 1024 * 1024      # one raw / encoded video message
     max_video_pixels: int = 1920 * 1088
     max_portrait_bytes: int = 8 * 1024 * 1024
+    max_portrait_side: int = 4096               # a portrait as decoded (see serve/portrait_gate.py) ...
+    max_portrait_pixels: int = 16_000_000       # ... checked from its header before any pixel is decoded
+    portrait_working_side: int = 2048           # portraits are scaled down to this long side at the edge
+    portrait_decode_cpu_s: float = 5.0          # budget of one portrait's decoding (a child process, killed beyond):
+    portrait_decode_wall_s: float = 30.0        # CPU seconds, with a wall-clock backstop, ...
+    portrait_decode_memory_mb: int = 1024       # ... and its address space
     max_text_bytes: int = 4096
     max_blendshapes: int = 64
     max_size: int = 1024
@@ -62,7 +68,8 @@ class SessionSpec:
     width: int = 256
     height: int = 256
     seed: int | None = None
-    portrait: bytes | str | None = None         # image bytes, or a path of a registered avatar
+    portrait: object = None                     # image bytes (a DecodedImage once the edge decoded them), or the
+                                                # path of a registered avatar
     stride: int | None = None                   # new frames per window (None: the server's default)
     avatar_id: str | None = None                # the registered avatar (portrait is then its server-side path)
 

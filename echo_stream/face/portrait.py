@@ -96,6 +96,12 @@ def orientation_score(tracker, rgb: np.ndarray) -> float:
 
 
 def _is_upside_down(tracker, rgb: np.ndarray) -> bool:
+    import cv2
+
+    k = 512 / max(rgb.shape[:2])                  # the detector sees 128-256 px: its views need no more
+    if k < 1:
+        rgb = cv2.resize(rgb, (max(1, round(rgb.shape[1] * k)), max(1, round(rgb.shape[0] * k))),
+                         interpolation=cv2.INTER_AREA)
     as_is = orientation_score(tracker, rgb)
     turned = orientation_score(tracker, np.ascontiguousarray(rgb[::-1, ::-1]))
     if turned <= as_is + UPSIDE_DOWN_MARGIN:

@@ -285,6 +285,7 @@ class PortraitGate:
         self._pool = cf.ThreadPoolExecutor(slots, thread_name_prefix="portrait")   # at most `slots` decodes
         self._cache: OrderedDict[str, DecodedImage] = OrderedDict()
         self._cache_size = cache
+        self._refused: OrderedDict[str, str] = OrderedDict()   # digest -> the problem, of refused portraits
         self.isolated = hasattr(os, "fork") and sys.platform != "win32"
 
     def start(self) -> None:
@@ -304,6 +305,9 @@ class PortraitGate:
         """The portrait, checked and decoded (raises InputError naming config.portrait_image)."""
         check_header(data, self.limits)
         digest = hashlib.sha256(data).hexdigest()
+        refused = self._refused.get(digest)
+        if refused is not None:               # refused before (e.g. no face, upside down): not again by the render actor
+            raise InputError(WHAT, refused)
         hit = self._cache.get(digest)
         if hit is not None:
             self._cache.move_to_end(digest)
@@ -314,6 +318,14 @@ class PortraitGate:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return img
+
+    def remember_refusal(self, image: DecodedImage, problem: str) -> None:
+        """A portrait the pipeline refused (no face, upside down ...): the same bytes are refused here next time,
+        without a shared stage looking at them again."""
+        self._cache.pop(image.digest, None)
+        self._refused[image.digest] = problem
+        while len(self._refused) > 256:
+            self._refused.popitem(last=False)
 
     def decode(self, data: bytes) -> np.ndarray:
         """(Blocking.) Decode under the budgets, scaled to the working side; raises InputError."""

@@ -21,6 +21,7 @@ from grpc import aio
 
 from .. import config
 from ..errors import InputError, one_line
+from ..render.portrait import DecodedImage
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
@@ -323,6 +324,10 @@ class AvatarServer:
                                                      f"{log_error(e, 'session open')}): retry in a few seconds")
                 f = session.failure_from(e, "session open")
                 code = _CODES.get(f.code, grpc.StatusCode.INTERNAL)
+                inner = f.input_error
+                if isinstance(spec.portrait, DecodedImage) and isinstance(inner, InputError) \
+                        and inner.what == spec.portrait.label:
+                    self.portraits.remember_refusal(spec.portrait, inner.problem)
                 await self._abort(context, code, f.message,
                                   "invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "failed")
             metrics.SESSIONS.labels("opened").inc()

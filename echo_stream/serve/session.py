@@ -76,6 +76,7 @@ class SessionFailed(Exception):
     def __init__(self, code, message: str):
         self.code = code
         self.message = one_line(message)
+        self.input_error: EchoStreamError | None = None    # the input's own error, when that is what it was
         super().__init__(self.message)
 
 
@@ -96,7 +97,9 @@ def failure_from(exc: BaseException, during: str, redact: dict[str, str] | None 
         text = str(inner)
         for secret, label in (redact or {}).items():
             text = text.replace(secret, label)
-        return SessionFailed("INVALID_ARGUMENT", text)
+        failed = SessionFailed("INVALID_ARGUMENT", text)
+        failed.input_error = inner
+        return failed
     return SessionFailed("INTERNAL", f"internal server error during {during} (error id {log_error(exc, during)}; "
                                      "the server's log has the details)")
 
@@ -270,7 +273,7 @@ class Session:
                 await t
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        self._drop_queued()
+        self._discard(self._drop_queued())
         for stage in STAGES:
             try:
                 self.backend.call(stage, "close_session", self.iid)
@@ -423,6 +426,7 @@ class Session:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
+                self._discard([wins_h, ck_h])     # the chain's other results: fetched, so Ray does not log them
                 await self._on_error(epoch, e)
 
     # ------------------------------------------------------------------ egress
@@ -568,6 +572,22 @@ class Session:
             return
         raise self.failure_from(e, "the pipeline")
 
+    def _discard(self, handles) -> None:
+        """Fetch results nobody will use, quietly, in the background: Ray logs every failed result that is never
+        fetched ("Unhandled error", with its traceback), and the chains of a session that failed on its input
+        (or was interrupted) would otherwise fill the server's log with the client's mistake."""
+        handles = [h for h in handles if h is not None]
+        if not handles:
+            return
+
+        async def fetch():
+            for h in handles:
+                try:
+                    await asyncio.wait_for(self.backend.get(h), 120)
+                except Exception:  # noqa: BLE001 - the point is to consume the error
+                    pass
+        asyncio.get_running_loop().create_task(fetch(), name=f"discard-{self.id[:8]}")
+
     def _drop_queued(self) -> list:
         """Empty the in-flight queues (their work belongs to the old epoch); returns their handles."""
         handles = []
@@ -632,7 +652,7 @@ class Session:
                         str(e).splitlines()[0][:120] if str(e) else "")
             t = time.perf_counter()
             self._new_epoch()
-            self._drop_queued()
+            self._discard(self._drop_queued())
             self.stats.recoveries += 1
             metrics.RECOVERIES.inc()
             replay = self._replay_items()
@@ -704,7 +724,9 @@ class Session:
         """Drop every stage's buffered work of the session; returns the playback position (frames out)."""
         async with self.lock:
             self._new_epoch()
-            self.backend.cancel(self._drop_queued())
+            dropped = self._drop_queued()
+            self.backend.cancel(dropped)
+            self._discard(dropped)
             kept = []
             while not self.inbox.empty():             # buffered media are dropped; transcript / end stay
                 kind, item, t = self.inbox.get_nowait()

@@ -150,7 +150,11 @@ def sample_rgb() -> np.ndarray:
     return np.asarray(Image.open(PORTRAIT).convert("RGB"))
 
 
-_RNG = np.random.default_rng(1234)
+def noise(n: int, seed: int = 0) -> bytes:
+    """``n`` random bytes, the same every run."""
+    return np.random.default_rng(seed).bytes(n)
+
+
 _NAN = speech(0.1)
 _NAN[7] = np.nan
 _INF = speech(0.1)
@@ -221,17 +225,22 @@ CASES = {
                             ["avatar_audio.codec", "unknown audio decoder"]),
     "codec name not a name": (lambda: [cfg(), encoded(1, b"\x00" * 64, "MP3; rm -rf")], INVALID,
                               ["avatar_audio.codec", "not a decoder name"]),
-    "random bytes as mp3": (lambda: [cfg()] + [encoded(i, _RNG.bytes(4000), "mp3", pts=0.1 * i) for i in range(1, 6)],
+    "random bytes as mp3": (lambda: [cfg()] + [encoded(i, noise(4000, i - 1), "mp3", pts=0.1 * i)
+                                               for i in range(1, 6)],
                             INVALID, ["avatar_audio.encoded", "decoded to no audio", "not mp3 data"]),
-    "random bytes as aac": (lambda: [cfg()] + [encoded(i, _RNG.bytes(16000), "aac", pts=0.1 * i) for i in range(1, 6)],
-                            INVALID, ["avatar_audio.encoded", "aac"]),
+    "random bytes as mp3, a false frame among them": (         # these seeds hold one frame the decoder takes
+        lambda: [cfg()] + [encoded(i, noise(4000, i), "mp3", pts=0.1 * i) for i in range(1, 6)],
+        INVALID, ["avatar_audio.encoded", "frames are not decodable", "not mp3 data"]),
+    "random bytes as aac": (lambda: [cfg()] + [encoded(i, noise(16000, 10 + i), "aac", pts=0.1 * i)
+                                               for i in range(1, 6)], INVALID, ["avatar_audio.encoded", "aac"]),
     "mp3 piece of 6 s": (lambda: [cfg(), encoded(1, mp3(speech(6.0, seed=3)), "mp3")], INVALID,
                          ["avatar_audio.encoded", "real-time-sized pieces"]),
     "codec changes mid-stream": (lambda: [cfg(), encoded(1, mp3(speech(0.3))[:600], "mp3"),
                                   encoded(2, b"\x00" * 64, "flac", pts=0.1)], INVALID, ["changed from"]),
     # --- user video, blendshapes, transcript, control
-    "garbage h264": (lambda: [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=_RNG.bytes(6000), codec="h264")),
-                      f32(2, speech(0.4))], INVALID, ["user_video.encoded", "no frame", "h264"]),
+    "garbage h264": (lambda: [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=noise(6000, 1),
+                                                                                        codec="h264")),
+                              f32(2, speech(0.4))], INVALID, ["user_video.encoded", "no frame", "h264"]),
     "unknown video codec": (lambda: [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=b"x" * 10,
                                                                                       codec="nosuchvideo"))],
                             INVALID, ["user_video.codec", "unknown video decoder"]),
@@ -247,7 +256,8 @@ CASES = {
         speaker="a b\nc", text="hi"))], INVALID, ["transcript.speaker"]),
     "transcript 5000 bytes": (lambda: [cfg(), pb.ClientMessage(seq=1, transcript=pb.TranscriptSegment(
         text="x" * 5000))], INVALID, ["transcript.text", "limit"]),
-    "control kind 99": (lambda: [cfg(), pb.ClientMessage(seq=1, control=pb.Control(kind=99))], INVALID, ["control.kind"]),
+    "control kind 99": (lambda: [cfg(), pb.ClientMessage(seq=1, control=pb.Control(kind=99))], INVALID,
+                        ["control.kind"]),
 }
 
 
@@ -317,7 +327,8 @@ def test_control_with_hostile_callers(server):
                 return e.code(), e.details()
 
     def req(sid: str) -> bytes:
-        return pb.SessionControlRequest(session_id=sid, control=pb.Control(kind=pb.Control.INTERRUPT)).SerializeToString()
+        msg = pb.SessionControlRequest(session_id=sid, control=pb.Control(kind=pb.Control.INTERRUPT))
+        return msg.SerializeToString()
 
     async def main():
         async with AvatarClient(target, token=ALICE) as alice, AvatarClient(target, token=BOB) as bob:
@@ -355,7 +366,8 @@ def test_stranger_flood_from_one_peer_never_locks_out_an_authenticated_user(serv
     st, target = server
 
     async def flood(ch, stop: asyncio.Event, codes: list):
-        rpc = ch.stream_stream(SESSION_METHOD, request_serializer=_bytes, response_deserializer=pb.ServerMessage.FromString)
+        rpc = ch.stream_stream(SESSION_METHOD, request_serializer=_bytes,
+                               response_deserializer=pb.ServerMessage.FromString)
         while not stop.is_set():
             calls = [rpc() for _ in range(8)]                # no token, never a first message
             for c in calls:
@@ -496,7 +508,7 @@ def test_errors_raised_inside_stage_actors_reach_the_client_as_one_line(ray_serv
     """An InputError raised inside the decode actor (garbage H.264 found at END) crosses Ray as itself: the client
     sees INVALID_ARGUMENT with its one line, none of Ray's text; the actors keep serving."""
     st, target = ray_server
-    bad = [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=_RNG.bytes(6000), codec="h264")),
+    bad = [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=noise(6000, 2), codec="h264")),
            f32(2, speech(0.4))]
     code, details, _ = run(call_session(target, bad, metadata=()))
     assert code == INVALID
@@ -550,7 +562,7 @@ def test_a_healthy_session_keeps_every_frame_next_to_hostile_ones(ray_server, tm
                         except aio.AioRpcError:
                             pass
 
-        garbage = [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=_RNG.bytes(6000), codec="h264")),
+        garbage = [cfg(), pb.ClientMessage(seq=1, user_video=pb.VideoFrame(encoded=noise(6000, 2), codec="h264")),
                    f32(2, speech(0.4))]
         await asyncio.gather(encoded_flood("mp3 flood 1"), encoded_flood("mp3 flood 2"),
                              repeat("portrait bomb", [video_cfg(bomb)]), repeat("upside down", [video_cfg(upside)]),

@@ -306,7 +306,7 @@ class PortraitGate:
         check_header(data, self.limits)
         digest = hashlib.sha256(data).hexdigest()
         refused = self._refused.get(digest)
-        if refused is not None:               # refused before (e.g. no face, upside down): not again by the render actor
+        if refused is not None:               # refused before (no face, upside down): not by the render actor again
             raise InputError(WHAT, refused)
         hit = self._cache.get(digest)
         if hit is not None:

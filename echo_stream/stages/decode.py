@@ -44,7 +44,8 @@ MAX_USER_VIDEO_ASPECT = 4
 MAX_USER_LEAD_S = 10.0
 #: one pushed encoded avatar/user audio message may decode to at most this much audio
 MAX_DECODED_SECONDS_PER_PUSH = 4.0
-#: an encoded audio track that decoded nothing from this many bytes is not what its codec says
+#: an encoded audio track that decoded nothing (or more undecodable frames than decodable ones) from this many
+#: bytes is not what its codec says; checked again at its end whatever its size
 MAX_AUDIO_BYTES_WITHOUT_SAMPLES = 64 * 1024
 #: an encoded video track that decoded no frame from this many bytes / messages is not what its codec says
 MAX_VIDEO_BYTES_WITHOUT_FRAMES = 4 * 1024 * 1024
@@ -108,9 +109,18 @@ class PushedAudio:
                 out += self._resample(fr)
         return out
 
-    def _garbage(self) -> InputError:
-        return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes sent as {self._codec.name} decoded "
-                                                  f"to no audio: they are not {self._codec.name} data")
+    def _garbage(self) -> InputError | None:
+        """The error of a track that is not what its codec says, or None: it decoded nothing, or more of its frames
+        failed to decode than decoded (random bytes hold the odd false frame; real streams fail on a tag or so)."""
+        name = self._codec.name
+        if not self.samples:
+            return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes sent as {name} decoded to no "
+                                                      f"audio: they are not {name} data")
+        if self._bad > self._good:
+            return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes sent as {name}: {self._bad} of "
+                                                      f"their {self._bad + self._good} frames are not decodable: they "
+                                                      f"are not {name} data")
+        return None
 
     def finish(self) -> np.ndarray:
         """The end of an encoded track: what the parser, decoder and resampler still hold (16 kHz mono).
@@ -128,7 +138,7 @@ class PushedAudio:
             self._resampler = None
         y = np.clip(np.concatenate(out), -1, 1).astype(np.float32) if out else np.zeros(0, np.float32)
         self.samples += len(y)
-        if self.encoded_bytes and not self.samples:
+        if self.encoded_bytes and self._garbage() is not None:
             raise self._garbage()
         return y
 
@@ -166,7 +176,7 @@ class PushedAudio:
                                  f"of audio (at most {MAX_DECODED_SECONDS_PER_PUSH:g} s): send encoded audio in "
                                  f"real-time-sized pieces")
             self.samples += len(y)
-            if not self.samples and self.encoded_bytes >= MAX_AUDIO_BYTES_WITHOUT_SAMPLES:
+            if self.encoded_bytes >= MAX_AUDIO_BYTES_WITHOUT_SAMPLES and self._garbage() is not None:
                 raise self._garbage()
             return y
         rate, ch = int(item["rate"]), int(item.get("channels") or 1)

@@ -427,7 +427,17 @@ class AvatarServer:
         checker = wire.InputChecker(self.opts.limits)
         bucket = TokenBucket(self.opts.limits.messages_per_s, self.opts.limits.burst)
         try:
-            async for msg in it:
+            while True:
+                try:
+                    msg = await it.__anext__()
+                except StopAsyncIteration:         # half-close = END
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
+                    log.info("session %s: input stream ended: %s", session.id[:8], e)
+                    session._fail(SessionFailed("CANCELLED", "the input stream broke before its END"))
+                    return
                 await bucket.take()
                 kind, item = checker.check(msg)
                 metrics.MESSAGES_IN.labels(kind).inc()
@@ -441,16 +451,13 @@ class AvatarServer:
                     if item is None:
                         continue
                 await session.put_input(kind, item)
-            for kind, item in await session.finish_encoded():       # END (or half-close, the same)
+            for kind, item in await session.finish_encoded():       # what the decoders still hold
                 await session.put_input(kind, item)
             await session.put_input("control", {"kind": "end"})
         except asyncio.CancelledError:
             raise
-        except (InputError, SessionFailed) as e:
+        except Exception as e:  # noqa: BLE001 - bad input (INVALID_ARGUMENT) or a bug (INTERNAL, logged)
             session._fail(session.failure_from(e, "input"))
-        except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
-            log.info("session %s: input stream ended: %s", session.id[:8], e)
-            session._fail(SessionFailed("CANCELLED", "the input stream broke before its END"))
 
     async def _control_rpc(self, request, context):
         try:

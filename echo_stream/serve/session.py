@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, schemas
-from ..errors import EchoStreamError, one_line, unwrap_remote_error
+from ..errors import EchoStreamError, InputError, one_line, unwrap_remote_error
 from ..pipeline import STAGES, transcript_batch
 from ..stages.decode import PushedAudio
 from ..protos import echo_stream_pb2 as pb
@@ -319,15 +319,26 @@ class Session:
         dec = self.edge_audio.get(kind)
         if dec is None:
             dec = self.edge_audio[kind] = PushedAudio(kind)
-        y = await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, dec.convert, item)
+        y = await self._edge_decode(kind, dec.convert, item)
         return _pcm_item(y, item.get("pts", 0.0)) if len(y) else None
+
+    async def _edge_decode(self, kind: str, fn, *args):
+        """``fn(*args)`` of an ingress decoder in the decode pool; what FFmpeg raises is the input's problem."""
+        import av
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, fn, *args)
+        except EchoStreamError:
+            raise
+        except av.FFmpegError as e:
+            raise InputError(f"{kind}.encoded", f"not decodable ({type(e).__name__})") from None
 
     async def finish_encoded(self) -> list[tuple[str, dict]]:
         """At END: what the ingress decoders still hold, as PCM items (raises InputError for a track whose
         bytes decoded to no audio at all)."""
         out = []
         for kind, dec in list(self.edge_audio.items()):
-            y = await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, dec.finish)
+            y = await self._edge_decode(kind, dec.finish)
             if len(y):
                 out.append((kind, _pcm_item(y, 0.0)))
         self.edge_audio = {}

@@ -595,8 +595,8 @@ class Session:
             for h in handles:
                 try:
                     await asyncio.wait_for(self.backend.get(h), 120)
-                except Exception:  # noqa: BLE001 - the point is to consume the error
-                    pass
+                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - consuming the error is the point
+                    pass                                     # (a cancelled handle raises CancelledError)
         asyncio.get_running_loop().create_task(fetch(), name=f"discard-{self.id[:8]}")
 
     def _drop_queued(self) -> list:

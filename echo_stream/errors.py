@@ -63,3 +63,24 @@ def raise_on_sigterm():
     def handler(signum, frame):
         raise Terminated()
     return signal.signal(signal.SIGTERM, handler)
+
+
+def unwrap_remote_error(e: BaseException) -> BaseException:
+    """The error raised inside a Ray task (Ray wraps what an actor raises; ``cause`` is the original).
+
+    The one place that looks inside Ray's wrappers: ``generate`` and the server both use it. Returns ``e``
+    itself when it wraps nothing.
+    """
+    seen = 0
+    while seen < 16:                      # a wrapper of a wrapper ...; never loop forever on a cycle
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException) or cause is e:
+            return e
+        e, seen = cause, seen + 1
+    return e
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` as one line of at most ``limit`` characters (whitespace runs collapsed, cut with '...')."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit - 3].rstrip() + "..."

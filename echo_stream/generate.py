@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import atomic, config, media, motion, render, schemas, transcript
-from .errors import EchoStreamError, InputError, raise_on_sigterm
+from .errors import EchoStreamError, InputError, raise_on_sigterm, unwrap_remote_error  # noqa: F401 (old import path)
 from .pipeline import InlineRunner, PipelineOptions, RayRunner, SessionInputs, stream_session
 
 log = logging.getLogger(__name__)
@@ -135,14 +135,6 @@ def validate_request(req: GenerateRequest) -> tuple[list, "render.Portrait"]:
     segments = transcript.load(req.transcript)
     portrait = render.load_portrait(req.portrait, landmarks_path=req.landmarks)
     return segments, portrait
-
-
-def unwrap_remote_error(e: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error (Ray wraps exceptions raised in actors)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        return unwrap_remote_error(cause)
-    return e
 
 
 def generate(req: GenerateRequest, use_ray: bool = True, progress: bool = True,

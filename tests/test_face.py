@@ -371,3 +371,58 @@ def test_upside_down_portrait_refused_sideways_accepted():
     for i in (100, 300, 470):                                    # real stills of the test video stay accepted
         frame = [f for j, _, f in media.iter_video_frames(REAL_VIDEO) if j == i][0]
         assert render.load_portrait(as_png(frame)).detector == "mesh"
+
+
+def test_upside_down_stills_the_single_view_check_let_through_are_refused_with_either_placement(monkeypatch, tmp_path):
+    """Turned by 180 degrees, stills 100 and 470 of the real video used to pass on a false upright face (the
+    detector's single-view score of the turned photo was within 0.15 of the upright one); the check averaged over
+    small rotations and the mirror image refuses them, under the mesh and under the Haar placement, and keeps
+    every quarter-turned still accepted."""
+    import io
+
+    from PIL import Image
+
+    from echo_stream.face.portrait import is_upside_down
+    from echo_stream.render import portrait as rp
+
+    def as_png(a):
+        b = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(b, format="PNG")
+        return b.getvalue()
+
+    stills = {j: f for j, _, f in media.iter_video_frames(REAL_VIDEO) if j in (100, 470)}
+    for f in stills.values():
+        assert not is_upside_down(f) and is_upside_down(np.ascontiguousarray(f[::-1, ::-1]))
+        assert not is_upside_down(np.ascontiguousarray(np.rot90(f))) and not is_upside_down(
+            np.ascontiguousarray(np.rot90(f, 3)))
+        with pytest.raises(InputError, match="upside down"):
+            render.load_portrait(as_png(f[::-1, ::-1]))
+    # generate checks its portrait the same way, before anything starts
+    from echo_stream.generate import GenerateRequest, validate_request
+
+    photo = tmp_path / "upside.png"
+    photo.write_bytes(as_png(stills[470][::-1, ::-1]))
+    audio = mediagen.write_audio(tmp_path / "a.wav", mediagen.speech_like(0.5, 16000), 16000)
+    with pytest.raises(InputError, match=r"upside.png: the face is upside down"):
+        validate_request(GenerateRequest(portrait=str(photo), avatar_audio=str(audio), out=str(tmp_path / "o.mp4")))
+    monkeypatch.setattr(rp, "PLACEMENT", "haar")
+    rp._DETECTION_CACHE.clear()
+    with pytest.raises(InputError, match="upside down"):
+        render.load_portrait(as_png(stills[100][::-1]))          # upside down and mirrored
+
+
+def test_face_geometry_check_refuses_placements_no_face_has():
+    from echo_stream.render.portrait import check_face_geometry
+
+    lm = render.load_portrait(render.SAMPLE_PORTRAIT).landmarks
+    h, w = 512, 512
+    check_face_geometry(lm, (h, w), "p")                           # the real placement passes
+    turned = {k: np.array([w - 1, h - 1], np.float32) - v for k, v in lm.items()}   # the same turned by 180
+    with pytest.raises(InputError, match="p: the face is upside down"):
+        check_face_geometry(turned, (h, w), "p")
+    tiny = dict(lm, right_eye=lm["left_eye"] + np.float32([2, 0]))
+    with pytest.raises(InputError, match="not plausible"):
+        check_face_geometry(tiny, (h, w), "p")
+    high_mouth = dict(lm, mouth_centre=(lm["left_eye"] + lm["right_eye"]) / 2 + np.float32([0, 2]))
+    with pytest.raises(InputError, match="mouth or chin"):
+        check_face_geometry(high_mouth, (h, w), "p")

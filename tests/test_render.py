@@ -394,3 +394,31 @@ def test_huge_portrait_refused_from_its_header():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with pytest.raises(InputError, match=r"12000x12000 pixels.*scale it down"):
             render.load_portrait(buf.getvalue())
+
+
+def test_decoded_image_input_and_downscaled_decoding(portrait):
+    """A portrait decoded elsewhere (the server's edge) is placed like its file; decoding with ``max_side`` scales
+    the image down (a large JPEG through libjpeg's reduced-scale decoding), keeping the aspect."""
+    import hashlib
+    import io
+
+    from echo_stream.render.portrait import DecodedImage, _decode_image, jpeg_draft_scale
+
+    rgb = portrait.image
+    p = render.load_portrait(DecodedImage(rgb, hashlib.sha1(rgb.tobytes()).hexdigest(), "config.portrait_image"))
+    assert p.source == "detected"
+    for k in ("left_eye", "mouth_centre", "chin"):
+        np.testing.assert_allclose(p.landmarks[k], portrait.landmarks[k], atol=1.0)
+    with pytest.raises(InputError, match="config.portrait_image: expected"):
+        render.load_portrait(DecodedImage(rgb[:10], "x", "config.portrait_image"))
+
+    big = cv2.resize(rgb, (3000, 2000), interpolation=cv2.INTER_CUBIC)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=90)
+    assert jpeg_draft_scale((3000, 2000), 1024) == 2 and jpeg_draft_scale((3000, 2000), None) == 1
+    assert jpeg_draft_scale((8192, 4096), 1024) == 8 and jpeg_draft_scale((800, 600), 1024) == 1
+    small = _decode_image(buf.getvalue(), "p", max_side=1024)
+    assert small.shape == (683, 1024, 3)
+    png = io.BytesIO()
+    Image.fromarray(big).save(png, format="PNG")
+    assert _decode_image(png.getvalue(), "p", max_side=1024).shape == (683, 1024, 3)

@@ -84,8 +84,8 @@ from __future__ import annotations
 
 from .landmarks import LANDMARK_NAMES
 from .paths import ASSETS_DIR, SAMPLE_PORTRAIT
-from .portrait import EYE_LINE, FACE_FRACTION, FaceCrop, Portrait, crop_portrait, load_portrait
+from .portrait import EYE_LINE, FACE_FRACTION, DecodedImage, FaceCrop, Portrait, crop_portrait, load_portrait
 from .renderer import PortraitRenderer
 
 __all__ = ["ASSETS_DIR", "EYE_LINE", "FACE_FRACTION", "FaceCrop", "LANDMARK_NAMES", "Portrait", "PortraitRenderer",
-           "SAMPLE_PORTRAIT", "crop_portrait", "load_portrait"]
+           "SAMPLE_PORTRAIT", "crop_portrait", "load_portrait", "DecodedImage"]

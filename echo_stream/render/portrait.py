@@ -60,10 +60,37 @@ class FaceCrop:
 #: Largest portrait accepted (checked from the image header, before decoding).
 MAX_PORTRAIT_SIDE = 8192
 MAX_PORTRAIT_PIXELS = 40_000_000
+#: Formats a portrait may be in (PIL's names; MPO is the multi-picture JPEG of many phones).
+PORTRAIT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF")
 
 
-def _decode_image(data: bytes, what: str) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB (EXIF orientation applied, alpha over white)."""
+@dataclass
+class DecodedImage:
+    """A portrait already decoded (and checked) elsewhere, e.g. at the server's edge: ``rgb`` (H, W, 3)
+    uint8, ``digest`` identifies its content (cache key), ``label`` names it in errors."""
+
+    rgb: np.ndarray
+    digest: str
+    label: str = "portrait"
+
+
+def jpeg_draft_scale(size: tuple[int, int], max_side: int | None) -> int:
+    """The 1/n scale (1, 2, 4 or 8) at which libjpeg would decode a JPEG of ``size`` for ``max_side``:
+    the smallest image that still has at least ``max_side`` pixels on its long side (and 32 on its short one)."""
+    if not max_side:
+        return 1
+    n = 1
+    while n < 8 and max(size) / (2 * n) >= max_side and min(size) / (2 * n) >= 32:
+        n *= 2
+    return n
+
+
+def _decode_image(data: bytes, what: str, max_side: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB (EXIF orientation applied, alpha over white).
+
+    ``max_side``: scale the result down to at most this many pixels on its long side (a JPEG is then
+    decoded at 1/2, 1/4 or 1/8 scale by libjpeg when that still leaves enough pixels: cheaper).
+    """
     import io
     import warnings
 
@@ -84,6 +111,9 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
                 raise InputError(what, f"image is {w}x{h} pixels; a portrait may have at most "
                                        f"{MAX_PORTRAIT_SIDE} pixels a side and {MAX_PORTRAIT_PIXELS // 10**6} "
                                        f"megapixels: scale it down")
+            n = jpeg_draft_scale((w, h), max_side) if im.format in ("JPEG", "MPO") else 1
+            if n > 1:
+                im.draft("RGB", (-(-w // n), -(-h // n)))
             try:
                 im = ImageOps.exif_transpose(im)
             except Exception:          # unreadable EXIF: keep the pixels as stored  # noqa: BLE001
@@ -110,6 +140,10 @@ def _decode_image(data: bytes, what: str) -> np.ndarray:
         raise InputError(what, f"corrupt or truncated image ({e})") from None
     if arr.ndim != 3 or arr.shape[0] < 32 or arr.shape[1] < 32:
         raise InputError(what, f"image is too small ({arr.shape[1]}x{arr.shape[0]}); need at least 32x32 pixels")
+    if max_side and max(arr.shape[:2]) > max_side:      # area-averaged (PIL's box filter: no OpenCV needed)
+        k = max_side / max(arr.shape[:2])
+        size = (max(32, round(arr.shape[1] * k)), max(32, round(arr.shape[0] * k)))
+        arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BOX), dtype=np.uint8).copy()
     return arr
 
 
@@ -124,8 +158,9 @@ _DETECTION_CACHE: dict[tuple[str, str], tuple] = {}
 _DETECTION_CACHE_SIZE = 16
 
 
-def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.PathLike | None = None) -> Portrait:
-    """Read a portrait photo (a path, or encoded image bytes) and place its face.
+def load_portrait(path: str | os.PathLike | bytes | DecodedImage,
+                  landmarks_path: str | os.PathLike | None = None) -> Portrait:
+    """Read a portrait photo (a path, encoded image bytes, or a :class:`DecodedImage`) and place its face.
 
     Landmarks come from the sidecar (``landmarks_path``, or ``<image>.landmarks.json`` beside a
     path) when there is one, else from face detection (results are cached per image content).
@@ -134,7 +169,12 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
     """
     import hashlib
 
-    if isinstance(path, (bytes, bytearray, memoryview)):
+    rgb = None
+    if isinstance(path, DecodedImage):
+        rgb, what, src_path, digest = path.rgb, path.label, None, path.digest
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 32:
+            raise InputError(what, f"expected (H, W, 3) uint8 RGB of at least 32x32, got {rgb.dtype} {rgb.shape}")
+    elif isinstance(path, (bytes, bytearray, memoryview)):
         data, what, src_path = bytes(path), "portrait", None
     else:
         src_path = Path(path)
@@ -150,7 +190,9 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
         if landmarks_path is None:
             auto = src_path.with_name(src_path.name + ".landmarks.json")
             landmarks_path = auto if auto.exists() else None
-    rgb = _decode_image(data, what)
+    if rgb is None:
+        rgb = _decode_image(data, what)
+        digest = hashlib.sha1(data).hexdigest()
     h, w = rgb.shape[:2]
     if landmarks_path is not None:
         known, jaw = parse_sidecar(Path(landmarks_path), w, h)
@@ -160,8 +202,10 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
             half = (mr[0] - ml[0]) / 2
             refine_mouth_line(_gray(rgb), known, (ml[1] + mr[1]) / 2 + 0.02, float(np.clip(0.3 * half, 0.06, 0.15)),
                                (ml[0] + mr[0]) / 2)
-        return Portrait(rgb, complete_landmarks(known, jaw), "sidecar", what if src_path else None)
-    key = (hashlib.sha1(data).hexdigest(), PLACEMENT)
+        lms = complete_landmarks(known, jaw)
+        check_face_geometry(lms, (h, w), what)
+        return Portrait(rgb, lms, "sidecar", what if src_path else None)
+    key = (digest, PLACEMENT)
     hit = _DETECTION_CACHE.get(key)
     if hit is None:
         hit = _place_face(rgb, what)
@@ -170,8 +214,33 @@ def load_portrait(path: str | os.PathLike | bytes, landmarks_path: str | os.Path
         _DETECTION_CACHE[key] = hit
     known, box, jaw, detector = hit
     known = {k: v.copy() for k, v in known.items()}
-    return Portrait(rgb, complete_landmarks(known, jaw), "detected", what if src_path else None, box.copy(),
-                    detector)
+    lms = complete_landmarks(known, jaw)
+    check_face_geometry(lms, (h, w), what)
+    return Portrait(rgb, lms, "detected", what if src_path else None, box.copy(), detector)
+
+
+def check_face_geometry(lm: dict[str, np.ndarray], size: tuple[int, int], what: str) -> None:
+    """Refuse a placement no face has: the eyes not above the mouth (an upside-down photo: the face's
+    eyes-to-mouth direction points up the image; sideways photos pass, the crop turns them upright), the
+    mouth and chin not below the eyes in the face's own frame, or an inter-ocular distance that is not
+    plausible for the image (under 4 px, or wider than the image)."""
+    h, w = size
+    le, re_ = np.asarray(lm["left_eye"], np.float64), np.asarray(lm["right_eye"], np.float64)
+    iod = float(np.hypot(*(re_ - le)))
+    if not 4.0 <= iod <= max(h, w):
+        raise InputError(what, f"the face found is not plausible (eyes {iod:.0f} px apart in a {w}x{h} image): "
+                               "use a frontal, upright portrait, or pass a landmarks sidecar")
+    mid = (le + re_) / 2
+    down = np.asarray(lm["mouth_centre"], np.float64) - mid
+    if down[1] < -0.25 * float(np.hypot(*down)):       # more than ~105 degrees from pointing down the image
+        raise InputError(what, "the face is upside down (its eyes are below its mouth): rotate the photo upright "
+                               "(or pass a landmarks sidecar)")
+    frame = _frame(le, re_)
+    mouth_y = float(_to_face(lm["mouth_centre"], frame)[1])
+    chin_y = float(_to_face(lm["chin"], frame)[1])
+    if not (0.3 <= mouth_y <= 3.0 and chin_y > mouth_y):
+        raise InputError(what, "the face found is not plausible (mouth or chin not below the eyes): use a frontal, "
+                               "upright portrait, or pass a landmarks sidecar")
 
 
 #: How a portrait without a sidecar is placed: ``"mesh"`` (the face tracker's 468-point mesh, with the
@@ -192,6 +261,12 @@ def _place_face(rgb: np.ndarray, what: str):
         if found is not None:
             known, jaw, box = found
             return known, box, jaw.astype(np.float32), "mesh"
+    else:                              # the cascades read an upright face into an upside-down photo too
+        from ..face.portrait import is_upside_down
+
+        if is_upside_down(rgb):
+            raise InputError(what, "the face is upside down: rotate the photo upright (or pass a landmarks "
+                                   "sidecar)")
     known, box = haar.detect_landmarks(rgb, what)
     return known, box, None, "haar"
 

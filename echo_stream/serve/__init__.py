@@ -7,6 +7,7 @@ module             what
 ``batching``       continuous cross-session batching of diffusion windows
 ``session``        one session: ingest, epochs (interrupt / fault recovery), egress
 ``wire``           protobuf <-> plain values, validation and limits
+``portrait_gate``  session portraits checked and decoded at the edge (header caps, budgeted child process)
 ``auth``           bearer tokens, principals
 ``metrics``        Prometheus metrics of the ingress
 ``server``         the gRPC service, admission, health, reflection, drain

@@ -19,7 +19,9 @@ ENV = "ECHO_STREAM_TOKENS"
 MIN_TOKEN_CHARS = 16
 
 
-def _parse_entries(entries, source: str) -> dict[str, str]:
+def _parse_entries(entries, source: str, unit: str = "line") -> dict[str, str]:
+    """token -> principal of ``principal:token`` entries; a bad one raises one line naming the source and
+    the entry (``unit`` ``i``): the server refuses to start rather than hold a token no client could send."""
     out: dict[str, str] = {}
     for i, raw in enumerate(entries, 1):
         line = raw.strip()
@@ -29,14 +31,16 @@ def _parse_entries(entries, source: str) -> dict[str, str]:
         if not sep:
             principal, token = f"token-{len(out) + 1}", line
         principal, token = principal.strip(), token.strip()
+        if not principal or not principal.isprintable():
+            raise InputError(source, f"{unit} {i}: the principal (before ':') must be a non-empty printable name")
         if len(token) < MIN_TOKEN_CHARS:
-            raise InputError(source, f"entry {i}: token shorter than {MIN_TOKEN_CHARS} characters; "
+            raise InputError(source, f"{unit} {i}: token shorter than {MIN_TOKEN_CHARS} characters; "
                                      "use e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         if not all("!" <= ch <= "~" for ch in token):
-            raise InputError(source, f"entry {i}: a token must be printable ASCII without spaces (a gRPC "
+            raise InputError(source, f"{unit} {i}: the token must be printable ASCII without spaces (a gRPC "
                                      "metadata value); no client could send this one")
         if token in out:
-            raise InputError(source, f"entry {i}: the same token is given twice")
+            raise InputError(source, f"{unit} {i}: the same token is given twice")
         out[token] = principal
     return out
 
@@ -47,13 +51,23 @@ def load_tokens(path: str | None = None, env: dict | None = None) -> dict[str, s
     tokens: dict[str, str] = {}
     if path:
         try:
-            with open(path) as f:
-                tokens.update(_parse_entries(f.read().splitlines(), path))
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
         except OSError as e:
             raise InputError(path, f"cannot read the tokens file ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            line = text_line_of(path, e.start)
+            raise InputError(path, f"line {line}: not UTF-8 text") from None
+        tokens.update(_parse_entries(text.splitlines(), path))
     if env.get(ENV):
-        tokens.update(_parse_entries(env[ENV].split(","), f"${ENV}"))
+        tokens.update(_parse_entries(env[ENV].split(","), f"${ENV}", unit="entry"))
     return tokens
+
+
+def text_line_of(path: str, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in the file ``path``."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
 def is_loopback(host: str) -> bool:

@@ -49,6 +49,10 @@ class RayBackend:
     async def get(self, handle) -> Any:
         return await handle
 
+    def put(self, value) -> Any:
+        """``value`` stored once (Ray's object store): pass the handle to calls instead of the value."""
+        return self.ray.put(value)
+
     def warm_up(self, timeout: float = 120.0) -> float:
         """One synthetic session through the actor chain, as a served session's chunks travel it.
 
@@ -162,6 +166,9 @@ class InlineBackend:
 
     async def get(self, handle) -> Any:
         return await asyncio.wrap_future(handle.future)
+
+    def put(self, value) -> Any:
+        return value
 
     def is_fault(self, exc: BaseException) -> bool:
         return isinstance(exc, StageFault)

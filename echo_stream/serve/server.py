@@ -20,12 +20,14 @@ import grpc
 from grpc import aio
 
 from .. import config
-from ..errors import InputError
+from ..errors import InputError, one_line
+from ..render.portrait import DecodedImage
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
-from .session import Session, SessionFailed, warm_up_encoder
+from .portrait_gate import PortraitGate
+from .session import Session, SessionFailed, failure_from, log_error, warm_up_encoder
 from .wire import Limits
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,22 @@ class ServeOptions:
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
 
+_NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
+             "server knows (--tokens-file / $ECHO_STREAM_TOKENS)")
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``, ``ipv6:[::1]:5678`` ->
+    ``::1``; anything else as it is): the unit that pre-authentication resources are counted in."""
+    peer = peer or "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]") if rest.startswith("[") else rest
+    return peer
+
+
 class TokenBucket:
     """``rate`` messages per second with bursts of ``burst``; ``take()`` waits when empty (flow control)."""
 
@@ -110,10 +128,13 @@ class AvatarServer:
         self.auth = Authenticator(opts.tokens)
         self.sessions: dict[str, Session] = {}
         self._opening = 0
-        self._pending = 0       # streams whose first message has not been read yet
+        self._pending = 0       # authenticated streams whose first message has not been read yet
+        self._pending_by: dict[str, int] = {}   # ... per principal
+        self._strangers: dict[str, int] = {}    # streams without a known token awaiting their first message, per peer
         self.draining = False
         self.server: aio.Server | None = None
         self.batcher: WindowBatcher | None = None
+        self.portraits = PortraitGate(opts.limits)
         self.health = None
         self.port: int | None = None
         self._stopped: asyncio.Event | None = None
@@ -127,6 +148,7 @@ class AvatarServer:
         # the first H.264/AAC encoder opened in a process costs ~0.35 s (codec set-up): pay it now, not on
         # the first session's first frame
         await asyncio.get_running_loop().run_in_executor(None, warm_up_encoder)
+        await asyncio.get_running_loop().run_in_executor(None, self.portraits.start)
         self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
         self.batcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
@@ -186,6 +208,7 @@ class AvatarServer:
             await self.server.stop(grace)
         if self.batcher is not None:
             await self.batcher.stop()
+        self.portraits.close()
         if getattr(self, "_monitor", None) is not None:
             self._monitor.cancel()
         self._stopped.set()
@@ -211,24 +234,45 @@ class AvatarServer:
         metrics.ERRORS.labels(code.name).inc()
         if outcome:
             metrics.SESSIONS.labels(outcome).inc()
-        await context.abort(code, details)
+        await context.abort(code, one_line(details))
 
     async def _session_rpc(self, request_iterator, context):
+        """The Session RPC; whatever escapes the handler is answered INTERNAL with an error id (logged), never
+        with the exception's own text (gRPC would send it as UNKNOWN)."""
+        inner = self._session(request_iterator, context)
+        try:
+            async for msg in inner:
+                yield msg
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: this stream only
+            await self._abort(context, grpc.StatusCode.INTERNAL, failure_from(e, "the session RPC").message, "failed")
+        finally:
+            await inner.aclose()          # its clean-up runs now, not when the generator is collected
+
+    async def _session(self, request_iterator, context):
         lim = self.opts.limits
+        # Authentication comes first, from the call's metadata: what a stream without a known token may hold
+        # (a slot while its first message is awaited) is counted per peer address, in a pool of its own, so
+        # strangers can never use up what authenticated callers need (their pending slots, the sessions).
         principal = self.auth.principal(context.invocation_metadata())
-        # Streams that have not sent their SessionConfig yet are capped (all clients together), and one
-        # without a known token gets a short wait: idle unauthenticated connections cannot pile up.
-        if self._pending >= lim.max_pending_streams:
-            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self._pending} streams are already waiting to send their SessionConfig: "
-                              "send it as the first message, then retry", "rejected_capacity")
+        if principal is None:
+            slot = self._stranger_slot(peer_host(context.peer()))
+            if slot is None:      # refused at once: reading the first message is what a flood must not get
+                await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN + " (too many streams "
+                                  "without a known token from this address are open)", "unauthenticated")
+            wait = min(lim.config_timeout_s, lim.unauthenticated_config_timeout_s)
+        else:
+            slot = self._member_slot(principal)
+            if slot is None:
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self._pending} streams are already waiting to send their SessionConfig: "
+                                  "send it as the first message, then retry", "rejected_capacity")
+            wait = lim.config_timeout_s
         # The first message is read before any other refusal: a client that is still writing it when the
         # server ends the call would otherwise see its write fail (INTERNAL) instead of the refusal's status.
-        # The cap above is the exception on purpose: under a flood of streams, reading one more first
-        # message is what it must not do (such a client may see INTERNAL; it retries either way).
-        wait = lim.config_timeout_s if principal is not None else min(lim.config_timeout_s,
-                                                                      lim.unauthenticated_config_timeout_s)
-        self._pending += 1
+        # The caps above are the exception on purpose (under a flood of streams, reading one more first
+        # message is what the server must not do; such a client may see INTERNAL and retries either way).
         try:
             first = await asyncio.wait_for(request_iterator.__anext__(), wait)
         except StopAsyncIteration:
@@ -239,11 +283,9 @@ class AvatarServer:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                                   f"no SessionConfig within {wait:g} s", "invalid")
         finally:
-            self._pending -= 1
+            slot()
         if principal is None:
-            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or unknown bearer token: send metadata 'authorization: Bearer <token>' "
-                              "with a token the server knows (--tokens-file / $ECHO_STREAM_TOKENS)", "unauthenticated")
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN, "unauthenticated")
         if self.draining:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE,
                               "the server is draining (shutting down): connect to another server or retry later",
@@ -262,6 +304,8 @@ class AvatarServer:
             try:
                 spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
                 stride = self.opts.stride_for(spec)
+                if spec.wants_video and isinstance(spec.portrait, bytes):   # checked and decoded at the edge
+                    spec.portrait = await self.portraits.prepare(spec.portrait)
             except InputError as e:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
             sid = secrets.token_urlsafe(24)
@@ -274,8 +318,18 @@ class AvatarServer:
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))
             try:
                 await session.open()
-            except SessionFailed as e:
-                await self._abort(context, _CODES.get(e.code, grpc.StatusCode.INTERNAL), e.message, "invalid")
+            except Exception as e:  # noqa: BLE001 - reported as its status; the session is closed below
+                if self.backend.is_fault(e):
+                    e = SessionFailed("UNAVAILABLE", "a pipeline stage is restarting (error id "
+                                                     f"{log_error(e, 'session open')}): retry in a few seconds")
+                f = session.failure_from(e, "session open")
+                code = _CODES.get(f.code, grpc.StatusCode.INTERNAL)
+                inner = f.input_error
+                if isinstance(spec.portrait, DecodedImage) and isinstance(inner, InputError) \
+                        and inner.what == spec.portrait.label:
+                    self.portraits.remember_refusal(spec.portrait, inner.problem)
+                await self._abort(context, code, f.message,
+                                  "invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "failed")
             metrics.SESSIONS.labels("opened").inc()
             session.start()
             reader = asyncio.get_running_loop().create_task(self._read(session, request_iterator))
@@ -307,6 +361,42 @@ class AvatarServer:
                 metrics.SESSIONS_ACTIVE.set(len(self.sessions))
                 await session.close()
 
+    def _stranger_slot(self, peer: str):
+        """Take a pending slot of a stream without a known token from ``peer``; returns its release, or None
+        when the peer (or all strangers together) already hold as many as allowed."""
+        lim = self.opts.limits
+        held = self._strangers.get(peer, 0)
+        if held >= lim.max_unauthenticated_per_peer or sum(self._strangers.values()) >= lim.max_unauthenticated_streams:
+            return None
+        self._strangers[peer] = held + 1
+
+        def release():
+            n = self._strangers.get(peer, 0) - 1
+            if n > 0:
+                self._strangers[peer] = n
+            else:
+                self._strangers.pop(peer, None)
+        return release
+
+    def _member_slot(self, principal: str):
+        """Take a pending slot of an authenticated stream (at most ``max_pending_streams`` of all principals,
+        ``max_pending_per_principal`` of one when tokens are configured); its release, or None when full."""
+        lim = self.opts.limits
+        mine = self._pending_by.get(principal, 0)
+        if self._pending >= lim.max_pending_streams or (self.auth.required and mine >= lim.max_pending_per_principal):
+            return None
+        self._pending += 1
+        self._pending_by[principal] = mine + 1
+
+        def release():
+            self._pending -= 1
+            n = self._pending_by.get(principal, 0) - 1
+            if n > 0:
+                self._pending_by[principal] = n
+            else:
+                self._pending_by.pop(principal, None)
+        return release
+
     async def _outputs(self, session: Session):
         """The session's messages as they leave the egress (frame accounting, latency)."""
         st = session.stats
@@ -337,31 +427,51 @@ class AvatarServer:
         checker = wire.InputChecker(self.opts.limits)
         bucket = TokenBucket(self.opts.limits.messages_per_s, self.opts.limits.burst)
         try:
-            async for msg in it:
+            while True:
+                try:
+                    msg = await it.__anext__()
+                except StopAsyncIteration:         # half-close = END
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
+                    log.info("session %s: input stream ended: %s", session.id[:8], e)
+                    session._fail(SessionFailed("CANCELLED", "the input stream broke before its END"))
+                    return
                 await bucket.take()
                 kind, item = checker.check(msg)
                 metrics.MESSAGES_IN.labels(kind).inc()
                 if kind == "control" and item["kind"] == "interrupt":
                     await session.interrupt()
                     continue
-                await session.put_input(kind, item)
                 if kind == "control" and item["kind"] == "end":
-                    return
-            await session.put_input("control", {"kind": "end"})   # half-close = END
+                    break
+                if "encoded" in item and kind in ("avatar_audio", "user_audio"):
+                    item = await session.decode_encoded(kind, item)   # paced below by its decoded duration
+                    if item is None:
+                        continue
+                await session.put_input(kind, item)
+            for kind, item in await session.finish_encoded():       # what the decoders still hold
+                await session.put_input(kind, item)
+            await session.put_input("control", {"kind": "end"})
         except asyncio.CancelledError:
             raise
-        except InputError as e:
-            session._fail(SessionFailed("INVALID_ARGUMENT", str(e)))
-        except SessionFailed as e:
-            session._fail(e)
-        except Exception as e:  # noqa: BLE001 - the client went away or the transport broke
-            log.info("session %s: input stream ended: %s", session.id[:8], e)
-            session._fail(SessionFailed("CANCELLED", f"input stream broke: {e}"))
+        except Exception as e:  # noqa: BLE001 - bad input (INVALID_ARGUMENT) or a bug (INTERNAL, logged)
+            session._fail(session.failure_from(e, "input"))
 
     async def _control_rpc(self, request, context):
+        try:
+            return await self._control(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported as its status, without the exception's text
+            f = failure_from(e, "the Control RPC")
+            await self._abort(context, _CODES.get(f.code, grpc.StatusCode.INTERNAL), f.message)
+
+    async def _control(self, request, context):
         principal = self.auth.principal(context.invocation_metadata())
         if principal is None:
-            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+            await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
         if isinstance(request, wire.Malformed):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
         session = self.sessions.get(request.session_id)

@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -37,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, schemas
-from ..errors import EchoStreamError, InputError
-from ..generate import unwrap_remote_error as remote_cause
+from ..errors import EchoStreamError, InputError, one_line, unwrap_remote_error
 from ..pipeline import STAGES, transcript_batch
+from ..stages.decode import PushedAudio
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
 from .wire import Limits, SessionSpec
@@ -50,6 +51,14 @@ FPS = config.FPS
 SPF = config.SAMPLES_PER_FRAME
 #: the fMP4 encoder runs here, off the event loop
 _ENCODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="fmp4")
+#: encoded client audio is decoded here, off the event loop (see Session.decode_encoded)
+_DECODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="edge-decode")
+
+
+def _pcm_item(y: np.ndarray, pts: float) -> dict:
+    """A decoded piece of audio as the PCM item the decode stage takes (16 kHz mono float32)."""
+    return {"pcm": np.asarray(y, "<f4").tobytes(), "format": "f32le", "rate": config.SAMPLE_RATE, "channels": 1,
+            "seconds": len(y) / config.SAMPLE_RATE, "pts": float(pts)}
 
 
 def warm_up_encoder() -> None:
@@ -62,12 +71,45 @@ def warm_up_encoder() -> None:
 
 
 class SessionFailed(Exception):
-    """The session cannot continue; ``code`` is the gRPC status for the client."""
+    """The session cannot continue; ``code`` is the gRPC status for the client, ``message`` its one line."""
 
     def __init__(self, code, message: str):
         self.code = code
-        self.message = message
-        super().__init__(message)
+        self.message = one_line(message)
+        self.input_error: EchoStreamError | None = None    # the input's own error, when that is what it was
+        super().__init__(self.message)
+
+
+def failure_from(exc: BaseException, during: str, redact: dict[str, str] | None = None) -> SessionFailed:
+    """What the client is told about an exception: the ONE mapping every error of a session goes through.
+
+    * :class:`SessionFailed` stays as it is;
+    * an :class:`~echo_stream.errors.EchoStreamError` (raised here or inside a stage actor; Ray's wrapper is
+      looked through) is the client's input problem: INVALID_ARGUMENT with its one-line message
+      (``redact`` replaces server-side strings in it, e.g. a registered avatar's path by its id);
+    * anything else is a server fault: INTERNAL with a generic line and an error id; the full exception
+      (Ray's, with the remote traceback) goes to the server's log under that id, never to the client.
+    """
+    if isinstance(exc, SessionFailed):
+        return exc
+    inner = unwrap_remote_error(exc)
+    if isinstance(inner, EchoStreamError):
+        text = str(inner)
+        for secret, label in (redact or {}).items():
+            text = text.replace(secret, label)
+        failed = SessionFailed("INVALID_ARGUMENT", text)
+        failed.input_error = inner
+        return failed
+    return SessionFailed("INTERNAL", f"internal server error during {during} (error id {log_error(exc, during)}; "
+                                     "the server's log has the details)")
+
+
+def log_error(exc: BaseException, during: str) -> str:
+    """Log ``exc`` with its traceback under a new error id; returns the id (what the client is told)."""
+    eid = secrets.token_hex(6)
+    log.error("error id %s during %s: %s: %s", eid, during, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return eid
 
 
 class AudioTimeline:
@@ -179,7 +221,13 @@ class Session:
         self.end_pushed = False          # END reached the pipeline (re-sent into a new epoch)
         self.replay_log: deque = deque()  # (start_s, end_s, items) of chains of this epoch not yet all out
         self._recovery_task = None
-        self._pts_base = None            # client pts of session-timeline 0, for encoded audio (reset by interrupts)
+        #: decoders of encoded avatar / user audio, at the ingress (see :meth:`decode_encoded`)
+        self.edge_audio: dict[str, PushedAudio] = {}
+        self._portrait_ref = None
+        #: server-side strings never shown to the client -> what is shown instead
+        self.redact: dict[str, str] = {}
+        if isinstance(spec.portrait, str) and spec.avatar_id is not None:
+            self.redact[spec.portrait] = f"avatar {spec.avatar_id!r}"
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -197,11 +245,12 @@ class Session:
             await coro
         except asyncio.CancelledError:
             raise
-        except SessionFailed as e:
-            self._fail(e)
         except Exception as e:  # noqa: BLE001 - a bug must end this session only
-            log.exception("session %s: internal error", self.id[:8])
-            self._fail(SessionFailed("INTERNAL", f"internal error: {e}"))
+            self._fail(self.failure_from(e, f"session {self.id[:8]}"))
+
+    def failure_from(self, exc: BaseException, during: str) -> SessionFailed:
+        """:func:`failure_from` with this session's redactions (a registered avatar's server path)."""
+        return failure_from(exc, during, self.redact)
 
     def _fail(self, e: SessionFailed) -> None:
         if self.failure is None and not self.done.is_set():
@@ -224,7 +273,7 @@ class Session:
                 await t
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        self._drop_queued()
+        self._discard(self._drop_queued())
         for stage in STAGES:
             try:
                 self.backend.call(stage, "close_session", self.iid)
@@ -246,19 +295,55 @@ class Session:
             if len(prev) == self.overlap:
                 hs.append(b.call("diffusion", "import_state", iid, {"prev": np.stack(prev)}))
         if self.spec.wants_video:
-            hs.append(b.call("render", "open_session", iid, self.spec.portrait, (self.spec.width, self.spec.height)))
+            if self._portrait_ref is None:         # stored once (an edge-decoded image is up to 12 MB), not per epoch
+                self._portrait_ref = b.put(self.spec.portrait)
+            hs.append(b.call("render", "open_session", iid, self._portrait_ref, (self.spec.width, self.spec.height)))
         for h in hs:
             try:
                 await b.get(h)
             except Exception as e:
-                inner = remote_cause(e)
-                if isinstance(inner, EchoStreamError):
-                    raise SessionFailed("INVALID_ARGUMENT", str(inner)) from None
-                raise
+                if b.is_fault(e):
+                    raise
+                raise self.failure_from(e, "session open") from None
         # which process of each stage holds this epoch's state (asked after the opens: same actor order)
         self.incarnations = await b.incarnations()
 
     # ------------------------------------------------------------------ input (called by the RPC reader)
+    async def decode_encoded(self, kind: str, item: dict) -> dict | None:
+        """Encoded avatar / user audio (mp3, aac, opus, flac ... pieces) decoded here, at the ingress, to 16 kHz
+        PCM: its duration is then known before it is queued, so it is paced by ``max_lead`` exactly like PCM,
+        it can be replayed after a stage fault, and bytes that are not what their codec says fail this session
+        (INVALID_ARGUMENT) before a shared stage sees them. Decoding runs in a small thread pool, off the
+        event loop; the pacing bounds how much of it a session can ask for. Returns the PCM item, or None
+        while the decoder has produced nothing yet."""
+        dec = self.edge_audio.get(kind)
+        if dec is None:
+            dec = self.edge_audio[kind] = PushedAudio(kind)
+        y = await self._edge_decode(kind, dec.convert, item)
+        return _pcm_item(y, item.get("pts", 0.0)) if len(y) else None
+
+    async def _edge_decode(self, kind: str, fn, *args):
+        """``fn(*args)`` of an ingress decoder in the decode pool; what FFmpeg raises is the input's problem."""
+        import av
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_DECODE_POOL, fn, *args)
+        except EchoStreamError:
+            raise
+        except av.FFmpegError as e:
+            raise InputError(f"{kind}.encoded", f"not decodable ({type(e).__name__})") from None
+
+    async def finish_encoded(self) -> list[tuple[str, dict]]:
+        """At END: what the ingress decoders still hold, as PCM items (raises InputError for a track whose
+        bytes decoded to no audio at all)."""
+        out = []
+        for kind, dec in list(self.edge_audio.items()):
+            y = await self._edge_decode(kind, dec.finish)
+            if len(y):
+                out.append((kind, _pcm_item(y, 0.0)))
+        self.edge_audio = {}
+        return out
+
     async def put_input(self, kind: str, item: dict) -> None:
         """Queue a validated input (waits while the inbox is full: flow control)."""
         if kind == "avatar_audio":
@@ -295,19 +380,14 @@ class Session:
             self.group.append((kind, item))
             if kind == "avatar_audio":
                 start = self.pushed_s + self.group_s
-                sec = item.get("seconds")
-                if sec is None:   # encoded: the duration is known only once decoded; the client's pts
-                    if self._pts_base is None:        # (start of each piece) place it on the timeline
-                        self._pts_base = item.get("pts", 0.0) - start
-                    sec = max(0.0, item.get("pts", 0.0) - self._pts_base - start)
+                sec = item["seconds"]
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
-            n_encoded = sum(1 for k, it in self.group if k == "avatar_audio" and "encoded" in it)
             local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
             next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
                                  + self.ready_extra_s)
             crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
-            if crossed or self.group_s >= self.chunk_s - 1e-9 or n_encoded >= 8 or len(self.group) >= 256:
+            if crossed or self.group_s >= self.chunk_s - 1e-9 or len(self.group) >= 256:
                 await self._push(end=False)
 
     def _epoch_t0(self) -> float:
@@ -357,6 +437,7 @@ class Session:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
+                self._discard([wins_h, ck_h])     # the chain's other results: fetched, so Ray does not log them
                 await self._on_error(epoch, e)
 
     # ------------------------------------------------------------------ egress
@@ -500,10 +581,23 @@ class Session:
         if self.backend.is_fault(e):
             self._recovery_task = asyncio.get_running_loop().create_task(self._recover_soon(epoch, e))
             return
-        inner = remote_cause(e)
-        if isinstance(inner, (InputError, EchoStreamError)):
-            raise SessionFailed("INVALID_ARGUMENT", str(inner))
-        raise SessionFailed("INTERNAL", f"pipeline error: {type(inner).__name__}: {inner}")
+        raise self.failure_from(e, "the pipeline")
+
+    def _discard(self, handles) -> None:
+        """Fetch results nobody will use, quietly, in the background: Ray logs every failed result that is never
+        fetched ("Unhandled error", with its traceback), and the chains of a session that failed on its input
+        (or was interrupted) would otherwise fill the server's log with the client's mistake."""
+        handles = [h for h in handles if h is not None]
+        if not handles:
+            return
+
+        async def fetch():
+            for h in handles:
+                try:
+                    await asyncio.wait_for(self.backend.get(h), 120)
+                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - consuming the error is the point
+                    pass                                     # (a cancelled handle raises CancelledError)
+        asyncio.get_running_loop().create_task(fetch(), name=f"discard-{self.id[:8]}")
 
     def _drop_queued(self) -> list:
         """Empty the in-flight queues (their work belongs to the old epoch); returns their handles."""
@@ -535,13 +629,12 @@ class Session:
 
         The chains not yet fully turned into frames are in ``replay_log``; the replay starts at the first
         frame boundary of the oldest one (frames before ``produced`` come out again and are dropped by the
-        egress). None when that is impossible (encoded avatar audio: its pieces cannot be cut at a frame).
+        egress). None when that is impossible. (Encoded audio was decoded at the ingress: every avatar audio
+        item here is PCM, which can be cut at a frame.)
         """
         p_s = self.produced / FPS
         chains = [c for c in self.replay_log if c[1] > p_s + 1e-9]
         if not chains or chains[0][0] > p_s + 1e-9:
-            return None
-        if any(k == "avatar_audio" and "encoded" in it for c in chains for k, it in c[2]):
             return None
         start = chains[0][0]
         first = math.ceil(start * FPS - 1e-6)
@@ -570,7 +663,7 @@ class Session:
                         str(e).splitlines()[0][:120] if str(e) else "")
             t = time.perf_counter()
             self._new_epoch()
-            self._drop_queued()
+            self._discard(self._drop_queued())
             self.stats.recoveries += 1
             metrics.RECOVERIES.inc()
             replay = self._replay_items()
@@ -593,7 +686,9 @@ class Session:
             except SessionFailed:
                 raise
             except Exception as e2:  # noqa: BLE001
-                raise SessionFailed("UNAVAILABLE", f"the pipeline did not recover: {e2}") from None
+                raise SessionFailed("UNAVAILABLE", "a pipeline stage failed and did not recover within "
+                                                   f"{self.recovery_timeout_s:g} s (error id "
+                                                   f"{log_error(e2, 'recovery')}): retry the session") from None
             took = time.perf_counter() - t
             if replay is not None:
                 what = "no frame was lost: the input in flight was replayed"
@@ -621,11 +716,8 @@ class Session:
         """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""
         try:
             await self._recover(epoch, e)
-        except SessionFailed as f:
-            self._fail(f)
         except Exception as f:  # noqa: BLE001
-            log.exception("session %s: recovery failed", self.id[:8])
-            self._fail(SessionFailed("INTERNAL", f"recovery failed: {f}"))
+            self._fail(self.failure_from(f, "recovery"))
 
     async def stage_restarted(self, stage: str, incarnation: str) -> None:
         """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
@@ -643,7 +735,9 @@ class Session:
         """Drop every stage's buffered work of the session; returns the playback position (frames out)."""
         async with self.lock:
             self._new_epoch()
-            self.backend.cancel(self._drop_queued())
+            dropped = self._drop_queued()
+            self.backend.cancel(dropped)
+            self._discard(dropped)
             kept = []
             while not self.inbox.empty():             # buffered media are dropped; transcript / end stay
                 kind, item, t = self.inbox.get_nowait()
@@ -655,7 +749,7 @@ class Session:
                 metrics.QUEUE_DEPTH.labels("input").inc()
             self.group, self.group_s = [], 0.0
             self.replay_log.clear()
-            self._pts_base = None
+            self.edge_audio = {}                      # a new reply is a new encoded stream
             playback = self.produced
             self.frame_offset = playback
             self.pushed_s = playback / FPS
@@ -669,8 +763,9 @@ class Session:
                 await self._open_epoch(restore=True)
             except Exception as e:  # noqa: BLE001
                 if self.backend.is_fault(e):
-                    raise SessionFailed("UNAVAILABLE", f"a stage failed during the interrupt: {e}") from None
-                raise
+                    raise SessionFailed("UNAVAILABLE", "a pipeline stage failed during the interrupt (error id "
+                                                       f"{log_error(e, 'interrupt')}): retry the session") from None
+                raise self.failure_from(e, "interrupt") from None
             self.ready.set()
             if self.end_pushed:
                 await self._push(end=True)

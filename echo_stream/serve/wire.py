@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from .. import config, motion
@@ -22,6 +23,7 @@ OUTPUT_MODES = {pb.OUTPUT_MODE_UNSPECIFIED: "both", pb.OUTPUT_MODE_VIDEO: "video
                 pb.OUTPUT_MODE_MOTION: "motion", pb.OUTPUT_MODE_BOTH: "both"}
 CODECS = {pb.VIDEO_CODEC_UNSPECIFIED: "fmp4", pb.VIDEO_CODEC_H264_FMP4: "fmp4", pb.VIDEO_CODEC_RAW_RGB: "raw"}
 _SPEAKER = re.compile(r"[A-Za-z_][\w-]{0,31}")
+_CODEC = re.compile(r"[a-z0-9_]{1,32}")         # an FFmpeg decoder name (mp3, aac, libopus, h264, ...)
 MEDIA_KINDS = ("avatar_audio", "user_audio", "user_video", "user_blendshapes")
 
 
@@ -35,6 +37,12 @@ class Limits:
     max_video_bytes: int = 4 * 1024 * 1024      # one raw / encoded video message
     max_video_pixels: int = 1920 * 1088
     max_portrait_bytes: int = 8 * 1024 * 1024
+    max_portrait_side: int = 4096               # a portrait as decoded (see serve/portrait_gate.py) ...
+    max_portrait_pixels: int = 16_000_000       # ... checked from its header before any pixel is decoded
+    portrait_working_side: int = 2048           # portraits are scaled down to this long side at the edge
+    portrait_decode_cpu_s: float = 5.0          # budget of one portrait's decoding (a child process, killed beyond):
+    portrait_decode_wall_s: float = 30.0        # CPU seconds, with a wall-clock backstop, ...
+    portrait_decode_memory_mb: int = 1024       # ... and its address space
     max_text_bytes: int = 4096
     max_blendshapes: int = 64
     max_size: int = 1024
@@ -43,8 +51,14 @@ class Limits:
     burst: int = 1000
     max_lead_s: float = 2.0                     # avatar audio may run this far ahead of real time (flow control)
     config_timeout_s: float = 10.0
-    unauthenticated_config_timeout_s: float = 1.0   # a stream without a known token waits at most this long
-    max_pending_streams: int = 64               # streams still waiting for their SessionConfig, all clients
+    max_pending_streams: int = 64               # authenticated streams still waiting for their SessionConfig
+    max_pending_per_principal: int = 16         # ... of one principal (when tokens are configured)
+    # Streams without a known token are refused once their first message is read (the client sees
+    # UNAUTHENTICATED, not a broken write); while it is awaited they hold a slot of their own pool, never one of
+    # the authenticated callers': at most this many per peer address and this many in all, for at most this long
+    unauthenticated_config_timeout_s: float = 1.0
+    max_unauthenticated_per_peer: int = 4
+    max_unauthenticated_streams: int = 256
 
 
 @dataclass
@@ -54,8 +68,10 @@ class SessionSpec:
     width: int = 256
     height: int = 256
     seed: int | None = None
-    portrait: bytes | str | None = None         # image bytes, or a path of a registered avatar
+    portrait: object = None                     # image bytes (a DecodedImage once the edge decoded them), or the
+                                                # path of a registered avatar
     stride: int | None = None                   # new frames per window (None: the server's default)
+    avatar_id: str | None = None                # the registered avatar (portrait is then its server-side path)
 
     @property
     def wants_video(self) -> bool:
@@ -122,6 +138,7 @@ def session_spec(msg, limits: Limits, avatars: dict[str, str]) -> SessionSpec:
             known = ", ".join(sorted(avatars)) or "none registered"
             raise InputError("config.avatar_id", f"unknown avatar {c.avatar_id!r} (known: {known})")
         spec.portrait = avatars[c.avatar_id]
+        spec.avatar_id = c.avatar_id
     elif spec.wants_video:
         raise InputError("config.avatar", "video output needs portrait_image or avatar_id "
                                           "(or set output_mode to OUTPUT_MODE_MOTION)")
@@ -141,12 +158,15 @@ class InputChecker:
         if which is None:
             raise InputError(what, "no payload: set pcm_s16le, pcm_f32le or encoded")
         data = getattr(a, which)
+        if not data:
+            raise InputError(f"{what}.{which}", "empty (0 bytes): an audio message carries at least one sample")
         if len(data) > self.limits.max_audio_bytes:
             raise InputError(f"{what}.{which}", f"{len(data)} bytes is over the {self.limits.max_audio_bytes}-byte "
                                                 "limit per message; send shorter chunks (e.g. 20-100 ms)")
         if which == "encoded":
             if not a.codec:
                 raise InputError(f"{what}.codec", "encoded audio needs the decoder name (e.g. mp3, aac, flac)")
+            _check_codec(f"{what}.codec", a.codec)
             return {"encoded": bytes(data), "codec": a.codec}   # its duration is known once decoded
         ch = a.channels or 1
         if ch not in (1, 2):
@@ -156,6 +176,8 @@ class InputChecker:
         width = 2 if which == "pcm_s16le" else 4
         if len(data) % (width * ch):
             raise InputError(f"{what}.{which}", f"{len(data)} bytes is not a whole number of {ch}-channel samples")
+        if which == "pcm_f32le" and not np.isfinite(np.frombuffer(data, "<f4")).all():
+            raise InputError(f"{what}.pcm_f32le", "NaN or infinite samples")
         seconds = len(data) / (width * ch) / a.sample_rate
         if seconds > self.limits.max_audio_seconds:
             raise InputError(f"{what}.{which}", f"{seconds:.2f} s of audio in one message; at most "
@@ -190,12 +212,15 @@ class InputChecker:
             if which is None:
                 raise InputError("user_video", "no payload: set raw_rgb or encoded")
             data = getattr(v, which)
+            if not data:
+                raise InputError(f"user_video.{which}", "empty (0 bytes)")
             if len(data) > self.limits.max_video_bytes:
                 raise InputError(f"user_video.{which}", f"{len(data)} bytes is over the "
                                                         f"{self.limits.max_video_bytes}-byte limit per message")
             if which == "encoded":
                 if not v.codec:
                     raise InputError("user_video.codec", "encoded video needs the decoder name (e.g. h264, mjpeg)")
+                _check_codec("user_video.codec", v.codec)
                 return kind, {"encoded": bytes(data), "codec": v.codec}
             if not v.width or not v.height or v.width * v.height > self.limits.max_video_pixels:
                 raise InputError("user_video", f"raw frame size {v.width}x{v.height} is not in 1x1.."
@@ -230,6 +255,11 @@ class InputChecker:
                 raise InputError("control.kind", f"{k} is not INTERRUPT, FLUSH or END")
             return "control", {"kind": names[k]}
         raise InputError(f"message {msg.seq}", f"unexpected {kind}")  # pragma: no cover
+
+
+def _check_codec(what: str, name: str) -> None:
+    if not _CODEC.fullmatch(name):
+        raise InputError(what, f"{name[:40]!r} is not a decoder name (1-32 of a-z, 0-9, _; e.g. mp3, aac, h264)")
 
 
 def opened(seq: int, session_id: str, spec: SessionSpec) -> pb.ServerMessage:

@@ -45,6 +45,12 @@ MAX_USER_VIDEO_ASPECT = 4
 MAX_USER_LEAD_S = 10.0
 #: one pushed encoded avatar/user audio message may decode to at most this much audio
 MAX_DECODED_SECONDS_PER_PUSH = 4.0
+#: an encoded audio track that decoded nothing (or more undecodable frames than decodable ones) from this many
+#: bytes is not what its codec says; checked again at its end whatever its size
+MAX_AUDIO_BYTES_WITHOUT_SAMPLES = 64 * 1024
+#: an encoded video track that decoded no frame from this many bytes / messages is not what its codec says
+MAX_VIDEO_BYTES_WITHOUT_FRAMES = 4 * 1024 * 1024
+MAX_VIDEO_MESSAGES_WITHOUT_FRAMES = 250
 
 
 def working_size(w: int, h: int, width: int = USER_VIDEO_WIDTH) -> tuple[int, int]:
@@ -84,6 +90,58 @@ class PushedAudio:
         self._key = None
         self._codec = None
         self._good = self._bad = 0
+        self.encoded_bytes = 0         # encoded bytes received
+        self.samples = 0               # 16 kHz samples they decoded to
+
+    def _decode(self, packets) -> list[np.ndarray]:
+        import av
+
+        out = []
+        for pkt in packets:
+            try:
+                frames = self._codec.decode(pkt)
+            except av.FFmpegError as e:   # a damaged or non-audio frame (e.g. a tag): skipped, like players do
+                self._bad += 1
+                if self._bad > 64 and not self._good:
+                    raise InputError(f"{self.what}.encoded", f"not decodable as {self._codec.name} ({e})") from None
+                continue
+            self._good += len(frames)
+            for fr in frames:
+                out += self._resample(fr)
+        return out
+
+    def _garbage(self) -> InputError | None:
+        """The error of a track that is not what its codec says, or None: it decoded nothing, or more of its frames
+        failed to decode than decoded (random bytes hold the odd false frame; real streams fail on a tag or so)."""
+        name = self._codec.name
+        if not self.samples:
+            return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes sent as {name} decoded to no "
+                                                      f"audio: they are not {name} data")
+        if self._bad > self._good:
+            return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes sent as {name}: {self._bad} of "
+                                                      f"their {self._bad + self._good} frames are not decodable: they "
+                                                      f"are not {name} data")
+        return None
+
+    def finish(self) -> np.ndarray:
+        """The end of an encoded track: what the parser, decoder and resampler still hold (16 kHz mono).
+        Raises InputError when the track's bytes decoded to no audio at all."""
+        if self._codec is None:
+            return np.zeros(0, np.float32)
+        import av
+
+        try:
+            out = self._decode(self._codec.parse(None) + [None])
+        except av.FFmpegError:         # the flush of a damaged stream: what was decoded stands
+            out = []
+        if self._resampler is not None:
+            out += self._drain(self._resampler.resample(None))
+            self._resampler = None
+        y = np.clip(np.concatenate(out), -1, 1).astype(np.float32) if out else np.zeros(0, np.float32)
+        self.samples += len(y)
+        if self.encoded_bytes and self._garbage() is not None:
+            raise self._garbage()
+        return y
 
     def _resample(self, frame) -> list[np.ndarray]:
         import av
@@ -107,27 +165,20 @@ class PushedAudio:
 
         if "encoded" in item:
             self._codec = _stream_decoder(self._codec, item.get("codec") or "", self.what, "audio")
-            out = []
             try:
                 packets = self._codec.parse(item["encoded"])
             except av.FFmpegError as e:
                 raise InputError(f"{self.what}.encoded", f"unparsable {self._codec.name} data ({e})") from None
-            for pkt in packets:
-                try:
-                    frames = self._codec.decode(pkt)
-                except av.FFmpegError as e:   # a damaged or non-audio frame (e.g. a tag): skipped, like players do
-                    self._bad += 1
-                    if self._bad > 64 and not self._good:
-                        raise InputError(f"{self.what}.encoded", f"not decodable as {self._codec.name} ({e})") from None
-                    continue
-                self._good += len(frames)
-                for fr in frames:
-                    out += self._resample(fr)
-            y = np.clip(np.concatenate(out), -1, 1) if out else np.zeros(0, np.float32)
+            self.encoded_bytes += len(item["encoded"])
+            out = self._decode(packets)
+            y = np.clip(np.concatenate(out), -1, 1).astype(np.float32) if out else np.zeros(0, np.float32)
             if len(y) > MAX_DECODED_SECONDS_PER_PUSH * config.SAMPLE_RATE:
                 raise InputError(f"{self.what}.encoded", f"one message decodes to {len(y) / config.SAMPLE_RATE:.1f} s "
                                  f"of audio (at most {MAX_DECODED_SECONDS_PER_PUSH:g} s): send encoded audio in "
                                  f"real-time-sized pieces")
+            self.samples += len(y)
+            if self.encoded_bytes >= MAX_AUDIO_BYTES_WITHOUT_SAMPLES and self._garbage() is not None:
+                raise self._garbage()
             return y
         rate, ch = int(item["rate"]), int(item.get("channels") or 1)
         dtype = "<i2" if item["format"] == "s16le" else "<f4"
@@ -152,6 +203,29 @@ class PushedVideo:
         self.what = what
         self.size: tuple[int, int] | None = None
         self._codec = None
+        self.encoded_bytes = self.encoded_messages = self.frames = 0
+
+    def _garbage(self) -> InputError:
+        return InputError(f"{self.what}.encoded", f"{self.encoded_bytes} bytes in {self.encoded_messages} "
+                                                  f"message{'s' if self.encoded_messages != 1 else ''} "
+                                                  f"sent as {self._codec.name} decoded to no frame: they are not "
+                                                  f"{self._codec.name} data (or the stream never had a key frame)")
+
+    def finish(self) -> list[np.ndarray]:
+        """The end of an encoded stream: the frames the decoder still holds. Raises InputError when the
+        stream's bytes decoded to no frame at all."""
+        if self._codec is None:
+            return []
+        import av
+
+        try:
+            out = [self._fit(fr) for pkt in self._codec.parse(None) + [None] for fr in self._codec.decode(pkt)]
+        except av.FFmpegError:         # the flush of a damaged stream: what was decoded stands
+            out = []
+        self.frames += len(out)
+        if self.encoded_bytes and not self.frames:
+            raise self._garbage()
+        return out
 
     def _fit(self, frame) -> np.ndarray:
         if self.size is None:
@@ -166,9 +240,16 @@ class PushedVideo:
         if "encoded" in item:
             self._codec = _stream_decoder(self._codec, item.get("codec") or "", self.what, "video")
             try:
-                return [self._fit(fr) for pkt in self._codec.parse(item["encoded"]) for fr in self._codec.decode(pkt)]
+                out = [self._fit(fr) for pkt in self._codec.parse(item["encoded"]) for fr in self._codec.decode(pkt)]
             except av.FFmpegError as e:
                 raise InputError(f"{self.what}.encoded", f"undecodable {self._codec.name} data ({e})") from None
+            self.encoded_bytes += len(item["encoded"])
+            self.encoded_messages += 1
+            self.frames += len(out)
+            if not self.frames and (self.encoded_bytes >= MAX_VIDEO_BYTES_WITHOUT_FRAMES
+                                    or self.encoded_messages >= MAX_VIDEO_MESSAGES_WITHOUT_FRAMES):
+                raise self._garbage()
+            return out
         w, h = int(item["width"]), int(item["height"])
         rgb = np.frombuffer(item["raw"], np.uint8).reshape(h, w, 3)
         if self.size is None or (w, h) != self.size:
@@ -362,6 +443,16 @@ class DecodeStage(Stage):
                 src.blend.append(feat.blendshape_frames(dict(item["values"]))[0])
             else:
                 raise InputError("push", f"unknown input kind {kind!r}")
+        if end:                       # what the decoders of encoded streams still hold
+            tail = src.avatar.finish()
+            src.avatar_buf.append(tail)
+            src.avatar_len += len(tail)
+            tail = src.user.finish()
+            if len(tail):
+                src.has_user_audio = True
+                src.user_buf.append(tail)
+                src.user_len += len(tail)
+            src.frames.extend(src.video.finish())
         lead_frames = MAX_USER_LEAD_S * config.FPS
         have = src.avatar_len / config.SAMPLES_PER_FRAME
         for what, ahead in (("user_audio", src.user_len / config.SAMPLES_PER_FRAME - have),

@@ -38,10 +38,13 @@ class RenderStage(Stage):
         finally:
             self.close_session(warmup.SESSION)
 
-    def open_session(self, session_id: str, portrait: str | bytes, size: tuple[int, int] = (256, 256),
+    def open_session(self, session_id: str, portrait, size: tuple[int, int] = (256, 256),
                      landmarks: str | None = None) -> dict:
-        """Bind a portrait (a path, or encoded image bytes) to a session; returns the face placement."""
-        if isinstance(portrait, (bytes, bytearray)):
+        """Bind a portrait (a path, encoded image bytes, or a :class:`~echo_stream.render.DecodedImage`) to a
+        session; returns the face placement."""
+        if isinstance(portrait, render.DecodedImage):      # decoded at the server's edge; ``digest`` is its id
+            key = ("decoded", portrait.digest, tuple(size), landmarks)
+        elif isinstance(portrait, (bytes, bytearray)):
             key = (hashlib.sha256(portrait).hexdigest(), tuple(size), landmarks)
         else:
             key = (str(portrait), tuple(size), landmarks)

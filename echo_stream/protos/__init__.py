@@ -9,7 +9,7 @@ reflection packages, which pin one protobuf major per release. So the committed
 ``echo_stream_pb2.py`` must import, without an error or a warning, on every
 protobuf runtime from 5.29.6 to 7.x. Plain protoc output cannot do that:
 
-* Since protobuf 5.26 every ``_pb2.py`` begins with
+* protoc's Python output (checked: 5.27.2 to 7.35.1) begins with
   ``_runtime_version.ValidateProtobufRuntimeVersion(PUBLIC, major, minor, patch,
   ...)``, which raises ``VersionError`` when the runtime is older than the
   protoc that generated the module. Output of protoc 35 (7.35.1) therefore
@@ -20,26 +20,28 @@ protobuf runtime from 5.29.6 to 7.x. Plain protoc output cannot do that:
   V and V+1, and V+2 is unsupported ("poison pills" announced). So output of
   protoc 29 (5.29.x) is covered on 5.x and 6.x runtimes but not on 7.x, and no
   single protoc's output is covered on 5.29 through 7.x.
-* Reading ``google/protobuf/runtime_version.py`` across releases: 5.29.0-5.29.5
-  and 6.30.0-6.31.1 compare majors and *warn* ("exactly one major version older
-  than the runtime") on gencode one major behind, so 5.29 output warns on 6.30
-  and 6.31. 5.29.6, 6.32.0 and later, and 7.34-7.36 only refuse gencode newer
-  than themselves: 5.29 output imports silently on 7.x today, but outside the
+* Reading ``google/protobuf/runtime_version.py`` of 5.28.3, 5.29.1-5.29.6, nine
+  releases from 6.30.0 to 6.33.6 and 7.34.0/7.35.1/7.36.2: 5.28.3,
+  5.29.1-5.29.5 and 6.30.0-6.31.1 compare
+  majors and *warn* ("exactly one major version older than the runtime") on
+  gencode one major behind, so 5.29 output warns on 6.30 and 6.31. 5.29.6,
+  6.32.0-6.33.6 and the 7.x ones only refuse gencode newer than themselves: 5.29 output imports silently on 7.x today, but outside the
   guarantee, and a future 7.x may add the announced V+2 check.
 
 Design: the module is protoc's output with the version check taken out, and
 nothing else changed. ``python -m echo_stream.protos.build`` runs protoc
 (grpcio-tools) and removes exactly the ``runtime_version`` import and the
-``ValidateProtobufRuntimeVersion(...)`` call. What remains is the serialized
+``ValidateProtobufRuntimeVersion(...)`` call (adding a two-line comment that
+says so). What remains is the serialized
 ``FileDescriptorProto`` plus calls to ``descriptor_pool.Default().AddSerializedFile``
 and ``google.protobuf.internal.builder`` (``BuildMessageAndEnumDescriptors``,
 ``BuildTopDescriptorsAndMessages``): the runtime API that generated code itself
 uses. For this .proto that body is byte for byte what protoc 29 (5.29.0),
 protoc 31 (6.31.1) and protoc 35 (7.35.1) emit; only the version stamp differs.
-So on a 5.29.x or 6.x runtime the module *is* 5.29 gencode (supported there), and
-on a 6.x or 7.x runtime it *is* 6.31 gencode (supported there): every runtime in
-the range runs code its guarantee covers, and none of them is asked to compare
-versions. The bound ``protobuf>=5.29.6,<8`` in pyproject.toml is that range
+So on a 5.29.x or 6.x runtime the module *is* 5.29.0 gencode (same major or
+one behind: supported), and on a 7.x runtime it *is* 6.31.1 gencode (one major
+behind: supported): every runtime in the range runs code its guarantee covers,
+and none of them is asked to compare versions. The bound ``protobuf>=5.29.6,<8`` in pyproject.toml is that range
 (5.29.6 because Pipecat asks for it; 5.29.0-5.29.5 would run it too); 8.x is
 excluded until someone has checked it.
 

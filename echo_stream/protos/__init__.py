@@ -21,11 +21,11 @@ protobuf runtime from 5.29.6 to 7.x. Plain protoc output cannot do that:
   protoc 29 (5.29.x) is covered on 5.x and 6.x runtimes but not on 7.x, and no
   single protoc's output is covered on 5.29 through 7.x.
 * Reading ``google/protobuf/runtime_version.py`` of 5.28.3, 5.29.1-5.29.6, nine
-  releases from 6.30.0 to 6.33.6 and 7.34.0/7.35.1/7.36.2: 5.28.3,
-  5.29.1-5.29.5 and 6.30.0-6.31.1 compare
-  majors and *warn* ("exactly one major version older than the runtime") on
-  gencode one major behind, so 5.29 output warns on 6.30 and 6.31. 5.29.6,
-  6.32.0-6.33.6 and the 7.x ones only refuse gencode newer than themselves: 5.29 output imports silently on 7.x today, but outside the
+  releases from 6.30.0 to 6.33.6 and 7.34.0/7.35.1/7.36.2: 5.28.3, 5.29.1-5.29.5
+  and 6.30.0-6.31.1 compare majors and *warn* ("exactly one major version older
+  than the runtime") on gencode one major behind, so 5.29 output warns on 6.30
+  and 6.31. 5.29.6, 6.32.0-6.33.6 and the 7.x ones only refuse gencode newer
+  than themselves: 5.29 output imports silently on 7.x today, but outside the
   guarantee, and a future 7.x may add the announced V+2 check.
 
 Design: the module is protoc's output with the version check taken out, and

@@ -67,17 +67,66 @@ async def _status_of(coro) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
-def test_committed_pb2_matches_the_proto(tmp_path):
+def test_committed_pb2_matches_the_proto():
+    """The committed module is build.py's rendering of protoc's output for the current .proto."""
+    from google.protobuf import descriptor_pb2
+
     from echo_stream.protos import build
 
     pytest.importorskip("grpc_tools")
-    fresh = build.generate(tmp_path).read_text()
-    committed = (build.HERE / "echo_stream_pb2.py").read_text()
+    generated = build.protoc_output()
+    committed = (build.HERE / build.MODULE).read_text()
 
     def descriptor(text):
-        return re.search(r"AddSerializedFile\((b'.*')\)", text).group(1)
-    assert descriptor(fresh) == descriptor(committed), \
+        return descriptor_pb2.FileDescriptorProto.FromString(build.serialized_descriptor(text))
+    # the schema: compared as descriptors, so a protoc that serializes differently still agrees
+    assert descriptor(generated) == descriptor(committed), \
         "echo_stream_pb2.py is out of date: run `python -m echo_stream.protos.build`"
+    # the code around it: protoc's output minus the version check (whichever protoc 29..35 wrote it)
+    assert build.without_generator_line(build.render(generated)) == build.without_generator_line(committed), \
+        "echo_stream_pb2.py is not what `python -m echo_stream.protos.build` writes from this protoc's output"
+    assert "_runtime_version" not in committed
+
+
+def test_pb2_renders_only_known_protoc_output():
+    from echo_stream.protos import build
+
+    committed = (build.HERE / build.MODULE).read_text()
+    stamp = ("from google.protobuf import runtime_version as _runtime_version\n"
+             "_runtime_version.ValidateProtobufRuntimeVersion(\n    _runtime_version.Domain.PUBLIC,\n"
+             "    {},\n    {},\n    {},\n    '{}',\n    'echo_stream.proto'\n)\n")
+    body = committed.replace(build.NOTE, "")
+    i = body.index("# @@protoc_insertion_point(imports)")
+    generated = lambda *v: body[:i] + stamp.format(*v) + body[i:]  # noqa: E731
+    for version in [(5, 29, 0, ""), (6, 31, 1, ""), (7, 35, 1, "")]:
+        assert build.render(generated(*version)) == committed
+    for version in [(5, 28, 3, ""), (8, 36, 0, ""), (7, 36, 0, "-dev")]:
+        with pytest.raises(ValueError, match="checked for 5.29 .. 7.x"):
+            build.render(generated(*version))
+    with pytest.raises(ValueError, match="no runtime-version check"):
+        build.render(body)
+
+
+def test_committed_pb2_imports_without_warnings_and_round_trips():
+    """Under the installed protobuf runtime, in a fresh interpreter (both implementations)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from echo_stream.protos import build
+
+    script = Path(__file__).with_name("protobuf_roundtrip.py")
+    for impl in ("default", "python"):
+        env = dict(os.environ)
+        if impl == "python":
+            env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
+        out = subprocess.run([sys.executable, str(script), str(build.HERE / build.MODULE)], env=env,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        report = json.loads(out)
+        assert report["ok"], report.get("traceback")
+        assert report["warnings"] == [], report["warnings"]
 
 
 def test_auth_required_and_sessions_bound_to_their_principal(make_server):

@@ -3,20 +3,13 @@
 # NO CHECKED-IN PROTOBUF GENCODE
 # source: echo_stream.proto
 # Protobuf Python Version: 7.35.1
+# echo_stream.protos.build took out protoc's runtime-version check and changed nothing else:
+# this module runs on protobuf 5.29 through 7.x; see echo_stream/protos/__init__.py.
 """Generated protocol buffer code."""
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
-from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-_runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC,
-    7,
-    35,
-    1,
-    '',
-    'echo_stream.proto'
-)
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()

@@ -179,7 +179,7 @@ def test_sigterm_mid_run_exits_143_and_leaves_nothing(tmp_path):
                              "--avatar-audio", str(wav), "-o", str(out), "--motion-out", str(mo), "--size", "64"],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     seen = ""
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 400     # Ray's start-up on a loaded machine
     while "s audio" not in seen and time.monotonic() < deadline:   # the progress bar: the stages run
         ch = proc.stderr.read(1)
         if not ch:

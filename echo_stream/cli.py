@@ -73,7 +73,7 @@ BENCHMARKS = (
     ("kernels", "fused SDCM attention vs eager / compiled / FlexAttention compositions",
      "Microbenchmark of echo_stream.kernels.sdcm_attention (needs CUDA for the full grid; --cpu-smoke runs a "
      "tiny CPU grid).", "bench:add_kernels_bench_arguments", "kernels.bench"),
-    ("memory", "generate's driver memory against the audio's length (10 s vs 10 min)", None,
+    ("memory", "generate's driver memory against the audio's length (10 s, 10 min, 1 h)", None,
      "bench:add_memory_bench_arguments", "bench_memory"),
     ("soak", "sessions opened and closed for an hour: memory, descriptors, threads of every process", None,
      "bench:add_soak_bench_arguments", "serve.soak"),

@@ -99,8 +99,8 @@ def add_kernels_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_memory_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``echo-stream bench memory``."""
-    p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 600.0],
-                   help="audio lengths to generate, in seconds (default: 10 600)")
+    p.add_argument("--seconds", type=float, nargs="+", default=[10.0, 600.0, 3600.0],
+                   help="audio lengths to generate, in seconds (default: 10 600 3600)")
     p.add_argument("--size", type=int, default=256, help="output resolution (default 256)")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs for local Ray (default: all)")
     p.add_argument("--out", default=RESULTS, help=f"directory for the JSON and PNG (default {RESULTS})")

@@ -7,10 +7,9 @@ driver's resident memory every half second. Writes
 series and peaks per length, the ratio of the longest run's peak to the
 shortest's) and ``generate_memory.png``.
 
-The bound, by design: the driver keeps the motion of every frame (15,000
-frames x 60 channels x 4 bytes = 3.6 MB for 10 minutes, written to Parquet at
-the end) and nothing else per frame: rendered frames go to the encoder as they
-arrive, and what it keeps of a packet is copied, so no Arrow buffer of a
+The bound, by design: the driver keeps nothing per frame. Rendered frames go to
+the encoder and motion rows to the Parquet file (row groups of 1,500 frames)
+as they arrive, both copied out of their packets, so no Arrow buffer of a
 finished packet stays alive.
 """
 from __future__ import annotations

@@ -14,7 +14,6 @@ finished packet stays alive.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -115,14 +114,7 @@ def _plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="echo-stream bench memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .arguments.bench import add_memory_bench_arguments
+if __name__ == "__main__":      # the same as `echo-stream bench memory ...`
+    from .cli import main
 
-    add_memory_bench_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "memory", *sys.argv[1:]]))

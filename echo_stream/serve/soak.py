@@ -23,7 +23,6 @@ as long as you ask it to.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -265,17 +264,9 @@ def _plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--client":
-        return _client_main(argv[1:])
-    p = argparse.ArgumentParser(prog="echo-stream bench soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..arguments.bench import add_soak_bench_arguments
+if __name__ == "__main__":      # the soak's client process, or the same as `echo-stream bench soak ...`
+    if sys.argv[1:2] == ["--client"]:
+        sys.exit(_client_main(sys.argv[2:]))
+    from ..cli import main
 
-    add_soak_bench_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "soak", *sys.argv[1:]]))

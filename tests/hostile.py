@@ -214,6 +214,12 @@ def generate_cases(d: str | os.PathLike) -> list[Case]:
     portrait("no-face.png", ("no face",),
              path=mediagen.write_image(d / "no-face.png", np.full((240, 320, 3), 128, np.uint8)))
     portrait("gif-stub.gif", ("not", "corrupt", "truncated", "image"), data=b"GIF89a" + b"\0" * 10)
+    from PIL import Image
+
+    Image.fromarray(mediagen.face_frame(320, 240)).save(d / "face.gif")
+    portrait("face.gif", ("not a supported image",), path=d / "face.gif")
+    (d / "face.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+    portrait("face.eps", ("not a supported image",), path=d / "face.eps")
 
     # -- transcript
     def tr(name: str, text: str | bytes, problem: tuple[str, ...]) -> None:

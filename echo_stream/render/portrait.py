@@ -102,7 +102,9 @@ def _decode_image(data: bytes, what: str, max_side: int | None = None) -> np.nda
         with warnings.catch_warnings():
             # Pillow warns (on stderr) about images between its two bomb limits; the check below decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            # only the formats a portrait comes in: Pillow would otherwise hand EPS to Ghostscript, etc.
+            # (MPO, a phone's multi-picture JPEG, opens through the JPEG plugin: not an opener of its own)
+            im = Image.open(io.BytesIO(data), formats=[f for f in PORTRAIT_FORMATS if f != "MPO"])
         with im:
             # the size comes from the header: refuse a huge image before decoding a pixel of it (a
             # 12000x12000 PNG of a few hundred KB would cost the shared render actor seconds and GBs)

@@ -112,9 +112,3 @@ def _plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-if __name__ == "__main__":      # the same as `echo-stream bench memory ...`
-    from .cli import main
-
-    sys.exit(main(["bench", "memory", *sys.argv[1:]]))

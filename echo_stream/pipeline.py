@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 from . import config, schemas
 from .cluster import ensure_pipeline_ray
+from .errors import InputError
 from .stages import Packet, Stage
 from .stages.host import StageHost
 
@@ -65,6 +66,26 @@ class PipelineOptions:
 
     def model_loader(self) -> Callable:
         return functools.partial(load_model, self.checkpoint, self.config, self.device)
+
+
+#: GPU share each GPU stage's actor reserves with ``--device cuda`` (Ray ``num_gpus``): both fit one GPU
+GPU_SHARES = {"diffusion": 0.5, "render": 0.5}
+
+
+def gpu_resources(stages: dict[str, Stage], device: str) -> None:
+    """With a CUDA device, give each GPU stage its GPU share (so Ray places and counts GPU work)."""
+    if str(device).startswith("cuda"):
+        for name, share in GPU_SHARES.items():
+            stages[name].resources = {**stages[name].resources, "num_gpus": share}
+
+
+def check_gpu_capacity(device: str, cluster_gpus: float) -> None:
+    """Refuse ``--device cuda`` on a Ray cluster without the GPUs the GPU stages reserve."""
+    need = max(GPU_SHARES.values()) if str(device).startswith("cuda") else 0.0
+    if need and cluster_gpus < sum(GPU_SHARES.values()):
+        raise InputError("--device", f"{device} asks for {sum(GPU_SHARES.values()):g} GPU (diffusion and render "
+                                     f"actors, {need:g} each) but the Ray cluster has {cluster_gpus:g}: start Ray "
+                                     "on a machine or cluster with GPUs (ray start --num-gpus N), or use --device cpu")
 
 
 def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
@@ -130,7 +151,14 @@ class RayRunner:
 
         self.ray = ray
         self._owns_ray = ensure_pipeline_ray(address, num_cpus)
+        try:
+            check_gpu_capacity(opts.device, float(ray.cluster_resources().get("GPU", 0)))
+        except InputError:
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         stages = build_stages(opts)
+        gpu_resources(stages, opts.device)
         self.actors = {name: make_stage_actor(stages[name], max_restarts=max_restarts) for name in STAGES}
 
     def setup(self) -> dict[str, float]:

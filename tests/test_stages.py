@@ -1,4 +1,5 @@
 """Each stage's core, without Ray, and the inline pipeline that chains them."""
+import os
 import math
 
 import numpy as np
@@ -307,3 +308,37 @@ def test_loss_with_longer_known_prefix_is_finite_and_differentiable(model):
         model.zero_grad(set_to_none=True)
         model.eval()
     assert torch.isfinite(loss) and logs["fm"] > 0
+
+
+def test_gpu_stages_reserve_gpu_shares_and_cuda_needs_gpus_in_the_cluster():
+    from echo_stream.errors import InputError
+    from echo_stream.pipeline import GPU_SHARES, PipelineOptions, build_stages, check_gpu_capacity, gpu_resources
+
+    stages = build_stages(PipelineOptions(device="cuda"))
+    gpu_resources(stages, "cuda")
+    assert {n: s.resources.get("num_gpus", 0) for n, s in stages.items()} == {
+        "decode": 0, "features": 0, "memory": 0, **GPU_SHARES}
+    cpu = build_stages(PipelineOptions())
+    gpu_resources(cpu, "cpu")
+    assert all("num_gpus" not in s.resources for s in cpu.values())
+    check_gpu_capacity("cpu", 0)            # no GPU needed
+    check_gpu_capacity("cuda:0", 1)         # both shares fit one GPU
+    with pytest.raises(InputError, match=r"--device: cuda asks for 1 GPU .* the Ray cluster has 0"):
+        check_gpu_capacity("cuda", 0)
+
+
+@pytest.mark.ray
+def test_generate_with_cuda_on_a_cluster_without_gpus_refuses_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from echo_stream import samples
+
+    r = subprocess.run([sys.executable, "-m", "echo_stream.cli", "generate", "--portrait",
+                        str(samples.ASSETS_DIR / "portrait.jpg"), "--avatar-audio",
+                        str(samples.ASSETS_DIR / "sample" / "avatar_speech.ogg"), "-o", str(tmp_path / "o.mp4"),
+                        "--device", "cuda", "--quiet"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("echo-stream: error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "--device" in errors[0] and "GPU" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.mp4").exists()

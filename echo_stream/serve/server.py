@@ -98,6 +98,29 @@ def peer_host(peer: str) -> str:
     return peer
 
 
+class SlotCounter(dict):
+    """Slots held per key (a peer, a principal): ``take`` one under a per-key and a total cap; the release it
+    returns gives it back (a key holding none is dropped, so an empty counter is falsy)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.values())
+
+    def take(self, key: str, per_key: int | None, total: int):
+        held = self.get(key, 0)
+        if (per_key is not None and held >= per_key) or self.total >= total:
+            return None
+        self[key] = held + 1
+
+        def release() -> None:
+            n = self.get(key, 0) - 1
+            if n > 0:
+                self[key] = n
+            else:
+                self.pop(key, None)
+        return release
+
+
 class TokenBucket:
     """``rate`` messages per second with bursts of ``burst``; ``take()`` waits when empty (flow control)."""
 
@@ -128,9 +151,8 @@ class AvatarServer:
         self.auth = Authenticator(opts.tokens)
         self.sessions: dict[str, Session] = {}
         self._opening = 0
-        self._pending = 0       # authenticated streams whose first message has not been read yet
-        self._pending_by: dict[str, int] = {}   # ... per principal
-        self._strangers: dict[str, int] = {}    # streams without a known token awaiting their first message, per peer
+        self._pending_by = SlotCounter()   # authenticated streams awaiting their first message, per principal
+        self._strangers = SlotCounter()    # streams without a known token awaiting their first message, per peer
         self.draining = False
         self.server: aio.Server | None = None
         self.batcher: WindowBatcher | None = None
@@ -365,37 +387,19 @@ class AvatarServer:
         """Take a pending slot of a stream without a known token from ``peer``; returns its release, or None
         when the peer (or all strangers together) already hold as many as allowed."""
         lim = self.opts.limits
-        held = self._strangers.get(peer, 0)
-        if held >= lim.max_unauthenticated_per_peer or sum(self._strangers.values()) >= lim.max_unauthenticated_streams:
-            return None
-        self._strangers[peer] = held + 1
-
-        def release():
-            n = self._strangers.get(peer, 0) - 1
-            if n > 0:
-                self._strangers[peer] = n
-            else:
-                self._strangers.pop(peer, None)
-        return release
+        return self._strangers.take(peer, lim.max_unauthenticated_per_peer, lim.max_unauthenticated_streams)
 
     def _member_slot(self, principal: str):
         """Take a pending slot of an authenticated stream (at most ``max_pending_streams`` of all principals,
         ``max_pending_per_principal`` of one when tokens are configured); its release, or None when full."""
         lim = self.opts.limits
-        mine = self._pending_by.get(principal, 0)
-        if self._pending >= lim.max_pending_streams or (self.auth.required and mine >= lim.max_pending_per_principal):
-            return None
-        self._pending += 1
-        self._pending_by[principal] = mine + 1
+        per = lim.max_pending_per_principal if self.auth.required else None
+        return self._pending_by.take(principal, per, lim.max_pending_streams)
 
-        def release():
-            self._pending -= 1
-            n = self._pending_by.get(principal, 0) - 1
-            if n > 0:
-                self._pending_by[principal] = n
-            else:
-                self._pending_by.pop(principal, None)
-        return release
+    @property
+    def _pending(self) -> int:
+        """Authenticated streams whose first message has not been read yet."""
+        return self._pending_by.total
 
     async def _outputs(self, session: Session):
         """The session's messages as they leave the egress (frame accounting, latency)."""

@@ -8,6 +8,8 @@ that names the problem, while the good row of the same run is processed.
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +18,16 @@ from echo_stream import cli, preprocess
 from . import hostile
 
 
+#: the corpus is written once, at collection (its case names parametrize the test below)
+_DIR = tempfile.TemporaryDirectory(prefix="hostile-")
+_CASES = hostile.generate_cases(_DIR.name)
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile")
-    return d, hostile.generate_cases(d), hostile.good_inputs(d)
+def corpus():
+    d = Path(_DIR.name)
+    yield d, _CASES, hostile.good_inputs(d)
+    _DIR.cleanup()
 
 
 def test_the_corpus_is_big_enough(corpus):
@@ -38,14 +46,7 @@ def _argv(case: hostile.Case, good: dict, out_dir) -> tuple[list[str], list[str]
     return argv, [out, motion_out]
 
 
-def _case_ids():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        return [c.name for c in hostile.generate_cases(d)]
-
-
-@pytest.mark.parametrize("name", _case_ids())
+@pytest.mark.parametrize("name", [c.name for c in _CASES])
 def test_generate_refuses_with_one_line(corpus, tmp_path, capsys, name):
     d, cases, good = corpus
     case = next(c for c in cases if c.name == name)

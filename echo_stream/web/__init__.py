@@ -1,0 +1,1 @@
+"""``echo-stream web``: talk to the avatar from a browser over WebRTC (extra ``[web]``)."""

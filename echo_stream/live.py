@@ -172,7 +172,7 @@ class LiveAvatar:
         self._utterance_ids = 0
         self._ended_utterances: set[int] = set()  # utterances whose last audio is queued
         self._user_audio: list = []               # (pts, samples at 16 kHz)
-        self._user_frame = None                   # the newest camera frame not yet sent: (pts, rgb)
+        self._user_frames: deque = deque(maxlen=2 * tick_frames)   # camera frames not yet sent: (pts, rgb)
         self._user_audio_end = 0.0                # session time where the user audio sent so far ends
         self._user_resampler = None
         self._segments: deque[_Segment] = deque([_Segment(0)])
@@ -296,10 +296,14 @@ class LiveAvatar:
             self._user_audio.append((pts, y))
 
     def push_user_frame(self, rgb: np.ndarray) -> None:
-        """The user's camera frame (H, W, 3) uint8 RGB, as captured; the newest one is sent with the next tick."""
+        """The user's camera frame (H, W, 3) uint8 RGB, as captured; sent with the next tick (a camera faster than
+        the ticks keeps only its newest ``2 * tick_frames`` frames)."""
         if self._t0 is None:
             return
-        self._user_frame = (self.clock(), fit_user_frame(rgb))
+        pts = self.clock()
+        if self._user_frames and pts <= self._user_frames[-1][0]:
+            return
+        self._user_frames.append((pts, fit_user_frame(rgb)))
 
     async def interrupt(self) -> None:
         """Stop speaking now: queued speech is dropped here and every buffered window on the server."""
@@ -367,13 +371,14 @@ class LiveAvatar:
                     slots = self._next_audio(n)
                     self._segments[-1].slots.extend(slots)
                     user_audio, self._user_audio = self._user_audio, []
-                    frame, self._user_frame = self._user_frame, None
+                    frames = list(self._user_frames)
+                    self._user_frames.clear()
                     async with self._write_lock:
                         for pts, y in user_audio:
                             await s.send_user_audio(y, pts)
                             self.stats.user_audio_s += len(y) / config.SAMPLE_RATE
-                        if frame is not None:
-                            await s.send_user_frame(frame[1], frame[0])
+                        for pts, rgb in frames:
+                            await s.send_user_frame(rgb, pts)
                             self.stats.user_frames_sent += 1
                         await s.send_avatar_audio(np.concatenate([x.audio for x in slots]),
                                                   sample_rate=self.sample_rate)

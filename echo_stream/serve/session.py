@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, schemas
+from ..geometry import WindowGeometry, default_geometry
 from ..errors import EchoStreamError, InputError, one_line, unwrap_remote_error
 from ..pipeline import STAGES, transcript_batch
 from ..stages.decode import PushedAudio
@@ -169,7 +170,7 @@ class Session:
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
                  inbox_size: int = 64, recovery_timeout_s: float = 30.0, stride: int = 16,
-                 window_frames: int = 20, lookahead_frames: int = 2):
+                 geometry: WindowGeometry | None = None):
         self.id = session_id
         self.principal = principal
         self.spec = spec
@@ -179,10 +180,9 @@ class Session:
         self.chunk_s = chunk_frames / FPS
         # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
         # features look ahead) is in: the feed hands audio over exactly then, so no frame waits for a chunk
-        self.stride = stride                      # S' new frames per window; K' = W - S' known frames
-        self.window_s = stride / FPS
-        self.ready_extra_s = lookahead_frames / FPS + 0.010
-        self.overlap = window_frames - stride
+        self.geometry = geometry = geometry or default_geometry()
+        self.stride = geometry.stride(stride, "stride_frames")   # S' new frames per window
+        self.overlap = geometry.known(stride)                   # K' = W - S' known frames
         self.recovery_timeout_s = recovery_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue(inbox_size)
         self.inflight: asyncio.Queue = asyncio.Queue(max_inflight)
@@ -384,8 +384,7 @@ class Session:
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
             local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
-            next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
-                                 + self.ready_extra_s)
+            next_window_ready = self.geometry.ready_s(self.stride, local)
             crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
             if crossed or self.group_s >= self.chunk_s - 1e-9 or len(self.group) >= 256:
                 await self._push(end=False)

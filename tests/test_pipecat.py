@@ -137,7 +137,7 @@ def test_tts_audio_in_video_and_its_audio_out_in_sync(server):
 def test_interruption_stops_speech_within_a_window(server):
     tts, _ = _tts_frames(6.0)
     av = _avatar(server)
-    down, _ = _run(av, tts + [SleepFrame(3.0), InterruptionFrame(), SleepFrame(1.6)])
+    down, _ = _run(av, tts + [SleepFrame(3.0), InterruptionFrame(), SleepFrame(2.4)])
     cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
     before = [f for f in down[:cut] if isinstance(f, TTSAudioRawFrame)]
     after = [f for f in down[cut:] if isinstance(f, OutputAudioRawFrame)]

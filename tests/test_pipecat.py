@@ -165,7 +165,9 @@ def test_motion_only_listens_to_the_users_camera_and_microphone(server):
         frames.append(InputAudioRawFrame(audio=stereo.tobytes(), sample_rate=48000, num_channels=2))
         frames.append(SleepFrame(1 / config.FPS))
     av = _avatar(server, output="motion")
-    down, _ = _run(av, [SleepFrame(0.2)] + frames + [SleepFrame(0.5)])
+    # the user starts a turn: Pipecat interrupts, but a listening avatar has nothing to drop
+    down, _ = _run(av, [SleepFrame(0.2), InterruptionFrame()] + frames + [SleepFrame(0.5)])
+    assert av.avatar.stats.interrupts == 0
     shapes = [f for f in down if isinstance(f, ARKitBlendshapeFrame)]
     assert not [f for f in down if isinstance(f, OutputImageRawFrame)]
     assert len(shapes) >= 40

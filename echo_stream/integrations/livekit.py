@@ -144,11 +144,12 @@ class EchoStreamVideoGenerator(VideoGenerator):
             self._segment_open = True
 
     async def clear_buffer(self) -> None:
+        busy = self._segment_open or bool(self._ends)   # speech sent whose frames are still to come
         self._ends.clear()
         self._loose_ends = 0
         self._segment_open = False
         self._resampler = None
-        if self._started:
+        if self._started and (self.avatar.speaking or busy):   # a listening avatar has nothing to drop
             await self.avatar.interrupt()
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:

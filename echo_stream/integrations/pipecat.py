@@ -324,6 +324,7 @@ class EchoStreamAvatar(FrameProcessor):
         self._stops[u] = frame
 
     async def _on_interruption(self) -> None:
+        busy = self._utt_open or bool(self._ends_pending)     # speech sent whose frames are still to come
         self._held_start = None
         self._utt_open = False
         self._starts.clear()
@@ -331,8 +332,11 @@ class EchoStreamAvatar(FrameProcessor):
         self._ends_pending.clear()
         self._context.clear()
         await self._reset_resampler()
-        if self._avatar is not None and not self._closed:
-            await self._avatar.interrupt()
+        av = self._avatar
+        # Pipecat interrupts at every user turn; a listening avatar has nothing to drop (and an interrupt
+        # restarts the server's generation: a short pause of the picture), so only speech is interrupted
+        if av is not None and not self._closed and (av.speaking or busy):
+            await av.interrupt()
 
     # ------------------------------------------------------------------ avatar frames out
     async def _forward(self) -> None:

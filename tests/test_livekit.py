@@ -235,6 +235,7 @@ def test_the_users_camera_and_microphone_tracks_reach_the_session(server):
         room.emit("track_subscribed", rtc.LocalVideoTrack.create_video_track("screen", rtc.VideoSource(8, 8)),
                   _Publication(rtc.TrackSource.SOURCE_SCREENSHARE), _User())      # not a camera: ignored
         await asyncio.sleep(0.1)
+        session.audio_output.clear_buffer()      # an agent-side clear while listening: nothing to drop
         for k, rgb in enumerate(video):
             rgba = np.concatenate([rgb, np.full((h, w, 1), 255, np.uint8)], axis=2)
             cam_src.capture_frame(rtc.VideoFrame(w, h, rtc.VideoBufferType.RGBA, rgba.tobytes()))
@@ -252,6 +253,7 @@ def test_the_users_camera_and_microphone_tracks_reach_the_session(server):
     assert n_video >= 20 and n_audio >= 50
     assert stats.user_frames_sent >= 15
     assert stats.user_audio_s == pytest.approx(40 * 1920 / 48000, abs=0.25)
+    assert stats.interrupts == 0, "clear_buffer while listening leaves the session's generation alone"
 
 
 def test_generator_contract_and_bad_options():

@@ -390,3 +390,42 @@ async def run_avatar_worker(url: str, token: str, avatar: LiveAvatar, *, user_id
         if handle is not None:
             await handle.aclose()
         await room.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m echo_stream.integrations.livekit``: an avatar worker process (what a dispatcher launches)."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m echo_stream.integrations.livekit",
+                                 description="Join a LiveKit room as an echo-stream avatar worker.")
+    ap.add_argument("--url", default=os.environ.get("LIVEKIT_URL"), help="LiveKit server URL ($LIVEKIT_URL)")
+    ap.add_argument("--token", default=os.environ.get("LIVEKIT_TOKEN"),
+                    help="the worker's join token ($LIVEKIT_TOKEN; see avatar_worker_token)")
+    ap.add_argument("--server", default=os.environ.get("ECHO_STREAM_SERVER", "127.0.0.1:50051"),
+                    help="echo-stream serve host:port ($ECHO_STREAM_SERVER)")
+    ap.add_argument("--server-token", default=os.environ.get("ECHO_STREAM_TOKEN"),
+                    help="bearer token of the echo-stream server ($ECHO_STREAM_TOKEN)")
+    ap.add_argument("--portrait", required=True, help="the face to animate (an image file)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--sample-rate", type=int, default=24000, help="the agent's TTS rate (a multiple of 25)")
+    ap.add_argument("--user", default=None, help="identity of the user to listen to (default: any non-agent)")
+    a = ap.parse_args(argv)
+    if not a.url or not a.token:
+        ap.error("--url and --token (or $LIVEKIT_URL and $LIVEKIT_TOKEN) are required")
+    portrait = Path(a.portrait)
+    if not portrait.is_file():
+        ap.error(f"--portrait {portrait}: file not found")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        avatar = LiveAvatar(a.server, token=a.server_token, portrait=portrait.read_bytes(), size=a.size,
+                            sample_rate=a.sample_rate)
+    except InputError as e:
+        ap.error(str(e))
+    asyncio.run(run_avatar_worker(a.url, a.token, avatar, user_identity=a.user))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ interruptions, the user's real camera and voice, motion-only mode. Nothing is fa
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pipecat")
 
 from pipecat.frames.frames import (  # noqa: E402
+    CancelFrame,
     ErrorFrame,
     InputAudioRawFrame,
     InterruptionFrame,
@@ -185,6 +187,18 @@ def test_motion_only_listens_to_the_users_camera_and_microphone(server):
     for i, f in enumerate(down[:-1]):
         if isinstance(f, ARKitBlendshapeFrame):
             assert isinstance(down[i + 1], OutputAudioRawFrame) and down[i + 1].pts == f.index * FRAME_NS
+
+
+def test_cancel_closes_the_session_at_once(server):
+    tts, _ = _tts_frames(6.0)
+    av = _avatar(server)
+    t0 = time.monotonic()
+    down, _ = _run(av, tts + [SleepFrame(1.5), CancelFrame()], send_end_frame=False)
+    assert time.monotonic() - t0 < 15
+    spoken = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert len(spoken) < 3 * config.FPS, "the queued 6 s were not played out"
+    assert av.avatar.ended.is_set(), "the session is over"
+    assert any(isinstance(f, CancelFrame) for f in down)
 
 
 def test_unreachable_server_is_a_fatal_error_naming_it():

@@ -287,19 +287,19 @@ def test_generator_contract_and_bad_options():
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent" and claims["kind"] == "agent"
 
 
-def test_worker_entry_point_names_what_is_missing(tmp_path):
-    import subprocess
-    import sys
+def test_worker_entry_point_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    from echo_stream.integrations.livekit import main
 
-    def run(*args, env=None):
-        import os
-        e = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
-        e.update(env or {})
-        return subprocess.run([sys.executable, "-m", "echo_stream.integrations.livekit", *args], env=e,
-                              capture_output=True, text=True, timeout=60)
-    r = run("--portrait", str(SAMPLE_PORTRAIT))
-    assert r.returncode == 2 and "--url and --token" in r.stderr
-    r = run("--portrait", str(tmp_path / "none.jpg"), env={"LIVEKIT_URL": "ws://x", "LIVEKIT_TOKEN": "t"})
-    assert r.returncode == 2 and "none.jpg: file not found" in r.stderr
-    r = run("--url", "ws://x", "--token", "t", "--portrait", str(SAMPLE_PORTRAIT), "--sample-rate", "22051")
-    assert r.returncode == 2 and "multiple of 25" in r.stderr
+    monkeypatch.delenv("LIVEKIT_URL", raising=False)
+    monkeypatch.delenv("LIVEKIT_TOKEN", raising=False)
+
+    def error(*args) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    assert "--url and --token" in error("--portrait", str(SAMPLE_PORTRAIT))
+    assert "none.jpg: file not found" in error("--url", "ws://x", "--token", "t",
+                                               "--portrait", str(tmp_path / "none.jpg"))
+    assert "multiple of 25" in error("--url", "ws://x", "--token", "t", "--portrait", str(SAMPLE_PORTRAIT),
+                                     "--sample-rate", "22051")

@@ -144,7 +144,8 @@ class EchoStreamAvatar(FrameProcessor):
                  sync_with_audio: bool = True, end_timeout_s: float = 5.0, **kwargs):
         super().__init__(**kwargs)
         if target is None or (isinstance(target, str) and ":" not in target):
-            raise InputError("target", f"expected host:port of an echo-stream server or an AvatarClient, got {target!r}")
+            raise InputError("target", f"expected host:port of an echo-stream server or an AvatarClient, "
+                                       f"got {target!r}")
         if output not in ("video", "motion", "both"):
             raise InputError("output", f"expected video, motion or both, got {output!r}")
         if sample_rate is not None and (sample_rate <= 0 or sample_rate % config.FPS):

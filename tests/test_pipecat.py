@@ -201,6 +201,29 @@ def test_cancel_closes_the_session_at_once(server):
     assert any(isinstance(f, CancelFrame) for f in down)
 
 
+def test_a_session_ended_by_the_server_is_reported(server):
+    from echo_stream.serve.client import AvatarClient
+
+    av = _avatar(server)
+
+    async def main():
+        async def end_it():                     # what a server drain or an operator does to a session
+            while av.avatar is None or not av.avatar.session_id:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            async with AvatarClient(server) as c:
+                await c.control(av.avatar.session_id, "end")
+        ender = asyncio.create_task(end_it())
+        res = await run_test(av, frames_to_send=[SleepFrame(3.0)], start_timeout=30)
+        await ender
+        return res
+
+    down, up = asyncio.run(main())
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors and f"echo-stream session {av.avatar.session_id[:8]}" in errors[0].error, up
+    assert not av.is_usable
+
+
 def test_unreachable_server_is_a_fatal_error_naming_it():
     av = EchoStreamAvatar("127.0.0.1:9", portrait=SAMPLE_PORTRAIT, size=SIZE)
     down, up = asyncio.run(run_test(av, frames_to_send=[SleepFrame(0.3)], start_timeout=30))

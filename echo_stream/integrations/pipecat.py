@@ -347,6 +347,9 @@ class EchoStreamAvatar(FrameProcessor):
                 if not fr.speech and fr.sent_at < self._started_at:
                     continue                       # made before the pipeline started: stale silence
                 await self._push_avatar_frame(fr)
+            if not self._closed:                   # the server ended the session (drain, restart): say so
+                await self.push_error(error_msg=f"echo-stream session {av.session_id[:8]} was ended by the server",
+                                      force_treat_as_permanent=True)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the session failed (server gone, bad auth...): say so upstream

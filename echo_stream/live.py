@@ -312,8 +312,13 @@ class LiveAvatar:
         if self._utterance_open:
             self._utterance_open = False
             self._ended_utterances.add(self._utterance)
-        while not self._out.empty():               # frames received but not yet taken: their speech is void
-            self._out.get_nowait()
+        queued = []                                # frames received but not yet taken: their speech is void
+        while not self._out.empty():               # (muted, kept: the picture goes on without a jump)
+            queued.append(self._out.get_nowait())
+        for fr in queued:
+            if fr is not None and fr.speech:
+                fr.audio, fr.speech = np.zeros_like(fr.audio), False
+            self._out.put_nowait(fr)
         self._segments.append(_Segment(None))
         self.stats.interrupts += 1
         async with self._write_lock:

@@ -214,7 +214,7 @@ def test_a_session_ended_by_the_server_is_reported(server):
             async with AvatarClient(server) as c:
                 await c.control(av.avatar.session_id, "end")
         ender = asyncio.create_task(end_it())
-        res = await run_test(av, frames_to_send=[SleepFrame(3.0)], start_timeout=30)
+        res = await run_test(av, frames_to_send=[SleepFrame(6.0)], start_timeout=30)
         await ender
         return res
 

@@ -404,7 +404,7 @@ class AvatarServer:
             item = await session.outbox.get()
             if item is None:
                 return
-            msg, upto, origins, kind = item
+            msg, upto, origins, kind = item.msg, item.upto, item.origins, item.kind
             now = time.monotonic()
             if kind in ("motion", "video") and upto is not None:
                 n = 1 if kind == "motion" else msg.video.frames

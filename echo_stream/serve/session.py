@@ -30,7 +30,6 @@ import concurrent.futures as cf
 import logging
 import math
 import secrets
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from ..pipeline import BATCHED, STAGES, run_chain, stage_after, stage_before, tr
 from ..stages.decode import PushedAudio
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
+from .egress import Fmp4Track, Outgoing
 from .wire import Limits, SessionSpec
 
 log = logging.getLogger(__name__)
@@ -116,41 +116,6 @@ def log_error(exc: BaseException, during: str) -> str:
     return eid
 
 
-class AudioTimeline:
-    """The avatar audio by frame (for muxing it into the video), dropped once used."""
-
-    def __init__(self):
-        self._parts: dict[int, np.ndarray] = {}
-        self.end_sample = 0          # the end of the audio received, in samples from frame 0
-
-    def add(self, first_frame: int, samples: np.ndarray) -> None:
-        if len(samples):
-            self._parts[int(first_frame)] = np.asarray(samples, np.float32)
-            self.end_sample = max(self.end_sample, int(first_frame) * SPF + len(samples))
-
-    @property
-    def end_frame(self) -> int:
-        """Frames whose audio is complete."""
-        return self.end_sample // SPF
-
-    def take(self, first: int, last: int) -> np.ndarray:
-        """Samples of frames [first, last) (silence where unknown); forgets everything before ``last``."""
-        out = np.zeros((last - first) * SPF, np.float32)
-        for f0 in sorted(self._parts):
-            x = self._parts[f0]
-            a, b = f0 * SPF, f0 * SPF + len(x)
-            lo, hi = max(a, first * SPF), min(b, last * SPF)
-            if hi > lo:
-                out[lo - first * SPF:hi - first * SPF] = x[lo - a:hi - a]
-            if b <= last * SPF:
-                del self._parts[f0]
-        return out
-
-    def clear(self) -> None:
-        self._parts.clear()
-        self.end_sample = 0
-
-
 @dataclass
 class SessionStats:
     frames: int = 0
@@ -167,6 +132,34 @@ class SessionStats:
             first_frame_latency_s=self.first_frame_latency_s or 0.0,
             latency_p50_s=float(np.percentile(lat, 50)) if lat.size else 0.0,
             latency_p99_s=float(np.percentile(lat, 99)) if lat.size else 0.0)
+
+
+@dataclass
+class _Chain:
+    """One chain in flight (``inflight``): decode's push through the stage before the batched one."""
+
+    epoch: int
+    offset: int               # global frame of the epoch's frame 0
+    info: object              # handle: what decode found (first frame, the avatar audio)
+    windows: object           # handle: the generation windows
+    checkpoint: object        # handle: the LCU memory after this chain (None at the end)
+    t0: float
+
+    def handles(self) -> list:
+        return [h for h in (self.info, self.windows, self.checkpoint) if h is not None]
+
+
+@dataclass
+class _Rendering:
+    """One window being rendered (``render_q``)."""
+
+    epoch: int
+    offset: int
+    frames: object            # handle: the stages' output packets from the batched stage on
+    t0: float
+
+    def handles(self) -> list:
+        return [self.frames]
 
 
 class Session:
@@ -199,7 +192,8 @@ class Session:
         self.group: list = []
         self.group_s = 0.0
         self.arrivals: deque = deque()  # (start_s, end_s, arrival time) of avatar audio, session timeline
-        self.audio = AudioTimeline()
+        #: the H.264/fMP4 output (fmp4 video sessions; None otherwise)
+        self.fmp4 = Fmp4Track(spec.width, spec.height) if spec.wants_video and spec.codec == "fmp4" else None
         self.recent_motion: deque = deque(maxlen=64)   # (frame, row) produced
         self.ckpt: bytes | None = None
         self.ready = asyncio.Event()
@@ -210,14 +204,6 @@ class Session:
         self.stats = SessionStats()
         self.t_first_audio: float | None = None
         self.received_s = 0.0          # avatar audio received (pacing)
-        self._encoder = None
-        self._enc_lock = threading.Lock()
-        self._enc_frames: list[int] = []   # global frame of each encoded frame, in encoder order
-        self._video_sent = 0               # encoded frames whose bytes were sent
-        self._enc_origins: list = []       # avatar-audio arrival time of each encoded frame (latency)
-        self._enc_dropped = 0              # entries trimmed from the front of those two lists
-        self._audio_fed: int | None = None  # global frame up to which avatar audio went to the encoder
-        self._enc_next: int | None = None   # global frame after the last one encoded
         self._tasks: list[asyncio.Task] = []
         self.closed = False
         self.incarnations: dict = {}
@@ -282,10 +268,11 @@ class Session:
                 self.backend.call(stage, "close_session", self.iid)
             except Exception:  # noqa: BLE001
                 pass
-        try:     # in the encoder's pool, under its lock: an encode of this session may still be running there
-            await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._close_encoder)
-        except Exception:  # noqa: BLE001
-            pass
+        if self.fmp4 is not None:
+            try:  # in the encoder's pool, under its lock: an encode of this session may still be running there
+                await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self.fmp4.close)
+            except Exception:  # noqa: BLE001
+                pass
 
     async def _open_epoch(self, restore: bool) -> None:
         b, iid = self.backend, self.iid
@@ -409,20 +396,21 @@ class Session:
         ck = None if end else b.call(_BEFORE_BATCH, "export_state", iid)   # the LCU memory checkpoint
         self.replay_log.append((self.pushed_s, self.pushed_s + sec, items))
         self.pushed_s += sec
-        await self.inflight.put((epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
+        await self.inflight.put(_Chain(epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
         metrics.QUEUE_DEPTH.labels("inflight").inc()
 
     # ------------------------------------------------------------------ generate
     async def _generate(self) -> None:
         while True:
-            epoch, offset, info_h, wins_h, ck_h, t0 = await self.inflight.get()
+            c = await self.inflight.get()
+            epoch, offset, info_h, wins_h, ck_h, t0 = c.epoch, c.offset, c.info, c.windows, c.checkpoint, c.t0
             metrics.QUEUE_DEPTH.labels("inflight").dec()
             if epoch != self.epoch:
                 continue
             try:
                 info = await self.backend.get(info_h)
-                if self.spec.wants_video and self.spec.codec == "fmp4":   # muxed into the video
-                    self.audio.add(offset + info["first_frame"], info["avatar_audio"])
+                if self.fmp4 is not None:   # muxed into the video
+                    self.fmp4.audio.add(offset + info["first_frame"], info["avatar_audio"])
                 wins = await self.backend.get(wins_h)
                 metrics.STAGE_LATENCY.labels(_BEFORE_BATCH).observe(time.perf_counter() - t0)
                 if ck_h is not None:
@@ -434,7 +422,7 @@ class Session:
                     if epoch != self.epoch:
                         break
                     r = run_chain(self.backend.call, out, first=_AFTER_BATCH)
-                    await self.render_q.put((epoch, offset, r, time.perf_counter()))
+                    await self.render_q.put(_Rendering(epoch, offset, r, time.perf_counter()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -444,7 +432,8 @@ class Session:
     # ------------------------------------------------------------------ egress
     async def _egress(self) -> None:
         while True:
-            epoch, offset, r_h, t0 = await self.render_q.get()
+            rq = await self.render_q.get()
+            epoch, offset, r_h, t0 = rq.epoch, rq.offset, rq.frames, rq.t0
             if epoch != self.epoch:
                 continue
             try:
@@ -487,91 +476,32 @@ class Session:
             origin = self._latency_origin(f)
             origins.append(origin)
             if self.spec.wants_motion:
-                await self.outbox.put((pb.ServerMessage(pts=f / FPS, motion=pb.MotionFrame(
+                await self.outbox.put(Outgoing(pb.ServerMessage(pts=f / FPS, motion=pb.MotionFrame(
                     frame=f, values=row.tolist())), f + 1, [origin], "motion"))
             if self.spec.wants_video and self.spec.codec == "raw" and images is not None:
                 i = f - int(frames[0])
-                await self.outbox.put((pb.ServerMessage(pts=f / FPS, video=pb.VideoChunk(
+                counted = not self.spec.wants_motion          # else the motion message counted the frame
+                await self.outbox.put(Outgoing(pb.ServerMessage(pts=f / FPS, video=pb.VideoChunk(
                     data=images[i].tobytes(), first_frame=f, frames=1)),
-                    None if self.spec.wants_motion else f + 1, [] if self.spec.wants_motion else [origin], "video"))
+                    f + 1 if counted else None, [origin] if counted else [], "video"))
         self.produced = int(frames[-1]) + 1
         while self.replay_log and self.replay_log[0][1] <= self.produced / FPS + 1e-9:
             self.replay_log.popleft()
-        if self.spec.wants_video and self.spec.codec == "fmp4" and images is not None:
-            audio = self._encoder_audio(int(frames[0]), int(frames[-1]) + 1)
-            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._encode, images, audio)
-            self._enc_frames.extend(frames.tolist())
-            self._enc_origins.extend(origins)
+        if self.fmp4 is not None and images is not None:
+            audio = self.fmp4.audio_for(int(frames[0]), int(frames[-1]) + 1)
+            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self.fmp4.encode, images, audio)
+            covered = self.fmp4.encoded(frames.tolist(), origins)
             if data:
-                # the frames whose bytes these are: the encoder counts them from the moof boxes it emitted
-                covered = max(self._video_sent, self._encoder.frames_emitted - self._enc_dropped)
-                await self._send_video(data, covered)
-
-    _gop = 16          # frames per GOP
-    _audio_lead = 3    # frames of avatar audio handed to the encoder ahead of the video (see _encoder_audio)
-
-    def _encoder_audio(self, first: int, last: int) -> np.ndarray:
-        """The avatar audio to encode with frames [first, last): up to ``_audio_lead`` frames beyond them
-        when it has arrived (it has, for the window's lookahead), so that the muxer, which interleaves
-        audio and video by time, can release every video frame at once instead of holding the last few
-        until the next window. Frames skipped by a gap skip their audio too (the MP4 timeline is the
-        frames sent). The price of the lead: after an interrupt (or a recovery) the file already holds up to
-        ``_audio_lead`` frames (120 ms) of audio past the last frame shown; those frames' new audio is not
-        encoded, so the new reply's first 120 ms are not heard and the old speech's next 120 ms are (lips
-        and audio stay in sync)."""
-        if self._audio_fed is None:
-            self._audio_fed = first
-        elif self._enc_next is not None and first > self._enc_next:
-            self._audio_fed += first - self._enc_next
-        self._enc_next = last
-        upto = max(last, min(last + self._audio_lead, self.audio.end_frame))
-        if upto <= self._audio_fed:
-            return np.zeros(0, np.float32)
-        audio = self.audio.take(self._audio_fed, upto)
-        self._audio_fed = upto
-        return audio
-
-    def _encode(self, images: np.ndarray, audio: np.ndarray) -> bytes:
-        """(Encoder pool thread.) Encode frames; the lock keeps the codec to one thread at a time."""
-        from ..media import FragmentedMp4Encoder
-
-        with self._enc_lock:
-            if self.closed:
-                return b""
-            if self._encoder is None:
-                self._encoder = FragmentedMp4Encoder(self.spec.width, self.spec.height, FPS, with_audio=True,
-                                                     gop=self._gop, audio_lead_frames=self._audio_lead)
-            return self._encoder.encode(images, audio)
-
-    def _close_encoder(self) -> bytes:
-        """(Encoder pool thread.) Finish the stream; its last bytes (b"" if there was no encoder)."""
-        with self._enc_lock:
-            enc, self._encoder = self._encoder, None
-            return enc.close() if enc is not None else b""
-
-    async def _send_video(self, data: bytes, covered: int) -> None:
-        """Send fMP4 bytes that complete the encoded frames up to ``covered`` (encoder order)."""
-        first = self._enc_frames[self._video_sent] if self._video_sent < len(self._enc_frames) else self.produced
-        n = max(0, covered - self._video_sent)
-        upto = self._enc_frames[covered - 1] + 1 if n else None
-        origins = self._enc_origins[self._video_sent:covered]
-        self._video_sent = max(self._video_sent, covered)
-        drop = self._video_sent - 1                    # keep the last sent one (first_frame of an empty chunk)
-        if drop > 1024:                                # bounded however long the session
-            del self._enc_frames[:drop], self._enc_origins[:drop]
-            self._video_sent -= drop
-            self._enc_dropped += drop
-        await self.outbox.put((pb.ServerMessage(pts=first / FPS, video=pb.VideoChunk(
-            data=data, first_frame=first, frames=n)), None if self.spec.wants_motion else upto,
-            [] if self.spec.wants_motion else origins, "video"))
+                await self.outbox.put(self.fmp4.chunk(data, covered, self.produced, not self.spec.wants_motion))
 
     async def _finish(self) -> None:
-        if self._encoder is not None:
-            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self._close_encoder)
-            await self._send_video(data, len(self._enc_frames))
-        await self.outbox.put((pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
+        if self.fmp4 is not None and self.fmp4.started:
+            data = await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self.fmp4.close)
+            await self.outbox.put(self.fmp4.chunk(data, self.fmp4.all_encoded(), self.produced,
+                                                  not self.spec.wants_motion))
+        await self.outbox.put(Outgoing(pb.ServerMessage(pts=self.produced / FPS, event=pb.Event(
             kind=pb.Event.ENDED, message="end of session", first_frame=self.produced,
-            stats=self.stats.proto())), None, [], "event"))
+            stats=self.stats.proto()))))
         await self.outbox.put(None)
         self.done.set()
 
@@ -606,11 +536,9 @@ class Session:
         for q in (self.inflight, self.render_q):
             while not q.empty():
                 item = q.get_nowait()
-                if q is self.inflight:                # (epoch, offset, info, windows, checkpoint, t)
-                    handles += [h for h in item[2:5] if h is not None]
+                handles += item.handles()
+                if q is self.inflight:
                     metrics.QUEUE_DEPTH.labels("inflight").dec()
-                else:                                 # (epoch, offset, render, t)
-                    handles.append(item[2])
         return handles
 
     def _new_epoch(self) -> str:
@@ -669,7 +597,8 @@ class Session:
             metrics.RECOVERIES.inc()
             replay = self._replay_items()
             self.replay_log.clear()
-            self.audio.clear()
+            if self.fmp4 is not None:
+                self.fmp4.audio.clear()
             stalled_at = self.produced
             if replay is not None:
                 resume, items, seconds = replay
@@ -701,10 +630,10 @@ class Session:
                         "output continues")
             else:
                 what = "no input was in flight: no frame lost"
-            await self.outbox.put((pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
+            await self.outbox.put(Outgoing(pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
                 kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
                 message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
-                        f"{stalled_at}; {what}")), resume if gap else None, [], "event"))
+                        f"{stalled_at}; {what}")), resume if gap else None))
             self.group = items + self.group
             self.group_s += seconds
             self.ready.set()
@@ -755,7 +684,8 @@ class Session:
             self.frame_offset = playback
             self.pushed_s = playback / FPS
             self.arrivals.clear()
-            self.audio.clear()
+            if self.fmp4 is not None:
+                self.fmp4.audio.clear()
             if self.t_first_audio is not None:
                 self.received_s = time.monotonic() - self.t_first_audio
             self.stats.interrupts += 1
@@ -770,9 +700,9 @@ class Session:
             self.ready.set()
             if self.end_pushed:
                 await self._push(end=True)
-            await self.outbox.put((pb.ServerMessage(pts=playback / FPS, event=pb.Event(
+            await self.outbox.put(Outgoing(pb.ServerMessage(pts=playback / FPS, event=pb.Event(
                 kind=pb.Event.INTERRUPTED, first_frame=playback,
-                message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)")), None, [], "event"))
+                message=f"interrupted at frame {playback} ({playback / FPS:.2f} s)"))))
             return playback
 
 

@@ -77,11 +77,13 @@ BENCHMARKS = (
      "bench:add_memory_bench_arguments", "bench_memory"),
     ("soak", "sessions opened and closed for an hour: memory, descriptors, threads of every process", None,
      "bench:add_soak_bench_arguments", "serve.soak"),
+    ("web", "latency over WebRTC: headless Chromium talking to `web`, server-side and glass-to-glass", None,
+     "bench:add_web_bench_arguments", "web.bench"),
 )
 
 #: the commands whose help keeps its own line breaks (epilogs with examples, docstring descriptions)
-_RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client"}
-_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak"}
+_RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client", "web"}
+_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak", "web"}
 
 
 def _add_command(sub, name: str, help_: str, desc: str | None, args_fn: str, runner: str | None,

@@ -114,3 +114,13 @@ def add_soak_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", type=float, default=15.0, help="seconds between samples (default 15)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--out", default=RESULTS, help=f"directory for soak.json / soak.png (default {RESULTS})")
+
+
+def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream bench web``."""
+    p.add_argument("--seconds", type=float, default=25.0, help="seconds the browser session runs (default 25)")
+    p.add_argument("--size", type=int, default=128, help="avatar video size (default 128)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (default: Debian's /usr/bin/chromium)")
+    p.add_argument("--chromedriver", default="/usr/bin/chromedriver", help="its WebDriver (default /usr/bin/chromedriver)")
+    p.add_argument("--out", default=RESULTS, help=f"directory for web_latency.json (default {RESULTS})")

@@ -1,0 +1,263 @@
+"""``echo-stream web`` in a real browser: Debian's headless Chromium (selenium) with a fake camera (a real
+face clip) and microphone (TTS speech) talks over real WebRTC (aiortc) to the web app, whose sessions are
+LiveAvatar sessions on a real gRPC server over the Ray pipeline."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("aiortc")
+pytest.importorskip("selenium")
+
+from echo_stream.pipeline import PipelineOptions  # noqa: E402
+from echo_stream.serve.backend import RayBackend  # noqa: E402
+from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
+from echo_stream.web import browser  # noqa: E402
+from echo_stream.web.app import WebApp  # noqa: E402
+from echo_stream.web.server import WebThread  # noqa: E402
+from echo_stream.web.session import read_barcode, stamp_barcode  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SIZE = 96
+TOKEN = "web-test-token-0123456789abcdef"
+WHY = browser.missing_browser()
+needs_browser = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
+             logging_level="ERROR", log_to_driver=False)
+    b = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
+    yield b
+    b.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def web(backend):
+    """The web app on a gRPC server that takes two sessions."""
+    st = ServerThread(backend, ServeOptions.for_model(None, port=0, max_sessions=2))
+    port = st.start()
+    wt = WebThread(WebApp(f"127.0.0.1:{port}", size=SIZE, seed=1))
+    url = wt.start()
+    yield wt, url
+    wt.stop()
+    st.stop()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    return {"camera": browser.make_fake_camera(d / "face.y4m"),
+            "mic": browser.make_wav(d / "mic.wav", ("tts1.ogg", "tts2.ogg")),
+            "speech": browser.make_wav(d / "speech.wav", ("tts0.ogg", "tts1.ogg", "tts2.ogg", "tts3.ogg"))}
+
+
+@pytest.fixture(scope="module")
+def chrome(media):
+    if WHY is not None:
+        pytest.skip(WHY)
+    d = browser.launch(media["camera"], media["mic"])
+    yield d
+    d.quit()
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait(what, cond, timeout: float = 30.0, every: float = 0.2):
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def _session(url: str, sid: str) -> dict:
+    for s in _get(url + "stats")["sessions"]:
+        if sid.startswith(s["id"]):
+            return s
+    raise AssertionError(f"session {sid[:8]} is not on the server")
+
+
+def _start(d, url: str) -> str:
+    d.get(url)
+    _wait("the page's config", lambda: d.execute_script("return window.echo && window.echo.config"))
+    d.find_element("id", "start").click()
+    return _wait("the page to connect", lambda: d.execute_script(
+        "return echo.error ? 'ERROR ' + echo.error : (echo.state.startsWith('connected') && echo.session)"))
+
+
+# JS: sample the avatar <video> for `ms` milliseconds; the mean absolute pixel change between samples
+# above the barcode strip, video size, playback time, and the inbound audio's RTP statistics.
+_SAMPLE = """
+const done = arguments[arguments.length - 1], ms = arguments[0];
+const v = document.getElementById('avatar'), c = document.createElement('canvas');
+const t0 = v.currentTime, diffs = [];
+let prev = null;
+const timer = setInterval(() => {
+  if (!v.videoWidth) return;
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const ctx = c.getContext('2d', {willReadFrequently: true});
+  ctx.drawImage(v, 0, 0);
+  const px = ctx.getImageData(0, 0, c.width, c.height - 16).data;
+  if (prev) { let s = 0; for (let i = 0; i < px.length; i += 4) s += Math.abs(px[i] - prev[i]); diffs.push(s / (px.length / 4)); }
+  prev = px;
+}, 80);
+setTimeout(async () => {
+  clearInterval(timer);
+  let audio = null;
+  const pc = window.__pc;
+  (await pc.getStats()).forEach((r) => { if (r.type === 'inbound-rtp' && r.kind === 'audio') audio = r; });
+  done({w: v.videoWidth, h: v.videoHeight, advanced: v.currentTime - t0, diffs,
+        audio: audio && {packets: audio.packetsReceived, bytes: audio.bytesReceived, energy: audio.totalAudioEnergy}});
+}, ms);
+"""
+
+
+def test_barcode_round_trip():
+    rgb = np.full((96, 96, 3), 90, np.uint8)
+    for i in (0, 1, 777, 2047, 2048, 123456):
+        out = stamp_barcode(rgb, i)
+        assert read_barcode(out) == i % 2048
+        assert (out[:80] == rgb[:80]).all(), "only the bottom strip is drawn"
+    noisy = stamp_barcode(rgb, 1234)
+    noisy[-8:, 24:32] ^= 255                    # one bit flipped: the parity refuses it rather than misread it
+    assert read_barcode(noisy) is None
+
+
+@needs_browser
+def test_browser_talks_to_the_avatar_and_interrupts(web, chrome, media):
+    wt, url = web
+    sid = _start(chrome, url)
+    assert not sid.startswith("ERROR"), sid
+    # the server receives the user's camera and microphone over WebRTC and sends them to the session
+    s = _wait("the user's media at the server", lambda: (lambda s: s["user_frames_sent"] >= 10
+                                                          and s["user_audio_s"] > 0.5 and s)(_session(url, sid)))
+    assert s["user_video_frames"] > 0 and s["user_audio_frames"] > 0
+    # the avatar's picture and voice arrive as one MediaStream (the browser syncs them); the video plays
+    _wait("the avatar's video to play", lambda: chrome.execute_script(
+        "return document.getElementById('avatar').currentTime > 0.5"))
+    kinds = chrome.execute_script("return document.getElementById('avatar').srcObject.getTracks().map(t => t.kind)")
+    assert sorted(kinds) == ["audio", "video"]
+    listening = chrome.execute_async_script(_SAMPLE, 1200)
+    assert listening["w"] == SIZE and listening["h"] == SIZE
+    assert listening["advanced"] > 0.6
+    # it speaks an uploaded file: the picture changes and the audio arrives
+    chrome.find_element("id", "file").send_keys(str(media["speech"]))
+    chrome.find_element("id", "upload").click()
+    _wait("speech frames played", lambda: _session(url, sid)["speech_played"] >= 12)
+    speaking = chrome.execute_async_script(_SAMPLE, 1600)
+    assert speaking["advanced"] > 1.0
+    assert len(speaking["diffs"]) >= 8 and np.mean(speaking["diffs"]) > 0.5, speaking["diffs"]
+    assert speaking["audio"]["packets"] > 50 and speaking["audio"]["bytes"] > 2000
+    assert speaking["audio"]["energy"] > listening["audio"]["energy"], "the speech is heard, not only silence"
+    # the interrupt button stops speech within one generation window
+    before = _session(url, sid)
+    assert before["speaking"]
+    chrome.find_element("id", "interrupt").click()
+    _wait("the interrupt", lambda: _session(url, sid)["interrupts"] == 1)
+    time.sleep(2.0)
+    after = _session(url, sid)
+    assert not after["speaking"]
+    assert after["speech_after_interrupt"] <= 12, after
+    assert after["speech_played"] - before["speech_played"] <= 12 + 25 * 0.5   # (the click's own round trip)
+    # the latency readout: server-side per frame, glass-to-glass from the frame counter read back
+    echo = chrome.execute_script("return {g2g: echo.g2g, reads: echo.reads, server: echo.serverLat,"
+                                 " text: document.getElementById('lat-g2g').textContent}")
+    assert echo["reads"] > 25 and len(echo["g2g"]) > 25
+    assert 0 < float(np.median(echo["g2g"])) < 5
+    assert all(0 < x < 5 for x in echo["server"])
+    assert echo["text"].endswith("ms")
+    assert float(np.median(echo["g2g"])) >= float(np.median(echo["server"]))  # the browser shows it later
+    chrome.save_screenshot(str(media["camera"].parent / "web.png"))
+
+
+@needs_browser
+def test_two_tabs_two_sessions_and_a_full_server_is_named(web, chrome):
+    wt, url = web
+    first = chrome.current_window_handle
+    sids = []
+    for _ in range(2):
+        chrome.switch_to.new_window("tab")
+        sid = _start(chrome, url)
+        assert not sid.startswith("ERROR"), sid
+        sids.append(sid)
+    assert len(set(sids)) == 2
+    for sid in sids:
+        _wait("both sessions receive the user and play frames",
+              lambda sid=sid: (lambda s: s["user_frames_sent"] > 5 and s["frames_played"] > 25)(_session(url, sid)))
+    # the gRPC server takes two sessions: the third tab is told the server is full
+    chrome.switch_to.new_window("tab")
+    full = _start(chrome, url)
+    assert full.startswith("ERROR Server full"), full
+    assert chrome.execute_script("return echo.errorCode") == "server_full"
+    assert chrome.find_element("id", "error").is_displayed()
+    # ... and the two sessions keep playing
+    played = {sid: _session(url, sid)["frames_played"] for sid in sids}
+    time.sleep(1.0)
+    assert all(_session(url, sid)["frames_played"] > played[sid] + 10 for sid in sids)
+    for handle in chrome.window_handles:
+        if handle != first:
+            chrome.switch_to.window(handle)
+            chrome.close()
+    chrome.switch_to.window(first)
+    _wait("the closed tabs' sessions to end", lambda: len(_get(url + "stats")["sessions"]) <= 1, timeout=20)
+
+
+@needs_browser
+def test_bad_token_and_no_tts_are_named(backend, chrome):
+    st = ServerThread(backend, ServeOptions.for_model(None, port=0, max_sessions=2, tokens={TOKEN: "alice"}))
+    port = st.start()
+    wt = WebThread(WebApp(f"127.0.0.1:{port}", tokens={TOKEN: "alice"}, size=SIZE, tts=False))
+    url = wt.start()
+    try:
+        chrome.get(url)
+        _wait("the page's config", lambda: chrome.execute_script("return window.echo && window.echo.config"))
+        assert chrome.find_element("id", "token-row").is_displayed()
+        note = chrome.find_element("id", "tts-note").text
+        assert "No text-to-speech" in note and "espeak-ng" in note
+        chrome.find_element("id", "token").send_keys("not-the-token-at-all")
+        chrome.find_element("id", "start").click()
+        err = _wait("the error", lambda: chrome.execute_script("return echo.error"))
+        assert err.startswith("Bad token") and chrome.execute_script("return echo.errorCode") == "bad_token"
+        # the right token is passed on to the gRPC server, which accepts it
+        chrome.find_element("id", "token").clear()
+        chrome.find_element("id", "token").send_keys(TOKEN)
+        chrome.find_element("id", "start").click()
+        sid = _wait("the page to connect", lambda: chrome.execute_script(
+            "return echo.state.startsWith('connected') && echo.session"))
+        assert _session(url, sid)["frames"] > 0 or _wait("frames", lambda: _session(url, sid)["frames"] > 0)
+        assert not chrome.find_element("id", "say").is_enabled()      # no TTS: the Say button stays off
+    finally:
+        chrome.execute_script("if (echo.session) { navigator.sendBeacon('/session/' + echo.session + '/close'); }")
+        wt.stop()
+        st.stop()
+
+
+@needs_browser
+def test_denied_camera_is_named(web, media):
+    _, url = web
+    d = browser.launch(media["camera"], media["mic"], fake_ui=False)
+    try:
+        d.execute_cdp_cmd("Browser.setPermission", {"permission": {"name": "videoCapture"}, "setting": "denied",
+                                                     "origin": url.rstrip("/")})
+        d.get(url)
+        _wait("the page's config", lambda: d.execute_script("return window.echo && window.echo.config"))
+        d.find_element("id", "start").click()
+        err = _wait("the error", lambda: d.execute_script("return echo.error"), timeout=15)
+        assert "permission was denied" in err and d.execute_script("return echo.errorCode") == "no_permission"
+    finally:
+        d.quit()

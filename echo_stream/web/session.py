@@ -8,8 +8,9 @@ the same tick (40 ms), so the browser plays them in sync:
 * video pts: the output frame number at 90 kHz (the avatar's frame index while nothing is repeated);
   audio: the frame's 1920 samples (48 kHz) as two 20 ms s16 mono frames, pts in samples;
 * frames come from the server in bursts of a generation window; the pacer plays frame ``f`` at
-  ``sent_at(f) + delay`` (a playout delay that grows on an underrun and shrinks again when every frame of
-  the last four seconds came early), so the picture moves at an even 25 fps;
+  ``sent_at(f) + delay``: a playout delay that grows to fit a frame that came after its due time and
+  shrinks by 20 ms when every frame of the last four seconds came 60 ms early, so the picture moves at an
+  even 25 fps;
 * when no frame is due in time the last picture is repeated and silence is sent: the streams never stop
   their clock;
 * every outgoing picture carries its frame index as a small barcode in its bottom-left corner, which the
@@ -40,6 +41,7 @@ VIDEO_CLOCK = 90_000
 #: barcode: BITS blocks in the bottom-left corner, the frame index modulo 2 ** (BITS - 1) and an even-parity bit
 BARCODE_BITS = 12
 MAX_DELAY_S = 3.0
+MAX_BUFFER = 4 * FPS
 
 
 def barcode_block(width: int) -> int:
@@ -120,6 +122,7 @@ class Pacer:
         self.repeats = 0                    # ticks with no frame due: last picture again + silence
         self.speech_sent = 0                # frames played with speech
         self.dropped = 0
+        self.underruns = 0                  # frames that came after their due time (the delay grew)
         self._slack: deque = deque(maxlen=4 * FPS)
         self.silence = np.zeros(SAMPLES_PER_FRAME, np.float32)
         self.cleared = 0
@@ -135,9 +138,16 @@ class Pacer:
             if fr.gap:
                 continue
             now = time.time()
-            if self.delay is None:
+            late = now - fr.sent_at - (self.delay if self.delay is not None else -1.0)
+            if late > 0:              # it came after its due time: later frames wait as long as this one did
+                if self.delay is not None:
+                    self.underruns += 1
                 self.delay = min(MAX_DELAY_S, now - fr.sent_at + 0.02)
+                self._slack.clear()
             self.buffer.append((fr, now))
+            if len(self.buffer) > MAX_BUFFER:     # (only when the delay is at its cap) the oldest goes
+                self.buffer.popleft()
+                self.dropped += 1
 
     async def play(self) -> None:
         """The 40 ms clock: one picture and its audio per tick, on the monotonic clock."""
@@ -152,20 +162,13 @@ class Pacer:
             self.tick(time.time())
 
     def tick(self, now: float) -> None:
+        """One tick at ``now``: the head of the buffer when it is due, else the last picture again (silent)."""
         fr = None
-        # a backlog beyond a second behind its due time: skip to catch up (rare: a stalled consumer)
-        while len(self.buffer) > 1 and now - (self.buffer[1][0].sent_at + self.delay) > 1.0:
-            self.buffer.popleft()
-            self.dropped += 1
         if self.buffer and self.buffer[0][0].sent_at + self.delay <= now + 0.5 / FPS:
             fr, arrived = self.buffer.popleft()
             self._slack.append(fr.sent_at + self.delay - arrived)
             if len(self._slack) == self._slack.maxlen and min(self._slack) > 0.06:
-                self.delay = max(0.0, self.delay - 0.02)    # every frame of the last 4 s came early
-                self._slack.clear()
-        elif self.last_rgb is not None or self.buffer:
-            if not self.buffer:                             # underrun: the frame due is not here yet
-                self.delay = min(MAX_DELAY_S, self.delay + 1 / FPS)
+                self.delay = max(0.0, self.delay - 0.02)    # every frame of the last 4 s came early enough
                 self._slack.clear()
         if fr is None and self.last_rgb is None:
             return
@@ -255,6 +258,7 @@ class WebSession:
 
         @pc.on("connectionstatechange")
         async def on_state():
+            log.info("web session %s: WebRTC %s", self.id[:8], pc.connectionState)
             if pc.connectionState in ("failed", "closed"):
                 await self.close()
 
@@ -281,6 +285,7 @@ class WebSession:
             log.warning("web session %s: %s", self.id[:8], self.error)
             self._send({"t": "error", "msg": f"the avatar session ended: {self.error}"})
         if (e is not None or watch) and not self._closing:
+            log.info("web session %s: %s ended; closing", self.id[:8], t.get_name())
             asyncio.get_running_loop().create_task(self.close())
 
     # ------------------------------------------------------------------ media in
@@ -347,6 +352,7 @@ class WebSession:
                 "user_frames_sent": st.user_frames_sent, "user_audio_s": round(st.user_audio_s, 3),
                 "frames": st.frames, "speech_frames": st.speech_frames, "interrupts": st.interrupts,
                 "frames_played": self.pacer.sent, "repeats": self.pacer.repeats,
+                "underruns": self.pacer.underruns, "dropped": self.pacer.dropped,
                 "speech_played": self.pacer.speech_sent, "speech_after_interrupt": self.speech_after_interrupt,
                 "utterances": self.utterances, "speaking": self.avatar.speaking,
                 "playout_delay_s": None if self.pacer.delay is None else round(self.pacer.delay, 3),

@@ -56,6 +56,11 @@ COMMANDS = (
     ("client", "stream local files (or a test signal) to a server; save mp4 / motion",
      "Streams avatar audio (+ user video/audio, transcript) to `echo-stream serve` in real time and saves what "
      "comes back.", "serve:add_client_arguments", "serve.cli:run_client"),
+    ("web", "browser demo: talk to the avatar live over WebRTC (camera + microphone in, video + audio out)",
+     "Serves a page where the browser's webcam and microphone stream to an avatar session over WebRTC and the "
+     "avatar's video and audio come back in sync. The avatar speaks a typed sentence (offline TTS: espeak-ng, "
+     "when installed) or an uploaded audio file, and listens to you while silent. By default starts local Ray "
+     "and an in-process avatar server, as `serve` does.", "web:add_web_arguments", "web.server:run"),
 )
 
 #: the same for ``echo-stream bench WHICH``

@@ -124,3 +124,4 @@ def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (default: Debian's /usr/bin/chromium)")
     p.add_argument("--chromedriver", default="/usr/bin/chromedriver", help="its WebDriver (default /usr/bin/chromedriver)")
     p.add_argument("--out", default=RESULTS, help=f"directory for web_latency.json (default {RESULTS})")
+    p.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page at the end")

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import urllib.parse
 from importlib import resources
 
 from aiohttp import web
@@ -41,6 +42,16 @@ def _static_dir():
 
 def _error(status: int, code: str, msg: str) -> web.Response:
     return web.json_response({"error": msg, "code": code}, status=status)
+
+
+@web.middleware
+async def _same_origin(request, handler):
+    """POSTs come from this page only: another site open in the same browser cannot open sessions here."""
+    origin = request.headers.get("Origin")
+    if request.method == "POST" and origin not in (None, "null"):
+        if urllib.parse.urlsplit(origin).netloc != request.host:
+            return _error(403, "cross_origin", f"requests from {origin} are not accepted: use this server's own page")
+    return await handler(request)
 
 
 class WebApp:
@@ -71,7 +82,7 @@ class WebApp:
 
     # ------------------------------------------------------------------ the app
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_UPLOAD_BYTES)
+        app = web.Application(client_max_size=MAX_UPLOAD_BYTES, middlewares=[_same_origin])
         app.router.add_get("/", self.index)
         app.router.add_get("/static/{name}", self.static)
         app.router.add_get("/config", self.config)
@@ -215,8 +226,10 @@ class WebApp:
             from ..media import decode_audio
             loop = asyncio.get_running_loop()
             pcm = await loop.run_in_executor(None, lambda: decode_audio(path, sample_rate=AUDIO_RATE))
-        except InputError as e:
-            return _error(400, "bad_audio", str(e).replace(path, request.headers.get("X-File-Name", "the upload")))
+        except Exception as e:  # noqa: BLE001 - InputError names the problem; anything else is still the file's
+            name = urllib.parse.unquote(request.headers.get("X-File-Name", "")) or "the upload"
+            msg = str(e) if isinstance(e, InputError) else f"{name}: cannot decode its audio ({type(e).__name__}: {e})"
+            return _error(400, "bad_audio", msg.replace(path, name))
         finally:
             os.unlink(path)
         return self._queue(s, pcm)

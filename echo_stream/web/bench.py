@@ -97,6 +97,8 @@ def run(args) -> int:
         page = driver.execute_script("return {server: echo.serverLat, play: echo.playLat, g2g: echo.g2g,"
                                      " shown: echo.shown, reads: echo.reads, bad: echo.badReads}")
         s = next(x for x in _get(url + "stats")["sessions"] if sid.startswith(x["id"]))
+        if args.screenshot:
+            driver.save_screenshot(args.screenshot)
     finally:
         driver.quit()
         wt.stop()

@@ -42,6 +42,7 @@ VIDEO_CLOCK = 90_000
 BARCODE_BITS = 12
 MAX_DELAY_S = 3.0
 MAX_BUFFER = 4 * FPS
+CONNECT_TIMEOUT_S = 30.0
 
 
 def barcode_block(width: int) -> int:
@@ -269,7 +270,17 @@ class WebSession:
         await pc.setLocalDescription(await pc.createAnswer())
         self._spawn(self.pacer.feed(), "web-feed", watch=True)
         self._spawn(self.pacer.play(), "web-play")
+        self._spawn(self._connect_within(CONNECT_TIMEOUT_S), "web-connect", watch=True)
         return pc.localDescription.sdp, pc.localDescription.type
+
+    async def _connect_within(self, seconds: float) -> None:
+        """A peer that never connects (ICE fails silently) gives its avatar session back after ``seconds``."""
+        end = time.monotonic() + seconds
+        while self.pc.connectionState != "connected":
+            if time.monotonic() > end:
+                raise TimeoutError(f"the browser did not connect over WebRTC within {seconds:.0f} s")
+            await asyncio.sleep(0.25)
+        await self.closed.wait()
 
     def _spawn(self, coro, name: str, watch: bool = False) -> None:
         t = asyncio.get_running_loop().create_task(coro, name=name)

@@ -250,6 +250,8 @@ $("upload").onclick = () => {
   if (!f) { showError("Choose an audio file first.", "no_file"); return; }
   post("/speak", { body: f, headers: { "X-File-Name": encodeURIComponent(f.name) } });
 };
-window.addEventListener("beforeunload", () => { if (echo.session) navigator.sendBeacon("/session/" + echo.session + "/close"); });
+function leave() { if (echo.session) { navigator.sendBeacon("/session/" + echo.session + "/close"); echo.session = null; } }
+window.addEventListener("pagehide", leave);
+window.addEventListener("beforeunload", leave);
 setInterval(refresh, 250);
 loadConfig();

@@ -157,6 +157,7 @@ def test_browser_talks_to_the_avatar_and_interrupts(web, chrome, media):
     wt, url = web
     sid = _start(chrome, url)
     assert not sid.startswith("ERROR"), sid
+    assert not chrome.find_element("id", "token-row").is_displayed()      # loopback, no tokens: not asked
     # the server receives the user's camera and microphone over WebRTC and sends them to the session
     s = _wait("the user's media at the server", lambda: (lambda s: s["user_frames_sent"] >= 10
                                                           and s["user_audio_s"] > 0.5 and s)(_session(url, sid)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import DEFAULT_SERVE_STRIDE
 from .serve import add_stride_arguments
 
 #: the benchmarks' JSON directory
@@ -119,6 +120,8 @@ def add_soak_bench_arguments(p: argparse.ArgumentParser) -> None:
 def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``echo-stream bench web``."""
     p.add_argument("--seconds", type=float, default=25.0, help="seconds the browser session runs (default 25)")
+    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
+                   help="new frames per generation window (default %(default)s, as `serve` and `web`)")
     p.add_argument("--size", type=int, default=128, help="avatar video size (default 128)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (default: Debian's /usr/bin/chromium)")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_SERVE_STRIDE
+
 WEB_EPILOG = """\
 examples:
   echo-stream web                                  # http://127.0.0.1:8080/, local Ray + an in-process server
@@ -42,6 +44,6 @@ def add_web_arguments(p: argparse.ArgumentParser) -> None:
                    help="concurrent browser sessions of the embedded server; more get 'server full' (default 4)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     p.add_argument("--device", default="cpu", help="torch device of the embedded server (cpu, cuda)")
-    p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
-                   help="new frames per generation window (lower = less latency, more compute; default: the "
-                        "server's)")
+    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
+                   help="new frames per generation window of the sessions (lower = less latency, more compute; "
+                        "default %(default)s, as `serve`)")

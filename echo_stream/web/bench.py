@@ -51,6 +51,7 @@ def run(args) -> int:
         raise InputError("--chromium", why)
     if args.seconds < 5:
         raise InputError("--seconds", f"at least 5 s, got {args.seconds}")
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="echo-bench-web-"))
     camera = browser.make_fake_camera(tmp / "face.y4m")
     mic = browser.make_wav(tmp / "mic.wav", ("tts1.ogg", "tts2.ogg"))
@@ -58,8 +59,8 @@ def run(args) -> int:
     speech = browser.make_wav(tmp / "speech.wav", speech_files).read_bytes()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
-    backend = RayBackend.start(PipelineOptions(size=(args.size, args.size)))
-    opts = ServeOptions.for_model(None, port=0, max_sessions=2)
+    backend = RayBackend.start(PipelineOptions(size=(args.size, args.size), stride=args.stride))
+    opts = ServeOptions.for_model(None, port=0, max_sessions=2, stride=args.stride)
     st = ServerThread(backend, opts)
     port = st.start()
     webapp = WebApp(f"127.0.0.1:{port}", size=args.size, seed=0)
@@ -110,11 +111,12 @@ def run(args) -> int:
 
     env = machine.environment()
     env.update({"aiortc": aiortc.__version__, "selenium": selenium.__version__,
-                "chromium": os.popen(f"{args.chromium} --version 2>/dev/null").read().strip()})
+                "chromium": os.popen(f"{args.chromium} --version 2>/dev/null").read().strip(),
+                "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]})
     result = {
         "benchmark": "web_latency", "machine": env,
-        "config": {"seconds": args.seconds, "size": args.size, "fps": 25, "stride_frames": opts.stride or
-                   opts.max_stride, "num_cpus": args.num_cpus, "audio_rate": 48000,
+        "config": {"seconds": args.seconds, "size": args.size, "fps": 25, "num_cpus": args.num_cpus,
+                   "stride_frames": opts.stride_for(None, opts.stride), "audio_rate": 48000,
                    "speech": [f"tests/data/tts/{f}" for f in speech_files], "speech_uploads": spoken,
                    "browser": "headless Chromium, fake camera (tests/data/real, 320x180 y4m) and microphone",
                    "transport": "WebRTC over loopback interfaces (aiortc <-> Chromium), VP8/Opus as negotiated"},

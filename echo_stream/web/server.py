@@ -91,17 +91,17 @@ async def _main(args, tokens, token, portrait, ssl_context) -> int:
             from ..serve.backend import RayBackend
             from ..serve.server import AvatarServer, ServeOptions
 
-            opts = ServeOptions.for_model(None, stride=args.stride, host="127.0.0.1", port=0,
+            opts = ServeOptions.for_model(None, stride=args.stride or None, host="127.0.0.1", port=0,
                                           max_sessions=args.max_sessions, tokens=tokens)
             popts = PipelineOptions(checkpoint=args.checkpoint, device=args.device, size=(args.size, args.size),
-                                    stride=args.stride)
+                                    stride=args.stride or None)
             start_ray(None, args.num_cpus)
             print("echo-stream web: starting the stage actors (loading models) ...", file=sys.stderr, flush=True)
             backend = await loop.run_in_executor(None, lambda: RayBackend.start(popts, num_cpus=args.num_cpus))
             server = AvatarServer(backend, opts)
             target = f"127.0.0.1:{await server.start()}"
         webapp = WebApp(target, tokens=tokens, token=token, size=args.size, portrait=portrait,
-                        stride=args.stride, max_sessions=args.max_sessions)
+                        stride=args.stride or None, max_sessions=args.max_sessions)
         runner, port = await serve_app(webapp, args.host, args.port, ssl_context)
         scheme = "https" if ssl_context else "http"
         shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -77,6 +77,11 @@ function push(arr, x, n) { arr.push(x); if (arr.length > n && !echo.keepAll) arr
 function onNote(m) {
   if (m.t === "hello") {
     barcode = { block: m.block, bits: m.bits };
+    // the frame counter's strip (bottom rows) stays out of view: the video is drawn that much larger and
+    // its frame crops it (the counter is still read from the full picture)
+    const side = 384 * m.size / (m.size - m.block) + "px";
+    $("avatar").style.width = side;
+    $("avatar").style.height = side;
     return;
   }
   if (m.t === "error") { showError(m.msg, "session_error"); return; }

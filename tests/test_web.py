@@ -21,7 +21,8 @@ from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
 from echo_stream.web import browser  # noqa: E402
 from echo_stream.web.app import WebApp  # noqa: E402
 from echo_stream.web.server import WebThread  # noqa: E402
-from echo_stream.web.session import read_barcode, stamp_barcode  # noqa: E402
+from echo_stream.web import tts  # noqa: E402
+from echo_stream.web.session import AUDIO_RATE, read_barcode, stamp_barcode  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,6 +30,7 @@ SIZE = 96
 TOKEN = "web-test-token-0123456789abcdef"
 WHY = browser.missing_browser()
 needs_browser = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+needs_tts = pytest.mark.skipif(tts.find_tts() is None, reason="no espeak-ng (scripts/ensure_chromium.sh installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +210,37 @@ def test_browser_talks_to_the_avatar_and_interrupts(web, chrome, media):
     assert echo["text"].endswith("ms")
     assert float(np.median(echo["g2g"])) >= float(np.median(echo["server"]))  # the browser shows it later
     chrome.save_screenshot(str(media["camera"].parent / "web.png"))
+    chrome.find_element("id", "stop").click()
+    _wait("the session to end", lambda: not _get(url + "stats")["sessions"], timeout=20)
+
+
+@needs_tts
+def test_offline_tts_speaks_and_names_bad_text():
+    pcm = tts.synthesize("Hello there, how are you today?", AUDIO_RATE)
+    assert pcm.dtype == np.float32 and 0.8 < len(pcm) / AUDIO_RATE < 6 and np.abs(pcm).max() > 0.05
+    assert len(tts.synthesize("-v --help", AUDIO_RATE)) > 0          # text, never options
+    with pytest.raises(Exception, match="empty"):
+        tts.synthesize("   ", AUDIO_RATE)
+    with pytest.raises(Exception, match="at most 1000"):
+        tts.synthesize("a" * 1001, AUDIO_RATE)
+
+
+@needs_browser
+@needs_tts
+def test_typed_sentence_is_spoken(web, chrome):
+    _, url = web
+    sid = _start(chrome, url)
+    assert not sid.startswith("ERROR"), sid
+    assert "espeak" in chrome.find_element("id", "tts-note").text
+    chrome.find_element("id", "text").clear()
+    chrome.find_element("id", "text").send_keys("Nice to meet you. Tell me more about it.")
+    chrome.find_element("id", "say").click()
+    s = _wait("the sentence to be spoken", lambda: (lambda s: s["speech_played"] >= 25 and s)(_session(url, sid)))
+    assert s["utterances"] == 1
+    chrome.find_element("id", "text").clear()
+    chrome.find_element("id", "say").click()                               # nothing typed: named on the page
+    err = _wait("the error", lambda: chrome.execute_script("return echo.error"), timeout=10)
+    assert "empty" in err and chrome.execute_script("return echo.errorCode") == "bad_text"
     chrome.find_element("id", "stop").click()
     _wait("the session to end", lambda: not _get(url + "stats")["sessions"], timeout=20)
 

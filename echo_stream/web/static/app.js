@@ -79,7 +79,7 @@ function onNote(m) {
     barcode = { block: m.block, bits: m.bits };
     // the frame counter's strip (bottom rows) stays out of view: the video is drawn that much larger and
     // its frame crops it (the counter is still read from the full picture)
-    const side = 384 * m.size / (m.size - m.block) + "px";
+    const side = 384 * m.size / (m.size - m.block - 1) + "px";
     $("avatar").style.width = side;
     $("avatar").style.height = side;
     return;
@@ -196,7 +196,7 @@ async function start() {
   };
   pc.onconnectionstatechange = () => {
     const s = pc && pc.connectionState;
-    if (s === "connected") setState("connected: the avatar is listening to you", "ok");
+    if (s === "connected") setState("connected", "ok");
     else if (s === "failed") showError("The WebRTC connection failed (no network path between this browser and the " +
                                        "server: UDP blocked?).", "ice_failed");
     else if (s === "disconnected") setState("connection interrupted…", "bad");

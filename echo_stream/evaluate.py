@@ -46,6 +46,7 @@ import numpy as np
 from . import config, features, media, motion, schemas
 from .arguments.training import add_eval_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .manifest import read_manifest
+from .chain import local_call, run_chain
 from .stages import Packet
 from .stages.diffusion import DiffusionStage
 from .stages.memory import MemoryStage
@@ -64,6 +65,7 @@ def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, u
     T = len(feats["avatar_audio"])
     ms = MemoryStage(model=model, use_memory=use_memory, stride=stride)
     ds = DiffusionStage(model=model, stride=stride, blinks=blinks, user_guidance=user_guidance)
+    call = local_call({"memory": ms, "diffusion": ds})   # the pipeline's chain, from the features on, to motion
     sid = "eval"
     ds.set_seed(sid, seed)
     if transcript:
@@ -77,7 +79,7 @@ def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, u
         p.put(schemas.make_batch(schemas.FEATURES, {
             "session_id": [sid] * len(frames), "seq": frames, "pts": frames / config.FPS, "frame": frames,
             **{c: feats[c][f0:f1] for c in schemas.FEATURE_COLUMNS}}), schemas.FEATURES)
-        for q in ds.process(ms.process(p)):
+        for q in run_chain(call, p, first="memory", last="diffusion"):
             mw = q.get(schemas.MOTION_WINDOW)
             if mw is not None and mw.num_rows:
                 out[schemas.column(mw, "frame")] = schemas.column(mw, "motion")

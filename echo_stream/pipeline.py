@@ -28,15 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import config, schemas
+from .chain import (BATCHED, PIPELINE, STAGES, StageSpec, local_call, run_chain,  # noqa: F401 (re-exported)
+                    stage_after, stage_before)
 from .cluster import ensure_pipeline_ray
 from .errors import InputError
 from .stages import Packet, Stage
 from .stages.host import StageHost
 
 log = logging.getLogger(__name__)
-
-STAGES = ("decode", "features", "memory", "diffusion", "render")
-
 
 def load_model(checkpoint: str | None, config: str | None, device: str = "cpu"):
     """Load the model a stage runs: a checkpoint path, or the bundled default checkpoint."""
@@ -69,7 +68,7 @@ class PipelineOptions:
 
 
 #: GPU share each GPU stage's actor reserves with ``--device cuda`` (Ray ``num_gpus``): both fit one GPU
-GPU_SHARES = {"diffusion": 0.5, "render": 0.5}
+GPU_SHARES = {s.name: s.gpu_share for s in PIPELINE if s.gpu_share}
 
 
 def gpu_resources(stages: dict[str, Stage], device: str) -> None:
@@ -262,10 +261,7 @@ def stream_session(runner, session_id: str, inp: SessionInputs,
             if due:
                 runner.call("memory", "add_transcript", transcript_batch(session_id, due, text_seq))
                 text_seq += len(due)
-            feats = runner.call("features", "process", packet_ref)
-            windows = runner.call("memory", "process", feats)
-            motion = runner.call("diffusion", "process", windows)
-            inflight.append(runner.call("render", "process", motion))
+            inflight.append(run_chain(runner.call, packet_ref))
             chunks += 1
             if progress:
                 progress(len(chunk_info["avatar_audio"]))

@@ -18,7 +18,8 @@ import logging
 import time
 from typing import Any
 
-from ..pipeline import STAGES, InlineRunner, PipelineOptions, RayRunner, close_session
+from ..pipeline import (BATCHED, STAGES, InlineRunner, PipelineOptions, RayRunner, close_session, run_chain,
+                        stage_before)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,9 @@ class RayBackend:
             self.ray.get([self.call("decode", "open_stream", sid),
                           self.call("render", "open_session", sid, portrait)], timeout=timeout)
             pk, _ = self.call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
-            wins = self.call("memory", "process", self.call("features", "process", pk))
+            wins = run_chain(self.call, pk, last=stage_before(BATCHED))
             wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
-            out = self.ray.get(self.call("render", "process", self.call("diffusion", "process", wins)),
-                               timeout=timeout)
+            out = self.ray.get(run_chain(self.call, wins, first=BATCHED), timeout=timeout)
             for p in out:      # the egress reads these columns: the first conversion in a process is slow
                 for name, batch in p.batches.items():
                     for col in batch.schema.names:

@@ -21,6 +21,7 @@ from grpc import aio
 
 from .. import config
 from ..errors import InputError, one_line
+from ..geometry import WindowGeometry, default_geometry
 from ..render.portrait import DecodedImage
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
@@ -52,9 +53,8 @@ class ServeOptions:
     max_inflight: int = 4
     max_batch: int = 64
     batch_wait_s: float = 0.004
-    window_frames: int = 20                 # the model's window geometry (ModelConfig): W frames per window,
-    max_stride: int = 16                    # at most new_frames of them new, L lookahead frames
-    lookahead_frames: int = 2
+    #: the model's window geometry (W frames per window, at most new_frames of them new, L lookahead frames)
+    geometry: WindowGeometry = field(default_factory=default_geometry)
     stride: int | None = None               # default new frames per window of video sessions (None: max_stride)
     motion_stride: int | None = None        # ... of motion-only sessions (None: max_stride)
 
@@ -64,7 +64,7 @@ class ServeOptions:
         from ..config import get_config
 
         c = get_config(config_name or "tiny")
-        opts = cls(window_frames=c.window_frames, max_stride=c.new_frames, lookahead_frames=c.lookahead_frames, **kw)
+        opts = cls(geometry=WindowGeometry.of(c), **kw)
         for name in ("stride", "motion_stride"):
             opts.stride_for(None, getattr(opts, name))   # a bad default fails at start
         return opts
@@ -73,11 +73,7 @@ class ServeOptions:
         """A session's new frames per window: its own request, else the default for its output mode."""
         if requested is None and spec is not None:
             requested = spec.stride or (self.stride if spec.wants_video else self.motion_stride)
-        s = self.max_stride if requested is None else int(requested)
-        if not 1 <= s <= self.max_stride:
-            raise InputError("stride_frames", f"new frames per window must be between 1 and {self.max_stride} "
-                                              f"for this model, got {s}")
-        return s
+        return self.geometry.stride(requested, "stride_frames")
     recovery_timeout_s: float = 30.0
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
 
@@ -334,7 +330,7 @@ class AvatarServer:
             o = self.opts
             session = Session(sid, principal, spec, self.backend, self.batcher, o.limits, o.chunk_frames,
                               o.max_inflight, recovery_timeout_s=o.recovery_timeout_s, stride=stride,
-                              window_frames=o.window_frames, lookahead_frames=o.lookahead_frames)
+                              geometry=o.geometry)
             self.sessions[sid] = session
             self._opening -= 1
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config, schemas
+from ..geometry import WindowGeometry, default_geometry
 from ..errors import EchoStreamError, InputError, one_line, unwrap_remote_error
-from ..pipeline import STAGES, transcript_batch
+from ..pipeline import BATCHED, STAGES, run_chain, stage_after, stage_before, transcript_batch
 from ..stages.decode import PushedAudio
 from ..protos import echo_stream_pb2 as pb
 from . import metrics
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 FPS = config.FPS
 SPF = config.SAMPLES_PER_FRAME
+#: a session's chain: decode -> ... -> _BEFORE_BATCH (windows, fetched here), the batcher (BATCHED), then
+#: _AFTER_BATCH -> ... -> the last stage; the LCU memory checkpoint comes from _BEFORE_BATCH
+_BEFORE_BATCH, _AFTER_BATCH = stage_before(BATCHED), stage_after(BATCHED)
 #: the fMP4 encoder runs here, off the event loop
 _ENCODE_POOL = cf.ThreadPoolExecutor(2, thread_name_prefix="fmp4")
 #: encoded client audio is decoded here, off the event loop (see Session.decode_encoded)
@@ -169,7 +173,7 @@ class Session:
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
                  inbox_size: int = 64, recovery_timeout_s: float = 30.0, stride: int = 16,
-                 window_frames: int = 20, lookahead_frames: int = 2):
+                 geometry: WindowGeometry | None = None):
         self.id = session_id
         self.principal = principal
         self.spec = spec
@@ -179,10 +183,9 @@ class Session:
         self.chunk_s = chunk_frames / FPS
         # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
         # features look ahead) is in: the feed hands audio over exactly then, so no frame waits for a chunk
-        self.stride = stride                      # S' new frames per window; K' = W - S' known frames
-        self.window_s = stride / FPS
-        self.ready_extra_s = lookahead_frames / FPS + 0.010
-        self.overlap = window_frames - stride
+        self.geometry = geometry = geometry or default_geometry()
+        self.stride = geometry.stride(stride, "stride_frames")   # S' new frames per window
+        self.overlap = geometry.known(stride)                   # K' = W - S' known frames
         self.recovery_timeout_s = recovery_timeout_s
         self.inbox: asyncio.Queue = asyncio.Queue(inbox_size)
         self.inflight: asyncio.Queue = asyncio.Queue(max_inflight)
@@ -384,8 +387,7 @@ class Session:
                 self.arrivals.append((start, start + sec, t_arrival))
                 self.group_s += sec
             local = self.pushed_s - self.frame_offset / FPS + self.group_s   # epoch-local audio seconds
-            next_window_ready = (math.floor(max(0.0, local - self.ready_extra_s) / self.window_s) * self.window_s
-                                 + self.ready_extra_s)
+            next_window_ready = self.geometry.ready_s(self.stride, local)
             crossed = self.pushed_s - self.frame_offset / FPS < next_window_ready <= local
             if crossed or self.group_s >= self.chunk_s - 1e-9 or len(self.group) >= 256:
                 await self._push(end=False)
@@ -403,9 +405,8 @@ class Session:
         b, iid, epoch = self.backend, self.iid, self.epoch
         self.end_pushed = self.end_pushed or end
         pk, info = b.call("decode", "push", iid, items, end, num_returns=2)
-        feats = b.call("features", "process", pk)
-        wins = b.call("memory", "process", feats)
-        ck = None if end else b.call("memory", "export_state", iid)
+        wins = run_chain(b.call, pk, last=_BEFORE_BATCH)       # decode's packet up to the windows
+        ck = None if end else b.call(_BEFORE_BATCH, "export_state", iid)   # the LCU memory checkpoint
         self.replay_log.append((self.pushed_s, self.pushed_s + sec, items))
         self.pushed_s += sec
         await self.inflight.put((epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
@@ -423,7 +424,7 @@ class Session:
                 if self.spec.wants_video and self.spec.codec == "fmp4":   # muxed into the video
                     self.audio.add(offset + info["first_frame"], info["avatar_audio"])
                 wins = await self.backend.get(wins_h)
-                metrics.STAGE_LATENCY.labels("memory").observe(time.perf_counter() - t0)
+                metrics.STAGE_LATENCY.labels(_BEFORE_BATCH).observe(time.perf_counter() - t0)
                 if ck_h is not None:
                     ck = await self.backend.get(ck_h)
                     if epoch == self.epoch and ck is not None:   # None: the stage no longer holds it
@@ -432,7 +433,7 @@ class Session:
                     out = await self.batcher.submit(w)
                     if epoch != self.epoch:
                         break
-                    r = self.backend.call("render", "process", out)
+                    r = run_chain(self.backend.call, out, first=_AFTER_BATCH)
                     await self.render_q.put((epoch, offset, r, time.perf_counter()))
             except asyncio.CancelledError:
                 raise

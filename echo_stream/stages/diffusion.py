@@ -69,15 +69,17 @@ class DiffusionStage(Stage):
         self._model.to(self.device).eval()
         window_geometry(self._model.cfg, self.stride)  # a bad stride fails here, not mid-session
         super().setup()
+        from ..chain import local_call, run_chain, stage_before
         from . import warmup
         from .memory import MemoryStage
 
         # one synthetic session's windows through process, at the serving shapes (see .warmup)
         cfg = self._model.cfg
-        windows = MemoryStage(model=self._model, stride=self.stride).process(
-            warmup.features_packet(cfg.window_frames + cfg.lookahead_frames))
+        upstream = stage_before(self.name)
+        local = {upstream: MemoryStage(model=self._model, stride=self.stride), self.name: self}
         try:
-            self.process(windows)
+            run_chain(local_call(local), warmup.features_packet(cfg.window_frames + cfg.lookahead_frames),
+                      first=upstream, last=self.name)
         finally:
             self.close_session(warmup.SESSION)
 

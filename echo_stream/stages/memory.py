@@ -35,6 +35,7 @@ import torch
 
 from .. import schemas
 from ..arrays import take_rows
+from ..geometry import WindowGeometry
 from ..model import EchoModel, MemoryState
 from . import Packet, Stage
 
@@ -249,15 +250,8 @@ class MemoryStage(Stage):
 
 
 def window_geometry(cfg, stride: int | None = None) -> tuple[int, int, int]:
-    """(K', S', L) for windows of ``stride`` new frames: ``K' = window_frames - S'`` known frames.
-
-    ``stride`` None means the config's own ``new_frames`` (then ``K' = overlap_frames``).
-    """
-    S = cfg.new_frames if stride is None else int(stride)
-    if not 1 <= S <= cfg.new_frames:
-        raise ValueError(f"stride: new frames per window must be between 1 and {cfg.new_frames} "
-                         f"(the config's new_frames) for config {cfg.name!r}, got {stride}")
-    return cfg.window_frames - S, S, cfg.lookahead_frames
+    """(K', S', L) for windows of ``stride`` new frames (see :class:`echo_stream.geometry.WindowGeometry`)."""
+    return WindowGeometry.of(cfg).split(stride)
 
 
 def window_arrays(packet: Packet, cfg) -> dict[str, np.ndarray]:

@@ -124,7 +124,9 @@ def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="new frames per generation window (default %(default)s, as `serve` and `web`)")
     p.add_argument("--size", type=int, default=128, help="avatar video size (default 128)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (default: Debian's /usr/bin/chromium)")
-    p.add_argument("--chromedriver", default="/usr/bin/chromedriver", help="its WebDriver (default /usr/bin/chromedriver)")
+    p.add_argument("--chromium", default="/usr/bin/chromium",
+                   help="the browser (default: Debian's /usr/bin/chromium)")
+    p.add_argument("--chromedriver", default="/usr/bin/chromedriver",
+                   help="its WebDriver (default /usr/bin/chromedriver)")
     p.add_argument("--out", default=RESULTS, help=f"directory for web_latency.json (default {RESULTS})")
     p.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page at the end")

@@ -239,7 +239,8 @@ class WebApp:
         if seconds > MAX_SPEECH_S:
             return _error(400, "too_long", f"the speech is {seconds:.1f} s long; at most {MAX_SPEECH_S:.0f} s")
         s.speak(pcm)
-        return web.json_response({"queued_s": round(seconds, 3), "queued_total_s": round(s.avatar.queued_speech_s(), 3)})
+        return web.json_response({"queued_s": round(seconds, 3),
+                                  "queued_total_s": round(s.avatar.queued_speech_s(), 3)})
 
     async def interrupt(self, request) -> web.Response:
         s = self._session(request)

@@ -226,6 +226,37 @@ def test_browser_talks_to_the_avatar_and_interrupts(web, chrome, media):
     _wait("the session to end", lambda: not _get(url + "stats")["sessions"], timeout=20)
 
 
+def _post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=40) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_offers_are_named_and_give_their_session_back(web):
+    _, url = web
+    assert _post(url + "offer", b"not json") == (400, {"error": 'expected JSON {"sdp": "...", "type": "offer"}',
+                                                      "code": "bad_offer"})
+    status, body = _post(url + "offer", {"sdp": "v=0 garbage", "type": "offer"})
+    assert status == 400 and body["code"] == "bad_offer" and "offer could not be answered" in body["error"]
+    assert _get(url + "stats")["sessions"] == []          # its avatar session was opened, then closed again
+    status, body = _post(url + "session/nope/say", {"text": "hi"})
+    assert status == 404 and body["code"] == "no_session"
+
+
+def test_an_unreachable_avatar_server_is_named():
+    wt = WebThread(WebApp("127.0.0.1:9", size=SIZE))       # nothing listens on the discard port
+    url = wt.start()
+    try:
+        status, body = _post(url + "offer", {"sdp": "v=0", "type": "offer"})
+        assert status == 502 and body["code"] == "unavailable" and "127.0.0.1:9" in body["error"], body
+    finally:
+        wt.stop()
+
+
 @needs_tts
 def test_offline_tts_speaks_and_names_bad_text():
     pcm = tts.synthesize("Hello there, how are you today?", AUDIO_RATE)

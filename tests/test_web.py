@@ -152,6 +152,50 @@ def test_web_command_refuses_bad_options(capsys, monkeypatch):
         assert err.startswith("echo-stream: error:") and named in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_pacer_plays_bursts_evenly_and_keeps_its_clock_on_underrun():
+    """The pacer on its own: frames of a generation window arrive together, leave one per 40 ms tick with
+    their own audio; when the next window is late the last picture is repeated with silence (pts keep
+    counting) and the playout delay grows to fit; the barcode names the frame shown."""
+    from echo_stream.live import AvatarFrame
+    from echo_stream.web.session import Pacer, SAMPLES_PER_FRAME, _tracks
+
+    video_cls, audio_cls = _tracks()
+    video, audio = video_cls(maxsize=1000), audio_cls(maxsize=2000)
+    pacer = Pacer(None, video, audio)
+    t0 = 1000.0
+    pictures = [np.full((SIZE, SIZE, 3), 10 * k, np.uint8) for k in range(25)]
+
+    def frame(i):
+        pcm = np.full(SAMPLES_PER_FRAME, (i + 1) / 100, np.float32)
+        return AvatarFrame(index=i, audio=pcm, rgb=pictures[i], speech=True, sent_at=t0 + i / 25)
+
+    for i in range(6):                                   # window 1: frames 0-5 arrive together, 0.5 s after frame 0
+        pacer.arrive(frame(i), t0 + 0.5)
+    ticks = [t0 + 0.52 + k / 25 for k in range(12)]
+    for now in ticks[:8]:
+        pacer.tick(now)
+    for i in range(6, 12):
+        pacer.arrive(frame(i), ticks[7] + 0.4)
+    for now in [ticks[7] + 0.4 + k / 25 for k in range(1, 10)]:
+        pacer.tick(now)
+    pics = [video.queue.get_nowait() for _ in range(video.queue.qsize())]
+    pcm = [audio.queue.get_nowait() for _ in range(audio.queue.qsize())]
+    assert [p.pts for p in pics] == [3600 * k for k in range(len(pics))], "video pts: one frame per tick"
+    assert [a.pts for a in pcm] == [960 * k for k in range(len(pcm))] and len(pcm) == 2 * len(pics)
+    shown = [read_barcode(p.to_ndarray(format="rgb24")) for p in pics]
+    assert shown[:6] == [0, 1, 2, 3, 4, 5], shown                # the first window, one per tick
+    distinct = [shown[0]] + [shown[k] for k in range(1, len(shown)) if shown[k] != shown[k - 1]]
+    assert distinct == list(range(12)), shown                    # every frame shown, in order
+    repeats = [k for k in range(1, len(shown)) if shown[k] == shown[k - 1]]
+    assert shown.count(5) > 1 and shown[repeats[0]] == 5, shown   # the late window: frame 5 again ...
+    for k in repeats:                                            # ... with silence
+        assert not np.abs(pcm[2 * k].to_ndarray()).any() and not np.abs(pcm[2 * k + 1].to_ndarray()).any()
+    k6 = shown.index(6)
+    assert np.allclose(pcm[2 * k6].to_ndarray() / 32767, 7 / 100, atol=1e-3)    # frame 6 with its own audio
+    assert pacer.underruns == 1 and pacer.delay > 0.5 + 0.4 - 0.05
+    assert pacer.repeats == len(repeats) and pacer.speech_sent == pacer.sent
+
+
 def test_barcode_round_trip():
     rgb = np.full((96, 96, 3), 90, np.uint8)
     for i in (0, 1, 777, 2047, 2048, 123456):

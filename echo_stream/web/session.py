@@ -136,19 +136,21 @@ class Pacer:
     async def feed(self) -> None:
         """Frames from the avatar into the playout buffer, until the session ends (re-raises its error)."""
         async for fr in self.avatar.frames():
-            if fr.gap:
-                continue
-            now = time.time()
-            late = now - fr.sent_at - (self.delay if self.delay is not None else -1.0)
-            if late > 0:              # it came after its due time: later frames wait as long as this one did
-                if self.delay is not None:
-                    self.underruns += 1
-                self.delay = min(MAX_DELAY_S, now - fr.sent_at + 0.02)
-                self._slack.clear()
-            self.buffer.append((fr, now))
-            if len(self.buffer) > MAX_BUFFER:     # (only when the delay is at its cap) the oldest goes
-                self.buffer.popleft()
-                self.dropped += 1
+            if not fr.gap:
+                self.arrive(fr, time.time())
+
+    def arrive(self, fr, now: float) -> None:
+        """Frame ``fr`` came at ``now`` (epoch s): into the playout buffer."""
+        late = now - fr.sent_at - (self.delay if self.delay is not None else -1.0)
+        if late > 0:              # it came after its due time: later frames wait as long as this one did
+            if self.delay is not None:
+                self.underruns += 1
+            self.delay = min(MAX_DELAY_S, now - fr.sent_at + 0.02)
+            self._slack.clear()
+        self.buffer.append((fr, now))
+        if len(self.buffer) > MAX_BUFFER:     # (only when the delay is at its cap) the oldest goes
+            self.buffer.popleft()
+            self.dropped += 1
 
     async def play(self) -> None:
         """The 40 ms clock: one picture and its audio per tick, on the monotonic clock."""

@@ -9,6 +9,7 @@ demo: setup
 	.venv/bin/echo-stream demo -o out/demo.mp4
 
 test: setup
+	@scripts/ensure_chromium.sh
 	.venv/bin/python -m pytest -q -ra tests
 
 bench: setup

@@ -56,6 +56,11 @@ COMMANDS = (
     ("client", "stream local files (or a test signal) to a server; save mp4 / motion",
      "Streams avatar audio (+ user video/audio, transcript) to `echo-stream serve` in real time and saves what "
      "comes back.", "serve:add_client_arguments", "serve.cli:run_client"),
+    ("web", "browser demo: talk to the avatar live over WebRTC (camera + microphone in, video + audio out)",
+     "Serves a page where the browser's webcam and microphone stream to an avatar session over WebRTC and the "
+     "avatar's video and audio come back in sync. The avatar speaks a typed sentence (offline TTS: espeak-ng, "
+     "when installed) or an uploaded audio file, and listens to you while silent. By default starts local Ray "
+     "and an in-process avatar server, as `serve` does.", "web:add_web_arguments", "web.server:run"),
 )
 
 #: the same for ``echo-stream bench WHICH``
@@ -77,11 +82,13 @@ BENCHMARKS = (
      "bench:add_memory_bench_arguments", "bench_memory"),
     ("soak", "sessions opened and closed for an hour: memory, descriptors, threads of every process", None,
      "bench:add_soak_bench_arguments", "serve.soak"),
+    ("web", "latency over WebRTC: headless Chromium talking to `web`, server-side and glass-to-glass", None,
+     "bench:add_web_bench_arguments", "web.bench"),
 )
 
 #: the commands whose help keeps its own line breaks (epilogs with examples, docstring descriptions)
-_RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client"}
-_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak"}
+_RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client", "web"}
+_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak", "web"}
 
 
 def _add_command(sub, name: str, help_: str, desc: str | None, args_fn: str, runner: str | None,

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 FPS = config.FPS
 #: longest side of the user's camera frames sent to the server (the face tracker works at this scale)
 USER_FRAME_SIDE = 320
+#: most frames of audio in one message to the server (0.4 s: 77 kB of float32 at 48 kHz, within its limits)
+MESSAGE_FRAMES = 10
 
 
 @dataclass
@@ -379,14 +381,19 @@ class LiveAvatar:
                     frames = list(self._user_frames)
                     self._user_frames.clear()
                     async with self._write_lock:
-                        for pts, y in user_audio:
-                            await s.send_user_audio(y, pts)
+                        step = MESSAGE_FRAMES * config.SAMPLE_RATE // FPS
+                        for pts, y in user_audio:         # a long push goes as several messages
+                            for k in range(0, len(y), step):
+                                await s.send_user_audio(y[k:k + step], pts + k / config.SAMPLE_RATE)
                             self.stats.user_audio_s += len(y) / config.SAMPLE_RATE
                         for pts, rgb in frames:
                             await s.send_user_frame(rgb, pts)
                             self.stats.user_frames_sent += 1
-                        await s.send_avatar_audio(np.concatenate([x.audio for x in slots]),
-                                                  sample_rate=self.sample_rate)
+                        # after a stall of the event loop the catch-up is many frames: in messages the
+                        # server's per-message limits (1 s, 256 KiB) take, whatever the rate
+                        for k in range(0, n, MESSAGE_FRAMES):
+                            await s.send_avatar_audio(np.concatenate([x.audio for x in slots[k:k + MESSAGE_FRAMES]]),
+                                                      sample_rate=self.sample_rate)
                     self._slots_sent += n
                 wake = self._t0 + (self._slots_sent - self.lead_frames) / FPS
                 await asyncio.sleep(max(0.005, wake - time.monotonic()))

@@ -3,6 +3,7 @@ audio, utterance ends and interrupts, the user's real camera and voice reach the
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,27 @@ def test_user_camera_and_voice_reach_the_session(server):
     assert stats.user_frames_sent >= 50
     assert stats.user_audio_s == pytest.approx(75 * 1920 / 48000, abs=0.1)
     assert all(f.motion is not None and f.motion.shape == (58,) and f.rgb is None for f in got)
+
+
+def test_a_stalled_event_loop_does_not_end_the_session(server):
+    """After the client's event loop stalls (a busy process), the pump's catch-up and a long microphone push go
+    in messages within the server's limits (1 s, 256 KiB each): the session carries on."""
+    _, target = server
+    voice = media.decode_audio(str(DATA / "tts" / "tts1.ogg"), sample_rate=48000)
+
+    async def main():
+        async with LiveAvatar(target, output="motion", seed=4, sample_rate=48000) as av:
+            await _collect(av, lambda g: len(g) >= 5)
+            av.push_user_audio(voice[: 48000 * 2], 48000)    # two seconds in one push
+            time.sleep(1.6)                                     # the loop stalls: ~40 frames are due at once
+            got = await _collect(av, lambda g: len(g) >= 60)
+            return got, av.error, av.stats
+
+    got, error, stats = asyncio.run(main())
+    assert error is None
+    idx = [f.index for f in got]
+    assert idx == list(range(idx[0], idx[0] + len(idx)))
+    assert stats.user_audio_s >= 1.9
 
 
 def test_fit_user_frame_bounds_and_checks():

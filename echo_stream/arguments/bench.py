@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import DEFAULT_SERVE_STRIDE
 from .serve import add_stride_arguments
 
 #: the benchmarks' JSON directory
@@ -114,3 +115,18 @@ def add_soak_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", type=float, default=15.0, help="seconds between samples (default 15)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--out", default=RESULTS, help=f"directory for soak.json / soak.png (default {RESULTS})")
+
+
+def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream bench web``."""
+    p.add_argument("--seconds", type=float, default=25.0, help="seconds the browser session runs (default 25)")
+    p.add_argument("--stride", type=int, default=DEFAULT_SERVE_STRIDE, metavar="FRAMES",
+                   help="new frames per generation window (default %(default)s, as `serve` and `web`)")
+    p.add_argument("--size", type=int, default=128, help="avatar video size (default 128)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--chromium", default="/usr/bin/chromium",
+                   help="the browser (default: Debian's /usr/bin/chromium)")
+    p.add_argument("--chromedriver", default="/usr/bin/chromedriver",
+                   help="its WebDriver (default /usr/bin/chromedriver)")
+    p.add_argument("--out", default=RESULTS, help=f"directory for web_latency.json (default {RESULTS})")
+    p.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page at the end")

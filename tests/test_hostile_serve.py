@@ -488,18 +488,11 @@ def test_memory_export_state_of_a_failed_session_is_none():
 # ------------------------------------------------------------------------------------------------ on Ray
 @pytest.fixture(scope="module")
 def ray_server():
-    ray = pytest.importorskip("ray")
-    from echo_stream.serve.backend import RayBackend
+    pytest.importorskip("ray")
+    from .served import served
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    b = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    st = ServerThread(b, ServeOptions(port=0, max_sessions=12))
-    port = st.start()
-    yield st, f"127.0.0.1:{port}"
-    st.stop()
-    b.shutdown()
-    ray.shutdown()
+    with served(SIZE, max_sessions=12) as (st, target, _):
+        yield st, target
 
 
 @pytest.mark.ray

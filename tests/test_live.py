@@ -13,10 +13,9 @@ ray = pytest.importorskip("ray")
 
 from echo_stream import config, media, motion  # noqa: E402
 from echo_stream.live import LiveAvatar, fit_user_frame  # noqa: E402
-from echo_stream.pipeline import PipelineOptions  # noqa: E402
 from echo_stream.samples import SAMPLE_PORTRAIT  # noqa: E402
-from echo_stream.serve.backend import RayBackend  # noqa: E402
-from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
+
+from .served import served  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,15 +25,8 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def server():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    backend = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    st = ServerThread(backend, ServeOptions(port=0, max_sessions=4))
-    port = st.start()
-    yield st, f"127.0.0.1:{port}"
-    st.stop()
-    backend.shutdown()
-    ray.shutdown()
+    with served(SIZE, max_sessions=4) as (st, target, _):
+        yield st, target
 
 
 def _speech(seconds: float, rate: int) -> np.ndarray:

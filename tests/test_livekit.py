@@ -10,6 +10,7 @@ room's ``track_subscribed`` event as a connected room would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -32,10 +33,9 @@ from echo_stream.integrations.livekit import (  # noqa: E402
     check_options,
 )
 from echo_stream.live import LiveAvatar  # noqa: E402
-from echo_stream.pipeline import PipelineOptions  # noqa: E402
 from echo_stream.samples import SAMPLE_PORTRAIT  # noqa: E402
-from echo_stream.serve.backend import RayBackend  # noqa: E402
-from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
+
+from .served import served  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -47,15 +47,8 @@ TTS_RATE = 16000
 
 @pytest.fixture(scope="module")
 def server():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    backend = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    st = ServerThread(backend, ServeOptions(port=0, max_sessions=4))
-    port = st.start()
-    yield f"127.0.0.1:{port}"
-    st.stop()
-    backend.shutdown()
-    ray.shutdown()
+    with served(SIZE, max_sessions=4) as (_, target, _backend):
+        yield target
 
 
 class _Publication:
@@ -301,5 +294,7 @@ def test_worker_entry_point_names_what_is_missing(tmp_path, monkeypatch, capsys)
     assert "--url and --token" in error("--portrait", str(SAMPLE_PORTRAIT))
     assert "none.jpg: file not found" in error("--url", "ws://x", "--token", "t",
                                                "--portrait", str(tmp_path / "none.jpg"))
+    handlers = list(logging.getLogger().handlers)
     assert "multiple of 25" in error("--url", "ws://x", "--token", "t", "--portrait", str(SAMPLE_PORTRAIT),
                                      "--sample-rate", "22051")
+    assert logging.getLogger().handlers == handlers    # a refused start leaves the process's logging alone

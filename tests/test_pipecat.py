@@ -31,10 +31,9 @@ from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 from echo_stream import config, media, motion  # noqa: E402
 from echo_stream.errors import InputError  # noqa: E402
 from echo_stream.integrations.pipecat import ARKitBlendshapeFrame, EchoStreamAvatar, image_to_rgb  # noqa: E402
-from echo_stream.pipeline import PipelineOptions  # noqa: E402
 from echo_stream.samples import SAMPLE_PORTRAIT  # noqa: E402
-from echo_stream.serve.backend import RayBackend  # noqa: E402
-from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
+
+from .served import served  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -47,15 +46,8 @@ FRAME_NS = 1_000_000_000 // config.FPS
 
 @pytest.fixture(scope="module")
 def server():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    backend = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    st = ServerThread(backend, ServeOptions(port=0, max_sessions=4))
-    port = st.start()
-    yield f"127.0.0.1:{port}"
-    st.stop()
-    backend.shutdown()
-    ray.shutdown()
+    with served(SIZE, max_sessions=4) as (_, target, _backend):
+        yield target
 
 
 def _tts_frames(seconds: float, name: str = "tts0.ogg", chunk_s: float = 0.02) -> tuple[list, np.ndarray]:

@@ -18,16 +18,14 @@ import pytest
 
 from echo_stream import cli, config, media, motion
 from echo_stream.generate import GenerateRequest, generate
-from echo_stream.pipeline import PipelineOptions
 from echo_stream.protos import echo_stream_pb2 as pb
 
 from . import mediagen
+from .served import ray_backend, server_thread
 
 ray = pytest.importorskip("ray")
 
-from echo_stream.serve.backend import RayBackend  # noqa: E402
 from echo_stream.serve.client import AvatarClient, Inputs, stream_inputs  # noqa: E402
-from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,20 +35,14 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def backend():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    b = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    yield b
-    b.shutdown()
-    ray.shutdown()
+    with ray_backend(SIZE) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")
 def server(backend):
-    st = ServerThread(backend, ServeOptions(port=0, max_sessions=6))
-    port = st.start()
-    yield st, f"127.0.0.1:{port}"
-    st.stop()
+    with server_thread(backend, max_sessions=6) as (st, target):
+        yield st, target
 
 
 def _portrait() -> bytes:

@@ -15,14 +15,14 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("aiortc")
 pytest.importorskip("selenium")
 
-from echo_stream.pipeline import PipelineOptions  # noqa: E402
-from echo_stream.serve.backend import RayBackend  # noqa: E402
 from echo_stream.serve.server import ServeOptions, ServerThread  # noqa: E402
 from echo_stream.web import browser  # noqa: E402
 from echo_stream.web.app import WebApp  # noqa: E402
 from echo_stream.web.server import WebThread  # noqa: E402
 from echo_stream.web import tts  # noqa: E402
 from echo_stream.web.session import AUDIO_RATE, read_barcode, stamp_barcode  # noqa: E402
+
+from .served import ray_backend  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,12 +35,8 @@ needs_tts = pytest.mark.skipif(tts.find_tts() is None, reason="no espeak-ng (scr
 
 @pytest.fixture(scope="module")
 def backend():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
-             logging_level="ERROR", log_to_driver=False)
-    b = RayBackend.start(PipelineOptions(size=(SIZE, SIZE)), max_restarts=-1)
-    yield b
-    b.shutdown()
-    ray.shutdown()
+    with ray_backend(SIZE) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

@@ -417,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     portrait = Path(a.portrait)
     if not portrait.is_file():
         ap.error(f"--portrait {portrait}: file not found")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         avatar = LiveAvatar(a.server, token=a.server_token, portrait=portrait.read_bytes(), size=a.size,
                             sample_rate=a.sample_rate)
     except InputError as e:
         ap.error(str(e))
+    # logging is configured only once the arguments are known good: an error above leaves the process's
+    # logging as it was (the worker's INFO lines on a stream that may be gone would slow everything after)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(run_avatar_worker(a.url, a.token, avatar, user_identity=a.user))
     return 0
 

@@ -15,7 +15,8 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 
-def _read(path: str | None, what: str) -> bytes | None:
+def read_input_file(path: str | None, what: str) -> bytes | None:
+    """The bytes of a file named on the command line (None for no path); InputError naming it if unreadable."""
     if not path:
         return None
     try:
@@ -45,7 +46,7 @@ def run_serve(args) -> int:
     from .server import ServeOptions
     opts = ServeOptions.for_model(args.config, stride=args.stride or None, motion_stride=args.motion_stride or None,
                                   host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
-                        tls_cert=_read(args.tls_cert, "TLS certificate"), tls_key=_read(args.tls_key, "TLS key"),
+                        tls_cert=read_input_file(args.tls_cert, "TLS certificate"), tls_key=read_input_file(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
@@ -85,11 +86,11 @@ def run_client(args) -> int:
     from ..samples import SAMPLE_PORTRAIT
     from .client import AvatarClient, Inputs, stream_inputs, test_signal
 
-    token = args.token or (_read(args.token_file, "token file") or b"").decode().strip() or \
+    token = args.token or (read_input_file(args.token_file, "token file") or b"").decode().strip() or \
         os.environ.get("ECHO_STREAM_TOKEN")
     output = args.output or ("both" if args.out else "motion")
     if output in ("video", "both") and not args.avatar_id:
-        portrait = _read(args.portrait or str(SAMPLE_PORTRAIT), "portrait")
+        portrait = read_input_file(args.portrait or str(SAMPLE_PORTRAIT), "portrait")
     else:
         portrait = None
     if args.out is None and args.motion_out is None:
@@ -101,7 +102,7 @@ def run_client(args) -> int:
                                 transcript=args.transcript)
 
     async def main():
-        async with AvatarClient(args.target, token=token, tls_ca=_read(args.tls_ca, "CA certificate"),
+        async with AvatarClient(args.target, token=token, tls_ca=read_input_file(args.tls_ca, "CA certificate"),
                                 tls=args.tls) as c:
             return await stream_inputs(c, inp, portrait=portrait, avatar_id=args.avatar_id, output=output,
                                        size=args.size, seed=args.seed, realtime=not args.fast,

@@ -16,6 +16,7 @@ import sys
 import threading
 
 from ..errors import InputError
+from ..serve.cli import read_input_file
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,6 @@ def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as e:
         raise InputError(f"{cert} / {key}", f"cannot load the TLS certificate and key ({e})") from None
     return ctx
-
-
-def _portrait(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InputError(path, f"cannot read the portrait ({e.strerror or e})") from None
 
 
 async def serve_app(webapp, host: str, port: int, ssl_context=None):
@@ -73,7 +64,7 @@ def run(args) -> int:
         if not sep or not host or not port.isdigit():
             raise InputError("--server", f"expected HOST:PORT, got {args.server!r}")
     ssl_context = _tls_context(args.tls_cert, args.tls_key)
-    portrait = _portrait(args.portrait)
+    portrait = read_input_file(args.portrait, "portrait")
     token = args.token or os.environ.get("ECHO_STREAM_TOKEN") or None
     return asyncio.run(_main(args, tokens, token, portrait, ssl_context))
 

@@ -1,0 +1,51 @@
+"""The stage actors on a local Ray, and a gRPC server on them, as the Ray-backed serving tests use them.
+
+Each test module holds its own (module-scoped fixtures): modules that start Ray differently (clusters,
+preprocessing) run between them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from echo_stream.pipeline import PipelineOptions
+
+SIZE = 96
+
+
+@contextlib.contextmanager
+def ray_backend(size: int = SIZE):
+    """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px."""
+    import ray
+
+    from echo_stream.serve.backend import RayBackend
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
+             logging_level="ERROR", log_to_driver=False)
+    try:
+        backend = RayBackend.start(PipelineOptions(size=(size, size)), max_restarts=-1)
+        try:
+            yield backend
+        finally:
+            backend.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def server_thread(backend, **opts):
+    """An AvatarServer on ``backend`` in a background thread: yields ``(ServerThread, "127.0.0.1:PORT")``."""
+    from echo_stream.serve.server import ServeOptions, ServerThread
+
+    st = ServerThread(backend, ServeOptions(port=0, **opts))
+    port = st.start()
+    try:
+        yield st, f"127.0.0.1:{port}"
+    finally:
+        st.stop()
+
+
+@contextlib.contextmanager
+def served(size: int = SIZE, **opts):
+    """Both: yields ``(ServerThread, target, backend)``."""
+    with ray_backend(size) as backend, server_thread(backend, **opts) as (st, target):
+        yield st, target, backend

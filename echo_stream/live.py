@@ -111,16 +111,15 @@ class _Resampler:
     def __init__(self, rate: int, to: int):
         import av
 
+        self._av = av
         self.rate, self.to = rate, to
         self._r = av.AudioResampler(format="flt", layout="mono", rate=to)
         self._pts = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import av
-
         if self.rate == self.to:
             return x
-        frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="flt", layout="mono")
+        frame = self._av.AudioFrame.from_ndarray(x.reshape(1, -1), format="flt", layout="mono")
         frame.sample_rate = self.rate
         frame.pts = self._pts
         self._pts += len(x)
@@ -172,7 +171,6 @@ class LiveAvatar:
         self._utterance = 0                       # id of the current utterance; 0: none open
         self._utterance_open = False
         self._utterance_ids = 0
-        self._ended_utterances: set[int] = set()  # utterances whose last audio is queued
         self._user_audio: list = []               # (pts, samples at 16 kHz)
         self._user_frames: deque = deque(maxlen=2 * tick_frames)   # camera frames not yet sent: (pts, rgb)
         self._user_audio_end = 0.0                # session time where the user audio sent so far ends
@@ -268,7 +266,6 @@ class LiveAvatar:
         if not self._utterance_open:
             return None
         self._utterance_open = False
-        self._ended_utterances.add(self._utterance)
         self._speech.append((np.zeros(0, np.float32), self._utterance))   # marks the end in the queue
         return self._utterance
 
@@ -311,9 +308,7 @@ class LiveAvatar:
         """Stop speaking now: queued speech is dropped here and every buffered window on the server."""
         self._speech.clear()
         self._speech_pending = np.zeros(0, np.float32)
-        if self._utterance_open:
-            self._utterance_open = False
-            self._ended_utterances.add(self._utterance)
+        self._utterance_open = False
         queued = []                                # frames received but not yet taken: their speech is void
         while not self._out.empty():               # (muted, kept: the picture goes on without a jump)
             queued.append(self._out.get_nowait())

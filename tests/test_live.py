@@ -81,7 +81,8 @@ def test_speech_comes_back_paired_with_its_frames(server):
     speaking = np.std([f.motion[jaw] for f in spoken])
     listening = np.std([f.motion[jaw] for f in got[got.index(spoken[-1]) + 8:]] or [0.0])
     assert speaking > 2 * listening, (speaking, listening)
-    assert all(0 < f.latency_s < 5 for f in got)
+    assert all(f.latency_s > 0 for f in got)                   # measured, not bounded here (bench web)
+    assert [f.sent_at for f in got] == sorted(f.sent_at for f in got)
 
 
 def test_interrupt_stops_speech_within_a_window(server):

@@ -123,7 +123,8 @@ def test_speech_frames_at_25_fps_and_segment_end_after_its_last_frame(server):
 
     async def main():
         room = StandInRoom()
-        session = EchoStreamAvatarSession(_avatar(server), listen=False)
+        avatar = _avatar(server)
+        session = EchoStreamAvatarSession(avatar, listen=False)
         handle = await session.start(None, room)
         pushed = _spy(handle.runner)
         out = session.audio_output
@@ -139,9 +140,10 @@ def test_speech_frames_at_25_fps_and_segment_end_after_its_last_frame(server):
         ev = await asyncio.wait_for(out.wait_for_playout(), 30)
         await asyncio.sleep(0.4)
         await session.aclose()
-        return room, pushed, events, ev
+        frames_seen = avatar.stats.frames
+        return room, pushed, events, ev, frames_seen
 
-    room, pushed, events, ev = asyncio.run(main())
+    room, pushed, events, ev, frames_seen = asyncio.run(main())
     frames = [f for _, f in pushed]
     audio = [f for f in frames if isinstance(f, rtc.AudioFrame)]
     video = [(t, f) for t, f in pushed if isinstance(f, rtc.VideoFrame)]
@@ -154,6 +156,7 @@ def test_speech_frames_at_25_fps_and_segment_end_after_its_last_frame(server):
         if isinstance(f, rtc.AudioFrame):
             assert isinstance(frames[i - 1], rtc.VideoFrame)
     assert len(video) > len(audio) + 10
+    assert len(video) <= frames_seen                    # no picture made up beyond the avatar's timeline
     t = [x for x, _ in video[5:]]
     assert 23 <= (len(t) - 1) / (t[-1] - t[0]) <= 27
     # the agent hears: playback started, then finished (not interrupted) after the segment's very last frame

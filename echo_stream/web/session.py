@@ -29,6 +29,7 @@ from fractions import Fraction
 import numpy as np
 
 from .. import config
+from ..live import USER_FRAME_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Pacer:
         self.buffer: deque = deque()        # (frame, arrival time.time())
         self.delay: float | None = None     # playout delay after sent_at (s)
         self.out = None                     # the next output frame number (pts / 3600)
-        self.last_rgb = None
+        self.last_rgb = None                # the last picture, its barcode stamped
         self.last_index = -1
         self.sent = 0                       # frames played (new pictures)
         self.repeats = 0                    # ticks with no frame due: last picture again + silence
@@ -177,14 +178,14 @@ class Pacer:
             return
         if self.out is None:
             self.out = fr.index
-        if fr is not None and fr.rgb is not None:
-            self.last_rgb, self.last_index = fr.rgb, fr.index
+        if fr is not None and fr.rgb is not None:   # stamped once per picture (a repeat reuses it)
+            self.last_rgb, self.last_index = stamp_barcode(fr.rgb, fr.index), fr.index
         self.emit(fr, now)
 
     def emit(self, fr, now: float) -> None:
         import av
 
-        picture = av.VideoFrame.from_ndarray(stamp_barcode(self.last_rgb, self.last_index), format="rgb24")
+        picture = av.VideoFrame.from_ndarray(self.last_rgb, format="rgb24")
         picture.pts, picture.time_base = self.out * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
         self.video.put(picture)
         pcm = self.silence if fr is None else fr.audio
@@ -314,11 +315,11 @@ class WebSession:
             if track.kind == "video":
                 self.user_video_frames += 1
                 now = time.monotonic()
-                if now - last < 1 / FPS:          # the avatar sends the newest frame per tick: skip the rest
+                if now - last < 1 / FPS:          # at most the avatar's 25 fps
                     continue
                 last = now
-                w, h = frame.width, frame.height
-                k = max(1, -(-max(w, h) // 320))
+                w, h = frame.width, frame.height  # scaled by PyAV here (fit_user_frame would only stride)
+                k = max(1, -(-max(w, h) // USER_FRAME_SIDE))
                 rgb = frame.reformat(width=(w // k) & ~1, height=(h // k) & ~1, format="rgb24").to_ndarray()
                 self.avatar.push_user_frame(rgb)
             else:

@@ -69,6 +69,10 @@ class ModelConfig:
     #: waiting for the denoiser to ask for them. 0 = off (the default: at 0.5 the default recipe's nods were no
     #: better after 480 stage-2 steps; see the README)
     user_aux_weight: float = 0.0
+    #: listener reactions (``model/reactions.py``): a head that learns *when* to nod / raise the brows from
+    #: the user's features, with gesture templates measured on the training motion (``train --stage
+    #: reactions``; until then the head never fires). Configs written before this field existed load without it.
+    reactions: bool = False
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4
     transcript_dim: int = 64      # hashed n-gram transcript embedding size
@@ -131,12 +135,12 @@ class ModelConfig:
 
 CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(text_trace_decays=(0.9, 0.998), user_history_frames=20, user_dilations=(1, 2, 4, 8),
-                        user_frame_bias=True),
+                        user_frame_bias=True, reactions=True),
     "base": ModelConfig(
         name="base", d_model=512, n_layers=12, n_heads=8, head_dim=64, ff_mult=4,
         region_tokens=(2, 2, 1, 1, 2), window_frames=25, overlap_frames=5,
         memory_slots=32, memory_summary_tokens=8, transcript_dim=128, text_trace_decays=(0.9, 0.998),
-        user_history_frames=25, user_dilations=(1, 2, 4, 8), user_frame_bias=True,
+        user_history_frames=25, user_dilations=(1, 2, 4, 8), user_frame_bias=True, reactions=True,
     ),
 }
 

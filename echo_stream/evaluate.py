@@ -59,12 +59,13 @@ SMILE = [motion.CHANNEL_INDEX["mouthSmileLeft"], motion.CHANNEL_INDEX["mouthSmil
 
 def rollout(model, feats: dict, transcript: list[Segment] = (), seed: int = 0, use_memory: bool = True,
             chunk_frames: int = 8, stride: int | None = None, blinks: bool = True,
-            user_guidance: float = 1.0) -> np.ndarray:
+            user_guidance: float = 1.0, reactions: bool = True) -> np.ndarray:
     """Motion (T, 58) for per-frame features, streamed through the memory and diffusion stage cores
-    (``blinks=False``: without the spontaneous blinks generation adds, the model's own output)."""
+    (``blinks=False``: without the spontaneous blinks generation adds, ``reactions=False``: without the
+    reaction head's gestures; both off: the diffusion model's own output)."""
     T = len(feats["avatar_audio"])
     ms = MemoryStage(model=model, use_memory=use_memory, stride=stride)
-    ds = DiffusionStage(model=model, stride=stride, blinks=blinks, user_guidance=user_guidance)
+    ds = DiffusionStage(model=model, stride=stride, blinks=blinks, user_guidance=user_guidance, reactions=reactions)
     call = local_call({"memory": ms, "diffusion": ds})   # the pipeline's chain, from the features on, to motion
     sid = "eval"
     ds.set_seed(sid, seed)

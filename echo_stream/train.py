@@ -852,6 +852,8 @@ def run(args) -> int:
     elif not (shards / "dataset.json").is_file():
         raise InputError(str(shards), "no dataset.json: pass --shards DIR (written shards) or --corpus DIR")
     t = time.perf_counter()
+    if args.stage == "reactions":
+        return _run_reactions(args, shards, out, progress)
     final = train(shards, out, config=args.config, stage=args.stage, steps=args.steps, batch_size=args.batch_size,
                   lr=args.lr, seed=args.seed, resume=args.resume, init_from=args.init_from,
                   checkpoint_every=args.checkpoint_every, progress=progress,
@@ -861,6 +863,28 @@ def run(args) -> int:
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
     print(f"final checkpoint: {final} ({size / 1e6:.1f} MB) after {(time.perf_counter() - t) / 60:.1f} min; "
           f"losses in {out / LOSS_CSV} and {out / LOSS_PNG}", file=sys.stderr)
+    if args.export:
+        dest = default_checkpoint_path() if args.export == "default" else Path(args.export)
+        print(f"exported to {dest}", file=sys.stderr)
+    return 0
+
+
+def _run_reactions(args, shards: Path, out: Path, progress: bool) -> int:
+    from .train_reactions import train_reactions
+
+    if not args.init_from:
+        raise InputError("--stage reactions", "needs the trained model to add the head to: pass --init-from "
+                         "CHECKPOINT (e.g. OUT/final)")
+    steps = (args.steps or [1500])[-1]
+    bs = (args.batch_size or [16])[-1]
+    lr = (args.lr or [2e-3])[-1]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    final = train_reactions(shards, out, args.init_from, steps=steps, batch_size=bs, lr=lr, seed=args.seed,
+                            export=args.export, progress=progress)
+    print(f"final checkpoint with the reaction head: {final} after {(time.perf_counter() - t) / 60:.1f} min; "
+          f"figures in {final.parent / 'reactions.json'}", file=sys.stderr)
     if args.export:
         dest = default_checkpoint_path() if args.export == "default" else Path(args.export)
         print(f"exported to {dest}", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The default checkpoint's recipe, end to end, on 2 CPU cores (~50 min; README "The model and its default
+# The default checkpoint's recipe, end to end, on 2 CPU cores (~55 min; README "The model and its default
 # checkpoint"). Writes runs/{corpus,shards,train,ablation}, exports the default checkpoint and writes
-# bench/results/eval/. Each step resumes or skips what is already there.
+# bench/results/eval/. Each step resumes or skips what is already there (the reaction stages start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ES=${ES:-.venv/bin/echo-stream}
@@ -17,7 +17,7 @@ say "stage 1"
 s1=$(ls -d "$OUT"/train/stage1/step-* | sort | tail -1)
 # stage 2 of the model and of the entangled ablation side by side, one core each, from the same stage-1 weights
 $ES train --shards "$OUT/shards" --out "$OUT/train" --stage 2 --config tiny --threads 1 \
-    --quiet --export default > "$OUT/stage2.log" 2>&1 &
+    --quiet > "$OUT/stage2.log" 2>&1 &
 p1=$!
 $ES train --shards "$OUT/shards" --out "$OUT/ablation" --stage 2 --config tiny-entangled --init-from "$s1" \
     --threads 1 --quiet > "$OUT/ablation.log" 2>&1 &
@@ -25,5 +25,16 @@ p2=$!
 wait $p1
 wait $p2
 say "stage 2 + ablation"
-$ES eval --corpus "$OUT/corpus" --ablation "$OUT/ablation/final" --out bench/results/eval --quiet > "$OUT/eval.log"
+# the listener-reaction head (model/reactions.py) of both, the same recipe, everything else frozen
+$ES train --shards "$OUT/shards" --out "$OUT/train" --stage reactions --init-from "$OUT/train/final" \
+    --threads 1 --quiet --export default > "$OUT/reactions.log" 2>&1 &
+p1=$!
+$ES train --shards "$OUT/shards" --out "$OUT/ablation" --stage reactions --init-from "$OUT/ablation/final" \
+    --threads 1 --quiet > "$OUT/ablation_reactions.log" 2>&1 &
+p2=$!
+wait $p1
+wait $p2
+say "reaction heads"
+$ES eval --corpus "$OUT/corpus" --ablation "$OUT/ablation/reactions/final" --out bench/results/eval --quiet \
+    > "$OUT/eval.log"
 say "eval"

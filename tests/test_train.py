@@ -421,3 +421,26 @@ def test_audio_augmentation_is_a_level_and_tilt_change(shards):
     assert not np.allclose(d, 0)
     assert np.allclose(d[..., 81:], 0)                            # f0 and voicing untouched
     assert np.array_equal(b["motion"].numpy(), plain["motion"].numpy())
+
+
+def test_reaction_stage_adds_a_trained_head_and_changes_nothing_else(trained, shards, tmp_path):
+    _, final, _ = trained
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--shards", str(shards[0]), "--out", str(tmp_path / "r"), "--stage", "reactions",
+                              "--init-from", str(final), "--steps", "20", "--batch-size", "2", "--quiet",
+                              "--threads", "1", "--export", str(tmp_path / "exported")])
+    assert run(args) == 0
+    base, got = load_checkpoint(final), load_checkpoint(tmp_path / "r" / "reactions" / "final")
+    assert got.cfg.reactions
+    assert float(got.reactions.trained) == 1.0 and (base.reactions is None or float(base.reactions.trained) == 0.0)
+    for k, v in base.state_dict().items():
+        if not k.startswith("reactions."):
+            assert torch.equal(v, got.state_dict()[k]), k
+    exported = load_checkpoint(tmp_path / "exported")
+    assert torch.equal(exported.reactions.out.weight, got.reactions.out.weight)
+    summary = json.loads((tmp_path / "r" / "reactions" / "reactions.json").read_text())
+    assert set(summary["train_onsets"]) == {"nod", "micro_nod", "brow_raise", "brow_flash"}
+    assert len(summary["loss_every_50"]) == 1 and summary["validation"]["bce"] > 0
+    with pytest.raises(InputError, match="--init-from"):
+        run(parser.parse_args(["--shards", str(shards[0]), "--out", str(tmp_path / "x"), "--stage", "reactions"]))

@@ -46,7 +46,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "  # your own data: a manifest.jsonl (see echo_stream/dataset.py) -> shards -> training\n"
         "  echo-stream train --corpus my_corpus/ --out runs/mine --time-budget 2h\n"
         "  # shards already written; stage 2 only, from a stage-1 checkpoint\n"
-        "  echo-stream train --shards runs/mine/shards --stage 2 --init-from runs/mine/stage1/step-0002400\n")
+        "  echo-stream train --shards runs/mine/shards --stage 2 --init-from runs/mine/stage1/step-0002400\n"
+        "  # the listener-reaction head (when to nod / raise the brows) on a trained model (~3 min):\n"
+        "  echo-stream train --shards runs/mine/shards --stage reactions --init-from runs/mine/final "
+        "--out runs/mine\n")
     src = p.add_argument_group("data")
     src.add_argument("--shards", metavar="DIR",
                      help="training shards (a directory with dataset.json); default OUT/shards")
@@ -65,7 +68,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", metavar="DIR", default="out/train", help="output directory (default out/train)")
     p.add_argument("--config", metavar="NAME|PATH", default=None,
                    help="model config for a new model: tiny (default) or base or a JSON file")
-    p.add_argument("--stage", choices=("1", "2", "both"), default="both", help="which stage(s) to train")
+    p.add_argument("--stage", choices=("1", "2", "both", "reactions"), default="both",
+                   help="which stage(s) to train; 'reactions': only the listener-reaction head of the "
+                        "--init-from model (echo_stream/model/reactions.py), everything else frozen")
     p.add_argument("--steps", type=ints, metavar="S[,S2]",
                    help=f"training steps (one value for both stages, or stage1,stage2; default "
                         f"{d1.steps},{d2.steps})")

@@ -41,6 +41,7 @@ from ..config import CONFIGS, ModelConfig, get_config
 from .denoiser import SDCMDenoiser
 from .encoders import AudioEncoder, HashedTranscriptEncoder, TranscriptEncoder, UserEncoder
 from .lcu import ContextMemory, MemoryState, TextTrace
+from .reactions import ReactionHead
 from .sampler import make_noise, sample_window
 
 FUSIONS = ("sdcm", "entangled")
@@ -113,6 +114,8 @@ class EchoModel(nn.Module):
         self.text_trace = TextTrace(cfg) if cfg.text_traces else None
         #: training-only head of the auxiliary user loss (cfg.user_aux_weight; not used to generate)
         self.user_aux = nn.Linear(cfg.d_model, cfg.motion_dim) if cfg.user_aux_weight > 0 else None
+        #: listener reactions: onset probabilities from the user's features (``model/reactions.py``)
+        self.reactions = ReactionHead(cfg) if cfg.reactions else None
 
     # ------------------------------------------------------------------ utils
 

@@ -12,6 +12,11 @@ Spontaneous blinks (:mod:`echo_stream.blinks`) are added to each window's frames
 (``max`` with the model's ``eyeBlink``) before they become the next window's
 known frames; they follow the session seed, so they are as deterministic as the
 sampling. ``blinks=False`` gives the model's own output.
+
+A model with a listener-reaction head (``cfg.reactions``, :mod:`echo_stream.model.reactions`) gives each
+window's new frames onset probabilities from the user's features; a per-session
+:class:`~echo_stream.model.reactions.ReactionTrack` draws nods and brow raises from them (keyed by the
+session seed and the frame) and adds their gestures, before the blinks. ``reactions=False`` leaves them out.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from .. import motion, schemas
 from ..blinks import BlinkTrack
 from ..model import EchoModel, window_seed
+from ..model.reactions import ReactionTrack
 from . import Packet, Stage
 from .memory import window_arrays, window_geometry
 
@@ -34,6 +40,8 @@ class _SessionMotion:
     seed: int
     seq: int = 0
     blinks: BlinkTrack | None = None
+    reactions: ReactionTrack | None = None
+    head_raw: np.ndarray | None = None    # (r, 6) the model's last head poses before smoothing
 
 
 def session_seed(session_id: str, seed: int | None) -> int:
@@ -43,14 +51,50 @@ def session_seed(session_id: str, seed: int | None) -> int:
     return zlib.crc32(session_id.encode()) & 0x7FFFFFFF
 
 
+#: default sigma (frames) of the head-pose smoothing: the 4-step sampler leaves the head pose jittery above
+#: 4 Hz (10-300x the ground truth's power there, 2.7x its mean acceleration; README). A 3-frame Gaussian
+#: (120 ms) removes it: gain 0.75 at 1 Hz, 0.32 at 2 Hz, < 0.01 above 4 Hz. The nods of the reaction
+#: track are added after it, at full size.
+HEAD_SMOOTHING = 3.0
+_HEAD = motion.REGION_SLICES["head"]
+
+
+def smooth_head(new: np.ndarray, raw_before: np.ndarray | None, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """``new`` (S, C) with its head-pose channels smoothed by a Gaussian of ``sigma`` frames, without latency.
+
+    A frame's kernel spans the model's earlier raw head poses (``raw_before``, kept per session) and this
+    window's frames; past this window's last frame it is cut (and renormalised): the window's frames
+    are all there is, so nothing waits for the next one. Returns the smoothed window and the raw head
+    poses to keep for the next one.
+    """
+    r = int(np.ceil(3 * sigma))
+    raw = np.asarray(new[:, _HEAD], np.float64)
+    hist = np.zeros((0, raw.shape[1])) if raw_before is None else np.asarray(raw_before, np.float64)
+    x = np.concatenate([hist, raw])
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    out = np.array(new, copy=True)
+    h = len(hist)
+    for i in range(len(raw)):
+        c = h + i
+        a, b = max(0, c - r), min(len(x), c + r + 1)
+        w = k[a - c + r: b - c + r]
+        out[i, _HEAD] = (w @ x[a:b]) / w.sum()
+    return out, x[-r:].astype(np.float32)
+
+
 class DiffusionStage(Stage):
     name = "diffusion"
     resources = {"num_cpus": 0.5}
     input_contracts = (schemas.FEATURES, schemas.MEMORY_TOKENS)
 
     def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu",
-                 stride: int | None = None, blinks: bool = True, user_guidance: float = 1.0) -> None:
+                 stride: int | None = None, blinks: bool = True, user_guidance: float = 1.0,
+                 reactions: bool = True, head_smoothing: float = HEAD_SMOOTHING) -> None:
         super().__init__()
+        #: sigma (frames) of the Gaussian that smooths the model's head pose (0 = off; see :func:`smooth_head`)
+        self.head_smoothing = head_smoothing
+        #: add the listener reactions of a model with a reaction head (see the module docstring)
+        self.reactions = reactions
         #: guidance on the user branch (``EchoModel.sample``); 1 = none (the default)
         self.user_guidance = user_guidance
         #: add spontaneous blinks (see the module docstring)
@@ -121,7 +165,7 @@ class DiffusionStage(Stage):
         if isinstance(packets, Packet):
             packets = [packets]
         work = [p for p in packets if p.get(schemas.MEMORY_TOKENS) is not None]
-        results: dict[int, np.ndarray] = {}
+        results: dict[int, tuple] = {}
         if work:
             for p in work:
                 self.check_input(p)
@@ -131,9 +175,17 @@ class DiffusionStage(Stage):
             sid = p.session_id
             q = Packet(sid, end=p.end, meta=dict(p.meta))
             if id(p) in results:
-                new = results[id(p)]
+                new, probs = results[id(p)]
                 s = self._session(sid)
                 t0 = int(p.meta["t0"])
+                if self.head_smoothing > 0:
+                    new, s.head_raw = smooth_head(new, s.head_raw, self.head_smoothing)
+                if probs is not None:
+                    if s.reactions is None:
+                        head = self.model.reactions
+                        s.reactions = ReactionTrack(s.seed, head.templates.cpu().numpy(), head.gain_std.cpu().numpy())
+                    s.reactions.step(probs, t0)
+                    new = s.reactions.apply(new, t0)
                 if self.blinks:
                     if s.blinks is None:
                         s.blinks = BlinkTrack(s.seed)
@@ -153,7 +205,7 @@ class DiffusionStage(Stage):
                 self.close_session(sid)
         return out
 
-    def _sample(self, packets: list[Packet]) -> list[np.ndarray]:
+    def _sample(self, packets: list[Packet]) -> list[tuple]:
         """One model call per distinct K' among the packets (sessions may run different strides)."""
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(packets):
@@ -164,7 +216,8 @@ class DiffusionStage(Stage):
                 out[i] = o
         return out
 
-    def _sample_group(self, packets: list[Packet], k: int) -> list[np.ndarray]:
+    def _sample_group(self, packets: list[Packet], k: int) -> list[tuple]:
+        """``(motion (S, C), reaction onset probabilities (S, kinds) or None)`` per packet."""
         m = self.model
         cfg = m.cfg
         arrays = [window_arrays(p, cfg) for p in packets]
@@ -183,20 +236,32 @@ class DiffusionStage(Stage):
                 seeds=[window_seed(s.seed, int(p.meta["window"])) for s, p in zip(sessions, packets)],
                 user_guidance=self.user_guidance,
             )
+            probs = None
+            if self.reactions and m.reactions is not None and float(m.reactions.trained) > 0.5:
+                # the window's new frames are the last S of the user rows (they end at the window's end)
+                probs = m.reactions.probabilities(stack("user_audio"), stack("user_video"), stack("user_blend"),
+                                                  stack("user_present"))[:, -out.shape[1]:].cpu().numpy()
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-        return [o.astype(np.float32) for o in out]
+        return [(o.astype(np.float32), None if probs is None else probs[i]) for i, o in enumerate(out)]
 
     def export_state(self, session_id: str) -> dict:
         s = self._session(session_id)
-        return {"prev": s.prev.copy(), "seed": s.seed, "seq": s.seq}
+        st = {"prev": s.prev.copy(), "seed": s.seed, "seq": s.seq}
+        if s.reactions is not None:
+            st["reactions"] = s.reactions.state()
+        return st
 
     def import_state(self, session_id: str, state: dict) -> None:
         """Restore a session's previous motion (``prev``); ``seed`` / ``seq`` default to the session's own."""
         seed = state.get("seed")
         if seed is None:
             seed = self._seeds.get(session_id, session_seed(session_id, None))
-        self._sessions[session_id] = _SessionMotion(np.asarray(state["prev"], np.float32), int(seed),
-                                                    int(state.get("seq", 0)))
+        s = self._sessions[session_id] = _SessionMotion(np.asarray(state["prev"], np.float32), int(seed),
+                                                        int(state.get("seq", 0)))
+        if state.get("reactions") is not None and self.model.reactions is not None:
+            head = self.model.reactions
+            s.reactions = ReactionTrack(s.seed, head.templates.cpu().numpy(), head.gain_std.cpu().numpy())
+            s.reactions.restore(state["reactions"])
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

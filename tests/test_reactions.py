@@ -1,0 +1,227 @@
+"""Listener reactions (echo_stream/model/reactions.py): onset detection, the head, the per-session track,
+and the diffusion stage adding them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from echo_stream import motion, schemas
+from echo_stream.config import CONFIGS
+from echo_stream.corpus import listener
+from echo_stream.corpus.idle import _bump
+from echo_stream.model import EchoModel
+from echo_stream.model import reactions as R
+
+FPS = motion.FPS
+PITCH = motion.CHANNEL_INDEX["headPitch"]
+
+
+def _track(seconds=60.0, nods=(), micro=(), raises=(), flashes=(), seed=0):
+    """Slow random head motion and brows (as idle faces move) with the corpus's own gestures at known times."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * FPS)
+    t = np.arange(n) / FPS
+    m = np.tile(motion.neutral_motion(1), (n, 1)).astype(np.float64)
+    for ch, amp in ((PITCH, 0.02), (motion.CHANNEL_INDEX["browOuterUpLeft"], 0.03)):   # below 0.5 Hz
+        slow = np.convolve(rng.standard_normal(n + 200), np.hanning(100) / np.hanning(100).sum(), "same")[100:100 + n]
+        m[:, ch] += amp * slow / (slow.std() + 1e-9)
+    m[:, motion.CHANNEL_INDEX["browOuterUpRight"]] = m[:, motion.CHANNEL_INDEX["browOuterUpLeft"]]
+    for t0 in nods:
+        tau = t - t0
+        sel = (tau >= 0) & (tau <= 0.7)
+        m[sel, PITCH] += 0.06 * listener._nod_shape(tau[sel], 0.7, 2.0)
+    for t0 in micro:
+        tau = t - t0
+        sel = (tau >= 0) & (tau <= 0.42)
+        m[sel, PITCH] += 0.02 * np.sin(np.pi * tau[sel] / 0.42) ** 2
+    am = np.zeros((n, motion.NUM_CHANNELS))
+    for t0 in raises:
+        listener._brow(am, t, t0, 0.8, 0.3)
+    for t0 in flashes:
+        listener._brow(am, t, t0, 0.7, 0.12)
+    return (m + am).astype(np.float32)
+
+
+def _close(found, truth, tol=2):
+    return len(found) == len(truth) and all(abs(int(f) - round(x * FPS)) <= tol for f, x in zip(found, truth))
+
+
+def test_detects_each_kind_at_its_onset_and_nothing_in_idle_motion():
+    nods, micro, raises, flashes = (3.0, 11.2, 20.4, 33.0), (7.1, 15.5, 41.0), (25.0, 47.3), (29.0, 52.2)
+    on = R.detect_onsets(_track(nods=nods, micro=micro, raises=raises, flashes=flashes))
+    assert _close(on["nod"], nods), on["nod"]
+    assert _close(on["micro_nod"], micro), on["micro_nod"]
+    assert _close(on["brow_raise"], raises), on["brow_raise"]
+    assert _close(on["brow_flash"], flashes), on["brow_flash"]
+    idle = R.detect_onsets(_track(seed=3))
+    assert sum(len(v) for v in idle.values()) == 0, idle
+
+
+def test_templates_are_the_event_triggered_mean_without_the_lips():
+    nods = tuple(np.arange(2.0, 58.0, 3.0))
+    m = _track(nods=nods)
+    m[:, motion.CHANNEL_INDEX["jawOpen"]] += 0.3 * np.sin(np.arange(len(m)) / 3.0)   # speech moves the lips
+    on = R.detect_onsets(m)
+    templates, gain_std = R.measure_templates([m], [on])
+    nod = templates[R.KINDS.index("nod")]
+    assert nod.shape == (R.TEMPLATE_FRAMES, motion.NUM_CHANNELS)
+    assert np.abs(nod[:, motion.REGION_SLICES["lips"]]).max() == 0.0
+    want = 0.06 * listener._nod_shape(np.arange(18) / FPS, 0.7, 2.0)
+    assert np.corrcoef(nod[:18, PITCH], want)[0, 1] > 0.95
+    assert abs(nod[:, PITCH].max() - want.max()) < 0.015
+    assert abs(nod[-1]).max() < 1e-6                                  # faded out: no step left behind
+    assert np.abs(templates[R.KINDS.index("brow_raise")]).max() == 0.0   # none seen: nothing added
+    assert 0 <= gain_std[0] < 0.5
+
+
+def _head(bias_kind: str | None = None, bias: float = 0.0) -> R.ReactionHead:
+    head = R.ReactionHead(CONFIGS["tiny"])
+    head.trained.fill_(1.0)
+    if bias_kind is not None:
+        with torch.no_grad():
+            head.out.weight.zero_()
+            head.out.bias.fill_(-30.0)
+            head.out.bias[R.KINDS.index(bias_kind)] = bias
+    return head.eval()
+
+
+def _user(b, t, present=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, t, 2, 83, generator=g), torch.randn(b, t, 16, generator=g),
+            torch.randn(b, t, motion.NUM_CHANNELS, generator=g) * 0.1, torch.full((b, t, 3), present))
+
+
+def test_head_is_causal_silent_without_a_user_and_untrained():
+    head = _head()
+    a, v, bl, pr = _user(1, 40)
+    p = head.probabilities(a, v, bl, pr)
+    a2 = a.clone()
+    a2[:, 30:] += 5.0                   # change the future
+    p2 = head.probabilities(a2, v, bl, pr)
+    assert torch.equal(p[:, :30], p2[:, :30]) and not torch.equal(p[:, 30:], p2[:, 30:])
+    assert float(p.min()) > 0
+    off = head.probabilities(a * float("nan"), v, bl, torch.zeros(1, 40, 3))
+    assert float(off.abs().max()) == 0.0
+    fresh = R.ReactionHead(CONFIGS["tiny"])
+    assert float(fresh.probabilities(a, v, bl, pr).abs().max()) == 0.0
+
+
+def _spread(n=60, at=20, width=8, total=0.9):
+    p = np.zeros((n, len(R.KINDS)))
+    p[at:at + width, 0] = total / width
+    return p
+
+
+def test_track_fires_a_spread_reaction_with_its_total_chance_and_once():
+    templates = np.zeros((len(R.KINDS), R.TEMPLATE_FRAMES, motion.NUM_CHANNELS), np.float32)
+    fired = []
+    for seed in range(400):
+        tr = R.ReactionTrack(seed, templates, np.zeros(len(R.KINDS)))
+        tr.step(_spread(), 0)
+        fired.append(len(tr.events))
+    fired = np.array(fired)
+    assert fired.max() == 1                       # one gesture per episode
+    assert 0.82 <= fired.mean() <= 0.97           # the density's total (0.9), not 1 - (1 - 0.1125)^8 = 0.61
+
+
+def test_track_is_the_same_however_the_frames_are_cut():
+    templates = np.random.default_rng(0).normal(0, 0.01, (len(R.KINDS), R.TEMPLATE_FRAMES, motion.NUM_CHANNELS))
+    p = np.random.default_rng(1).uniform(0, 0.08, (200, len(R.KINDS)))
+    m = np.zeros((200, motion.NUM_CHANNELS), np.float32) + motion.neutral_motion(1)
+    whole = R.ReactionTrack(5, templates, np.full(len(R.KINDS), 0.2))
+    whole.step(p, 0)
+    a = whole.apply(m, 0)
+    cut = R.ReactionTrack(5, templates, np.full(len(R.KINDS), 0.2))
+    parts = []
+    for f0 in range(0, 200, 6):
+        cut.step(p[f0:f0 + 6], f0)
+        parts.append(cut.apply(m[f0:f0 + 6], f0))
+        if f0 == 96:    # a restored session continues identically
+            restored = R.ReactionTrack(5, templates, np.full(len(R.KINDS), 0.2))
+            restored.restore(cut.state())
+            cut = restored
+    np.testing.assert_allclose(np.concatenate(parts), a, atol=1e-6)
+    assert len(whole.events) > 3
+    heads = [e["frame"] for e in whole.events if R.GROUPS[e["kind"]] == "head"]
+    assert all(b - a >= int(0.8 * R.TEMPLATE_FRAMES) for a, b in zip(heads, heads[1:]))   # one head gesture at a time
+
+
+def _feats(frames=150, present=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    a, v, bl, pr = (x[0].numpy() for x in _user(1, frames, present, seed=seed))
+    return {"avatar_audio": rng.normal(0, 1, (frames, 2, 83)).astype(np.float32), "user_audio": a,
+            "user_video": v, "user_blend": bl, "user_present": pr}
+
+
+def _run(model, present, reactions=True, stride=None):
+    from echo_stream.evaluate import rollout
+
+    return rollout(model, _feats(present=present), seed=3, blinks=False, reactions=reactions, stride=stride)
+
+
+def test_diffusion_stage_adds_reactions_only_when_the_user_is_there(monkeypatch):
+    import dataclasses
+
+    fired = []
+    step = R.ReactionTrack.step
+
+    def spy(self, p, f0):
+        n = len(self.events)
+        step(self, p, f0)
+        if self.seed == 3:     # the rolled-out session (not the stage's warm-up one)
+            fired.extend(e["frame"] for e in self.events[n:])
+    monkeypatch.setattr(R.ReactionTrack, "step", spy)
+
+    torch.manual_seed(0)
+    model = EchoModel(dataclasses.replace(CONFIGS["tiny"], reactions=True)).eval()
+    head = model.reactions
+    head.load_state_dict(_head("nod", 0.0).state_dict())      # p = 0.5 a frame: nods as soon as allowed
+    tmpl = np.zeros((len(R.KINDS), R.TEMPLATE_FRAMES, motion.NUM_CHANNELS), np.float32)
+    tmpl[0, :, PITCH] = 0.05 * np.sin(np.linspace(0, np.pi, R.TEMPLATE_FRAMES))
+    head.templates.copy_(torch.from_numpy(tmpl))
+    with_r = _run(model, 1.0)
+    without = _run(model, 1.0, reactions=False)
+    assert len(fired) >= 4 and all(b - a == int(0.8 * R.TEMPLATE_FRAMES) + 1 for a, b in zip(fired, fired[1:]))
+    first = fired[0]
+    np.testing.assert_array_equal(with_r[:first], without[:first])
+    np.testing.assert_allclose(with_r[first: first + 10, PITCH] - without[first: first + 10, PITCH],
+                               tmpl[0, :10, PITCH], atol=1e-5)     # the template, from the onset on
+    fired.clear()
+    np.testing.assert_array_equal(_run(model, 0.0), _run(model, 0.0, reactions=False))   # no user: none
+    assert fired == []
+
+
+@pytest.mark.parametrize("bad", ["nan", "absent"])
+def test_head_ignores_absent_or_broken_inputs_of_a_modality(bad):
+    head = _head()
+    a, v, bl, pr = _user(1, 30)
+    ref = head.probabilities(a, v, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0))
+    v2 = v * float("nan") if bad == "nan" else torch.zeros_like(v)
+    got = head.probabilities(a, v2, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0))
+    assert torch.equal(ref, got) and torch.isfinite(got).all()
+
+
+def test_head_smoothing_removes_jitter_keeps_slow_motion_and_touches_only_the_head():
+    from echo_stream.stages.diffusion import smooth_head
+
+    rng = np.random.default_rng(0)
+    n = 400
+    t = np.arange(n) / FPS
+    m = np.tile(motion.neutral_motion(1), (n, 1)).astype(np.float32)
+    slow = 0.05 * np.sin(2 * np.pi * 0.4 * t)
+    m[:, PITCH] = slow + 0.01 * rng.standard_normal(n)                  # jitter on a slow movement
+    m[:, motion.CHANNEL_INDEX["jawOpen"]] = rng.uniform(0, 1, n)       # lips: left alone
+    out, raw = [], None
+    for f0 in range(0, n, 6):                                          # window by window, as served
+        o, raw = smooth_head(m[f0:f0 + 6], raw, 3.0)
+        out.append(o)
+    out = np.concatenate(out)
+    np.testing.assert_array_equal(out[:, motion.CHANNEL_INDEX["jawOpen"]], m[:, motion.CHANNEL_INDEX["jawOpen"]])
+    jitter_in = np.abs(np.diff(m[:, PITCH], 2)).mean()
+    jitter_out = np.abs(np.diff(out[:, PITCH], 2)).mean()
+    assert jitter_out < jitter_in / 4
+    assert np.abs(out[20:, PITCH] - slow[20:]).mean() < 0.006          # the slow movement stays, without lag
+    const = np.tile(motion.neutral_motion(1), (12, 1)).astype(np.float32)
+    const[:, PITCH] = 0.1
+    np.testing.assert_allclose(smooth_head(const, None, 3.0)[0], const, atol=1e-6)

@@ -91,6 +91,8 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
         head.set_input_stats(torch.cat([head.features(*(t[None] for t in _tensors(c, 0, c.frames)))[0]
                                         for c in train_ds.conversations]))
     counts = {k: int(sum(len(o[k]) for o in train_on)) for k in R.KINDS}
+    share = R.variance_share([c.arrays["motion"] for c in train_ds.conversations], train_on,
+                             model.motion_std.numpy())
     log.info("reaction onsets in the training motion: %s", counts)
 
     crop = int(crop_s * cfg.fps)
@@ -162,7 +164,8 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
     meta["reactions"] = {"steps": steps, "init_from": str(init_from), "train_onsets": counts}
     save_checkpoint(model, dest, extra_meta=meta)
     summary = {"init_from": str(init_from), "steps": steps, "batch_size": batch_size, "crop_s": crop_s, "lr": lr,
-               "seed": seed, "train_onsets": counts, "gain_std": dict(zip(R.KINDS, map(float, gain_std))),
+               "seed": seed, "train_onsets": counts,
+               "share_of_normalised_target_variance": share, "gain_std": dict(zip(R.KINDS, map(float, gain_std))),
                "validation": val, "seconds": round(time.perf_counter() - t_start, 1),
                "validation_bce": val_curve, "loss_every_50": [round(float(np.mean(curve[i:i + 50])), 5) for i in range(0, len(curve), 50)]}
     (dest.parent / "reactions.json").write_text(json.dumps(summary, indent=1))

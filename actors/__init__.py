@@ -51,6 +51,16 @@ class MeteredStageHost(StageHost):
             except Exception:  # noqa: BLE001
                 pass
 
+    def placement(self) -> dict:
+        """Where Ray put this actor: its node, the GPU ids Ray assigned it and the ``CUDA_VISIBLE_DEVICES`` it
+        set for them (what torch's ``cuda:0`` is here), and its process id."""
+        import os
+
+        return {"stage": self.stage.name, "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                "incarnation": self.incarnation}
+
 
 #: The remote class every stage actor is an instance of.
 StageActor = ray.remote(MeteredStageHost)

@@ -93,7 +93,8 @@ def run(args) -> int:
     try:
         for n in counts:
             t = time.monotonic()
-            b0 = (server.server.batcher.batches, server.server.batcher.windows) if server else None
+            b0 = (sum(b.batches for b in server.server.batchers),
+                  sum(b.windows for b in server.server.batchers)) if server else None
             sessions = asyncio.run(_run_n(target, args.token, n, args, inputs))
             ok = [s for s in sessions if not s.get("rejected") and "error" not in s]
             rt = [s for s in ok if s["client_latency_p99_s"] is not None and s["client_latency_p99_s"] <= args.rt_p99
@@ -107,8 +108,9 @@ def run(args) -> int:
                    "client_latency_p99_s_max": _max(ok, "client_latency_p99_s"),
                    "wall_s": time.monotonic() - t, "per_session": sessions}
             if server:
-                bt = server.server.batcher
-                nb, nw = bt.batches - b0[0], bt.windows - b0[1]
+                bts = server.server.batchers
+                nb = sum(b.batches for b in bts) - b0[0]
+                nw = sum(b.windows for b in bts) - b0[1]
                 row["diffusion_batches"] = nb
                 row["diffusion_mean_batch"] = nw / nb if nb else None
             rows.append(row)

@@ -73,12 +73,13 @@ async def sessions_with_fault(target: str, n: int, seconds: float, fault, output
 
     async with AvatarClient(target) as c:
         tasks = [asyncio.get_running_loop().create_task(one(c, i)) for i in range(n)]
-        waiting = asyncio.gather(*(e.wait() for e in mid))
-        done, _ = await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_EXCEPTION,
-                                     timeout=180)
-        for t in tasks:        # a session that failed before the fault: its error is the one to see
-            if t.done() and t.exception() is not None:
-                raise t.exception()
+        waiting = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in mid)))
+        # until every session is mid-stream (or one of them ended early: its error is the one to see)
+        await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=180)
+        for t in tasks:
+            if t.done():
+                t.result()
+                raise AssertionError("a session ended before the fault")
         assert waiting.done(), "the sessions did not all start within 180 s"
         if fault is not None:
             await fault(list(ids))

@@ -156,6 +156,7 @@ def test_killed_diffusion_replica_recovers_only_its_sessions(two_diffusion):
         replicated.check_exactly_once(res, n)
         assert sum(f >= 50 for f in res.motion_frames) >= 40            # the audio sent after the kill
     for res in hit:
+        print("GAP:", [e.message for e in replicated.gaps(res)])
         assert replicated.gaps(res) and res.stats.recoveries >= 1, [(e.kind, e.message) for e in res.events]
         assert res.stats.gap_frames == sum(e.frames for e in replicated.gaps(res))
     for res in spared:

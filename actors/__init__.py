@@ -21,6 +21,22 @@ class MeteredStageHost(StageHost):
 
     _metrics = None
 
+    def __init__(self, factory):
+        super().__init__(factory)
+        try:
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        except Exception:  # noqa: BLE001 - not inside an actor
+            restarted = False
+        if restarted:
+            # Ray restarted this actor (max_restarts): set the stage up before it takes its first call, as the
+            # runner did at start. Until then it does not answer, so a session of a stage with other replicas
+            # moves to a warm one (serve.backend.wait_ready) instead of paying the cold start on its next frame.
+            try:
+                self.setup()
+            except Exception:  # noqa: BLE001 - the stage sets itself up on first use instead
+                import logging
+                logging.getLogger(__name__).exception("set-up of the restarted %s actor failed", self.stage.name)
+
     @classmethod
     def _get_metrics(cls):
         if cls._metrics is None:

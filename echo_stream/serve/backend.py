@@ -148,24 +148,24 @@ class RayBackend:
                             raise StageFault(f"stage {stage} (replica {i}) did not come back within {timeout:.0f} s")
                         await asyncio.sleep(0.1)
             return
-        for stage in STAGES:
-            mine = route[stage]
-            if await self._answers(stage, mine, min(move_after_s, deadline - time.monotonic())):
-                continue
-            while True:     # ask every replica at once, the session's own first among those that answer
-                order = [mine] + [i for i in self.router.by_load(stage) if i != mine]
-                oks = await asyncio.gather(*(self._answers(stage, i, min(move_after_s, deadline - time.monotonic()))
-                                             for i in order))
-                ok = [i for i, good in zip(order, oks) if good]
-                if ok:
-                    if ok[0] != mine:
-                        log.warning("stage %s replica %d does not answer: a session moves to replica %d",
-                                    stage, mine, ok[0])
-                        self.router.move(route, stage, ok[0])
-                    break
-                if time.monotonic() > deadline:
-                    raise StageFault(f"no replica of stage {stage} came back within {timeout:.0f} s")
-                await asyncio.sleep(0.1)
+        await asyncio.gather(*(self._settle(stage, route, move_after_s, deadline, timeout) for stage in STAGES))
+
+    async def _settle(self, stage: str, route: Route, move_after_s: float, deadline: float, timeout: float) -> None:
+        """One stage of :meth:`wait_ready`: every replica asked at once, the session's own kept if it answers."""
+        mine = route[stage]
+        while True:
+            order = [mine] + [i for i in self.router.by_load(stage) if i != mine]
+            wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
+            oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
+            ok = [i for i, good in zip(order, oks) if good]
+            if ok:
+                if ok[0] != mine:
+                    log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
+                    self.router.move(route, stage, ok[0])
+                return
+            if time.monotonic() > deadline:
+                raise StageFault(f"no replica of stage {stage} came back within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
         """``{(stage, replica): incarnation id}`` of every replica (of ``route``'s only, when given); None: no

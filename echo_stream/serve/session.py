@@ -660,9 +660,9 @@ class Session:
                 what = "no input was in flight: no frame lost"
             await self.outbox.put(Outgoing(pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
                 kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
-                message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
-                        f"{stalled_at}; {what}" + (f"; continued on another replica ({', '.join(moved)})"
-                                                   if moved else ""))), resume if gap else None))
+                message=(f"a pipeline stage replica was lost; the session continued on another one "
+                         f"({', '.join(moved)})" if moved else "a pipeline stage failed and was restarted")
+                + f"; output stalled {took:.2f} s at frame {stalled_at}; {what}")), resume if gap else None))
             self.group = items + self.group
             self.group_s += seconds
             self.ready.set()

@@ -75,15 +75,16 @@ def run(args) -> int:
     server = backend = None
     target = args.target
     if target is None:
-        from ..pipeline import PipelineOptions
+        from ..pipeline import PipelineOptions, parse_replicas
         from .backend import RayBackend
         from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 
+        replicas = parse_replicas(getattr(args, "replicas", ""))
         start_ray(None, args.num_cpus)
         backend = RayBackend.start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
                                                    device=args.device, size=(args.size, args.size),
-                                                   stride=args.stride or None),
+                                                   stride=args.stride or None, replicas=replicas),
                                    num_cpus=args.num_cpus)
         server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None,
                                                               motion_stride=args.motion_stride or None, port=0,
@@ -137,7 +138,8 @@ def run(args) -> int:
                    "model_config": args.config or "tiny", "device": args.device, "rt_p99_s": args.rt_p99,
                    "max_growth_s": args.max_growth, "sending": "real time, 80 ms avatar-audio chunks",
                    "stride_video_sessions": args.stride or "config new_frames",
-                   "stride_motion_sessions": args.motion_stride or "config new_frames"},
+                   "stride_motion_sessions": args.motion_stride or "config new_frames",
+                   "replicas": getattr(args, "replicas", "") or "1 per stage"},
         "definitions": {
             "server_latency": "avatar-audio chunk arrival at the ingress -> the frame with that pts leaving the "
                               "egress (server clock)",

@@ -23,8 +23,12 @@ class MeteredStageHost(StageHost):
 
     def __init__(self, factory):
         super().__init__(factory)
+        import warnings
+
         try:
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            with warnings.catch_warnings():   # Ray 2.60's property uses its own deprecated actor_id inside
+                warnings.simplefilter("ignore")
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
         except Exception:  # noqa: BLE001 - not inside an actor
             restarted = False
         if restarted:

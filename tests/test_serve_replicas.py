@@ -59,6 +59,18 @@ def test_router_keeps_sessions_balanced_and_stable():
     assert Router({"diffusion": 4}).assign("abc") == Router({"diffusion": 4}).assign("abc")
 
 
+def test_router_sends_a_portrait_to_the_render_replica_that_prepared_it():
+    from echo_stream.serve.routing import WARM_SLACK
+
+    r = Router({"render": 2})
+    first = r.assign("a", warm={"render": "face1"})["render"]
+    # the same portrait goes where it is warm until that replica holds WARM_SLACK more sessions than the other
+    same = [r.assign(f"b{i}", warm={"render": "face1"})["render"] for i in range(WARM_SLACK + 2)]
+    assert same[:WARM_SLACK] == [first] * WARM_SLACK and same[WARM_SLACK] != first
+    other = Router({"render": 2})
+    assert [other.assign(f"m{i}")["render"] for i in range(4)].count(0) == 2   # no portrait: least loaded
+
+
 def test_gpu_capacity_counts_every_replica():
     check_gpu_capacity("cpu", 0.0, {"diffusion": 8})                      # no GPU asked for
     check_gpu_capacity("cuda", 1.0)                                       # 0.5 diffusion + 0.5 render

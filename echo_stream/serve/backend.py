@@ -55,9 +55,9 @@ class RayBackend:
     def replica_count(self, stage: str) -> int:
         return len(self.runner.replicas[stage])
 
-    def assign(self, session_id: str) -> Route:
-        """The replica of each stage that serves a new session (least loaded; see :mod:`.routing`)."""
-        return self.router.assign(session_id)
+    def assign(self, session_id: str, warm: dict | None = None) -> Route:
+        """The replica of each stage that serves a new session (least loaded, or warm; see :mod:`.routing`)."""
+        return self.router.assign(session_id, warm)
 
     def release(self, route: Route) -> None:
         self.router.release(route)
@@ -241,7 +241,7 @@ class InlineBackend:
     def replica_count(self, stage: str) -> int:
         return 1
 
-    def assign(self, session_id: str) -> Route:
+    def assign(self, session_id: str, warm: dict | None = None) -> Route:
         return {s: 0 for s in STAGES}
 
     def release(self, route: Route) -> None:

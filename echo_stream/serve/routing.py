@@ -7,6 +7,10 @@ ties broken by a stable hash of the session id — and the session records it (`
 addresses every call with it. It changes only when a replica stops answering: after a fault the session
 re-opens under a new epoch from its checkpoint, possibly on another replica (:meth:`Router.move`).
 
+The renderer's source-side work (placing a portrait, its flow bases) is cached per portrait in each render
+replica: a session whose portrait a render replica has already prepared goes there (``warm``), unless that
+replica already serves more than ``WARM_SLACK`` sessions beyond the least loaded one.
+
 Diffusion windows are batched per diffusion replica (one ``WindowBatcher`` each), so a batch only ever
 holds sessions whose state is on the replica that runs it.
 """
@@ -18,6 +22,10 @@ from ..chain import STAGES
 
 #: a session's replica of each stage
 Route = dict
+#: how many more sessions than the least loaded replica a warm replica may hold and still be preferred
+WARM_SLACK = 2
+#: warm keys remembered per stage (the render replicas cache 32 portraits each)
+WARM_KEYS = 4096
 
 
 class Router:
@@ -28,6 +36,8 @@ class Router:
         self.counts = {s: int(counts.get(s, 1)) for s in STAGES}
         #: sessions routed to each replica
         self.load = {s: [0] * n for s, n in self.counts.items()}
+        #: (stage, warm key) -> the replica that last prepared it (e.g. a portrait's digest -> render replica)
+        self.warm: dict[tuple, int] = {}
 
     def _pick(self, stage: str, key: str) -> int:
         n = self.counts[stage]
@@ -36,9 +46,23 @@ class Router:
         # least loaded first; among equals the first one at or after the hash's position (stable per session)
         return min(range(n), key=lambda i: (self.load[stage][i], (i - start) % n))
 
-    def assign(self, key: str) -> Route:
-        """A new session's replica of each stage (counted until :meth:`release`)."""
-        route = {s: self._pick(s, key) for s in STAGES}
+    def assign(self, key: str, warm: dict | None = None) -> Route:
+        """A new session's replica of each stage (counted until :meth:`release`). ``warm``: ``{stage: key}`` of
+        state a replica may already hold (a portrait's digest for render): the replica that prepared it last is
+        taken while it holds at most ``WARM_SLACK`` sessions more than the least loaded one."""
+        route = {}
+        for s in STAGES:
+            route[s] = self._pick(s, key)
+            wk = (warm or {}).get(s)
+            if wk is not None:
+                hot = self.warm.get((s, wk))
+                if hot is not None and hot < self.counts[s] and \
+                        self.load[s][hot] <= min(self.load[s]) + WARM_SLACK:
+                    route[s] = hot
+                self.warm.pop((s, wk), None)        # re-inserted last: the oldest keys are forgotten first
+                self.warm[(s, wk)] = route[s]
+                while len(self.warm) > WARM_KEYS:
+                    self.warm.pop(next(iter(self.warm)))
         for s, i in route.items():
             self.load[s][i] += 1
         return route

@@ -82,6 +82,17 @@ def warm_up_encoder() -> None:
     enc.close()
 
 
+def _portrait_key(spec) -> str | None:
+    """What identifies a video session's portrait for the render replicas' caches (None: no portrait)."""
+    if not spec.wants_video or spec.portrait is None:
+        return None
+    p = spec.portrait
+    if isinstance(p, (bytes, bytearray)):
+        import hashlib
+        return hashlib.sha1(p).hexdigest()
+    return getattr(p, "digest", None) or str(p)
+
+
 class SessionFailed(Exception):
     """The session cannot continue; ``code`` is the gRPC status for the client, ``message`` its one line."""
 
@@ -182,7 +193,7 @@ class Session:
         #: the batcher of each diffusion replica (a single batcher: replica 0's)
         self.batchers = list(batcher) if isinstance(batcher, (list, tuple)) else [batcher]
         #: this session's replica of each stage (session affinity; changes only when a replica is lost)
-        self.route = backend.assign(session_id)
+        self.route = backend.assign(session_id, warm={"render": _portrait_key(spec)})
         self._released = False
         self.limits = limits
         self.chunk_s = chunk_frames / FPS

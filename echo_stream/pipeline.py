@@ -113,6 +113,20 @@ def check_gpu_capacity(device: str, cluster_gpus: float, replicas: dict[str, int
                                      "GPUs (ray start --num-gpus N), use fewer --replicas, or use --device cpu")
 
 
+def check_cpu_capacity(stages: dict[str, Stage], cluster_cpus: float, replicas: dict[str, int] | None = None) -> None:
+    """Refuse a pipeline whose actors reserve more CPUs (Ray ``num_cpus``, per replica) than the Ray cluster has:
+    Ray would otherwise leave the last actors pending, and the start would wait forever."""
+    counts = replica_counts(replicas)
+    demand = {name: st.resources.get("num_cpus", 0.5) * counts[name] for name, st in stages.items()}
+    need = sum(demand.values())
+    if cluster_cpus + 1e-9 < need:
+        parts = ", ".join(f"{name} {counts[name]} x {stages[name].resources.get('num_cpus', 0.5):g}" for name in demand)
+        flag = "--replicas" if any(n > 1 for n in counts.values()) else "--num-cpus"
+        raise InputError(flag, f"the stage actors reserve {need:g} CPUs ({parts}: replicas x CPUs each) but the Ray "
+                               f"cluster has {cluster_cpus:g}: use fewer --replicas, or give Ray more CPUs "
+                               "(--num-cpus N for a local Ray, which may exceed the cores; a bigger cluster)")
+
+
 def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
     """The five stage objects (not set up: each loads its models in ``setup`` where it runs)."""
     from .stages.decode import DecodeStage
@@ -188,6 +202,12 @@ class RayRunner:
             raise
         stages = build_stages(opts)
         gpu_resources(stages, opts.device, opts.reserve_gpus)
+        try:
+            check_cpu_capacity(stages, float(ray.cluster_resources().get("CPU", 0)), counts)
+        except InputError:
+            if self._owns_ray:
+                ray.shutdown()
+            raise
         #: every stage's actors, replica 0 first; a stage of N > 1 replicas is spread over the cluster's nodes
         #: (Ray's SPREAD strategy: a lost node takes as few of them as it can)
         self.replicas = {name: [make_stage_actor(stages[name], max_restarts=max_restarts,

@@ -84,6 +84,21 @@ def test_gpu_capacity_counts_every_replica():
         check_gpu_capacity("cpu", 0.0, reserve=True)                      # the test seam counts like cuda
 
 
+def test_cpu_capacity_counts_every_replica():
+    from echo_stream.pipeline import build_stages, check_cpu_capacity
+
+    stages = build_stages(PipelineOptions())
+    check_cpu_capacity(stages, 2.0)                                       # 0.25 + 0.5 + 0.25 + 0.5 + 0.5
+    check_cpu_capacity(stages, 3.0, {"diffusion": 2, "render": 2})
+    with pytest.raises(InputError) as e:
+        check_cpu_capacity(stages, 2.0, {"diffusion": 2})
+    msg = str(e.value)
+    assert msg.startswith("--replicas: the stage actors reserve 2.5 CPUs") and "diffusion 2 x 0.5" in msg
+    assert "cluster has 2" in msg and "--num-cpus" in msg
+    with pytest.raises(InputError, match=r"^--num-cpus: the stage actors reserve 2 CPUs"):
+        check_cpu_capacity(stages, 1.0)
+
+
 # ------------------------------------------------------------------------------------- Ray, fake GPUs
 @pytest.mark.ray
 def test_gpu_shares_put_two_replicas_on_each_fake_gpu():

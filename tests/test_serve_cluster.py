@@ -1,6 +1,6 @@
 """Serving on a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head and one worker
 node): ``--replicas diffusion=2,render=2`` puts a replica of each on both nodes and four concurrent sessions
-complete; then the worker node is removed mid-session and every session still completes with every frame
+complete; then the worker node is killed mid-session (not drained) and every session still completes with every frame
 exactly once, the sessions that had state on the lost node with a GAP event.
 """
 import asyncio
@@ -93,7 +93,8 @@ def test_worker_node_removed_mid_session(cluster_served):
 
     async def remove(ids):
         routes.update({sid: dict(st.server.sessions[sid].route) for sid in ids})
-        await asyncio.get_running_loop().run_in_executor(None, cluster.remove_node, worker)
+        # not drained: its raylet and workers are killed, as when a machine is lost
+        await asyncio.get_running_loop().run_in_executor(None, lambda: cluster.remove_node(worker, allow_graceful=False))
     results = asyncio.run(replicated.sessions_with_fault(target, 4, 4.0, remove, size=SIZE, before_s=2.0,
                                                          outputs=["motion", "both", "motion", "both"]))
     n = replicated.frames_of(4.0)

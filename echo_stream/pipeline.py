@@ -121,10 +121,12 @@ def check_cpu_capacity(stages: dict[str, Stage], cluster_cpus: float, replicas: 
     need = sum(demand.values())
     if cluster_cpus + 1e-9 < need:
         parts = ", ".join(f"{name} {counts[name]} x {stages[name].resources.get('num_cpus', 0.5):g}" for name in demand)
-        flag = "--replicas" if any(n > 1 for n in counts.values()) else "--num-cpus"
-        raise InputError(flag, f"the stage actors reserve {need:g} CPUs ({parts}: replicas x CPUs each) but the Ray "
-                               f"cluster has {cluster_cpus:g}: use fewer --replicas, or give Ray more CPUs "
-                               "(--num-cpus N for a local Ray, which may exceed the cores; a bigger cluster)")
+        replicated = any(n > 1 for n in counts.values())
+        raise InputError("--replicas" if replicated else "--num-cpus",
+                         f"the stage actors reserve {need:g} CPUs ({parts}: replicas x CPUs each) but the Ray "
+                         f"cluster has {cluster_cpus:g}: " + ("use fewer --replicas, or " if replicated else "")
+                         + "give Ray more CPUs (--num-cpus N for a local Ray, which may exceed the cores; or a "
+                           "bigger cluster)")
 
 
 def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
@@ -192,18 +194,13 @@ class RayRunner:
 
         self.ray = ray
         self._owns_ray = ensure_pipeline_ray(address, num_cpus)
-        try:
-            counts = replica_counts(opts.replicas)
-            check_gpu_capacity(opts.device, float(ray.cluster_resources().get("GPU", 0)), counts,
-                               opts.reserve_gpus)
-        except InputError:
-            if self._owns_ray:
-                ray.shutdown()
-            raise
         stages = build_stages(opts)
         gpu_resources(stages, opts.device, opts.reserve_gpus)
         try:
-            check_cpu_capacity(stages, float(ray.cluster_resources().get("CPU", 0)), counts)
+            counts = replica_counts(opts.replicas)
+            have = ray.cluster_resources()
+            check_gpu_capacity(opts.device, float(have.get("GPU", 0)), counts, opts.reserve_gpus)
+            check_cpu_capacity(stages, float(have.get("CPU", 0)), counts)
         except InputError:
             if self._owns_ray:
                 ray.shutdown()

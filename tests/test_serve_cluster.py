@@ -75,9 +75,10 @@ def test_replicas_on_both_nodes_serve_four_sessions(cluster_served):
         replicated.check_exactly_once(res, n)
         assert res.motion_frames == list(range(n)) and not replicated.gaps(res)
     assert sorted(r["diffusion"] for r in routes.values()) == [0, 0, 1, 1]
-    assert sorted(r["render"] for r in routes.values()) == [0, 0, 1, 1]
     video = [r for r in results if r.video]
     assert len(video) == 2
+    # both video sessions animate the same portrait: they go to the render replica that prepared it first
+    assert len({routes[r.session_id]["render"] for r in video}) == 1
     for r in video:         # the render replicas' frames, as H.264 in fMP4, one per motion frame
         with av.open(io.BytesIO(bytes(r.video))) as c:
             pics = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]

@@ -21,6 +21,26 @@ class MeteredStageHost(StageHost):
 
     _metrics = None
 
+    def __init__(self, factory):
+        super().__init__(factory)
+        import warnings
+
+        try:
+            with warnings.catch_warnings():   # Ray 2.60's property uses its own deprecated actor_id inside
+                warnings.simplefilter("ignore")
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        except Exception:  # noqa: BLE001 - not inside an actor
+            restarted = False
+        if restarted:
+            # Ray restarted this actor (max_restarts): set the stage up before it takes its first call, as the
+            # runner did at start. Until then it does not answer, so a session of a stage with other replicas
+            # moves to a warm one (serve.backend.wait_ready) instead of paying the cold start on its next frame.
+            try:
+                self.setup()
+            except Exception:  # noqa: BLE001 - the stage sets itself up on first use instead
+                import logging
+                logging.getLogger(__name__).exception("set-up of the restarted %s actor failed", self.stage.name)
+
     @classmethod
     def _get_metrics(cls):
         if cls._metrics is None:
@@ -50,6 +70,16 @@ class MeteredStageHost(StageHost):
                 self._get_metrics()[0].observe(time.perf_counter() - t, tags)
             except Exception:  # noqa: BLE001
                 pass
+
+    def placement(self) -> dict:
+        """Where Ray put this actor: its node, the GPU ids Ray assigned it and the ``CUDA_VISIBLE_DEVICES`` it
+        set for them (what torch's ``cuda:0`` is here), and its process id."""
+        import os
+
+        return {"stage": self.stage.name, "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+                "incarnation": self.incarnation}
 
 
 #: The remote class every stage actor is an instance of.

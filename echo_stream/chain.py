@@ -39,6 +39,41 @@ STAGES = tuple(s.name for s in PIPELINE)
 BATCHED = next(s.name for s in PIPELINE if s.batched)
 
 
+def parse_replicas(text: str | None, flag: str = "--replicas") -> dict[str, int]:
+    """``"diffusion=2,render=2"`` -> ``{"diffusion": 2, "render": 2}`` (stages not named: 1 replica each).
+
+    Raises :class:`~echo_stream.errors.InputError` naming ``flag`` and the problem for an unknown stage, a count
+    that is not a whole number >= 1, a stage named twice or an item that is not ``STAGE=N``."""
+    from .errors import InputError
+
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, count = (part.strip() for part in item.partition("="))
+        if not sep or not name or not count:
+            raise InputError(flag, f"{item!r} is not STAGE=N: give e.g. {flag} diffusion=2,render=2")
+        if name not in STAGES:
+            raise InputError(flag, f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
+        if name in out:
+            raise InputError(flag, f"stage {name!r} is named twice: give each stage once")
+        try:
+            n = int(count)
+        except ValueError:
+            raise InputError(flag, f"{name}={count}: the replica count must be a whole number >= 1") from None
+        if n < 1:
+            raise InputError(flag, f"{name}={n}: every stage needs at least 1 replica (default 1)")
+        out[name] = n
+    return out
+
+
+def replica_counts(replicas: dict[str, int] | None) -> dict[str, int]:
+    """Replicas of every stage of the chain (1 where ``replicas`` names none); checked as :func:`parse_replicas`."""
+    text = ",".join(f"{k}={v}" for k, v in (replicas or {}).items())
+    return {**{s: 1 for s in STAGES}, **parse_replicas(text, "replicas")}
+
+
 def local_call(stages: dict) -> Callable:
     """:func:`run_chain`'s ``call`` over stage objects in this process (``{name: stage}``)."""
     return lambda name, method, *args: getattr(stages[name], method)(*args)

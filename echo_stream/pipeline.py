@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import config, schemas
-from .chain import (BATCHED, PIPELINE, STAGES, StageSpec, local_call, run_chain,  # noqa: F401 (re-exported)
-                    stage_after, stage_before)
+from .chain import (BATCHED, PIPELINE, STAGES, StageSpec, local_call, parse_replicas,  # noqa: F401 (re-exported)
+                    replica_counts, run_chain, stage_after, stage_before)
 from .cluster import ensure_pipeline_ray
 from .errors import InputError
 from .stages import Packet, Stage
@@ -62,6 +62,13 @@ class PipelineOptions:
     #: guidance on the user branch (``EchoModel.sample``): 1 = none; > 1 amplifies the reactions, 2x the
     #: diffusion cost (experimental: see README, "The model and its weights")
     user_guidance: float = 1.0
+    #: actors per stage (``--replicas diffusion=2,render=2``; stages not named: 1). Serving routes every call
+    #: of a session to one replica per stage (``serve.routing``); generate uses replica 0 of each
+    replicas: dict[str, int] = field(default_factory=dict)
+    #: reserve each GPU stage's GPU share per replica: None = with a CUDA device (the normal case). True
+    #: reserves them whatever the device: a test seam, to check placement on fake GPU resources
+    #: (``ray.init(num_gpus=2)``) with actors that compute on the CPU
+    reserve_gpus: bool | None = None
 
     def model_loader(self) -> Callable:
         return functools.partial(load_model, self.checkpoint, self.config, self.device)
@@ -71,20 +78,55 @@ class PipelineOptions:
 GPU_SHARES = {s.name: s.gpu_share for s in PIPELINE if s.gpu_share}
 
 
-def gpu_resources(stages: dict[str, Stage], device: str) -> None:
-    """With a CUDA device, give each GPU stage its GPU share (so Ray places and counts GPU work)."""
-    if str(device).startswith("cuda"):
+def reserves_gpus(device: str, reserve: bool | None = None) -> bool:
+    """Whether the GPU stages' actors reserve their GPU shares (``PipelineOptions.reserve_gpus``)."""
+    return str(device).startswith("cuda") if reserve is None else bool(reserve)
+
+
+def gpu_resources(stages: dict[str, Stage], device: str, reserve: bool | None = None) -> None:
+    """With a CUDA device (or ``reserve``), give each GPU stage its GPU share (so Ray places and counts GPU
+    work, and sets each actor's ``CUDA_VISIBLE_DEVICES``); every replica of the stage reserves it."""
+    if reserves_gpus(device, reserve):
         for name, share in GPU_SHARES.items():
             stages[name].resources = {**stages[name].resources, "num_gpus": share}
 
 
-def check_gpu_capacity(device: str, cluster_gpus: float) -> None:
-    """Refuse ``--device cuda`` on a Ray cluster without the GPUs the GPU stages reserve."""
-    need = max(GPU_SHARES.values()) if str(device).startswith("cuda") else 0.0
-    if need and cluster_gpus < sum(GPU_SHARES.values()):
-        raise InputError("--device", f"{device} asks for {sum(GPU_SHARES.values()):g} GPU (diffusion and render "
-                                     f"actors, {need:g} each) but the Ray cluster has {cluster_gpus:g}: start Ray "
-                                     "on a machine or cluster with GPUs (ray start --num-gpus N), or use --device cpu")
+def gpu_demand(replicas: dict[str, int] | None = None) -> dict[str, float]:
+    """GPUs each GPU stage reserves in all: its share times its replica count."""
+    counts = replica_counts(replicas)
+    return {name: share * counts[name] for name, share in GPU_SHARES.items()}
+
+
+def check_gpu_capacity(device: str, cluster_gpus: float, replicas: dict[str, int] | None = None,
+                       reserve: bool | None = None) -> None:
+    """Refuse ``--device cuda`` on a Ray cluster without the GPUs the GPU stages' replicas reserve (Ray would
+    otherwise wait forever for resources that never come). Counts the cluster's GPUs in all, not per node: a
+    share is never split over two GPUs, so a cluster of 0.5-GPU leftovers can still leave a replica pending."""
+    if not reserves_gpus(device, reserve):
+        return
+    counts, demand = replica_counts(replicas), gpu_demand(replicas)
+    need = sum(demand.values())
+    if cluster_gpus + 1e-9 < need:
+        parts = ", ".join(f"{name} {counts[name]} x {GPU_SHARES[name]:g}" for name in demand)
+        raise InputError("--device", f"{device} asks for {need:g} GPU ({parts} replicas x GPU share) but the "
+                                     f"Ray cluster has {cluster_gpus:g}: start Ray on a machine or cluster with "
+                                     "GPUs (ray start --num-gpus N), use fewer --replicas, or use --device cpu")
+
+
+def check_cpu_capacity(stages: dict[str, Stage], cluster_cpus: float, replicas: dict[str, int] | None = None) -> None:
+    """Refuse a pipeline whose actors reserve more CPUs (Ray ``num_cpus``, per replica) than the Ray cluster has:
+    Ray would otherwise leave the last actors pending, and the start would wait forever."""
+    counts = replica_counts(replicas)
+    demand = {name: st.resources.get("num_cpus", 0.5) * counts[name] for name, st in stages.items()}
+    need = sum(demand.values())
+    if cluster_cpus + 1e-9 < need:
+        parts = ", ".join(f"{name} {counts[name]} x {stages[name].resources.get('num_cpus', 0.5):g}" for name in demand)
+        replicated = any(n > 1 for n in counts.values())
+        raise InputError("--replicas" if replicated else "--num-cpus",
+                         f"the stage actors reserve {need:g} CPUs ({parts}: replicas x CPUs each) but the Ray "
+                         f"cluster has {cluster_cpus:g}: " + ("use fewer --replicas, or " if replicated else "")
+                         + "give Ray more CPUs (--num-cpus N for a local Ray, which may exceed the cores; or a "
+                           "bigger cluster)")
 
 
 def build_stages(opts: PipelineOptions) -> dict[str, Stage]:
@@ -116,7 +158,9 @@ class InlineRunner:
     def setup(self) -> dict[str, float]:
         return {n: h.setup() for n, h in self.hosts.items()}
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+        if replica:
+            raise ValueError(f"the inline runner has one {stage} stage, not replica {replica}")
         args = [a.value if isinstance(a, _Done) else a for a in args]
         value = self.hosts[stage].call(method, *args)
         return tuple(_Done(v) for v in value) if num_returns > 1 else _Done(value)
@@ -150,22 +194,36 @@ class RayRunner:
 
         self.ray = ray
         self._owns_ray = ensure_pipeline_ray(address, num_cpus)
+        stages = build_stages(opts)
+        gpu_resources(stages, opts.device, opts.reserve_gpus)
         try:
-            check_gpu_capacity(opts.device, float(ray.cluster_resources().get("GPU", 0)))
+            counts = replica_counts(opts.replicas)
+            have = ray.cluster_resources()
+            check_gpu_capacity(opts.device, float(have.get("GPU", 0)), counts, opts.reserve_gpus)
+            check_cpu_capacity(stages, float(have.get("CPU", 0)), counts)
         except InputError:
             if self._owns_ray:
                 ray.shutdown()
             raise
-        stages = build_stages(opts)
-        gpu_resources(stages, opts.device)
-        self.actors = {name: make_stage_actor(stages[name], max_restarts=max_restarts) for name in STAGES}
+        #: every stage's actors, replica 0 first; a stage of N > 1 replicas is spread over the cluster's nodes
+        #: (Ray's SPREAD strategy: a lost node takes as few of them as it can)
+        self.replicas = {name: [make_stage_actor(stages[name], max_restarts=max_restarts,
+                                                 **({"scheduling_strategy": "SPREAD"} if counts[name] > 1 else {}))
+                                for _ in range(counts[name])] for name in STAGES}
+        #: replica 0 of each stage (what a single-session driver such as generate uses)
+        self.actors = {name: reps[0] for name, reps in self.replicas.items()}
+
+    def _all(self):
+        """``(label, actor)`` of every replica: ``"diffusion"`` for replica 0, ``"diffusion#1"`` ... after it."""
+        return [(name if i == 0 else f"{name}#{i}", a) for name, reps in self.replicas.items()
+                for i, a in enumerate(reps)]
 
     def setup(self) -> dict[str, float]:
-        refs = {n: a.setup.remote() for n, a in self.actors.items()}
-        return {n: self.ray.get(r) for n, r in refs.items()}
+        refs = [(label, a.setup.remote()) for label, a in self._all()]
+        return {label: self.ray.get(r) for label, r in refs}
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1):
-        actor = self.actors[stage]
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+        actor = self.replicas[stage][replica]
         if num_returns > 1:
             return actor.call.options(num_returns=num_returns).remote(method, *args)
         return actor.call.remote(method, *args)
@@ -174,10 +232,16 @@ class RayRunner:
         return self.ray.get(handle)
 
     def stats(self) -> dict:
-        return dict(zip(self.actors, self.ray.get([a.stats.remote() for a in self.actors.values()])))
+        labels, actors = zip(*self._all())
+        return dict(zip(labels, self.ray.get([a.stats.remote() for a in actors])))
+
+    def placements(self, timeout: float | None = None) -> dict[str, list[dict]]:
+        """Where each replica runs: ``{stage: [{"node_id", "gpu_ids", "cuda_visible_devices", "pid"}, ...]}``."""
+        refs = {name: [a.placement.remote() for a in reps] for name, reps in self.replicas.items()}
+        return {name: self.ray.get(r, timeout=timeout) for name, r in refs.items()}
 
     def shutdown(self) -> None:
-        for a in self.actors.values():
+        for _, a in self._all():
             self.ray.kill(a)
         if self._owns_ray:
             self.ray.shutdown()

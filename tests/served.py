@@ -13,8 +13,9 @@ SIZE = 96
 
 
 @contextlib.contextmanager
-def ray_backend(size: int = SIZE):
-    """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px."""
+def ray_backend(size: int = SIZE, replicas: dict | None = None):
+    """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px (``replicas``:
+    actors per stage, as ``--replicas``)."""
     import ray
 
     from echo_stream.serve.backend import RayBackend
@@ -22,7 +23,7 @@ def ray_backend(size: int = SIZE):
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
     try:
-        backend = RayBackend.start(PipelineOptions(size=(size, size)), max_restarts=-1)
+        backend = RayBackend.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {})), max_restarts=-1)
         try:
             yield backend
         finally:

@@ -45,6 +45,8 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="model config of the local server (tiny, base)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--replicas", default="", metavar="STAGE=N,...",
+                   help="actors per stage of the local server, as `serve --replicas` (default 1 each)")
     add_stride_arguments(p)
     p.add_argument("--out", default=RESULTS, help=f"directory for the JSON (default {RESULTS})")
     p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")

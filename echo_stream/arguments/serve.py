@@ -12,6 +12,8 @@ examples:
   echo-stream serve --host 0.0.0.0 --port 50051 --metrics-port 9100 \\
       --tls-cert server.crt --tls-key server.key --max-sessions 8
   echo-stream serve --address ray://head:10001        # stage actors on a Ray cluster
+  echo-stream serve --address auto --replicas diffusion=2,render=2 --device cuda
+                                                      # 2 actors each of diffusion and render, 0.5 GPU each
 
 Binding beyond loopback needs bearer tokens (--tokens-file and/or
 $ECHO_STREAM_TOKENS, entries 'principal:token'); clients send
@@ -44,6 +46,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="RAY_ADDRESS", help="run the stage actors on this Ray cluster "
                    "(default: a new local Ray instance)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--replicas", default="", metavar="STAGE=N,...",
+                   help="actors per stage, e.g. diffusion=2,render=2 (stages: decode, features, memory, diffusion, "
+                        "render; default 1 each). Each session stays on one replica of every stage; replicas of a "
+                        "stage are spread over the Ray cluster's nodes; with --device cuda each GPU-stage replica "
+                        "reserves its GPU share (0.5)")
     p.add_argument("--max-sessions", type=int, default=8,
                    help="concurrent sessions; more get RESOURCE_EXHAUSTED (default 8: measure yours with "
                         "`echo-stream bench serve`)")

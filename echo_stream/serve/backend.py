@@ -3,7 +3,10 @@
 * :class:`RayBackend` — the stage actors of a :class:`~echo_stream.pipeline.RayRunner`
   (handles are Ray ``ObjectRef`` s: a handle passed as an argument of another
   call travels actor to actor without coming through this process); calls from
-  this process to one actor run in submission order;
+  this process to one actor run in submission order; a stage may have several
+  replicas (``PipelineOptions.replicas``): ``call(..., replica=i)`` addresses one,
+  and :meth:`RayBackend.assign` gives a session its replica of each stage
+  (:class:`~echo_stream.serve.routing.Router`);
 * :class:`InlineBackend` — the same stage objects in this process, one worker
   thread per stage (FIFO per stage, like an actor); for tests and debugging.
 
@@ -20,6 +23,7 @@ from typing import Any
 
 from ..pipeline import (BATCHED, STAGES, InlineRunner, PipelineOptions, RayRunner, close_session, run_chain,
                         stage_before)
+from .routing import Route, Router
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class RayBackend:
 
         self.ray = ray
         self.runner = runner
+        self.router = Router({s: len(r) for s, r in runner.replicas.items()})
 
     @classmethod
     def start(cls, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None,
@@ -44,8 +49,18 @@ class RayBackend:
         log.info("stage actors warmed up in %.2f s", backend.warm_up())
         return backend
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1):
-        return self.runner.call(stage, method, *args, num_returns=num_returns)
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+        return self.runner.call(stage, method, *args, num_returns=num_returns, replica=replica)
+
+    def replica_count(self, stage: str) -> int:
+        return len(self.runner.replicas[stage])
+
+    def assign(self, session_id: str, warm: dict | None = None) -> Route:
+        """The replica of each stage that serves a new session (least loaded, or warm; see :mod:`.routing`)."""
+        return self.router.assign(session_id, warm)
+
+    def release(self, route: Route) -> None:
+        self.router.release(route)
 
     async def get(self, handle) -> Any:
         return await handle
@@ -68,19 +83,28 @@ class RayBackend:
         t = time.perf_counter()
         sid = warmup.SESSION
         portrait = str(render.SAMPLE_PORTRAIT)
-        try:
-            self.ray.get([self.call("decode", "open_stream", sid),
-                          self.call("render", "open_session", sid, portrait)], timeout=timeout)
-            pk, _ = self.call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
-            wins = run_chain(self.call, pk, last=stage_before(BATCHED))
-            wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
-            out = self.ray.get(run_chain(self.call, wins, first=BATCHED), timeout=timeout)
-            for p in out:      # the egress reads these columns: the first conversion in a process is slow
-                for name, batch in p.batches.items():
-                    for col in batch.schema.names:
-                        schemas.column(batch, col)
-        finally:   # best effort: a failed warm-up's own error is the one to see
-            close_session(self.runner, sid)
+        for k in range(max(len(r) for r in self.runner.replicas.values())):   # every replica of every stage
+            route = {s: k % len(r) for s, r in self.runner.replicas.items()}
+
+            def call(stage, method, *args, num_returns=1):
+                return self.call(stage, method, *args, num_returns=num_returns, replica=route[stage])
+            try:
+                self.ray.get([call("decode", "open_stream", sid),
+                              call("render", "open_session", sid, portrait)], timeout=timeout)
+                pk, _ = call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
+                wins = run_chain(call, pk, last=stage_before(BATCHED))
+                wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
+                out = self.ray.get(run_chain(call, wins, first=BATCHED), timeout=timeout)
+                for p in out:      # the egress reads these columns: the first conversion in a process is slow
+                    for name, batch in p.batches.items():
+                        for col in batch.schema.names:
+                            schemas.column(batch, col)
+            finally:   # best effort: a failed warm-up's own error is the one to see
+                for stage in STAGES:
+                    try:
+                        self.ray.get(call(stage, "close_session", sid), timeout=timeout)
+                    except Exception:  # noqa: BLE001
+                        log.debug("warm-up close_session failed on %s", stage, exc_info=True)
         return time.perf_counter() - t
 
     def is_fault(self, exc: BaseException) -> bool:
@@ -98,31 +122,66 @@ class RayBackend:
             except Exception:  # noqa: BLE001 - best effort: the task may be done or not cancellable
                 pass
 
-    def actor(self, stage: str):
-        return self.runner.actors[stage]
+    def actor(self, stage: str, replica: int = 0):
+        return self.runner.replicas[stage][replica]
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until every stage answers (after a restart)."""
+    async def _answers(self, stage: str, replica: int, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.get(self.call(stage, "ping", replica=replica)), max(0.05, timeout))
+            return True
+        except Exception:  # noqa: BLE001 - dead, restarting, unreachable or busy past the timeout
+            return False
+
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
+        """Wait until the session's replica of every stage answers (every replica without ``route``).
+
+        With ``route``, a stage that has other replicas does not wait for a silent one (dead, restarting, on
+        a lost node) longer than ``move_after_s``: the route moves (in place) to the least loaded replica that
+        answers — the session re-opens there from its checkpoint. A stage with one replica waits for it, up
+        to ``timeout``."""
         deadline = time.monotonic() + timeout
-        for stage in STAGES:
-            while True:
-                try:
-                    await asyncio.wait_for(self.get(self.call(stage, "ping")), max(0.1, deadline - time.monotonic()))
-                    break
-                except Exception as e:  # noqa: BLE001
-                    if time.monotonic() > deadline:
-                        raise StageFault(f"stage {stage} did not come back within {timeout:.0f} s: {e}") from None
-                    await asyncio.sleep(0.1)
+        if route is None:
+            for stage, reps in self.runner.replicas.items():
+                for i in range(len(reps)):
+                    while not await self._answers(stage, i, deadline - time.monotonic()):
+                        if time.monotonic() > deadline:
+                            raise StageFault(f"stage {stage} (replica {i}) did not come back within {timeout:.0f} s")
+                        await asyncio.sleep(0.1)
+            return
+        await asyncio.gather(*(self._settle(stage, route, move_after_s, deadline, timeout) for stage in STAGES))
 
-    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
-        """Each stage actor's incarnation id (None: no answer in time); a change means a restart."""
-        async def one(stage):
+    async def _settle(self, stage: str, route: Route, move_after_s: float, deadline: float, timeout: float) -> None:
+        """One stage of :meth:`wait_ready`: every replica asked at once, the session's own kept if it answers."""
+        mine = route[stage]
+        while True:
+            order = [mine] + [i for i in self.router.by_load(stage) if i != mine]
+            wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
+            oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
+            ok = [i for i, good in zip(order, oks) if good]
+            if ok:
+                if ok[0] != mine:
+                    log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
+                    self.router.move(route, stage, ok[0])
+                return
+            if time.monotonic() > deadline:
+                raise StageFault(f"no replica of stage {stage} came back within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+    async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
+        """``{(stage, replica): incarnation id}`` of every replica (of ``route``'s only, when given); None: no
+        answer in time. A changed id means Ray restarted that replica: its sessions' state there is gone."""
+        if route is not None:
+            keys = [(s, route[s]) for s in STAGES]
+        else:
+            keys = [(s, i) for s, reps in self.runner.replicas.items() for i in range(len(reps))]
+
+        async def one(stage, i):
             try:
-                return await asyncio.wait_for(self.runner.actors[stage].incarnation_id.remote(), timeout)
+                return await asyncio.wait_for(self.runner.replicas[stage][i].incarnation_id.remote(), timeout)
             except Exception:  # noqa: BLE001 - dead, restarting or busy: ask again later
                 return None
-        vals = await asyncio.gather(*(one(s) for s in STAGES))
-        return dict(zip(STAGES, vals))
+        vals = await asyncio.gather(*(one(s, i) for s, i in keys))
+        return dict(zip(keys, vals))
 
     def shutdown(self) -> None:
         self.runner.shutdown()
@@ -148,7 +207,9 @@ class InlineBackend:
         out = self.runner.hosts[stage].call(method, *vals)
         return out
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+        if replica:
+            raise ValueError(f"the in-process backend has one {stage} stage, not replica {replica}")
         fut = self._pools[stage].submit(self._run, stage, method, args, num_returns)
         if num_returns == 1:
             return _Handle(fut)
@@ -177,11 +238,20 @@ class InlineBackend:
         for h in handles:
             h.future.cancel()
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
+    def replica_count(self, stage: str) -> int:
+        return 1
+
+    def assign(self, session_id: str, warm: dict | None = None) -> Route:
+        return {s: 0 for s in STAGES}
+
+    def release(self, route: Route) -> None:
+        pass
+
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         return None
 
-    async def incarnations(self, timeout: float = 10.0) -> dict[str, str | None]:
-        return {s: h.incarnation for s, h in self.runner.hosts.items()}
+    async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
+        return {(s, 0): h.incarnation for s, h in self.runner.hosts.items()}
 
     def shutdown(self) -> None:
         for p in self._pools.values():

@@ -6,6 +6,10 @@ every session queue up, and the next call takes all of them (up to
 ``max_batch``). After the first window of an idle period it waits at most
 ``max_wait_s`` for company, never for stragglers beyond that. A session has at
 most one window here at a time (its next window needs this one's motion).
+
+With several diffusion replicas the server runs one batcher per replica
+(``replica``): a session's windows go to the batcher of the replica that holds
+its state (``Session.route``), so a batch never mixes replicas.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class WindowBatcher:
-    def __init__(self, backend, max_batch: int = 64, max_wait_s: float = 0.004, stage: str = "diffusion"):
+    def __init__(self, backend, max_batch: int = 64, max_wait_s: float = 0.004, stage: str = "diffusion",
+                 replica: int = 0):
         self.backend = backend
+        self.replica = int(replica)
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.stage = stage
@@ -32,7 +38,7 @@ class WindowBatcher:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="window-batcher")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"window-batcher-{self.replica}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -83,7 +89,8 @@ class WindowBatcher:
             self.windows += len(batch)
             self.max_seen = max(self.max_seen, len(batch))
             try:
-                out = await self.backend.get(self.backend.call(self.stage, "process", [p for p, _, _ in batch]))
+                out = await self.backend.get(self.backend.call(self.stage, "process", [p for p, _, _ in batch],
+                                                                   replica=self.replica))
                 metrics.STAGE_LATENCY.labels(self.stage).observe(time.perf_counter() - now)
             except Exception as e:  # noqa: BLE001
                 if len(batch) > 1 and not self.backend.is_fault(e):
@@ -102,7 +109,7 @@ class WindowBatcher:
     async def _one_by_one(self, batch: list) -> None:
         for packet, fut, _ in batch:
             try:
-                res = (await self.backend.get(self.backend.call(self.stage, "process", [packet])))[0]
+                res = (await self.backend.get(self.backend.call(self.stage, "process", [packet], replica=self.replica)))[0]
             except Exception as e:  # noqa: BLE001
                 if not fut.done():
                     fut.set_exception(e)

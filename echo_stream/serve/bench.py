@@ -75,15 +75,16 @@ def run(args) -> int:
     server = backend = None
     target = args.target
     if target is None:
-        from ..pipeline import PipelineOptions
+        from ..pipeline import PipelineOptions, parse_replicas
         from .backend import RayBackend
         from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 
+        replicas = parse_replicas(getattr(args, "replicas", ""))
         start_ray(None, args.num_cpus)
         backend = RayBackend.start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
                                                    device=args.device, size=(args.size, args.size),
-                                                   stride=args.stride or None),
+                                                   stride=args.stride or None, replicas=replicas),
                                    num_cpus=args.num_cpus)
         server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None,
                                                               motion_stride=args.motion_stride or None, port=0,
@@ -93,7 +94,8 @@ def run(args) -> int:
     try:
         for n in counts:
             t = time.monotonic()
-            b0 = (server.server.batcher.batches, server.server.batcher.windows) if server else None
+            b0 = (sum(b.batches for b in server.server.batchers),
+                  sum(b.windows for b in server.server.batchers)) if server else None
             sessions = asyncio.run(_run_n(target, args.token, n, args, inputs))
             ok = [s for s in sessions if not s.get("rejected") and "error" not in s]
             rt = [s for s in ok if s["client_latency_p99_s"] is not None and s["client_latency_p99_s"] <= args.rt_p99
@@ -107,8 +109,9 @@ def run(args) -> int:
                    "client_latency_p99_s_max": _max(ok, "client_latency_p99_s"),
                    "wall_s": time.monotonic() - t, "per_session": sessions}
             if server:
-                bt = server.server.batcher
-                nb, nw = bt.batches - b0[0], bt.windows - b0[1]
+                bts = server.server.batchers
+                nb = sum(b.batches for b in bts) - b0[0]
+                nw = sum(b.windows for b in bts) - b0[1]
                 row["diffusion_batches"] = nb
                 row["diffusion_mean_batch"] = nw / nb if nb else None
             rows.append(row)
@@ -135,7 +138,8 @@ def run(args) -> int:
                    "model_config": args.config or "tiny", "device": args.device, "rt_p99_s": args.rt_p99,
                    "max_growth_s": args.max_growth, "sending": "real time, 80 ms avatar-audio chunks",
                    "stride_video_sessions": args.stride or "config new_frames",
-                   "stride_motion_sessions": args.motion_stride or "config new_frames"},
+                   "stride_motion_sessions": args.motion_stride or "config new_frames",
+                   "replicas": getattr(args, "replicas", "") or "1 per stage"},
         "definitions": {
             "server_latency": "avatar-audio chunk arrival at the ingress -> the frame with that pts leaving the "
                               "egress (server clock)",

@@ -27,10 +27,11 @@ def read_input_file(path: str | None, what: str) -> bytes | None:
 
 
 def run_serve(args) -> int:
-    from ..pipeline import PipelineOptions
+    from ..pipeline import PipelineOptions, parse_replicas
     from .auth import is_loopback, load_tokens
     from .wire import Limits
 
+    replicas = parse_replicas(args.replicas)          # a bad --replicas fails before anything starts
     tokens = load_tokens(args.tokens_file)
     if not is_loopback(args.host) and not tokens:
         raise InputError("--host", f"binding {args.host} (beyond loopback) needs bearer tokens: give "
@@ -50,7 +51,7 @@ def run_serve(args) -> int:
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
-                            size=(args.size, args.size), stride=args.stride or None)
+                            size=(args.size, args.size), stride=args.stride or None, replicas=replicas)
     return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
 
 
@@ -72,7 +73,8 @@ async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
             loop.add_signal_handler(sig, lambda: loop.create_task(server.drain()))
         print(f"echo-stream serve: listening on {opts.host}:{port} "
               f"({'TLS' if opts.tls_cert else 'plaintext'}, {'token auth' if opts.tokens else 'no auth: loopback'}, "
-              f"max {opts.max_sessions} sessions)"
+              f"max {opts.max_sessions} sessions"
+              + "".join(f", {n} {name} replicas" for name, n in popts.replicas.items() if n > 1) + ")"
               + (f"; metrics on :{metrics_port}/metrics" if metrics_port is not None else ""),
               file=sys.stderr, flush=True)
         await server.wait()

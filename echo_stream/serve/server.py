@@ -1,8 +1,9 @@
 """The gRPC service (``grpc.aio``, one event loop): admission, auth, sessions, health, reflection, drain.
 
-Every session shares the one stage pipeline (:mod:`echo_stream.serve.backend`);
-its diffusion windows are batched across sessions
-(:class:`~echo_stream.serve.batching.WindowBatcher`). Capacity is a number of
+Every session shares the one stage pipeline (:mod:`echo_stream.serve.backend`),
+on one replica of each stage (its route, chosen when it opens); its diffusion
+windows are batched across the sessions of its diffusion replica (one
+:class:`~echo_stream.serve.batching.WindowBatcher` per replica). Capacity is a number of
 sessions (``max_sessions``): past it a new session gets RESOURCE_EXHAUSTED and
 the admitted ones keep their latency. On :meth:`AvatarServer.drain` (SIGTERM in
 ``echo-stream serve``) health turns NOT_SERVING, new sessions get UNAVAILABLE,
@@ -20,6 +21,7 @@ import grpc
 from grpc import aio
 
 from .. import config
+from ..chain import BATCHED
 from ..errors import InputError, one_line
 from ..geometry import WindowGeometry, default_geometry
 from ..render.portrait import DecodedImage
@@ -151,7 +153,8 @@ class AvatarServer:
         self._strangers = SlotCounter()    # streams without a known token awaiting their first message, per peer
         self.draining = False
         self.server: aio.Server | None = None
-        self.batcher: WindowBatcher | None = None
+        self.batcher: WindowBatcher | None = None     # replica 0's (of self.batchers)
+        self.batchers: list[WindowBatcher] = []
         self.portraits = PortraitGate(opts.limits)
         self.health = None
         self.port: int | None = None
@@ -167,8 +170,12 @@ class AvatarServer:
         # the first session's first frame
         await asyncio.get_running_loop().run_in_executor(None, warm_up_encoder)
         await asyncio.get_running_loop().run_in_executor(None, self.portraits.start)
-        self.batcher = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s)
-        self.batcher.start()
+        n = self.backend.replica_count(BATCHED)
+        self.batchers = [WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=i)
+                         for i in range(n)]
+        for b in self.batchers:
+            b.start()
+        self.batcher = self.batchers[0]
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
@@ -224,28 +231,30 @@ class AvatarServer:
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.server is not None:
             await self.server.stop(grace)
-        if self.batcher is not None:
-            await self.batcher.stop()
+        for b in self.batchers:
+            await b.stop()
         self.portraits.close()
         if getattr(self, "_monitor", None) is not None:
             self._monitor.cancel()
         self._stopped.set()
 
     async def _watch_stages(self) -> None:
-        """Detect stage actors restarted by Ray even when no call of a session failed (an idle stage died):
-        every session then recovers (its state on that stage is gone)."""
+        """Detect stage replicas restarted by Ray even when no call of a session failed (an idle stage died):
+        the sessions routed to that replica then recover (their state there is gone); the others go on."""
         known = await self.backend.incarnations()
         while True:
             await asyncio.sleep(self.opts.monitor_interval_s)
             now = await self.backend.incarnations()
-            for stage, inc in now.items():
+            for (stage, replica), inc in now.items():
                 if inc is None:
                     continue
-                if known.get(stage) not in (None, inc):
-                    log.warning("stage %s was restarted: recovering %d session(s)", stage, len(self.sessions))
-                    for s in list(self.sessions.values()):
-                        asyncio.get_running_loop().create_task(s.stage_restarted(stage, inc))
-                known[stage] = inc
+                if known.get((stage, replica)) not in (None, inc):
+                    mine = [s for s in self.sessions.values() if s.route.get(stage) == replica]
+                    log.warning("stage %s replica %d was restarted: recovering %d of %d session(s)", stage, replica,
+                                len(mine), len(self.sessions))
+                    for s in mine:
+                        asyncio.get_running_loop().create_task(s.stage_restarted(stage, inc, replica))
+                known[(stage, replica)] = inc
 
     # ------------------------------------------------------------------ RPCs
     async def _abort(self, context, code: grpc.StatusCode, details: str, outcome: str | None = None):
@@ -328,7 +337,7 @@ class AvatarServer:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
             sid = secrets.token_urlsafe(24)
             o = self.opts
-            session = Session(sid, principal, spec, self.backend, self.batcher, o.limits, o.chunk_frames,
+            session = Session(sid, principal, spec, self.backend, self.batchers, o.limits, o.chunk_frames,
                               o.max_inflight, recovery_timeout_s=o.recovery_timeout_s, stride=stride,
                               geometry=o.geometry)
             self.sessions[sid] = session

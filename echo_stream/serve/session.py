@@ -22,6 +22,14 @@ the last checkpoint and its previous motion from the frames already sent, and
 the frames lost with the in-flight work are announced in one GAP event).
 Results of an older epoch are dropped, so every frame leaves at most once, in
 frame order.
+
+**Replicas**: a stage may run as several actors. The session gets one replica
+of each stage when it is created (``route``, from the backend's
+:class:`~echo_stream.serve.routing.Router`: session affinity) and addresses
+every call with it (:meth:`Session.call`); its windows go to that diffusion
+replica's batcher. A restarted replica concerns only the sessions routed to it;
+a replica that no longer answers after a fault is replaced in the route by one
+that does, and the new epoch opens there from the checkpoint.
 """
 from __future__ import annotations
 
@@ -72,6 +80,17 @@ def warm_up_encoder() -> None:
     enc = FragmentedMp4Encoder(64, 64, FPS, with_audio=True)
     enc.encode(np.zeros((3, 64, 64, 3), np.uint8), np.zeros(6 * SPF, np.float32))
     enc.close()
+
+
+def _portrait_key(spec) -> str | None:
+    """What identifies a video session's portrait for the render replicas' caches (None: no portrait)."""
+    if not spec.wants_video or spec.portrait is None:
+        return None
+    p = spec.portrait
+    if isinstance(p, (bytes, bytearray)):
+        import hashlib
+        return hashlib.sha1(p).hexdigest()
+    return getattr(p, "digest", None) or str(p)
 
 
 class SessionFailed(Exception):
@@ -171,7 +190,11 @@ class Session:
         self.principal = principal
         self.spec = spec
         self.backend = backend
-        self.batcher = batcher
+        #: the batcher of each diffusion replica (a single batcher: replica 0's)
+        self.batchers = list(batcher) if isinstance(batcher, (list, tuple)) else [batcher]
+        #: this session's replica of each stage (session affinity; changes only when a replica is lost)
+        self.route = backend.assign(session_id, warm={"render": _portrait_key(spec)})
+        self._released = False
         self.limits = limits
         self.chunk_s = chunk_frames / FPS
         # a generation window (S new frames) can be cut once the audio of S + L frames (+ the 10 ms the
@@ -217,6 +240,15 @@ class Session:
         self.redact: dict[str, str] = {}
         if isinstance(spec.portrait, str) and spec.avatar_id is not None:
             self.redact[spec.portrait] = f"avatar {spec.avatar_id!r}"
+
+    @property
+    def batcher(self):
+        """The batcher of the diffusion replica that holds this session's state."""
+        return self.batchers[self.route[BATCHED] % len(self.batchers)]
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        """``backend.call`` on this session's replica of ``stage`` (every call of the session goes through here)."""
+        return self.backend.call(stage, method, *args, num_returns=num_returns, replica=self.route[stage])
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -265,9 +297,12 @@ class Session:
         self._discard(self._drop_queued())
         for stage in STAGES:
             try:
-                self.backend.call(stage, "close_session", self.iid)
+                self.call(stage, "close_session", self.iid)
             except Exception:  # noqa: BLE001
                 pass
+        if not self._released:
+            self._released = True
+            self.backend.release(self.route)
         if self.fmp4 is not None:
             try:  # in the encoder's pool, under its lock: an encode of this session may still be running there
                 await asyncio.get_running_loop().run_in_executor(_ENCODE_POOL, self.fmp4.close)
@@ -275,19 +310,19 @@ class Session:
                 pass
 
     async def _open_epoch(self, restore: bool) -> None:
-        b, iid = self.backend, self.iid
-        hs = [b.call("memory", "set_stride", iid, self.stride),       # before import_state: same actor, in order
-              b.call("decode", "open_stream", iid), b.call("diffusion", "set_seed", iid, self.spec.seed)]
+        b, iid, call = self.backend, self.iid, self.call
+        hs = [call("memory", "set_stride", iid, self.stride),       # before import_state: same actor, in order
+              call("decode", "open_stream", iid), call("diffusion", "set_seed", iid, self.spec.seed)]
         if restore:
             if self.ckpt is not None:
-                hs.append(b.call("memory", "import_state", iid, self.ckpt))
+                hs.append(call("memory", "import_state", iid, self.ckpt))
             prev = [row for f, row in self.recent_motion if f < self.produced][-self.overlap:]
             if len(prev) == self.overlap:
-                hs.append(b.call("diffusion", "import_state", iid, {"prev": np.stack(prev)}))
+                hs.append(call("diffusion", "import_state", iid, {"prev": np.stack(prev)}))
         if self.spec.wants_video:
             if self._portrait_ref is None:         # stored once (an edge-decoded image is up to 12 MB), not per epoch
                 self._portrait_ref = b.put(self.spec.portrait)
-            hs.append(b.call("render", "open_session", iid, self._portrait_ref, (self.spec.width, self.spec.height)))
+            hs.append(call("render", "open_session", iid, self._portrait_ref, (self.spec.width, self.spec.height)))
         for h in hs:
             try:
                 await b.get(h)
@@ -296,7 +331,7 @@ class Session:
                     raise
                 raise self.failure_from(e, "session open") from None
         # which process of each stage holds this epoch's state (asked after the opens: same actor order)
-        self.incarnations = await b.incarnations()
+        self.incarnations = await b.incarnations(route=self.route)
 
     # ------------------------------------------------------------------ input (called by the RPC reader)
     async def decode_encoded(self, kind: str, item: dict) -> dict | None:
@@ -355,7 +390,7 @@ class Session:
             if kind == "transcript":
                 await self.ready.wait()
                 t0 = self._epoch_t0()                # stage times are relative to the epoch's frame 0
-                self.backend.call("memory", "add_transcript", transcript_batch(self.iid, [
+                self.call("memory", "add_transcript", transcript_batch(self.iid, [
                     _Segment(max(0.0, item["pts"] - t0), max(0.0, item["end_pts"] - t0), item["speaker"],
                              item["text"])]))
                 continue
@@ -389,11 +424,11 @@ class Session:
         self.group, self.group_s = [], 0.0
         if not items and not end:
             return
-        b, iid, epoch = self.backend, self.iid, self.epoch
+        call, iid, epoch = self.call, self.iid, self.epoch
         self.end_pushed = self.end_pushed or end
-        pk, info = b.call("decode", "push", iid, items, end, num_returns=2)
-        wins = run_chain(b.call, pk, last=_BEFORE_BATCH)       # decode's packet up to the windows
-        ck = None if end else b.call(_BEFORE_BATCH, "export_state", iid)   # the LCU memory checkpoint
+        pk, info = call("decode", "push", iid, items, end, num_returns=2)
+        wins = run_chain(call, pk, last=_BEFORE_BATCH)       # decode's packet up to the windows
+        ck = None if end else call(_BEFORE_BATCH, "export_state", iid)   # the LCU memory checkpoint
         self.replay_log.append((self.pushed_s, self.pushed_s + sec, items))
         self.pushed_s += sec
         await self.inflight.put(_Chain(epoch, self.frame_offset, info, wins, ck, time.perf_counter()))
@@ -421,7 +456,7 @@ class Session:
                     out = await self.batcher.submit(w)
                     if epoch != self.epoch:
                         break
-                    r = run_chain(self.backend.call, out, first=_AFTER_BATCH)
+                    r = run_chain(self.call, out, first=_AFTER_BATCH)
                     await self.render_q.put(_Rendering(epoch, offset, r, time.perf_counter()))
             except asyncio.CancelledError:
                 raise
@@ -548,7 +583,7 @@ class Session:
         self.ready.clear()
         for stage in STAGES:                         # after the old epoch's queued calls (per-actor order)
             try:
-                self.backend.call(stage, "close_session", old)
+                self.call(stage, "close_session", old)
             except Exception:  # noqa: BLE001
                 pass
         return old
@@ -610,8 +645,11 @@ class Session:
                 self.arrivals = deque(a for a in self.arrivals if a[1] > self.pushed_s)
             self.frame_offset = resume
             self.pushed_s = resume / FPS
+            before = dict(self.route)
             try:
-                await self.backend.wait_ready(self.recovery_timeout_s)
+                # the session's replicas; one that does not answer (lost with its node) is replaced by one that
+                # does: the new epoch opens there from the checkpoint
+                await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
                 await self._open_epoch(restore=True)
             except SessionFailed:
                 raise
@@ -620,6 +658,7 @@ class Session:
                                                    f"{self.recovery_timeout_s:g} s (error id "
                                                    f"{log_error(e2, 'recovery')}): retry the session") from None
             took = time.perf_counter() - t
+            moved = [f"{s} replica {before[s]} -> {i}" for s, i in self.route.items() if before[s] != i]
             if replay is not None:
                 what = "no frame was lost: the input in flight was replayed"
             elif gap:
@@ -632,8 +671,9 @@ class Session:
                 what = "no input was in flight: no frame lost"
             await self.outbox.put(Outgoing(pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
                 kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
-                message=f"a pipeline stage failed and was restarted; output stalled {took:.2f} s at frame "
-                        f"{stalled_at}; {what}")), resume if gap else None))
+                message=(f"a pipeline stage replica was lost; the session continued on another one "
+                         f"({', '.join(moved)})" if moved else "a pipeline stage failed and was restarted")
+                + f"; output stalled {took:.2f} s at frame {stalled_at}; {what}")), resume if gap else None))
             self.group = items + self.group
             self.group_s += seconds
             self.ready.set()
@@ -649,15 +689,19 @@ class Session:
         except Exception as f:  # noqa: BLE001
             self._fail(self.failure_from(f, "recovery"))
 
-    async def stage_restarted(self, stage: str, incarnation: str) -> None:
-        """A stage actor was restarted (its state of this session is gone): recover under a new epoch,
-        unless the session already re-opened on the new process (a failed call recovered it first)."""
+    async def stage_restarted(self, stage: str, incarnation: str, replica: int = 0) -> None:
+        """Replica ``replica`` of a stage was restarted (its state of this session is gone): recover under a new
+        epoch, unless the session already re-opened on the new process (a failed call recovered it first) or
+        no longer uses that replica (it moved to another one)."""
         from .backend import StageFault
 
-        if not self.done.is_set():
+        def still_needed() -> bool:
+            return self.route[stage] == replica and self.incarnations.get((stage, replica)) != incarnation
+
+        if not self.done.is_set() and self.route[stage] == replica:
             try:   # checked under the session's lock: a recovery in progress may already have re-opened there
-                await self._recover(self.epoch, StageFault(f"stage {stage} restarted"),
-                                    still_needed=lambda: self.incarnations.get(stage) != incarnation)
+                await self._recover(self.epoch, StageFault(f"stage {stage} replica {replica} restarted"),
+                                    still_needed=still_needed)
             except SessionFailed as e:
                 self._fail(e)
 

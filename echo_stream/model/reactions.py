@@ -215,8 +215,8 @@ class ReactionHead(nn.Module):
     def features(self, audio, video, blend, present) -> torch.Tensor:
         """(B, T, in_dim) raw inputs: the user's voice features and whether there is a voice (zeros, NaN
         included, where there is none). The face (``video``, ``blend``) is not read: every reaction kind
-        here follows the voice, and with 18 users to learn from, the face's identity was what the head
-        memorised (held-out loss rising from step 100 with it, see the README)."""
+        here follows the voice, and with the face as well the held-out loss was higher at every step
+        (the README)."""
         b, t = audio.shape[:2]
         on = present[..., 0:1] > 0.5
         return torch.cat([torch.where(on, audio.reshape(b, t, self.audio_dim), audio.new_zeros(())),

@@ -861,8 +861,12 @@ def run(args) -> int:
                   bptt_windows=args.bptt_windows or None, eval_batches=args.eval_batches, export=args.export,
                   threads=args.threads, long_known=args.long_known)
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
-    print(f"final checkpoint: {final} ({size / 1e6:.1f} MB) after {(time.perf_counter() - t) / 60:.1f} min; "
-          f"losses in {out / LOSS_CSV} and {out / LOSS_PNG}", file=sys.stderr)
+    return _report(args, f"final checkpoint: {final} ({size / 1e6:.1f} MB) after "
+                         f"{(time.perf_counter() - t) / 60:.1f} min; losses in {out / LOSS_CSV} and {out / LOSS_PNG}")
+
+
+def _report(args, line: str) -> int:
+    print(line, file=sys.stderr)
     if args.export:
         dest = default_checkpoint_path() if args.export == "default" else Path(args.export)
         print(f"exported to {dest}", file=sys.stderr)
@@ -883,12 +887,8 @@ def _run_reactions(args, shards: Path, out: Path, progress: bool) -> int:
     t = time.perf_counter()
     final = train_reactions(shards, out, args.init_from, steps=steps, batch_size=bs, lr=lr, seed=args.seed,
                             export=args.export, progress=progress)
-    print(f"final checkpoint with the reaction head: {final} after {(time.perf_counter() - t) / 60:.1f} min; "
-          f"figures in {final.parent / 'reactions.json'}", file=sys.stderr)
-    if args.export:
-        dest = default_checkpoint_path() if args.export == "default" else Path(args.export)
-        print(f"exported to {dest}", file=sys.stderr)
-    return 0
+    return _report(args, f"final checkpoint with the reaction head: {final} after "
+                         f"{(time.perf_counter() - t) / 60:.1f} min; figures in {final.parent / 'reactions.json'}")
 
 
 def main(argv: Iterable[str] | None = None) -> int:  # pragma: no cover - the package CLI wires run()

@@ -17,7 +17,8 @@ So the reaction is split the way its data is: **when** is learned, **what** is m
   cross-entropy on onsets found in the ground-truth motion (``echo-stream train --stage reactions``).
   Causal: a frame's probability depends on the user up to that frame only, so it streams.
 * Gesture templates -- the event-triggered mean of the ground-truth motion after each kind's onsets
-  (non-lip channels only: the lips stay with the avatar's own speech) and the spread of the events'
+  (in the kind's own region: head pose for nods, brows for brow raises; the lips stay with the avatar's
+  own speech, the eyes with its gaze) and the spread of the events'
   sizes, measured on the training data and stored with the head.
 * :class:`ReactionTrack` -- one per session at generation: draws onsets from the probabilities
   (deterministic in the session seed and the frame, like the blinks) and adds the scaled templates to
@@ -50,7 +51,8 @@ GROUPS = {"nod": "head", "micro_nod": "head", "brow_raise": "brow", "brow_flash"
 
 _PITCH = motion.CHANNEL_INDEX["headPitch"]
 _BROWS = [motion.CHANNEL_INDEX[c] for c in ("browOuterUpLeft", "browOuterUpRight")]
-_LIPS = motion.REGION_SLICES["lips"]
+#: the channels each group's gestures move (the event-triggered mean elsewhere -- eyes, mouth -- is left out)
+_REGION = {"head": motion.REGION_SLICES["head"], "brow": motion.REGION_SLICES["brows"]}
 
 # ---------------------------------------------------------------------------------------- detection
 
@@ -153,8 +155,9 @@ def measure_templates(tracks, onsets) -> tuple[np.ndarray, np.ndarray]:
     """Event-triggered mean motion of each kind and the spread of the events' sizes.
 
     ``tracks``: motion arrays (T, 58); ``onsets``: for each, :func:`detect_onsets`' dict. Returns
-    ``templates`` (len(KINDS), TEMPLATE_FRAMES, 58) -- motion relative to the frame before the onset,
-    lip channels zero, faded to 0 over its last third -- and ``gain_std`` (len(KINDS),): the standard
+    ``templates`` (len(KINDS), TEMPLATE_FRAMES, 58) -- motion relative to the frame before the onset, in
+    the kind's own region only (head pose for nods, brows for brow raises: the lips stay with the avatar's
+    speech and the eyes with its gaze), faded to 0 over its last third -- and ``gain_std`` (len(KINDS),): the standard
     deviation of each event's size relative to the template (its projection on it, in the kind's own
     channels: ``headPitch`` or the outer brows).
     """
@@ -173,8 +176,9 @@ def measure_templates(tracks, onsets) -> tuple[np.ndarray, np.ndarray]:
         if not segs:
             continue
         segs = np.stack(segs)
-        mean = segs.mean(0) * fade[:, None]
-        mean[:, _LIPS] = 0.0
+        mean = np.zeros((n, c))
+        own = _REGION[GROUPS[kind]]          # a nod moves the head, a brow raise the brows: nothing else
+        mean[:, own] = segs.mean(0)[:, own] * fade[:, None]
         templates[k] = mean
         ch = [_PITCH] if GROUPS[kind] == "head" else _BROWS
         main = mean[:, ch].ravel()

@@ -673,7 +673,9 @@ def test_streams_waiting_for_their_config_are_capped_and_strangers_wait_briefly(
                 held = rpc(metadata=(("authorization", f"Bearer {ALICE}"),))   # alice's pending stream ...
                 while st.server._pending < 1:
                     await asyncio.sleep(0.01)
-                second = await _status_of(alice.open(output="motion"))         # ... fills her one pending slot
+                # ... fills her one pending slot: a second one is refused before its first message is read (a raw
+                # stream that writes nothing: a client still writing its config could see its write fail first)
+                second = await _status_of(rpc(metadata=(("authorization", f"Bearer {ALICE}"),)).read())
                 held.cancel()
                 await s.end()
                 async for _ in s.messages():

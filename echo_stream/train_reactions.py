@@ -100,7 +100,7 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
     frozen = [p for n, p in model.named_parameters() if not n.startswith("reactions.")]
     for p in frozen:
         p.requires_grad_(False)
-    val_y = labelled(val_ds)[1] if val_ds is not None else None
+    val_on, val_y = labelled(val_ds) if val_ds is not None else (None, None)
     head.train()
     curve, val_curve = [], []
     it = range(steps)
@@ -143,7 +143,6 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
     head.trained.fill_(1.0)
     val: dict = {}
     if val_ds is not None:
-        val_on, val_y = labelled(val_ds)
         with torch.no_grad():
             probs = [head.probabilities(*(t[None] for t in _tensors(c, 0, c.frames)))[0] for c in val_ds.conversations]
             logit_all = torch.cat([head(*(t[None] for t in _tensors(c, 0, c.frames)))[0]

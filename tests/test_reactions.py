@@ -206,26 +206,55 @@ def test_head_ignores_absent_or_broken_inputs_of_a_modality(bad):
     assert torch.equal(ref, got) and torch.isfinite(got).all()
 
 
-def test_head_smoothing_removes_jitter_keeps_slow_motion_and_touches_only_the_head():
+def test_head_low_pass_removes_sway_keeps_slow_motion_and_touches_only_the_head():
+    from scipy.signal import welch
+
     from echo_stream.stages.diffusion import smooth_head
 
     rng = np.random.default_rng(0)
-    n = 400
+    n = 1500
     t = np.arange(n) / FPS
     m = np.tile(motion.neutral_motion(1), (n, 1)).astype(np.float32)
-    slow = 0.05 * np.sin(2 * np.pi * 0.4 * t)
-    m[:, PITCH] = slow + 0.01 * rng.standard_normal(n)                  # jitter on a slow movement
+    slow = 0.05 * np.sin(2 * np.pi * 0.1 * t)
+    sway = 0.01 * np.sin(2 * np.pi * 1.6 * t)                         # in the nod band
+    m[:, PITCH] = slow + sway + 0.01 * rng.standard_normal(n)          # + jitter
     m[:, motion.CHANNEL_INDEX["jawOpen"]] = rng.uniform(0, 1, n)       # lips: left alone
-    out, raw = [], None
-    for f0 in range(0, n, 6):                                          # window by window, as served
-        o, raw = smooth_head(m[f0:f0 + 6], raw, 3.0)
-        out.append(o)
-    out = np.concatenate(out)
+
+    def run(cut):
+        out, st, f0 = [], None, 0
+        for size in cut:
+            o, st = smooth_head(m[f0:f0 + size], st, 0.4)
+            out.append(o)
+            f0 += size
+        return np.concatenate(out)
+
+    out = run([6] * (n // 6))                                           # window by window, as served
+    np.testing.assert_array_equal(run([n]), out)                         # however the frames are cut
+    np.testing.assert_allclose(run([5, 7, 12, 1] * (n // 25)), out, atol=1e-6)
     np.testing.assert_array_equal(out[:, motion.CHANNEL_INDEX["jawOpen"]], m[:, motion.CHANNEL_INDEX["jawOpen"]])
-    jitter_in = np.abs(np.diff(m[:, PITCH], 2)).mean()
-    jitter_out = np.abs(np.diff(out[:, PITCH], 2)).mean()
-    assert jitter_out < jitter_in / 4
-    assert np.abs(out[20:, PITCH] - slow[20:]).mean() < 0.006          # the slow movement stays, without lag
+    f, p_in = welch(m[:, PITCH], fs=FPS, nperseg=250)
+    _, p_out = welch(out[:, PITCH], fs=FPS, nperseg=250)
+    band = (f >= 1.2) & (f <= 3.0)
+    assert p_out[band].sum() < p_in[band].sum() / 50                     # the nod band is cleared of sway
+    lag = int(np.argmax([np.dot(out[200:1200, PITCH], slow[200 - k:1200 - k]) for k in range(25)]))
+    assert lag <= 15                                                     # the slow motion stays, late < 0.6 s
+    np.testing.assert_allclose(out[200:, PITCH].std(), slow[200:].std(), rtol=0.1)
     const = np.tile(motion.neutral_motion(1), (12, 1)).astype(np.float32)
     const[:, PITCH] = 0.1
-    np.testing.assert_allclose(smooth_head(const, None, 3.0)[0], const, atol=1e-6)
+    np.testing.assert_allclose(smooth_head(const, None, 0.4)[0], const, atol=1e-6)   # settled from frame 0
+
+
+def test_a_reopened_session_continues_the_head_low_pass_from_its_last_frame():
+    import dataclasses
+
+    from echo_stream.stages.diffusion import DiffusionStage, smooth_head
+
+    stage = DiffusionStage(model=EchoModel(dataclasses.replace(CONFIGS["tiny"], reactions=True)).eval())
+    prev = np.tile(motion.neutral_motion(1), (19, 1)).astype(np.float32)
+    prev[-1, PITCH] = 0.12                                               # the last frame the session sent
+    stage.import_state("s", {"prev": prev})
+    head = stage.export_state("s")["head_filter"]
+    same = np.tile(prev[-1:], (5, 1))
+    np.testing.assert_allclose(smooth_head(same, np.asarray(head), stage.head_cutoff_hz)[0], same, atol=1e-6)
+    stage.import_state("t", {"prev": prev, "head_filter": head})           # a carried state is taken as it is
+    np.testing.assert_array_equal(stage.export_state("t")["head_filter"], head)

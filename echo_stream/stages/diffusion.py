@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import signal as sps
 
-from .. import motion, schemas
+from .. import config, motion, schemas
 from ..blinks import BlinkTrack
 from ..model import EchoModel, window_seed
 from ..model.reactions import ReactionTrack
@@ -41,7 +42,7 @@ class _SessionMotion:
     seq: int = 0
     blinks: BlinkTrack | None = None
     reactions: ReactionTrack | None = None
-    head_raw: np.ndarray | None = None    # (r, 6) the model's last head poses before smoothing
+    head_filter: np.ndarray | None = None   # the head-pose low-pass's state (smooth_head)
 
 
 def session_seed(session_id: str, seed: int | None) -> int:
@@ -51,35 +52,41 @@ def session_seed(session_id: str, seed: int | None) -> int:
     return zlib.crc32(session_id.encode()) & 0x7FFFFFFF
 
 
-#: default sigma (frames) of the head-pose smoothing: the 4-step sampler leaves the head pose jittery above
-#: 4 Hz (10-300x the ground truth's power there, 2.7x its mean acceleration; README). A 3-frame Gaussian
-#: (120 ms) removes it: gain 0.75 at 1 Hz, 0.32 at 2 Hz, < 0.01 above 4 Hz. The nods of the reaction
-#: track are added after it, at full size.
-HEAD_SMOOTHING = 3.0
+#: default cutoff (Hz) of the head-pose low-pass. The 4-step sampler leaves the head pose jittery (10-300x the
+#: ground truth's power above 4 Hz) and swaying at 0.5-1.5 Hz, where a listener's nods are: with the earlier
+#: 3-frame Gaussian the avatar's nod-band energy away from the user's pauses stayed 2.5x the ground truth's
+#: (0.016 vs 0.0065), so its nods after pauses stood out half as much. Between its gestures the ground
+#: truth's head moves below ~0.6 Hz (slow sway, speech-led nodding low-passed). The cutoff was chosen on
+#: *training* conversations (0.4 / 0.5 / 0.6 / 0.8 Hz -> 0.0057 / 0.0071 / 0.0087 / 0.0119, ground truth
+#: 0.0060; README "The model and its weights"). The nods of the reaction track are added after it, at full size.
+HEAD_CUTOFF_HZ = 0.4
 _HEAD = motion.REGION_SLICES["head"]
 
 
-def smooth_head(new: np.ndarray, raw_before: np.ndarray | None, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """``new`` (S, C) with its head-pose channels smoothed by a Gaussian of ``sigma`` frames, without latency.
+def _head_sos(cutoff_hz: float, fps: float) -> np.ndarray:
+    return sps.butter(2, min(cutoff_hz / (fps / 2), 0.99), output="sos")
 
-    A frame's kernel spans the model's earlier raw head poses (``raw_before``, kept per session) and this
-    window's frames; past this window's last frame it is cut (and renormalised): the window's frames
-    are all there is, so nothing waits for the next one. Returns the smoothed window and the raw head
-    poses to keep for the next one.
+
+def smooth_head(new: np.ndarray, state: np.ndarray | None, cutoff_hz: float,
+                fps: float = config.FPS) -> tuple[np.ndarray, np.ndarray]:
+    """``new`` (S, C) with its head-pose channels low-passed at ``cutoff_hz``: causal, without waiting.
+
+    A second-order Butterworth run frame by frame with its state kept per session (``state``; None at a
+    session's start, which begins the filter settled on the first pose, not swinging in from zero):
+    the result is the same however the frames are cut into windows, and nothing waits for later frames
+    (the price is a group delay of ~0.5 s at 0.4 Hz on the slow sway only; gestures are added after it).
+    Returns the filtered window and the state to keep for the next one.
     """
-    r = int(np.ceil(3 * sigma))
-    raw = np.asarray(new[:, _HEAD], np.float64)
-    hist = np.zeros((0, raw.shape[1])) if raw_before is None else np.asarray(raw_before, np.float64)
-    x = np.concatenate([hist, raw])
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    sos = _head_sos(cutoff_hz, fps)
+    x = np.asarray(new[:, _HEAD], np.float64)
+    if len(x) == 0:
+        return np.array(new, copy=True), state
+    if state is None:
+        state = sps.sosfilt_zi(sos)[:, :, None] * x[0][None, None, :]
+    y, state = sps.sosfilt(sos, x, axis=0, zi=np.asarray(state, np.float64))
     out = np.array(new, copy=True)
-    h = len(hist)
-    for i in range(len(raw)):
-        c = h + i
-        a, b = max(0, c - r), min(len(x), c + r + 1)
-        w = k[a - c + r: b - c + r]
-        out[i, _HEAD] = (w @ x[a:b]) / w.sum()
-    return out, x[-r:].astype(np.float32)
+    out[:, _HEAD] = y
+    return out, state
 
 
 class DiffusionStage(Stage):
@@ -89,10 +96,10 @@ class DiffusionStage(Stage):
 
     def __init__(self, model: EchoModel | None = None, model_loader=None, device: str = "cpu",
                  stride: int | None = None, blinks: bool = True, user_guidance: float = 1.0,
-                 reactions: bool = True, head_smoothing: float = HEAD_SMOOTHING) -> None:
+                 reactions: bool = True, head_cutoff_hz: float = HEAD_CUTOFF_HZ) -> None:
         super().__init__()
-        #: sigma (frames) of the Gaussian that smooths the model's head pose (0 = off; see :func:`smooth_head`)
-        self.head_smoothing = head_smoothing
+        #: cutoff (Hz) of the low-pass on the model's head pose (0 = off; see :func:`smooth_head`)
+        self.head_cutoff_hz = head_cutoff_hz
         #: add the listener reactions of a model with a reaction head (see the module docstring)
         self.reactions = reactions
         #: guidance on the user branch (``EchoModel.sample``); 1 = none (the default)
@@ -178,8 +185,8 @@ class DiffusionStage(Stage):
                 new, probs = results[id(p)]
                 s = self._session(sid)
                 t0 = int(p.meta["t0"])
-                if self.head_smoothing > 0:
-                    new, s.head_raw = smooth_head(new, s.head_raw, self.head_smoothing)
+                if self.head_cutoff_hz > 0:
+                    new, s.head_filter = smooth_head(new, s.head_filter, self.head_cutoff_hz, self.model.cfg.fps)
                 if probs is not None:
                     if s.reactions is None:
                         head = self.model.reactions
@@ -249,6 +256,8 @@ class DiffusionStage(Stage):
         st = {"prev": s.prev.copy(), "seed": s.seed, "seq": s.seq}
         if s.reactions is not None:
             st["reactions"] = s.reactions.state()
+        if s.head_filter is not None:
+            st["head_filter"] = np.asarray(s.head_filter).tolist()
         return st
 
     def import_state(self, session_id: str, state: dict) -> None:
@@ -262,6 +271,12 @@ class DiffusionStage(Stage):
             head = self.model.reactions
             s.reactions = ReactionTrack(s.seed, head.templates.cpu().numpy(), head.gain_std.cpu().numpy())
             s.reactions.restore(state["reactions"])
+        if state.get("head_filter") is not None:
+            s.head_filter = np.asarray(state["head_filter"], np.float64)
+        elif self.head_cutoff_hz > 0 and len(s.prev):
+            # a re-opened session: the low-pass continues from the last frame it sent, without a jump
+            sos = _head_sos(self.head_cutoff_hz, self.model.cfg.fps)
+            s.head_filter = sps.sosfilt_zi(sos)[:, :, None] * np.asarray(s.prev[-1, _HEAD], np.float64)[None, None, :]
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .dataset import ShardDataset, audio_draw, augment_audio
+from .errors import InputError
 from .model import reactions as R
 from .model.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
 from .model.echo import EchoModel
@@ -68,8 +69,9 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
     model = EchoModel(cfg)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or not all(k.startswith("reactions.") for k in missing):
-        raise RuntimeError(f"{init_from}: weights do not fit the model with a reaction head "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise InputError(init_from, f"its weights do not fit the model with a reaction head (missing "
+                                    f"{missing[:5]}, unexpected {unexpected[:5]}); pass a checkpoint that "
+                                    f"`echo-stream train --stage 2` wrote")
     model.checkpoint_meta = dict(base.checkpoint_meta)
     head = model.reactions
     train_ds = ShardDataset(shards_dir, "train", cfg)

@@ -47,6 +47,7 @@ def test_interpolated_costs_and_bad_arguments_named(tmp_path, capsys):
     for argv, says in [(["--sessions", "0"], "--sessions: '0' is not a comma-separated list"),
                        (["--replicas", "difusion=2"], "--replicas: unknown stage 'difusion'"),
                        (["--costs", str(tmp_path / "nope.json")], "--costs: "),
-                       (["--costs", str(costs_file), "--time-scale", "0.5"], "--time-scale: 0.5: must be a number >= 1")]:
+                       (["--costs", str(costs_file), "--time-scale", "0.5"], "--time-scale: 0.5: must be a number >= 1"),
+                       (["--plot", str(costs_file)], "--plot: ")]:
         assert cli.main(["bench", "capacity", *argv, "--out", str(tmp_path)]) == 1
         assert says in capsys.readouterr().err

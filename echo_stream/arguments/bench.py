@@ -163,3 +163,5 @@ def add_capacity_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=RESULTS, help=f"directory for the JSON and PNG (default {RESULTS})")
     p.add_argument("--name", default=None,
                    help="JSON file name (default capacity_<costs>.json; the PNG gets the same stem)")
+    p.add_argument("--plot", metavar="JSON",
+                   help="only redraw the figure of an earlier result (its PNG beside it); runs nothing")

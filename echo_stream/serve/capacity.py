@@ -655,6 +655,16 @@ def run(args) -> int:
     from ..config import get_config
     from ..machine import environment
 
+    if args.plot:
+        try:
+            with open(args.plot) as f:
+                result = json.load(f)
+            png = os.path.splitext(args.plot)[0] + ".png"
+            plot(result, png)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError("--plot", f"{args.plot}: not a capacity JSON ({type(e).__name__}: {e})") from None
+        print(f"wrote {png}")
+        return 0
     counts = _counts(args.sessions)
     given = parse_replicas(args.replicas)
     if args.duration <= 0 or args.ramp < 0:
@@ -737,10 +747,10 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, scale, title in ((axes[0], "frame_latency_quantiles_s", 1.0, "frame latency (arrival -> egress), s"),
                                   (axes[1], "window_wait_quantiles_s", 1e3, "window cut -> its diffusion call, ms")):
-        for r in [result["baseline"]] + rows:
+        for j, r in enumerate([result["baseline"]] + rows):
             if r.get(key):
                 alone = r is result["baseline"]
-                ax.plot(q, scale * np.asarray(r[key]), linestyle="--" if alone else "-",
+                ax.plot(q, scale * np.asarray(r[key]), linestyle="--" if alone else "-", color=f"C{j}",
                         label="1 session alone" if alone else f"{r['sessions']} sessions / {r['replicas'][BATCHED]} "
                                                                f"{BATCHED} replicas")
         ax.set_xlabel("percentile")
@@ -752,6 +762,7 @@ def plot(result: dict, path: str) -> None:
         h = r["diffusion_batches"]["histogram"]
         total = sum(h.values()) or 1
         ax.bar(np.asarray([int(k) for k in h]) + j * width, [v / total for v in h.values()], width=width,
+               color=f"C{j + 1}",
                label=f"{r['sessions']} sessions (mean {r['diffusion_batches']['mean']:.1f})")
     ax.set_xlabel("windows per diffusion call")
     ax.set_ylabel("share of calls")
@@ -759,7 +770,7 @@ def plot(result: dict, path: str) -> None:
     ax.legend(fontsize=8)
     k = result["config"].get("time_scale", 1.0)
     fig.suptitle(f"capacity simulation (real ingress, stand-in stages{'' if k == 1 else f', time scale {k:g}'}): "
-                 f"{result['costs']['source'][:120]}", fontsize=9)
+                 f"{result['costs']['source']}", fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,6 @@ exactly once and no GAP (no session is moved to scale down)."""
 import asyncio
 import time
 
-import numpy as np
 import pytest
 
 from echo_stream import cli

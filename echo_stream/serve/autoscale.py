@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..chain import STAGES
+from ..chain import stage_items
 from ..errors import InputError
 
 
@@ -44,18 +44,11 @@ def parse_autoscale(text: str | None, target: float = 4.0, up_delay_s: float = 2
         if not v >= 0 or not math.isfinite(v):
             raise InputError(name, f"{v}: seconds must be a number >= 0")
     out: dict[str, ScaleSpec] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, rng = (p.strip() for p in item.partition("="))
+    for name, rng in stage_items(text, flag, "STAGE=MIN:MAX", "diffusion=1:4"):
+        item = f"{name}={rng}"
         lo, colon, hi = rng.partition(":")
-        if not sep or not name or not colon:
+        if not colon:
             raise InputError(flag, f"{item!r} is not STAGE=MIN:MAX: give e.g. {flag} diffusion=1:4")
-        if name not in STAGES:
-            raise InputError(flag, f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
-        if name in out:
-            raise InputError(flag, f"stage {name!r} is named twice: give each stage once")
         try:
             lo_n, hi_n = int(lo), int(hi)
         except ValueError:

@@ -77,8 +77,10 @@ class StageCosts:
     def diffusion_s(self, n: int) -> float:
         pts = sorted((int(k), float(v)) for k, v in self.diffusion_ms.items())
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        if n <= xs[0] or len(xs) == 1:
-            return ys[0] / 1e3 * (n / xs[0] if len(xs) == 1 and n > xs[0] else 1.0)
+        if len(xs) == 1:                                  # one point: proportional beyond it
+            return ys[0] / 1e3 * max(1.0, n / xs[0])
+        if n <= xs[0]:
+            return ys[0] / 1e3
         if n >= xs[-1]:
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
             return (ys[-1] + slope * (n - xs[-1])) / 1e3
@@ -91,6 +93,8 @@ class StageCosts:
     def load(cls, d: dict) -> "StageCosts":
         d = dict(d)
         d["diffusion_ms"] = {int(k): float(v) for k, v in d["diffusion_ms"].items()}
+        if not d["diffusion_ms"] or min(d["diffusion_ms"]) < 1:
+            raise ValueError("diffusion_ms needs at least one batch size >= 1")
         return cls(**d)
 
     def with_gpu_diffusion(self, base_ms: float, per_window_ms: float) -> "StageCosts":

@@ -39,6 +39,28 @@ STAGES = tuple(s.name for s in PIPELINE)
 BATCHED = next(s.name for s in PIPELINE if s.batched)
 
 
+def stage_items(text: str | None, flag: str, form: str = "STAGE=N", example: str = "diffusion=2,render=2"):
+    """``(stage, value)`` of each item of a comma-separated ``STAGE=VALUE`` option (``--replicas``,
+    ``--autoscale``), in order. Raises :class:`~echo_stream.errors.InputError` naming ``flag`` and the problem
+    for an item that is not ``form``, an unknown stage or a stage named twice."""
+    from .errors import InputError
+
+    seen: set = set()
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise InputError(flag, f"{item!r} is not {form}: give e.g. {flag} {example}")
+        if name not in STAGES:
+            raise InputError(flag, f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
+        if name in seen:
+            raise InputError(flag, f"stage {name!r} is named twice: give each stage once")
+        seen.add(name)
+        yield name, value
+
+
 def parse_replicas(text: str | None, flag: str = "--replicas") -> dict[str, int]:
     """``"diffusion=2,render=2"`` -> ``{"diffusion": 2, "render": 2}`` (stages not named: 1 replica each).
 
@@ -47,17 +69,7 @@ def parse_replicas(text: str | None, flag: str = "--replicas") -> dict[str, int]
     from .errors import InputError
 
     out: dict[str, int] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, count = (part.strip() for part in item.partition("="))
-        if not sep or not name or not count:
-            raise InputError(flag, f"{item!r} is not STAGE=N: give e.g. {flag} diffusion=2,render=2")
-        if name not in STAGES:
-            raise InputError(flag, f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
-        if name in out:
-            raise InputError(flag, f"stage {name!r} is named twice: give each stage once")
+    for name, count in stage_items(text, flag):
         try:
             n = int(count)
         except ValueError:

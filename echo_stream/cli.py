@@ -84,11 +84,13 @@ BENCHMARKS = (
      "bench:add_soak_bench_arguments", "serve.soak"),
     ("web", "latency over WebRTC: headless Chromium talking to `web`, server-side and glass-to-glass", None,
      "bench:add_web_bench_arguments", "web.bench"),
+    ("capacity", "internet scale by simulation: the real ingress, routing and batching, stand-in stages", None,
+     "bench:add_capacity_bench_arguments", "serve.capacity"),
 )
 
 #: the commands whose help keeps its own line breaks (epilogs with examples, docstring descriptions)
 _RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client", "web"}
-_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak", "web"}
+_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak", "web", "capacity"}
 
 
 def _add_command(sub, name: str, help_: str, desc: str | None, args_fn: str, runner: str | None,

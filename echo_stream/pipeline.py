@@ -65,6 +65,9 @@ class PipelineOptions:
     #: actors per stage (``--replicas diffusion=2,render=2``; stages not named: 1). Serving routes every call
     #: of a session to one replica per stage (``serve.routing``); generate uses replica 0 of each
     replicas: dict[str, int] = field(default_factory=dict)
+    #: the most replicas an autoscaled stage may reach (``serve --autoscale``): the start checks the cluster's
+    #: CPUs and GPUs against these, so that scaling up never waits for resources the cluster lacks
+    max_replicas: dict[str, int] = field(default_factory=dict)
     #: reserve each GPU stage's GPU share per replica: None = with a CUDA device (the normal case). True
     #: reserves them whatever the device: a test seam, to check placement on fake GPU resources
     #: (``ray.init(num_gpus=2)``) with actors that compute on the CPU
@@ -190,28 +193,45 @@ class RayRunner:
         """``max_restarts``: how often Ray restarts a stage actor that dies (-1: always; serving)."""
         import ray
 
-        from .actors import make_stage_actor
-
         self.ray = ray
         self._owns_ray = ensure_pipeline_ray(address, num_cpus)
         stages = build_stages(opts)
         gpu_resources(stages, opts.device, opts.reserve_gpus)
         try:
             counts = replica_counts(opts.replicas)
+            most = {s: max(n, opts.max_replicas.get(s, n)) for s, n in counts.items()}
             have = ray.cluster_resources()
-            check_gpu_capacity(opts.device, float(have.get("GPU", 0)), counts, opts.reserve_gpus)
-            check_cpu_capacity(stages, float(have.get("CPU", 0)), counts)
+            check_gpu_capacity(opts.device, float(have.get("GPU", 0)), most, opts.reserve_gpus)
+            check_cpu_capacity(stages, float(have.get("CPU", 0)), most)
         except InputError:
             if self._owns_ray:
                 ray.shutdown()
             raise
+        self._stages, self._max_restarts = stages, max_restarts
         #: every stage's actors, replica 0 first; a stage of N > 1 replicas is spread over the cluster's nodes
         #: (Ray's SPREAD strategy: a lost node takes as few of them as it can)
-        self.replicas = {name: [make_stage_actor(stages[name], max_restarts=max_restarts,
-                                                 **({"scheduling_strategy": "SPREAD"} if counts[name] > 1 else {}))
-                                for _ in range(counts[name])] for name in STAGES}
+        self.replicas = {name: [self._new_actor(name, spread=most[name] > 1) for _ in range(counts[name])]
+                         for name in STAGES}
         #: replica 0 of each stage (what a single-session driver such as generate uses)
         self.actors = {name: reps[0] for name, reps in self.replicas.items()}
+
+    def _new_actor(self, stage: str, spread: bool):
+        from .actors import make_stage_actor
+
+        return make_stage_actor(self._stages[stage], max_restarts=self._max_restarts,
+                                **({"scheduling_strategy": "SPREAD"} if spread else {}))
+
+    def start_replica(self, stage: str, timeout: float = 300.0):
+        """A new, set-up actor of ``stage`` (blocks while it loads and warms its models); not yet in
+        ``replicas``: the caller adds it (autoscaling, ``serve.autoscale``). Raises TimeoutError (the actor
+        killed) when it is not up within ``timeout`` s (e.g. no resources for it)."""
+        actor = self._new_actor(stage, spread=True)
+        try:
+            self.ray.get(actor.setup.remote(), timeout=timeout)
+        except BaseException:
+            self.ray.kill(actor)
+            raise
+        return actor
 
     def _all(self):
         """``(label, actor)`` of every replica: ``"diffusion"`` for replica 0, ``"diffusion#1"`` ... after it."""

@@ -13,9 +13,9 @@ SIZE = 96
 
 
 @contextlib.contextmanager
-def ray_backend(size: int = SIZE, replicas: dict | None = None):
+def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: dict | None = None):
     """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px (``replicas``:
-    actors per stage, as ``--replicas``)."""
+    actors per stage, as ``--replicas``; ``max_replicas``: the most an autoscaled stage may reach)."""
     import ray
 
     from echo_stream.serve.backend import RayBackend
@@ -23,7 +23,8 @@ def ray_backend(size: int = SIZE, replicas: dict | None = None):
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
     try:
-        backend = RayBackend.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {})), max_restarts=-1)
+        backend = RayBackend.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {}),
+                                                   max_replicas=dict(max_replicas or {})), max_restarts=-1)
         try:
             yield backend
         finally:

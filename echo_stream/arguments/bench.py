@@ -132,3 +132,36 @@ def add_web_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="its WebDriver (default /usr/bin/chromedriver)")
     p.add_argument("--out", default=RESULTS, help=f"directory for web_latency.json (default {RESULTS})")
     p.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page at the end")
+
+
+def add_capacity_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream bench capacity``."""
+    p.add_argument("--sessions", default="100,300,1000",
+                   help="concurrent sessions per run, comma-separated (default 100,300,1000); one session alone "
+                        "runs first as the baseline")
+    p.add_argument("--replicas", default="diffusion=64", metavar="STAGE=N,...",
+                   help="simulated replicas per stage, as `serve --replicas` (default diffusion=64); stages not "
+                        "named get enough replicas to stay at most 60%% busy at the offered load")
+    p.add_argument("--costs", default="measure",
+                   help="what a stand-in replica sleeps: 'measure' (time the tiny model's stages on this CPU, "
+                        "default), 'gpu-assumed' (those CPU costs, but a diffusion call costs --gpu-batch-ms: an "
+                        "assumption, not a measurement) or an earlier capacity JSON (its 'costs')")
+    p.add_argument("--gpu-batch-ms", default="8,0.4", metavar="BASE,PER_WINDOW",
+                   help="with --costs gpu-assumed: ms per diffusion call = BASE + PER_WINDOW x windows (default 8,0.4)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of avatar audio per session (default 20)")
+    p.add_argument("--ramp", type=float, default=5.0, help="sessions open evenly over this many seconds (default 5)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new frames per window of the (motion-only) sessions (default: the config's new_frames)")
+    p.add_argument("--max-batch", type=int, default=64, help="windows per diffusion call at most, as `serve` (64)")
+    p.add_argument("--batch-wait-ms", type=float, default=4.0,
+                   help="the batcher's wait for company after an idle period, as `serve` (default 4)")
+    p.add_argument("--time-scale", type=float, default=1.0, metavar="K",
+                   help="run every clock the sessions and stand-ins see K times slower (client pacing, stage costs, "
+                        "batch wait) and divide latencies by K: for fleets whose ingress needs more CPU than this "
+                        "machine has (default 1 = real time)")
+    p.add_argument("--config", default="tiny", help="model config: window geometry and measured costs (default tiny)")
+    p.add_argument("--out", default=RESULTS, help=f"directory for the JSON and PNG (default {RESULTS})")
+    p.add_argument("--name", default=None,
+                   help="JSON file name (default capacity_<costs>.json; the PNG gets the same stem)")
+    p.add_argument("--plot", metavar="JSON",
+                   help="only redraw the figure of an earlier result (its PNG beside it); runs nothing")

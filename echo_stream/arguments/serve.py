@@ -51,6 +51,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "render; default 1 each). Each session stays on one replica of every stage; replicas of a "
                         "stage are spread over the Ray cluster's nodes; with --device cuda each GPU-stage replica "
                         "reserves its GPU share (0.5)")
+    p.add_argument("--autoscale", default="", metavar="STAGE=MIN:MAX,...",
+                   help="replicas of a stage follow the load between MIN and MAX, e.g. diffusion=1:4 (a stage named "
+                        "here is not named in --replicas; it starts with MIN). One more replica when the sessions per "
+                        "replica stay above --scale-target for --scale-up-delay s; the last replica drains (no new "
+                        "sessions) when they stay below for --scale-down-delay s, and goes when its sessions have "
+                        "ended (none is moved). The cluster must hold MAX replicas (checked at start)")
+    p.add_argument("--scale-target", type=float, default=4.0, metavar="SESSIONS",
+                   help="sessions per replica the autoscaler aims at (default 4)")
+    p.add_argument("--scale-up-delay", type=float, default=2.0, metavar="S",
+                   help="seconds the load stays above the target before a replica is added (default 2)")
+    p.add_argument("--scale-down-delay", type=float, default=10.0, metavar="S",
+                   help="seconds the load stays below the target before a replica drains (default 10)")
     p.add_argument("--max-sessions", type=int, default=8,
                    help="concurrent sessions; more get RESOURCE_EXHAUSTED (default 8: measure yours with "
                         "`echo-stream bench serve`)")

@@ -62,6 +62,26 @@ class RayBackend:
     def release(self, route: Route) -> None:
         self.router.release(route)
 
+    async def add_replica(self, stage: str, timeout: float = 300.0) -> int:
+        """Start one more replica of ``stage`` (it loads its models off the event loop) and route new sessions
+        to it; returns its number (autoscaling, :mod:`.autoscale`)."""
+        loop = asyncio.get_running_loop()
+        actor = await loop.run_in_executor(None, self.runner.start_replica, stage, timeout)
+        self.runner.replicas[stage].append(actor)
+        i = len(self.runner.replicas[stage]) - 1
+        try:     # Ray's first transfers to and from it, as warm_up does at start (no session is routed there yet)
+            await loop.run_in_executor(None, self._warm_route, {**{s: 0 for s in STAGES}, stage: i}, timeout)
+        except BaseException:
+            self.ray.kill(self.runner.replicas[stage].pop())
+            raise
+        return self.router.add(stage)
+
+    def remove_replica(self, stage: str) -> int:
+        """Remove ``stage``'s last replica, which must serve no session (drain it first); returns its number."""
+        i = self.router.remove_last(stage)
+        self.ray.kill(self.runner.replicas[stage].pop())
+        return i
+
     async def get(self, handle) -> Any:
         return await handle
 
@@ -77,35 +97,37 @@ class RayBackend:
         first (de)serialisation of the packet classes, here and there). Without this a server's first session pays it
         on its first frame (0.4 s on 2 CPU cores). Returns the seconds it took.
         """
+        t = time.perf_counter()
+        for k in range(max(len(r) for r in self.runner.replicas.values())):   # every replica of every stage
+            self._warm_route({s: k % len(r) for s, r in self.runner.replicas.items()}, timeout)
+        return time.perf_counter() - t
+
+    def _warm_route(self, route: Route, timeout: float) -> None:
+        """:meth:`warm_up` through one replica of each stage (``route``)."""
         from .. import render, schemas
         from ..stages import warmup
 
-        t = time.perf_counter()
         sid = warmup.SESSION
-        portrait = str(render.SAMPLE_PORTRAIT)
-        for k in range(max(len(r) for r in self.runner.replicas.values())):   # every replica of every stage
-            route = {s: k % len(r) for s, r in self.runner.replicas.items()}
 
-            def call(stage, method, *args, num_returns=1):
-                return self.call(stage, method, *args, num_returns=num_returns, replica=route[stage])
-            try:
-                self.ray.get([call("decode", "open_stream", sid),
-                              call("render", "open_session", sid, portrait)], timeout=timeout)
-                pk, _ = call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
-                wins = run_chain(call, pk, last=stage_before(BATCHED))
-                wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
-                out = self.ray.get(run_chain(call, wins, first=BATCHED), timeout=timeout)
-                for p in out:      # the egress reads these columns: the first conversion in a process is slow
-                    for name, batch in p.batches.items():
-                        for col in batch.schema.names:
-                            schemas.column(batch, col)
-            finally:   # best effort: a failed warm-up's own error is the one to see
-                for stage in STAGES:
-                    try:
-                        self.ray.get(call(stage, "close_session", sid), timeout=timeout)
-                    except Exception:  # noqa: BLE001
-                        log.debug("warm-up close_session failed on %s", stage, exc_info=True)
-        return time.perf_counter() - t
+        def call(stage, method, *args, num_returns=1):
+            return self.call(stage, method, *args, num_returns=num_returns, replica=route[stage])
+        try:
+            self.ray.get([call("decode", "open_stream", sid),
+                          call("render", "open_session", sid, str(render.SAMPLE_PORTRAIT))], timeout=timeout)
+            pk, _ = call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
+            wins = run_chain(call, pk, last=stage_before(BATCHED))
+            wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
+            out = self.ray.get(run_chain(call, wins, first=BATCHED), timeout=timeout)
+            for p in out:      # the egress reads these columns: the first conversion in a process is slow
+                for name, batch in p.batches.items():
+                    for col in batch.schema.names:
+                        schemas.column(batch, col)
+        finally:   # best effort: a failed warm-up's own error is the one to see
+            for stage in STAGES:
+                try:
+                    self.ray.get(call(stage, "close_session", sid), timeout=timeout)
+                except Exception:  # noqa: BLE001
+                    log.debug("warm-up close_session failed on %s", stage, exc_info=True)
 
     def is_fault(self, exc: BaseException) -> bool:
         from ray import exceptions as rex

@@ -31,7 +31,15 @@ def run_serve(args) -> int:
     from .auth import is_loopback, load_tokens
     from .wire import Limits
 
+    from .autoscale import parse_autoscale
+
     replicas = parse_replicas(args.replicas)          # a bad --replicas fails before anything starts
+    autoscale = parse_autoscale(args.autoscale, args.scale_target, args.scale_up_delay, args.scale_down_delay)
+    both = sorted(set(replicas) & set(autoscale))
+    if both:
+        raise InputError("--autoscale", f"{', '.join(both)} is named in --replicas too: an autoscaled stage starts "
+                                        "with its MIN replicas; name it in one of the two")
+    replicas.update({stage: spec.min for stage, spec in autoscale.items()})
     tokens = load_tokens(args.tokens_file)
     if not is_loopback(args.host) and not tokens:
         raise InputError("--host", f"binding {args.host} (beyond loopback) needs bearer tokens: give "
@@ -49,9 +57,10 @@ def run_serve(args) -> int:
                                   host=args.host, port=args.port, max_sessions=args.max_sessions, tokens=tokens,
                         tls_cert=read_input_file(args.tls_cert, "TLS certificate"), tls_key=read_input_file(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
-                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, autoscale=autoscale)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
-                            size=(args.size, args.size), stride=args.stride or None, replicas=replicas)
+                            size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
+                            max_replicas={stage: spec.max for stage, spec in autoscale.items()})
     return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
 
 
@@ -74,7 +83,9 @@ async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
         print(f"echo-stream serve: listening on {opts.host}:{port} "
               f"({'TLS' if opts.tls_cert else 'plaintext'}, {'token auth' if opts.tokens else 'no auth: loopback'}, "
               f"max {opts.max_sessions} sessions"
-              + "".join(f", {n} {name} replicas" for name, n in popts.replicas.items() if n > 1) + ")"
+              + "".join(f", {n} {name} replicas" for name, n in popts.replicas.items()
+                        if n > 1 and name not in opts.autoscale)
+              + "".join(f", {name} autoscaled {s.min}..{s.max}" for name, s in opts.autoscale.items()) + ")"
               + (f"; metrics on :{metrics_port}/metrics" if metrics_port is not None else ""),
               file=sys.stderr, flush=True)
         await server.wait()

@@ -31,6 +31,7 @@ QUEUE_DEPTH = Gauge("echo_stream_queue_depth", "items waiting, summed over sessi
 # diffusion (windows waiting for the next batch)
 DIFFUSION_BATCH = Histogram("echo_stream_diffusion_batch_size", "session windows per diffusion model call",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+REPLICAS = Gauge("echo_stream_replicas", "replicas of an autoscaled stage", ["stage"])
 DIFFUSION_WAIT = Histogram("echo_stream_diffusion_queue_seconds", "window ready -> its batch starts", buckets=_LAT)
 
 

@@ -38,13 +38,20 @@ class Router:
         self.load = {s: [0] * n for s, n in self.counts.items()}
         #: (stage, warm key) -> the replica that last prepared it (e.g. a portrait's digest -> render replica)
         self.warm: dict[tuple, int] = {}
+        #: replicas being drained for removal (autoscaling down): no new sessions go there
+        self.draining: dict[str, set] = {s: set() for s in STAGES}
+
+    def _open(self, stage: str) -> list[int]:
+        """The stage's replicas that take new sessions (all of them if every one is draining)."""
+        n = self.counts[stage]
+        return [i for i in range(n) if i not in self.draining[stage]] or list(range(n))
 
     def _pick(self, stage: str, key: str) -> int:
         n = self.counts[stage]
         h = int.from_bytes(hashlib.blake2b(f"{stage}/{key}".encode(), digest_size=8).digest(), "big")
         start = h % n
         # least loaded first; among equals the first one at or after the hash's position (stable per session)
-        return min(range(n), key=lambda i: (self.load[stage][i], (i - start) % n))
+        return min(self._open(stage), key=lambda i: (self.load[stage][i], (i - start) % n))
 
     def assign(self, key: str, warm: dict | None = None) -> Route:
         """A new session's replica of each stage (counted until :meth:`release`). ``warm``: ``{stage: key}`` of
@@ -56,7 +63,7 @@ class Router:
             wk = (warm or {}).get(s)
             if wk is not None:
                 hot = self.warm.get((s, wk))
-                if hot is not None and hot < self.counts[s] and \
+                if hot is not None and hot < self.counts[s] and hot not in self.draining[s] and \
                         self.load[s][hot] <= min(self.load[s]) + WARM_SLACK:
                     route[s] = hot
                 self.warm.pop((s, wk), None)        # re-inserted last: the oldest keys are forgotten first
@@ -79,5 +86,28 @@ class Router:
         route[stage] = to
 
     def by_load(self, stage: str) -> list[int]:
-        """The stage's replicas, least loaded first."""
-        return sorted(range(self.counts[stage]), key=lambda i: (self.load[stage][i], i))
+        """The stage's replicas, least loaded first (those being drained last)."""
+        return sorted(range(self.counts[stage]), key=lambda i: (i in self.draining[stage], self.load[stage][i], i))
+
+    # -- autoscaling (``serve.autoscale``): replicas come and go at the end of the list
+    def add(self, stage: str) -> int:
+        """A new replica of ``stage`` (the last); returns its number."""
+        self.counts[stage] += 1
+        self.load[stage].append(0)
+        return self.counts[stage] - 1
+
+    def drain(self, stage: str, replica: int, on: bool = True) -> None:
+        """Stop (``on``) or resume routing new sessions to ``replica``."""
+        (self.draining[stage].add if on else self.draining[stage].discard)(replica)
+
+    def remove_last(self, stage: str) -> int:
+        """Forget the stage's last replica, which must serve no session; returns its number."""
+        i = self.counts[stage] - 1
+        if i < 1 or self.load[stage][i]:
+            raise ValueError(f"{stage} replica {i} cannot be removed: it is the only one or serves sessions")
+        self.counts[stage] -= 1
+        self.load[stage].pop()
+        self.draining[stage].discard(i)
+        for k in [k for k, v in self.warm.items() if k[0] == stage and v == i]:
+            del self.warm[k]
+        return i

@@ -78,6 +78,9 @@ class ServeOptions:
         return self.geometry.stride(requested, "stride_frames")
     recovery_timeout_s: float = 30.0
     monitor_interval_s: float = 0.5         # how often stage actors are asked for their incarnation
+    #: autoscaled stages: ``{stage: autoscale.ScaleSpec}`` (``--autoscale``); the others keep their count
+    autoscale: dict = field(default_factory=dict)
+    autoscale_interval_s: float = 0.5       # how often the autoscaler looks at the load
 
 
 _NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
@@ -177,6 +180,8 @@ class AvatarServer:
             b.start()
         self.batcher = self.batchers[0]
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
+        self._scaler = asyncio.get_running_loop().create_task(self._autoscale(), name="autoscaler") \
+            if self.opts.autoscale else None
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
                                           ("grpc.max_send_message_length", lim)])
@@ -234,8 +239,9 @@ class AvatarServer:
         for b in self.batchers:
             await b.stop()
         self.portraits.close()
-        if getattr(self, "_monitor", None) is not None:
-            self._monitor.cancel()
+        for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None)):
+            if task is not None:
+                task.cancel()
         self._stopped.set()
 
     async def _watch_stages(self) -> None:
@@ -255,6 +261,56 @@ class AvatarServer:
                     for s in mine:
                         asyncio.get_running_loop().create_task(s.stage_restarted(stage, inc, replica))
                 known[(stage, replica)] = inc
+            for key in set(known) - set(now):      # a replica removed by autoscaling
+                del known[key]
+
+    async def _autoscale(self) -> None:
+        """The autoscaled stages' replicas follow their sessions (policy and design: :mod:`.autoscale`)."""
+        from .autoscale import StageScaler
+
+        scalers = {stage: StageScaler(spec) for stage, spec in self.opts.autoscale.items()}
+        while True:
+            await asyncio.sleep(self.opts.autoscale_interval_s)
+            for stage, scaler in scalers.items():
+                try:
+                    await self._scale_step(stage, scaler, time.monotonic())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. no resources for a new replica: try again later
+                    log.warning("autoscaling %s failed (error id %s); the replicas stay as they are", stage,
+                                log_error(e, f"autoscaling {stage}"))
+
+    async def _scale_step(self, stage: str, scaler, now: float) -> None:
+        router = self.backend.router
+        n = router.counts[stage]
+        last = n - 1
+        sessions = sum(router.load[stage])
+        metrics.REPLICAS.labels(stage).set(n)
+        if last in router.draining[stage]:
+            if scaler.wanted(sessions) >= n:          # the load came back: keep it
+                router.drain(stage, last, on=False)
+                log.info("autoscale: %s replica %d takes sessions again (%d sessions)", stage, last, sessions)
+            elif router.load[stage][last] == 0:       # drained: its last session ended
+                self.backend.remove_replica(stage)
+                if stage == BATCHED:
+                    await self.batchers.pop().stop()
+                log.info("autoscale: %s %d -> %d replicas (%d sessions)", stage, n, n - 1, sessions)
+                metrics.REPLICAS.labels(stage).set(n - 1)
+            return
+        step = scaler.decide(now, sessions, n)
+        if step > 0:
+            log.info("autoscale: %s %d -> %d replicas (%d sessions, target %g per replica): starting one", stage,
+                     n, n + 1, sessions, scaler.spec.target)
+            i = await self.backend.add_replica(stage)
+            if stage == BATCHED:
+                b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=i)
+                b.start()
+                self.batchers.append(b)
+            metrics.REPLICAS.labels(stage).set(n + 1)
+        elif step < 0:
+            router.drain(stage, last)
+            log.info("autoscale: %s replica %d drains (%d sessions there): no new sessions; removed when they "
+                     "have ended", stage, last, router.load[stage][last])
 
     # ------------------------------------------------------------------ RPCs
     async def _abort(self, context, code: grpc.StatusCode, details: str, outcome: str | None = None):

@@ -190,8 +190,10 @@ class Session:
         self.principal = principal
         self.spec = spec
         self.backend = backend
-        #: the batcher of each diffusion replica (a single batcher: replica 0's)
-        self.batchers = list(batcher) if isinstance(batcher, (list, tuple)) else [batcher]
+        #: the batcher of each diffusion replica (a single batcher: replica 0's); the server's own list, which
+        #: grows and shrinks with autoscaling
+        self.batchers = batcher if isinstance(batcher, list) else list(batcher) if isinstance(batcher, tuple) \
+            else [batcher]
         #: this session's replica of each stage (session affinity; changes only when a replica is lost)
         self.route = backend.assign(session_id, warm={"render": _portrait_key(spec)})
         self._released = False

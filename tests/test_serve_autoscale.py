@@ -1,0 +1,134 @@
+"""Autoscaling of a stage (``serve --autoscale diffusion=1:2``): the policy and the router's bookkeeping without
+Ray, then diffusion going 1 -> 2 -> 1 replicas on a real local Ray while sessions come and go, every frame
+exactly once and no GAP (no session is moved to scale down)."""
+import asyncio
+import time
+
+import pytest
+
+from echo_stream import cli
+from echo_stream.serve.autoscale import ScaleSpec, StageScaler, parse_autoscale
+from echo_stream.serve.routing import Router
+
+from . import mediagen, replicated
+from .served import ray_backend, server_thread
+
+
+# ---------------------------------------------------------------------------------------------- no Ray
+def test_autoscale_is_parsed_and_bad_values_named(capsys):
+    assert parse_autoscale("diffusion=1:4, render=2:2", target=8) == {
+        "diffusion": ScaleSpec(1, 4, 8.0, 2.0, 10.0), "render": ScaleSpec(2, 2, 8.0, 2.0, 10.0)}
+    assert parse_autoscale("") == {}
+    for bad, says in [("diffusion=4", "is not STAGE=MIN:MAX"), ("difusion=1:2", "unknown stage 'difusion'"),
+                      ("diffusion=2:1", "need 1 <= MIN <= MAX"), ("diffusion=0:2", "need 1 <= MIN <= MAX"),
+                      ("diffusion=a:2", "whole numbers"), ("render=1:2,render=1:3", "named twice")]:
+        with pytest.raises(Exception) as e:
+            parse_autoscale(bad)
+        assert str(e.value).startswith("--autoscale: ") and says in str(e.value), str(e.value)
+    with pytest.raises(Exception, match="--scale-target: 0.0: sessions per replica"):
+        parse_autoscale("diffusion=1:2", target=0.0)
+    assert cli.main(["serve", "--port", "0", "--replicas", "diffusion=2", "--autoscale", "diffusion=1:3"]) == 1
+    assert "--autoscale: diffusion is named in --replicas too" in capsys.readouterr().err
+
+
+def test_scaler_waits_its_delays_and_does_not_flap():
+    sc = StageScaler(ScaleSpec(1, 3, target=2, up_delay_s=1.0, down_delay_s=5.0))
+    assert [sc.wanted(n) for n in (0, 2, 3, 5, 9)] == [1, 1, 2, 3, 3]
+    assert sc.decide(0.0, 5, 1) == 0 and sc.decide(0.5, 5, 1) == 0 and sc.decide(1.0, 5, 1) == +1
+    assert sc.decide(1.1, 3, 2) == 0                        # as wanted: nothing
+    assert sc.decide(2.0, 0, 2) == 0 and sc.decide(4.0, 4, 2) == 0   # a dip shorter than the delay is forgotten
+    assert sc.decide(5.0, 0, 2) == 0 and sc.decide(9.9, 0, 2) == 0 and sc.decide(10.0, 0, 2) == -1
+    assert sc.decide(11.0, 0, 1) == 0                       # at MIN
+
+
+def test_router_drains_and_removes_only_an_empty_last_replica():
+    r = Router({"diffusion": 1})
+    a = r.assign("a")
+    assert r.add("diffusion") == 1 and r.counts["diffusion"] == 2
+    b = r.assign("b")
+    assert (a["diffusion"], b["diffusion"]) == (0, 1)       # a new replica takes the next sessions
+    r.drain("diffusion", 1)
+    assert r.assign("c")["diffusion"] == 0 and r.by_load("diffusion")[-1] == 1   # no new session on a draining one
+    with pytest.raises(ValueError, match="serves sessions"):
+        r.remove_last("diffusion")
+    r.release(b)
+    assert r.remove_last("diffusion") == 1 and r.counts["diffusion"] == 1 and r.load["diffusion"] == [2]
+    with pytest.raises(ValueError, match="the only one"):
+        r.remove_last("diffusion")
+
+
+# ---------------------------------------------------------------------------------------------- real Ray
+@pytest.mark.ray
+@pytest.mark.slow
+def test_diffusion_scales_up_under_load_and_back_down():
+    """Two sessions on one diffusion replica (target 1 session per replica) -> a second replica starts; a third
+    session opened then lands on it; all end -> the second replica drains and goes. Every session gets every
+    frame exactly once, in order, without a GAP."""
+    spec = ScaleSpec(1, 2, target=1.0, up_delay_s=0.3, down_delay_s=1.0)
+    with ray_backend(96, max_replicas={"diffusion": 2}) as backend, \
+            server_thread(backend, max_sessions=4, autoscale={"diffusion": spec}, autoscale_interval_s=0.2) as (st, target):
+        router = backend.router
+        counts, routes = [], {}
+
+        async def probe(stop):
+            while not stop.is_set():
+                counts.append(router.counts["diffusion"])
+                routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
+                await asyncio.sleep(0.1)
+
+        async def session(c, i, until):
+            """Real-time audio until ``until`` is set (and at least 1 s); returns (result, seconds sent)."""
+            from echo_stream.serve.client import SessionResult
+
+            audio = mediagen.speech_like(120.0, 16000, seed=40 + i)
+            s = await c.open(output="motion", seed=i)
+            res = SessionResult(session_id=s.session_id)
+
+            async def read():
+                async for m in s.messages():
+                    res.add(m)
+            reader = asyncio.get_running_loop().create_task(read())
+            k, t0 = 0, time.monotonic()
+            while not (until.is_set() and k >= 16000) and k < len(audio):
+                await s.send_avatar_audio(audio[k:k + 1280])
+                k += 1280
+                await asyncio.sleep(max(0.0, t0 + k / 16000 - time.monotonic()))
+            await s.end()
+            await reader
+            return res, k / 16000
+
+        async def main():
+            from echo_stream.serve.client import AvatarClient
+
+            stop, done = asyncio.Event(), asyncio.Event()
+            watcher = asyncio.get_running_loop().create_task(probe(stop))
+            async with AvatarClient(target) as c:
+                first = [asyncio.get_running_loop().create_task(session(c, i, done)) for i in range(2)]
+                t_load = time.monotonic()
+                deadline = t_load + 150
+                while router.counts["diffusion"] < 2:           # the new actor loads and warms its models
+                    assert time.monotonic() < deadline, "diffusion did not scale up within 150 s"
+                    assert not any(t.done() for t in first), [t.result() for t in first if t.done()]
+                    await asyncio.sleep(0.2)
+                print(f"diffusion scaled up {time.monotonic() - t_load:.1f} s after the second session opened")
+                third = asyncio.get_running_loop().create_task(session(c, 2, done))
+                await asyncio.sleep(2.0)
+                done.set()
+                results = await asyncio.gather(*first, third)
+            deadline = time.monotonic() + 60
+            while router.counts["diffusion"] > 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            print(f"diffusion back to {router.counts['diffusion']} replica {time.monotonic() - deadline + 60:.1f} s "
+                  "after the sessions ended")
+            stop.set()
+            await watcher
+            return results
+
+        results = asyncio.run(main())
+        assert max(counts) == 2 and counts[0] == 1 and router.counts["diffusion"] == 1, counts
+        assert len(st.server.batchers) == 1 and len(backend.runner.replicas["diffusion"]) == 1
+        assert [routes[r.session_id] for r, _ in results] == [0, 0, 1]
+        for res, seconds in results:
+            replicated.check_exactly_once(res, replicated.frames_of(seconds))
+            assert not replicated.gaps(res) and res.stats.recoveries == 0
+        assert router.load["diffusion"] == [0]

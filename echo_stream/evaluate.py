@@ -24,6 +24,10 @@ Metrics
 * ``rules``: every listener rule of :mod:`echo_stream.corpus.listener`
   measured from the conversation's events (:func:`echo_stream.corpus.rule_metrics`)
   on the same three, plus blinks.
+  ``listener`` and ``rules`` of the model (and with its user branch off) are means over
+  ``reaction_seeds`` sampling seeds (``seed``, ``seed + 1``, ...): a reaction is drawn, and three
+  held-out conversations hold few events (9 questions), so one seed's brow figure moves by ±40 %;
+  ``rules_seed_sd`` gives the spread of the per-seed means.
 * ``real_user``: the same avatar audio and seed with and without a real
   person's face (the Pexels test video, tracked) and voice (espeak-ng clips):
   mean |difference| of non-lip and lip channels.
@@ -47,6 +51,7 @@ from . import config, features, media, motion, schemas
 from .arguments.training import add_eval_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from .manifest import read_manifest
 from .chain import local_call, run_chain
+from .errors import InputError
 from .stages import Packet
 from .stages.diffusion import DiffusionStage
 from .stages.memory import MemoryStage
@@ -232,8 +237,9 @@ def _interference(present: list[np.ndarray], silent: list[np.ndarray]) -> dict:
 
 def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | None = None,
              tts_dir: str | None = None, max_clips: int = 4, seed: int = 0, progress: bool = True,
-             stride: int | None = None, user_guidance: float = 1.0) -> dict:
-    """Every metric of the module docstring; ``stride``: new frames per window of every rollout (None: the
+             stride: int | None = None, user_guidance: float = 1.0, reaction_seeds: int = 3) -> dict:
+    """Every metric of the module docstring; ``reaction_seeds``: sampling seeds the listener and rule metrics
+    of the model are averaged over; ``stride``: new frames per window of every rollout (None: the
     config's own ``new_frames``; serving's low-latency windows use fewer); ``user_guidance``: see
     ``EchoModel.sample`` (every rollout)."""
     from .corpus import rule_metrics
@@ -249,7 +255,9 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
         return rollout(*a, stride=stride, user_guidance=user_guidance, **kw)
 
     res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus, "stride": stride,
-                 "user_guidance": user_guidance, "clips": [r["conversation_id"] for r in rows]}
+                 "user_guidance": user_guidance, "clips": [r["conversation_id"] for r in rows],
+                 "reaction_seeds": list(range(seed, seed + max(1, reaction_seeds)))}
+    per_seed: dict = {"model": {}, "user_branch_off": {}}     # name -> seed -> rule rows
     t0 = time.perf_counter()
     ls, seg = [], {"model": ([], []), "ablation": ([], [])}
     listener = {"ground_truth": [], "model": [], "user_branch_off": []}
@@ -287,6 +295,14 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
         for name, x in variants.items():
             listener[name].append(listener_metrics(x, user_samples, user_smile))
             rules[name].append(rule_metrics(x, user_motion=user_motion, events=events))
+            if name in per_seed:
+                per_seed[name].setdefault(seed, []).append(rules[name][-1])
+        for k in res["reaction_seeds"][1:]:       # the drawn reactions under other seeds
+            for name, f in (("model", feats), ("user_branch_off", silence_user(feats))):
+                x = roll(model, f, segs, k)
+                listener[name].append(listener_metrics(x, user_samples, user_smile))
+                rules[name].append(rule_metrics(x, user_motion=user_motion, events=events))
+                per_seed[name].setdefault(k, []).append(rules[name][-1])
     res["lip_sync_heldout_synthetic"] = float(np.mean(ls))
     res["lip_sync_per_clip"] = ls
     sdcm = {"model": _interference(*seg["model"])}
@@ -306,6 +322,11 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
         if v.get("nod_energy_elsewhere"):
             v["nod_energy_ratio"] = v["nod_energy_after_pauses"] / v["nod_energy_elsewhere"]
     res["rules"] = {name: _mean_table(v, RULE_METRICS) for name, v in rules.items() if v}
+    res["rules_seed_sd"] = {}
+    for name, by_seed in per_seed.items():
+        means = [_mean_table(v, RULE_METRICS) for v in by_seed.values()]
+        res["rules_seed_sd"][name] = {k: float(np.std([m_[k] for m_ in means if k in m_]))
+                                      for k in RULE_METRICS if all(k in m_ for m_ in means)}
     if gt_all:
         res["frechet_motion"] = frechet(np.concatenate(gen_all), np.concatenate(gt_all))
     # real speech
@@ -464,8 +485,10 @@ def plot(res: dict, path: str) -> None:
 
 
 def run(args) -> int:
+    if args.reaction_seeds < 1:
+        raise InputError("--reaction-seeds", f"{args.reaction_seeds}: give 1 or more seeds")
     res = evaluate(args.checkpoint, args.corpus, args.out, ablation=args.ablation, tts_dir=args.tts,
-                   max_clips=args.clips, seed=args.seed, progress=not args.quiet, stride=args.stride,
-                   user_guidance=args.user_guidance)
+                   max_clips=args.clips, seed=args.seed, reaction_seeds=args.reaction_seeds,
+                   progress=not args.quiet, stride=args.stride, user_guidance=args.user_guidance)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("per_clip")}, indent=2))
     return 0

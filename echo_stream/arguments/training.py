@@ -113,6 +113,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results/eval", help="output directory for eval.json and eval.png")
     p.add_argument("--clips", type=int, default=4, help="held-out conversations to use")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reaction-seeds", type=int, default=3, metavar="N",
+                   help="sampling seeds (SEED, SEED+1, ...) the listener and rule metrics of the model are averaged "
+                        "over: reactions are drawn, and a few held-out conversations hold few events (default 3)")
     p.add_argument("--stride", type=int, default=None, metavar="FRAMES",
                    help="new frames per generation window of every rollout (default: the config's new_frames; "
                         "serve uses 6 for video sessions)")

@@ -10,6 +10,7 @@ from echo_stream import cli, config
 from echo_stream.protos import echo_stream_pb2 as pb
 
 from . import mediagen
+from .served import stream_around
 
 PORTRAIT = str(cli.ASSETS / "portrait.jpg")
 
@@ -55,21 +56,10 @@ async def sessions_with_fault(target: str, n: int, seconds: float, fault, output
         kw = {"portrait": portrait, "size": size} if outputs[i] == "both" else {}
         s = await c.open(output=outputs[i], seed=i, **kw)
         ids[i] = s.session_id
-        res = SessionResult(session_id=s.session_id)
-        for k in range(0, cut, 1280):
-            await s.send_avatar_audio(audio[k:min(k + 1280, cut)])
-        it = s.messages().__aiter__()
-        while len(res.motion_frames) < 10:
-            res.add(await it.__anext__())
-        mid[i].set()
-        await go.wait()
-        for k in range(cut, len(audio), 1280):
-            await s.send_avatar_audio(audio[k:k + 1280])
-            await asyncio.sleep(0.02)
-        await s.end()
-        async for m in it:
-            res.add(m)
-        return res
+        async def rendezvous():      # every session mid-stream, then the fault, then on
+            mid[i].set()
+            await go.wait()
+        return await stream_around(s, SessionResult(session_id=s.session_id), audio[:cut], audio[cut:], rendezvous)
 
     async with AvatarClient(target) as c:
         tasks = [asyncio.get_running_loop().create_task(one(c, i)) for i in range(n)]

@@ -5,6 +5,7 @@ preprocessing) run between them.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from echo_stream.pipeline import PipelineOptions
@@ -51,3 +52,21 @@ def served(size: int = SIZE, **opts):
     """Both: yields ``(ServerThread, target, backend)``."""
     with ray_backend(size) as backend, server_thread(backend, **opts) as (st, target):
         yield st, target, backend
+
+
+async def stream_around(s, res, before, after, mid, chunk: int = 1280, pace_s: float = 0.02):
+    """Send ``before`` (16 kHz samples) to session ``s``, read until 10 motion frames are in ``res``, await
+    ``mid()`` (the fault, or a rendezvous), send ``after`` paced, end and read the rest into ``res``."""
+    for k in range(0, len(before), chunk):
+        await s.send_avatar_audio(before[k:k + chunk])
+    it = s.messages().__aiter__()
+    while len(res.motion_frames) < 10:
+        res.add(await it.__anext__())
+    await mid()
+    for k in range(0, len(after), chunk):
+        await s.send_avatar_audio(after[k:k + chunk])
+        await asyncio.sleep(pace_s)
+    await s.end()
+    async for m in it:
+        res.add(m)
+    return res

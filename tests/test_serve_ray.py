@@ -21,7 +21,7 @@ from echo_stream.generate import GenerateRequest, generate
 from echo_stream.protos import echo_stream_pb2 as pb
 
 from . import mediagen
-from .served import ray_backend, server_thread
+from .served import ray_backend, server_thread, stream_around
 
 ray = pytest.importorskip("ray")
 
@@ -124,20 +124,9 @@ def test_stage_actor_killed_mid_session(server, backend):
     async def main():
         async with AvatarClient(target) as c:
             s = await c.open(output="motion", seed=1)
-            res = SessionResult(session_id=s.session_id)
-            for i in range(0, len(before), 1280):
-                await s.send_avatar_audio(before[i:i + 1280])
-            it = s.messages().__aiter__()
-            while len(res.motion_frames) < 10:
-                res.add(await it.__anext__())
-            ray.kill(backend.actor("memory"), no_restart=False)     # the LCU memory's process dies
-            for i in range(0, len(after), 1280):
-                await s.send_avatar_audio(after[i:i + 1280])
-                await asyncio.sleep(0.02)
-            await s.end()
-            async for m in it:
-                res.add(m)
-            return res
+            async def kill():       # the LCU memory's process dies
+                ray.kill(backend.actor("memory"), no_restart=False)
+            return await stream_around(s, SessionResult(session_id=s.session_id), before, after, kill)
     res = asyncio.run(main())
     gaps = [e for e in res.events if e.kind == pb.Event.GAP]
     assert gaps, "no GAP event after the stage failure"

@@ -247,6 +247,8 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
     from .pipeline import load_model
     from .transcript import load as load_transcript
 
+    if reaction_seeds < 1:
+        raise InputError("--reaction-seeds", f"{reaction_seeds}: give 1 or more seeds")
     model = load_model(checkpoint, None)
     abl = load_model(ablation, None) if ablation else None
     corpus_p = Path(corpus)
@@ -256,7 +258,7 @@ def evaluate(checkpoint: str | None, corpus: str, out_dir: str, ablation: str | 
 
     res: dict = {"checkpoint": checkpoint or "default", "ablation": ablation, "corpus": corpus, "stride": stride,
                  "user_guidance": user_guidance, "clips": [r["conversation_id"] for r in rows],
-                 "reaction_seeds": list(range(seed, seed + max(1, reaction_seeds)))}
+                 "reaction_seeds": list(range(seed, seed + reaction_seeds))}
     per_seed: dict = {"model": {}, "user_branch_off": {}}     # name -> seed -> rule rows
     t0 = time.perf_counter()
     ls, seg = [], {"model": ([], []), "ablation": ([], [])}
@@ -485,8 +487,6 @@ def plot(res: dict, path: str) -> None:
 
 
 def run(args) -> int:
-    if args.reaction_seeds < 1:
-        raise InputError("--reaction-seeds", f"{args.reaction_seeds}: give 1 or more seeds")
     res = evaluate(args.checkpoint, args.corpus, args.out, ablation=args.ablation, tts_dir=args.tts,
                    max_clips=args.clips, seed=args.seed, reaction_seeds=args.reaction_seeds,
                    progress=not args.quiet, stride=args.stride, user_guidance=args.user_guidance)

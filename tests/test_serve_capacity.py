@@ -30,7 +30,7 @@ def test_small_fleet_serves_every_window_once():
     assert sum(int(k) * v for k, v in b["histogram"].items()) == c["windows_generated"]
     assert b["replicas_used"] == 3 and 1 <= b["max"] <= 2
     assert out["sessions_per_diffusion_replica"] == {"min": 4, "max": 4, "mean": 4.0}
-    assert out["ingress"]["cpu_per_session"] > 0 and out["frame_latency_s"]["p99"] >= out["frame_latency_s"]["p50"]
+    assert out["ingress"]["cpu_per_session"] > 0 and out["frame_latency_s"]["p50"] > 0
 
 
 def test_interpolated_costs_and_bad_arguments_named(tmp_path, capsys):
@@ -44,10 +44,19 @@ def test_interpolated_costs_and_bad_arguments_named(tmp_path, capsys):
         capacity.auto_replicas(10, COSTS, default_geometry(), None, 16, {})
     costs_file = tmp_path / "c.json"
     costs_file.write_text(json.dumps({"costs": vars(COSTS)}))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
     for argv, says in [(["--sessions", "0"], "--sessions: '0' is not a comma-separated list"),
                        (["--replicas", "difusion=2"], "--replicas: unknown stage 'difusion'"),
                        (["--costs", str(tmp_path / "nope.json")], "--costs: "),
                        (["--costs", str(costs_file), "--time-scale", "0.5"], "--time-scale: 0.5: must be a number >= 1"),
-                       (["--plot", str(costs_file)], "--plot: ")]:
-        assert cli.main(["bench", "capacity", *argv, "--out", str(tmp_path)]) == 1
+                       (["--plot", str(costs_file)], "--plot: "),
+                       # refused before anything is measured (the default --costs measure would take a minute)
+                       (["--time-scale", "0"], "--time-scale: 0.0: must be a number >= 1"),
+                       (["--max-batch", "0"], "--max-batch: 0: must be 1 or more"),
+                       (["--duration", "nan"], "--duration: nan:"),
+                       (["--config", "bogus"], "--config: "),
+                       (["--costs", str(listed)], "--costs: "),
+                       (["--costs", str(costs_file), "--out", str(costs_file)], "--out: ")]:
+        assert cli.main(["bench", "capacity", "--out", str(tmp_path), *argv]) == 1
         assert says in capsys.readouterr().err

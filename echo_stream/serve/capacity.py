@@ -91,10 +91,17 @@ class StageCosts:
 
     @classmethod
     def load(cls, d: dict) -> "StageCosts":
+        if not isinstance(d, dict):
+            raise TypeError(f"expected an object, not {type(d).__name__}")
         d = dict(d)
         d["diffusion_ms"] = {int(k): float(v) for k, v in d["diffusion_ms"].items()}
         if not d["diffusion_ms"] or min(d["diffusion_ms"]) < 1:
             raise ValueError("diffusion_ms needs at least one batch size >= 1")
+        for k in ("push_ms", "features_ms", "memory_ms", "render_ms"):
+            d[k] = float(d[k])
+        if not all(v >= 0 and math.isfinite(v) for v in [*d["diffusion_ms"].values(), d["push_ms"], d["features_ms"],
+                                                           d["memory_ms"], d["render_ms"]]):
+            raise ValueError("every cost must be a finite number of milliseconds >= 0")
         return cls(**d)
 
     def with_gpu_diffusion(self, base_ms: float, per_window_ms: float) -> "StageCosts":
@@ -618,12 +625,13 @@ def _spread(counts: Counter, n: int) -> dict:
 def _costs(args) -> StageCosts:
     if args.costs in ("measure", "gpu-assumed"):
         print("measuring the tiny model's stage costs on this CPU ...", flush=True)
-        costs = measure_cpu_costs(args.config, sizes=(1, 2, 4, 8, 16, 32))
+        # with assumed GPU costs only batch 1 is timed (render is timed on its output; the rest is replaced)
+        costs = measure_cpu_costs(args.config, sizes=(1,) if args.costs == "gpu-assumed" else (1, 2, 4, 8, 16, 32))
     else:
         try:
             with open(args.costs) as f:
                 d = json.load(f)
-            costs = StageCosts.load(d.get("costs", d))
+            costs = StageCosts.load(d.get("costs", d) if isinstance(d, dict) else d)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError("--costs", f"{args.costs}: not 'measure', 'gpu-assumed' or a JSON file with a 'costs' "
                                         f"object of an earlier run ({type(e).__name__}: {e})") from None
@@ -671,17 +679,34 @@ def run(args) -> int:
         return 0
     counts = _counts(args.sessions)
     given = parse_replicas(args.replicas)
-    if args.duration <= 0 or args.ramp < 0:
-        raise InputError("--duration", "the session length must be > 0 s and --ramp >= 0 s")
-    geometry = WindowGeometry.of(get_config(args.config))
-    stride = geometry.stride(args.stride, "--stride") if args.stride else None
+    # every argument is checked before anything is measured or simulated (minutes)
+    if not (args.duration > 0 and math.isfinite(args.duration)):
+        raise InputError("--duration", f"{args.duration}: the session length must be a number of seconds > 0")
+    if not (args.ramp >= 0 and math.isfinite(args.ramp)):
+        raise InputError("--ramp", f"{args.ramp}: must be a number of seconds >= 0")
+    if not (args.time_scale >= 1 and math.isfinite(args.time_scale)):
+        raise InputError("--time-scale", f"{args.time_scale}: must be a number >= 1 (1 = real time)")
+    if args.max_batch < 1:
+        raise InputError("--max-batch", f"{args.max_batch}: must be 1 or more windows per diffusion call")
+    if not (args.batch_wait_ms >= 0 and math.isfinite(args.batch_wait_ms)):
+        raise InputError("--batch-wait-ms", f"{args.batch_wait_ms}: must be a number of milliseconds >= 0")
+    if args.costs == "gpu-assumed":
+        _gpu_ms(args.gpu_batch_ms)
+    try:
+        geometry = WindowGeometry.of(get_config(args.config))
+    except ValueError as e:
+        raise InputError("--config", str(e)) from None
+    stride = geometry.stride(args.stride, "--stride") if args.stride is not None else None
+    path = os.path.join(args.out, args.name or f"capacity_{args.costs if args.costs in ('measure', 'gpu-assumed') else 'file'}.json")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise InputError("--out", f"{args.out}: cannot write there ({e.strerror or e})") from None
     costs = _costs(args)
     print(f"costs ({costs.source}): push {costs.push_ms:.1f} ms, features {costs.features_ms:.1f} ms, memory "
           f"{costs.memory_ms:.1f} ms per chain; diffusion {costs.diffusion_ms} ms per call; render "
           f"{costs.render_ms:.2f} ms per window", flush=True)
     rows = []
-    if not (args.time_scale >= 1 and math.isfinite(args.time_scale)):
-        raise InputError("--time-scale", f"{args.time_scale}: must be a number >= 1 (1 = real time)")
     # the process's first sessions pay one-off costs (imports, first Arrow / protobuf conversions): not the baseline
     simulate(Scenario(2, auto_replicas(2, costs, geometry, stride, 16, given), costs, 1.0, 0.0, stride,
                       args.max_batch, args.batch_wait_ms / 1e3, args.config, "warm-up"))
@@ -720,8 +745,6 @@ def run(args) -> int:
                   "ingress cpu_per_session": "CPU seconds of the ingress thread per session-second served",
                   "replica_busy_share": "seconds a stand-in replica slept on work / wall seconds"},
               "baseline": baseline, "results": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, args.name or f"capacity_{args.costs if args.costs in ('measure', 'gpu-assumed') else 'file'}.json")
     from .. import atomic
     atomic.write_text(path, json.dumps(result, indent=2, default=str))
     png = os.path.splitext(path)[0] + ".png"
@@ -776,7 +799,10 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"capacity simulation (real ingress, stand-in stages{'' if k == 1 else f', time scale {k:g}'}): "
                  f"{result['costs']['source']}", fontsize=8, wrap=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .. import atomic
+
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 if __name__ == "__main__":      # measure_cpu_costs's child: its costs as one JSON line

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..chain import STAGES
+from ..chain import STAGES, replica_counts
 
 #: a session's replica of each stage
 Route = dict
@@ -30,10 +30,7 @@ WARM_KEYS = 4096
 
 class Router:
     def __init__(self, counts: dict[str, int]):
-        unknown = set(counts) - set(STAGES)
-        if unknown or any(int(n) < 1 for n in counts.values()):
-            raise ValueError(f"replica counts must name stages of {STAGES} with at least 1 each: {counts}")
-        self.counts = {s: int(counts.get(s, 1)) for s in STAGES}
+        self.counts = replica_counts(counts)      # every stage, checked as --replicas is
         #: sessions routed to each replica
         self.load = {s: [0] * n for s, n in self.counts.items()}
         #: (stage, warm key) -> the replica that last prepared it (e.g. a portrait's digest -> render replica)

@@ -20,6 +20,7 @@ session seed and the frame) and adds their gestures, before the blinks. ``reacti
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -63,8 +64,16 @@ HEAD_CUTOFF_HZ = 0.4
 _HEAD = motion.REGION_SLICES["head"]
 
 
+@functools.lru_cache(maxsize=8)
 def _head_sos(cutoff_hz: float, fps: float) -> np.ndarray:
+    """The low-pass's second-order sections (designed once per cutoff, not per window)."""
     return sps.butter(2, min(cutoff_hz / (fps / 2), 0.99), output="sos")
+
+
+def settled_head_state(pose: np.ndarray, cutoff_hz: float, fps: float = config.FPS) -> np.ndarray:
+    """The low-pass's state when it has long been at head ``pose`` (6,): it starts there, without a swing."""
+    sos = _head_sos(cutoff_hz, fps)
+    return sps.sosfilt_zi(sos)[:, :, None] * np.asarray(pose, np.float64)[None, None, :]
 
 
 def smooth_head(new: np.ndarray, state: np.ndarray | None, cutoff_hz: float,
@@ -77,13 +86,12 @@ def smooth_head(new: np.ndarray, state: np.ndarray | None, cutoff_hz: float,
     (the price is a group delay of ~0.5 s at 0.4 Hz on the slow sway only; gestures are added after it).
     Returns the filtered window and the state to keep for the next one.
     """
-    sos = _head_sos(cutoff_hz, fps)
     x = np.asarray(new[:, _HEAD], np.float64)
     if len(x) == 0:
         return np.array(new, copy=True), state
     if state is None:
-        state = sps.sosfilt_zi(sos)[:, :, None] * x[0][None, None, :]
-    y, state = sps.sosfilt(sos, x, axis=0, zi=np.asarray(state, np.float64))
+        state = settled_head_state(x[0], cutoff_hz, fps)
+    y, state = sps.sosfilt(_head_sos(cutoff_hz, fps), x, axis=0, zi=np.asarray(state, np.float64))
     out = np.array(new, copy=True)
     out[:, _HEAD] = y
     return out, state
@@ -275,8 +283,7 @@ class DiffusionStage(Stage):
             s.head_filter = np.asarray(state["head_filter"], np.float64)
         elif self.head_cutoff_hz > 0 and len(s.prev):
             # a re-opened session: the low-pass continues from the last frame it sent, without a jump
-            sos = _head_sos(self.head_cutoff_hz, self.model.cfg.fps)
-            s.head_filter = sps.sosfilt_zi(sos)[:, :, None] * np.asarray(s.prev[-1, _HEAD], np.float64)[None, None, :]
+            s.head_filter = settled_head_state(s.prev[-1, _HEAD], self.head_cutoff_hz, self.model.cfg.fps)
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

@@ -104,30 +104,11 @@ class RayBackend:
 
     def _warm_route(self, route: Route, timeout: float) -> None:
         """:meth:`warm_up` through one replica of each stage (``route``)."""
-        from .. import render, schemas
         from ..stages import warmup
-
-        sid = warmup.SESSION
 
         def call(stage, method, *args, num_returns=1):
             return self.call(stage, method, *args, num_returns=num_returns, replica=route[stage])
-        try:
-            self.ray.get([call("decode", "open_stream", sid),
-                          call("render", "open_session", sid, str(render.SAMPLE_PORTRAIT))], timeout=timeout)
-            pk, _ = call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
-            wins = run_chain(call, pk, last=stage_before(BATCHED))
-            wins = self.ray.get(wins, timeout=timeout)   # like a session: windows come here for batching
-            out = self.ray.get(run_chain(call, wins, first=BATCHED), timeout=timeout)
-            for p in out:      # the egress reads these columns: the first conversion in a process is slow
-                for name, batch in p.batches.items():
-                    for col in batch.schema.names:
-                        schemas.column(batch, col)
-        finally:   # best effort: a failed warm-up's own error is the one to see
-            for stage in STAGES:
-                try:
-                    self.ray.get(call(stage, "close_session", sid), timeout=timeout)
-                except Exception:  # noqa: BLE001
-                    log.debug("warm-up close_session failed on %s", stage, exc_info=True)
+        warm_route(call, lambda h: self.ray.get(h, timeout=timeout), warmup)
 
     def is_fault(self, exc: BaseException) -> bool:
         from ray import exceptions as rex
@@ -207,6 +188,31 @@ class RayBackend:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def warm_route(call, get, warmup) -> None:
+    """One synthetic session (``warmup.SESSION``) through one replica of each stage: ``call(stage, method, *args,
+    num_returns=1)`` returns a handle, ``get(handle)`` its value (blocking). The windows come back here for
+    batching, as a served session's do; the egress's first column conversions are paid too."""
+    from .. import render, schemas
+
+    sid = warmup.SESSION
+    try:
+        get(call("decode", "open_stream", sid))
+        get(call("render", "open_session", sid, str(render.SAMPLE_PORTRAIT)))
+        pk, _ = call("decode", "push", sid, warmup.pushed_inputs(24), True, num_returns=2)
+        wins = get(run_chain(call, pk, last=stage_before(BATCHED)))
+        out = get(run_chain(call, wins, first=BATCHED))
+        for p in out:      # the egress reads these columns: the first conversion in a process is slow
+            for name, batch in p.batches.items():
+                for col in batch.schema.names:
+                    schemas.column(batch, col)
+    finally:   # best effort: a failed warm-up's own error is the one to see
+        for stage in STAGES:
+            try:
+                get(call(stage, "close_session", sid))
+            except Exception:  # noqa: BLE001
+                log.debug("warm-up close_session failed on %s", stage, exc_info=True)
 
 
 class _Handle:

@@ -1,0 +1,76 @@
+"""Session pinning on Ray Serve, without Ray: what a pinned stage call carries, and the per-caller order a
+replica keeps.
+
+Every call of the Serve engine (:mod:`.serve_engine`) names the replica that must run it (the one our
+:class:`~echo_stream.serve.routing.Router` table gave the session) and, for calls that must keep their
+order, a sequence number per (caller, replica) — what a Ray actor gives for free (calls from one caller
+run in submission order) and a Serve replica does not (requests are routed, resolved and run
+concurrently). :class:`CallOrder` restores it inside the replica.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+#: the keyword argument of a pinned call that holds its :class:`Pin`
+PIN_KW = "_pin"
+
+
+class ReplicaGone(RuntimeError):
+    """A pinned call reached a replica other than the one it names (that one is gone or not yet routable):
+    the session's state is not here. The engine counts it as a stage fault (the session recovers)."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    #: the calling process (one id per backend: each ingress keeps its own order)
+    caller: str
+    #: the replica that must run the call (``ReplicaID.unique_id``)
+    target: str
+    #: position in the caller's calls to ``target`` (None: runs at once, unordered — health probes)
+    seq: int | None = None
+    #: ``{argument index: element}``: take that element of the argument's value (an output of a call that
+    #: returned a tuple, passed on whole so that it travels replica to replica)
+    picks: tuple = ()
+
+    def args(self, args: tuple) -> tuple:
+        if not self.picks:
+            return args
+        out = list(args)
+        for i, k in self.picks:
+            out[i] = out[i][k]
+        return tuple(out)
+
+
+class CallOrder:
+    """Runs each caller's sequenced calls in sequence order (``seq`` 0, 1, 2 ... per caller).
+
+    A call whose predecessor has not arrived waits for it — at most ``skip_after_s``: a predecessor that never
+    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it."""
+
+    def __init__(self, skip_after_s: float = 10.0):
+        self.skip_after_s = float(skip_after_s)
+        self._next: dict[str, int] = {}
+        self._changed: asyncio.Condition | None = None
+        self.skipped = 0
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def turn(self, caller: str, seq: int) -> None:
+        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done`."""
+        cond = self._cond()
+        async with cond:
+            self._next.setdefault(caller, 0)             # every caller numbers its calls to a replica from 0
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
+            except asyncio.TimeoutError:
+                self.skipped += 1
+
+    async def done(self, caller: str, seq: int) -> None:
+        cond = self._cond()
+        async with cond:
+            self._next[caller] = max(self._next.get(caller, 0), seq + 1)
+            cond.notify_all()

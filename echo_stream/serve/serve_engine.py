@@ -1,0 +1,375 @@
+"""The stage pipeline as a Ray Serve application (``echo-stream serve --engine serve``).
+
+Each stage of :data:`~echo_stream.chain.PIPELINE` is one Serve deployment (:class:`StageReplica`) that hosts the
+same stage object as the actor engine does (``actors.MeteredStageHost`` over ``stages.*``): its replica count
+comes from ``--replicas``, its ``ray_actor_options`` from the stage's own resources (``num_cpus``; with
+``--device cuda`` ``num_gpus`` = the stage's ``gpu_share``, fractional, so that several replicas share a GPU).
+
+:class:`ServeBackend` is the interface :class:`~echo_stream.serve.session.Session` drives (the same as
+:class:`~echo_stream.serve.backend.RayBackend`'s): ``call`` returns a handle (a ``DeploymentResponse``) at
+once; a handle passed to a later call goes replica to replica (Serve hands the callee the object ref);
+``assign`` / ``release`` use the same :class:`~echo_stream.serve.routing.Router` table. The table's replica
+numbers are slots bound to Serve replica ids; :class:`PinnedRouter` (a Serve ``RequestRouter``) sends each
+call to the replica its :class:`~echo_stream.serve.pinning.Pin` names. When that replica is gone the call
+reaches another one, which refuses it (:class:`~echo_stream.serve.pinning.ReplicaGone`): a fault, and the
+session re-opens from its checkpoint (GAP event), on a slot :meth:`ServeBackend.wait_ready` re-binds.
+
+Serve's controller does what the actor engine's monitor and restart policy did by hand: it health-checks
+every replica (``check_health``, every ``health_check_period_s``) and replaces a dead or unhealthy one.
+What stays ours: noticing that a session's replica was replaced while the session was idle (the slot's
+replica id changes: :meth:`ServeBackend.incarnations`), and the session state itself (checkpoint, replay).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import functools
+import itertools
+import logging
+import time
+import uuid
+from typing import Any
+
+from ..chain import PIPELINE, STAGES
+from .backend import StageFault
+from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone
+from .routing import Route, Router
+
+log = logging.getLogger(__name__)
+
+#: the application the embedded engine deploys (``serve.run(..., name=APP)``)
+APP = "echo-stream"
+#: Serve's actor-name prefix of a replica: ``SERVE_REPLICA::<app>#<deployment>#<unique id>``
+REPLICA_PREFIX = "SERVE_REPLICA::"
+#: requests a stage replica may hold at once: calls wait inside it for their turn (``CallOrder``), so the
+#: limit must exceed what one replica ever has queued (a session keeps at most a few chains in flight)
+MAX_ONGOING = 1000
+#: Serve's health check of each stage replica (seconds)
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 10.0
+
+
+# ------------------------------------------------------------------------------------------- routing
+try:
+    from ray.serve.request_router import RequestRouter
+except ImportError:  # pragma: no cover - ray[serve] is a dependency; the actor engine works without it
+    RequestRouter = object
+
+
+class PinnedRouter(RequestRouter):
+    """Serve request router: a call goes to the replica its :class:`Pin` names (the session's, from our
+    router table). A call without a pin, or whose replica is not among the running ones, may go to any
+    replica: a pinned one is refused there (``ReplicaGone``), which is how a lost replica is noticed."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        pin = (pending_request.kwargs or {}).get(PIN_KW) if pending_request is not None else None
+        if pin is not None:
+            mine = [r for r in candidate_replicas if r.replica_id.unique_id == pin.target]
+            if mine:
+                return [mine]
+        return [list(candidate_replicas)] if candidate_replicas else []
+
+
+# ------------------------------------------------------------------------------------------- replicas
+class StageReplica:
+    """One replica of one stage: the stage object hosted as an actor hosts it, set up before the replica
+    takes requests. Sequenced calls of each caller run in order, one at a time, in one worker thread (as an
+    actor with ``max_concurrency=1`` runs them); pings answer at once."""
+
+    def __init__(self, stage: bytes):
+        """``stage``: the stage object, pickled (Serve scans a replica's arguments after its constructor ran,
+        and a set-up stage holds what does not pickle)."""
+        from echo_stream.actors import MeteredStageHost
+        from ray import cloudpickle, serve
+
+        self.host = MeteredStageHost(lambda: cloudpickle.loads(stage))
+        self.host.setup()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.order = CallOrder()
+        self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.host.stage.name}")
+
+    async def call(self, method: str, *args, _pin: Pin | None = None):
+        if _pin is not None and _pin.target != self.replica_id:
+            raise ReplicaGone(f"{self.host.stage.name} replica {_pin.target} is gone (this is {self.replica_id})")
+        if method in ("placement", "stats"):            # the replica's own, not the stage's
+            return getattr(self, method)()
+        args = _pin.args(args) if _pin is not None else args
+        run = functools.partial(self.host.call, method, *args)
+        loop = asyncio.get_running_loop()
+        if _pin is None or _pin.seq is None:
+            if method == "ping":
+                return self.host.call("ping")
+            return await loop.run_in_executor(self.worker, run)
+        await self.order.turn(_pin.caller, _pin.seq)
+        try:
+            fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in this order
+        finally:
+            await self.order.done(_pin.caller, _pin.seq)
+        return await fut
+
+    def placement(self) -> dict:
+        return {**self.host.placement(), "replica_id": self.replica_id}
+
+    def stats(self) -> dict:
+        return {**self.host.stats(), "order_skipped": self.order.skipped}
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose stage cannot answer is replaced."""
+        self.host.stage.ping()
+
+
+def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False):
+    """The Serve deployment of one stage (not bound): ``replicas`` replicas, the stage's CPUs, its GPU share
+    when ``gpu``."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    spec = next(s for s in PIPELINE if s.name == name)
+    opts = {"num_cpus": stage.resources.get("num_cpus", 0.5)}
+    if gpu and spec.gpu_share:
+        opts["num_gpus"] = spec.gpu_share
+    return serve.deployment(StageReplica).options(
+        name=name, num_replicas=int(replicas), ray_actor_options=opts, max_ongoing_requests=MAX_ONGOING,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        request_router_config=RequestRouterConfig(request_router_class=PinnedRouter))
+
+
+def stage_applications(opts) -> dict:
+    """``{stage: bound deployment}`` of the pipeline for ``PipelineOptions`` ``opts``."""
+    from ray import cloudpickle
+
+    from ..chain import replica_counts
+    from ..pipeline import build_stages, reserves_gpus
+
+    stages = build_stages(opts)
+    counts = replica_counts(opts.replicas)
+    gpu = reserves_gpus(opts.device, opts.reserve_gpus)
+    return {name: stage_deployment(name, stages[name], counts[name], gpu)
+            .bind(cloudpickle.dumps(stages[name])) for name in STAGES}
+
+
+class Hub:
+    """The embedded engine's ingress deployment: it only holds the stages (the gRPC server runs in the
+    ``echo-stream serve`` process and calls them through handles)."""
+
+    def __init__(self, **stages):
+        self.stages = stages
+
+    def ping(self) -> str:
+        return "hub"
+
+
+# ------------------------------------------------------------------------------------------- backend
+class _Part:
+    """Element ``index`` of a call's tuple result (``num_returns > 1``): the whole response travels on."""
+
+    __slots__ = ("response", "index")
+
+    def __init__(self, response, index: int):
+        self.response, self.index = response, index
+
+
+class ServeBackend:
+    """The backend interface of :class:`~echo_stream.serve.backend.RayBackend`, on Serve deployments."""
+
+    def __init__(self, handles: dict, app: str = APP, bind_timeout_s: float = 60.0):
+        import ray
+
+        self.ray = ray
+        self.app = app
+        self.handles = handles
+        self.caller = uuid.uuid4().hex
+        self._seq: dict[tuple, itertools.count] = {}
+        self.slots: dict[str, list] = {s: [] for s in STAGES}
+        deadline = time.monotonic() + bind_timeout_s
+        while True:
+            live = self._live()
+            self.slots = {s: sorted(ids) for s, ids in live.items()}
+            if all(self.slots.values()):
+                break
+            if time.monotonic() > deadline:
+                raise StageFault(f"Serve replicas of {[s for s, v in self.slots.items() if not v]} not found")
+            time.sleep(0.2)
+        self.router = Router({s: len(v) for s, v in self.slots.items()})
+        self._routable: set = set()
+
+    # -- starting
+    @classmethod
+    def start(cls, opts, address: str | None = None, num_cpus: int | None = None, **_) -> "ServeBackend":
+        """Deploy the stages as the application :data:`APP` on the Ray this process is connected to (a local
+        one when none) and bind to it."""
+        from ray import serve
+
+        from ..cluster import ensure_pipeline_ray
+        from ..pipeline import build_stages, check_cpu_capacity, check_gpu_capacity
+
+        ensure_pipeline_ray(address, num_cpus)
+        import ray
+
+        have = ray.cluster_resources()
+        check_gpu_capacity(opts.device, float(have.get("GPU", 0)), opts.replicas, opts.reserve_gpus)
+        check_cpu_capacity(build_stages(opts), float(have.get("CPU", 0)), opts.replicas)
+        serve.start(proxy_location="Disabled")
+        t = time.perf_counter()
+        serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0})
+                  .bind(**stage_applications(opts)), name=APP, route_prefix=None)
+        backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES})
+        log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
+                 backend.warm_up())
+        return backend
+
+    def _live(self) -> dict[str, set]:
+        """Replica ids of each stage that Ray knows alive (named actors of the application)."""
+        out: dict[str, set] = {s: set() for s in STAGES}
+        for a in self.ray.util.list_named_actors(all_namespaces=True):
+            name = a["name"] if isinstance(a, dict) else a
+            if not name.startswith(f"{REPLICA_PREFIX}{self.app}#"):
+                continue
+            parts = name[len(REPLICA_PREFIX):].split("#")
+            if len(parts) == 3 and parts[1] in out:
+                out[parts[1]].add(parts[2])
+        return out
+
+    def replica_actor(self, stage: str, replica: int = 0):
+        """The Ray actor of a stage's slot (tests kill it)."""
+        return self.ray.get_actor(f"{REPLICA_PREFIX}{self.app}#{stage}#{self.slots[stage][replica]}",
+                                  namespace="serve")
+
+    actor = replica_actor
+
+    # -- calls
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, ordered: bool = True):
+        target = self.slots[stage][replica]
+        seq = None
+        if ordered and method != "ping":
+            seq = next(self._seq.setdefault((stage, target), itertools.count()))
+        picks, vals = [], []
+        for i, a in enumerate(args):
+            if isinstance(a, _Part):
+                picks.append((i + 1, a.index))       # + 1: the method name is argument 0 of ``call``
+                a = a.response
+            vals.append(a)
+        pin = Pin(self.caller, target, seq, tuple((i - 1, k) for i, k in picks))
+        resp = self.handles[stage].call.remote(method, *vals, **{PIN_KW: pin})
+        if num_returns > 1:
+            return tuple(_Part(resp, k) for k in range(num_returns))
+        return resp
+
+    async def get(self, handle) -> Any:
+        if isinstance(handle, _Part):
+            return (await handle.response)[handle.index]
+        return await handle
+
+    def result(self, handle, timeout: float | None = None):
+        """``get`` from a thread without an event loop."""
+        if isinstance(handle, _Part):
+            return handle.response.result(timeout_s=timeout)[handle.index]
+        return handle.result(timeout_s=timeout)
+
+    def put(self, value) -> Any:
+        return self.ray.put(value)
+
+    def cancel(self, handles) -> None:
+        """Nothing is cancelled: a cancelled call would leave a hole in its replica's call order; the work of a
+        dropped epoch runs and its results are discarded."""
+
+    def is_fault(self, exc: BaseException) -> bool:
+        from ray import exceptions as rex
+        from ray.serve import exceptions as sex
+
+        faults = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                                 "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
+                       if hasattr(rex, n))
+        faults += tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
+        return isinstance(exc, faults + (StageFault, ReplicaGone))
+
+    # -- routing
+    def replica_count(self, stage: str) -> int:
+        return len(self.slots[stage])
+
+    def assign(self, session_id: str, warm: dict | None = None) -> Route:
+        return self.router.assign(session_id, warm)
+
+    def release(self, route: Route) -> None:
+        self.router.release(route)
+
+    def rebind(self) -> list[tuple]:
+        """Slots whose replica is gone get a replica Serve started in its place (one not yet bound); returns
+        ``(stage, slot)`` of each slot re-bound. A slot whose replica is gone and has no replacement yet keeps
+        the old id (calls to it are refused: the session waits or moves)."""
+        live, moved = self._live(), []
+        for stage, ids in self.slots.items():
+            spare = sorted(live[stage] - set(ids))
+            for i, rid in enumerate(ids):
+                if rid not in live[stage] and spare:
+                    ids[i] = spare.pop(0)
+                    moved.append((stage, i))
+        return moved
+
+    async def _answers(self, stage: str, i: int, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.get(self.call(stage, "ping", replica=i)), max(0.05, timeout))
+            return True
+        except Exception:  # noqa: BLE001 - gone, refused, starting or unreachable
+            return False
+
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
+        """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within
+        ``move_after_s`` moves the session (in place) to the least loaded replica that does."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        await loop.run_in_executor(None, self.rebind)
+        stages = STAGES if route is not None else STAGES
+        for stage in stages:
+            while True:
+                mine = route[stage] if route is not None else None
+                order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
+                wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
+                oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
+                ok = [i for i, good in zip(order, oks) if good]
+                if route is None and len(ok) == len(order) or route is not None and ok:
+                    if route is not None and ok[0] != mine:
+                        log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage,
+                                    mine, ok[0])
+                        self.router.move(route, stage, ok[0])
+                    break
+                if time.monotonic() > deadline:
+                    raise StageFault(f"no replica of stage {stage} answered within {timeout:.0f} s")
+                await asyncio.sleep(0.2)
+                await loop.run_in_executor(None, self.rebind)
+
+    async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
+        """``{(stage, slot): replica id}`` (of ``route``'s slots only, when given). Without ``route`` (the
+        server's monitor) the slots are re-bound first, so a replica Serve replaced shows as a changed id."""
+        if route is not None:
+            return {(s, route[s]): self.slots[s][route[s]] for s in STAGES}
+        await asyncio.get_running_loop().run_in_executor(None, self.rebind)
+        return {(s, i): rid for s, ids in self.slots.items() for i, rid in enumerate(ids)}
+
+    # -- warm-up, placement, shutdown
+    def warm_up(self, timeout: float = 120.0) -> float:
+        """One synthetic session through every replica of every stage (as ``RayBackend.warm_up``)."""
+        from ..stages import warmup
+        from .backend import warm_route
+
+        t = time.perf_counter()
+        for k in range(max(len(v) for v in self.slots.values())):
+            route = {s: k % len(v) for s, v in self.slots.items()}
+
+            def call(stage, method, *args, num_returns=1, route=route):
+                return self.call(stage, method, *args, num_returns=num_returns, replica=route[stage])
+            warm_route(call, lambda h: self.result(h, timeout), warmup)
+        return time.perf_counter() - t
+
+    def placements(self, timeout: float | None = 60.0) -> dict[str, list[dict]]:
+        """Where each slot's replica runs (node, GPU ids, ``CUDA_VISIBLE_DEVICES``, pid, replica id)."""
+        return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
+                    for i in range(len(ids))] for s, ids in self.slots.items()}
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        try:
+            serve.delete(self.app)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.debug("serve.delete failed", exc_info=True)

@@ -14,17 +14,21 @@ SIZE = 96
 
 
 @contextlib.contextmanager
-def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: dict | None = None):
+def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: dict | None = None,
+                engine: str = "actors"):
     """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px (``replicas``:
-    actors per stage, as ``--replicas``; ``max_replicas``: the most an autoscaled stage may reach)."""
+    actors per stage, as ``--replicas``; ``max_replicas``: the most an autoscaled stage may reach); ``engine``
+    "serve": the stages as a Ray Serve application instead (``serve --engine serve``)."""
     import ray
 
     from echo_stream.serve.backend import RayBackend
+    from echo_stream.serve.serve_engine import ServeBackend
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=160 * 1024 * 1024,
              logging_level="ERROR", log_to_driver=False)
     try:
-        backend = RayBackend.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {}),
+        engine_cls = {"actors": RayBackend, "serve": ServeBackend}[engine]
+        backend = engine_cls.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {}),
                                                    max_replicas=dict(max_replicas or {})), max_restarts=-1)
         try:
             yield backend

@@ -1,5 +1,6 @@
 """Replicated stages (``--replicas``): parsing and its refusals, session affinity, GPU shares per replica on fake
-GPU resources, and a diffusion replica killed mid-session with two replicas (only its sessions recover).
+GPU resources, and a diffusion replica killed mid-session with two replicas (only its sessions recover) — the
+served tests on both engines (stage actors, and the Ray Serve application).
 
 Real Ray throughout (no mocks): placement on ``ray.init(num_gpus=3)`` (fake GPUs; the actors compute on the
 CPU, ``PipelineOptions.reserve_gpus``), and a local Ray with the served pipeline for the fault.
@@ -135,9 +136,11 @@ def test_gpu_shares_put_two_replicas_on_each_fake_gpu():
 
 
 # ------------------------------------------------------------------- Ray, a replica killed mid-session
-@pytest.fixture(scope="module")
-def two_diffusion():
-    with ray_backend(96, replicas={"diffusion": 2}) as backend, server_thread(backend, max_sessions=6) as (st, target):
+@pytest.fixture(scope="module", params=["actors", "serve"])
+def two_diffusion(request):
+    """Two diffusion replicas served by either engine (actors; or Ray Serve, ``serve --engine serve``)."""
+    with ray_backend(96, replicas={"diffusion": 2}, engine=request.param) as backend, \
+            server_thread(backend, max_sessions=6) as (st, target):
         yield st, target, backend
 
 
@@ -155,7 +158,9 @@ def test_sessions_spread_over_diffusion_replicas_and_batch_per_replica(two_diffu
     n = replicated.frames_of(1.6)
     for res in results:
         replicated.check_exactly_once(res, n)
-        assert res.motion_frames == list(range(n)) and not replicated.gaps(res)
+        # no recovery: every call reached the replica the session was routed to (on Serve a call that lands
+        # on another replica is refused there, and the session would recover with a GAP event)
+        assert res.motion_frames == list(range(n)) and not replicated.gaps(res) and res.stats.recoveries == 0
     assert sorted(r["diffusion"] for r in routes.values()) == [0, 0, 1, 1]
     got = [b.windows - w for b, w in zip(st.server.batchers, before)]
     assert all(g > 0 for g in got), f"a diffusion replica's batcher got no window: {got}"

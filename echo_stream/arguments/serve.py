@@ -5,6 +5,9 @@ import argparse
 
 from ..config import DEFAULT_SERVE_STRIDE
 
+#: ``--engine`` values
+ENGINES = ("actors", "serve")
+
 SERVE_EPILOG = """\
 examples:
   echo-stream serve                                   # loopback only, no auth, local Ray
@@ -14,6 +17,7 @@ examples:
   echo-stream serve --address ray://head:10001        # stage actors on a Ray cluster
   echo-stream serve --address auto --replicas diffusion=2,render=2 --device cuda
                                                       # 2 actors each of diffusion and render, 0.5 GPU each
+  echo-stream serve --engine serve --replicas diffusion=2 # the stages as a Ray Serve application
 
 Binding beyond loopback needs bearer tokens (--tokens-file and/or
 $ECHO_STREAM_TOKENS, entries 'principal:token'); clients send
@@ -45,6 +49,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on this port (/metrics); default: off")
     p.add_argument("--address", metavar="RAY_ADDRESS", help="run the stage actors on this Ray cluster "
                    "(default: a new local Ray instance)")
+    p.add_argument("--engine", choices=ENGINES, default="actors",
+                   help="what runs the stages: 'actors' (default: one Ray actor per stage replica) or 'serve' (a Ray "
+                        "Serve application, one deployment per stage; see docs/serving.md). Both take --replicas, "
+                        "--device, --address and --num-cpus; --autoscale is the actor engine's")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--replicas", default="", metavar="STAGE=N,...",
                    help="actors per stage, e.g. diffusion=2,render=2 (stages: decode, features, memory, diffusion, "

@@ -39,6 +39,9 @@ def run_serve(args) -> int:
     if both:
         raise InputError("--autoscale", f"{', '.join(both)} is named in --replicas too: an autoscaled stage starts "
                                         "with its MIN replicas; name it in one of the two")
+    if autoscale and args.engine != "actors":
+        raise InputError("--autoscale", f"is not supported by --engine {args.engine}: give the replicas with "
+                                        "--replicas (or use --engine actors)")
     replicas.update({stage: spec.min for stage, spec in autoscale.items()})
     tokens = load_tokens(args.tokens_file)
     if not is_loopback(args.host) and not tokens:
@@ -61,18 +64,28 @@ def run_serve(args) -> int:
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()})
-    return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port))
+    return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port, args.engine))
 
 
-async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
-    from . import metrics
+def engine_backend(engine: str):
+    """The backend class of ``--engine``: ``RayBackend`` (stage actors) or ``ServeBackend`` (Ray Serve)."""
+    if engine == "serve":
+        from .serve_engine import ServeBackend
+        return ServeBackend
     from .backend import RayBackend
+    return RayBackend
+
+
+async def _serve_main(opts, popts, address, num_cpus, metrics_port, engine: str = "actors") -> int:
+    from . import metrics
     from .server import AvatarServer
 
     loop = asyncio.get_running_loop()
     start_ray(address, num_cpus)
-    print("echo-stream serve: starting the stage actors (loading models) ...", file=sys.stderr)
-    backend = await loop.run_in_executor(None, lambda: RayBackend.start(popts, address=address, num_cpus=num_cpus))
+    print(f"echo-stream serve: starting the stage {'actors' if engine == 'actors' else 'Serve deployments'} "
+          "(loading models) ...", file=sys.stderr)
+    backend_cls = engine_backend(engine)
+    backend = await loop.run_in_executor(None, lambda: backend_cls.start(popts, address=address, num_cpus=num_cpus))
     server = AvatarServer(backend, opts)
     try:
         port = await server.start()
@@ -82,7 +95,7 @@ async def _serve_main(opts, popts, address, num_cpus, metrics_port) -> int:
             loop.add_signal_handler(sig, lambda: loop.create_task(server.drain()))
         print(f"echo-stream serve: listening on {opts.host}:{port} "
               f"({'TLS' if opts.tls_cert else 'plaintext'}, {'token auth' if opts.tokens else 'no auth: loopback'}, "
-              f"max {opts.max_sessions} sessions"
+              f"max {opts.max_sessions} sessions, {engine} engine"
               + "".join(f", {n} {name} replicas" for name, n in popts.replicas.items()
                         if n > 1 and name not in opts.autoscale)
               + "".join(f", {name} autoscaled {s.min}..{s.max}" for name, s in opts.autoscale.items()) + ")"

@@ -195,9 +195,11 @@ class ServeBackend:
 
     # -- starting
     @classmethod
-    def start(cls, opts, address: str | None = None, num_cpus: int | None = None, **_) -> "ServeBackend":
+    def start(cls, opts, address: str | None = None, num_cpus: int | None = None, warm: bool = True,
+              **_) -> "ServeBackend":
         """Deploy the stages as the application :data:`APP` on the Ray this process is connected to (a local
-        one when none) and bind to it."""
+        one when none) and bind to it (``warm``: then one synthetic session through every replica).
+        ``max_restarts`` (the actor engine's) is ignored: Serve replaces lost replicas."""
         from ray import serve
 
         from ..cluster import ensure_pipeline_ray
@@ -215,7 +217,7 @@ class ServeBackend:
                   .bind(**stage_applications(opts)), name=APP, route_prefix=None)
         backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES})
         log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
-                 backend.warm_up())
+                 backend.warm_up() if warm else 0.0)
         return backend
 
     def _live(self) -> dict[str, set]:

@@ -1,0 +1,155 @@
+"""The stages as a Ray Serve application (``serve --engine serve``, :mod:`echo_stream.serve.serve_engine`).
+
+Without Ray: the call order a replica keeps per caller, a pin's picks, the request router's choice. With a real
+local Ray Serve (no mocks): GPU shares on fake GPUs, and ``echo-stream serve --engine serve`` serving a session
+in its own process. (Sessions spread over two diffusion replicas and a replica killed mid-session run on both
+engines in ``test_serve_replicas.py``; the deployable application in ``test_serve_deploy.py``.)
+"""
+import asyncio
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from echo_stream import cli, config
+from echo_stream.errors import InputError
+from echo_stream.pipeline import PipelineOptions
+from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin
+
+from . import mediagen
+
+ray = pytest.importorskip("ray")
+
+
+# ---------------------------------------------------------------------------------------------- no Ray
+def test_call_order_runs_each_callers_calls_in_sequence():
+    async def main():
+        order, ran = CallOrder(skip_after_s=5.0), []
+
+        async def one(caller, seq, delay):
+            await asyncio.sleep(delay)                 # arrival order: reversed
+            await order.turn(caller, seq)
+            ran.append((caller, seq))
+            await order.done(caller, seq)
+        await asyncio.gather(*(one("a", k, 0.05 * (3 - k)) for k in range(4)), one("b", 0, 0.0))
+        return ran, order.skipped
+    ran, skipped = asyncio.run(main())
+    assert [s for c, s in ran if c == "a"] == [0, 1, 2, 3] and ran[0] == ("b", 0) and skipped == 0
+
+
+def test_call_order_moves_past_a_call_that_never_comes():
+    async def main():
+        order = CallOrder(skip_after_s=0.2)
+        t = time.monotonic()
+        await order.turn("a", 1)                       # seq 0 was refused elsewhere: never arrives
+        waited = time.monotonic() - t
+        await order.done("a", 1)
+        await asyncio.wait_for(order.turn("a", 2), 1.0)  # and the order goes on from there
+        return waited, order.skipped
+    waited, skipped = asyncio.run(main())
+    assert 0.15 < waited < 2.0 and skipped == 1
+
+
+def test_pin_picks_elements_of_tuple_arguments():
+    pin = Pin("c", "r", 0, ((1, 0),))
+    assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)
+    assert Pin("c", "r").args((1, 2)) == (1, 2)
+
+
+def test_pinned_router_sends_a_call_to_its_replica_or_anywhere_when_that_one_is_gone():
+    from echo_stream.serve.serve_engine import PinnedRouter
+
+    reps = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in ("r0", "r1", "r2")]
+    choose = PinnedRouter.choose_replicas      # uses no state of the router: called unbound
+
+    def ask(kwargs):
+        return asyncio.run(choose(None, reps, SimpleNamespace(kwargs=kwargs)))
+    assert ask({PIN_KW: Pin("c", "r1", 4)}) == [[reps[1]]]
+    assert ask({PIN_KW: Pin("c", "gone", 4)}) == [reps]          # refused there: the session recovers
+    assert ask({}) == [reps]
+    assert asyncio.run(choose(None, [], None)) == []
+
+
+def test_autoscale_is_refused_by_the_serve_engine(capsys):
+    assert cli.main(["serve", "--port", "0", "--engine", "serve", "--autoscale", "diffusion=1:2"]) == 1
+    err = capsys.readouterr().err
+    assert "--autoscale: is not supported by --engine serve" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:                                       # not one of the choices
+        cli.main(["serve", "--port", "0", "--engine", "serv"])
+    assert e.value.code == 2 and "--engine: invalid choice: 'serv'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- Ray, fake GPUs
+@pytest.mark.ray
+def test_serve_gpu_shares_put_two_replicas_on_each_fake_gpu():
+    """3 fake GPUs; 4 diffusion + 2 render replicas of 0.5 GPU: two replicas per GPU id, each seeing the id Ray
+    gave it as its CUDA_VISIBLE_DEVICES; asking for more GPUs than the cluster has is refused before deploying."""
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    ray.init(address="local", num_cpus=8, num_gpus=3, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, object_store_memory=96 * 1024 * 1024)
+    try:
+        with pytest.raises(InputError) as e:
+            ServeBackend.start(PipelineOptions(replicas={"diffusion": 6, "render": 2}, reserve_gpus=True))
+        assert "asks for 4 GPU" in str(e.value) and "has 3" in str(e.value)
+        backend = ServeBackend.start(PipelineOptions(size=(64, 64), replicas={"diffusion": 4, "render": 2},
+                                                     reserve_gpus=True), warm=False)
+        try:
+            where = backend.placements()
+        finally:
+            backend.shutdown()
+    finally:
+        ray.shutdown()
+    assert [len(where[s]) for s in ("decode", "features", "memory", "diffusion", "render")] == [1, 1, 1, 4, 2]
+    per_gpu: dict = {}
+    for stage in ("diffusion", "render"):
+        for p in where[stage]:
+            assert len(p["gpu_ids"]) == 1 and p["cuda_visible_devices"] == p["gpu_ids"][0], p
+            per_gpu.setdefault(p["gpu_ids"][0], []).append(stage)
+    assert sorted(per_gpu) == ["0", "1", "2"] and all(len(v) == 2 for v in per_gpu.values()), per_gpu
+    assert len({p["replica_id"] for p in where["diffusion"]}) == 4
+    assert all(where[s][0]["gpu_ids"] == [] for s in ("decode", "features", "memory"))
+
+
+# ------------------------------------------------------------------ the CLI, its own process and Ray
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_engine_cli_serves_a_session_and_drains(tmp_path):
+    """``echo-stream serve --engine serve`` (its own local Ray and Serve application) serves a motion session,
+    every frame once, in order; SIGTERM drains it and it exits 0."""
+    import signal
+
+    from echo_stream.protos import echo_stream_pb2 as pb
+    from echo_stream.serve.client import AvatarClient, Inputs, stream_inputs
+
+    proc = subprocess.Popen([sys.executable, "-m", "echo_stream.cli", "serve", "--engine", "serve", "--port", "0",
+                             "--num-cpus", "4", "--size", "96", "--replicas", "render=1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port, seen = None, []
+        deadline = time.time() + 300
+        while port is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            assert line or proc.poll() is None, "serve exited early:\n" + "".join(seen[-20:])
+            if "listening on" in line:
+                port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+                assert "serve engine" in line, line
+        assert port, "serve did not start"
+
+        async def main():
+            async with AvatarClient(f"127.0.0.1:{port}") as c:
+                return await stream_inputs(c, Inputs(mediagen.speech_like(1.6, 16000, seed=3)), output="motion",
+                                           realtime=False)
+        res = asyncio.run(main())
+        n = int(np.ceil(1.6 * config.FPS))
+        assert res.motion_frames == list(range(n)) and res.events[-1].kind == pb.Event.ENDED
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

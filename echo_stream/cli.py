@@ -71,6 +71,8 @@ BENCHMARKS = (
      "bench:add_pipeline_arguments", "bench_pipeline"),
     ("serve", "N concurrent real-time sessions against a server: latency, capacity", None,
      "bench:add_serve_bench_arguments", "serve.bench"),
+    ("hop", "what one pipeline hop costs: a stage actor call vs a Ray Serve handle call, same payload", None,
+     "bench:add_hop_bench_arguments", "serve.hop_bench"),
     ("preprocess", "preprocessing throughput: Ray Data vs the sequential loop, CPU scaling", None,
      "bench:add_preprocess_bench_arguments", "bench_preprocess"),
     ("tracker", "face tracker speed on one CPU core (ms per frame, per model)", None,
@@ -90,7 +92,7 @@ BENCHMARKS = (
 
 #: the commands whose help keeps its own line breaks (epilogs with examples, docstring descriptions)
 _RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client", "web"}
-_RAW_BENCH = {"serve", "preprocess", "tracker", "memory", "soak", "web", "capacity"}
+_RAW_BENCH = {"serve", "hop", "preprocess", "tracker", "memory", "soak", "web", "capacity"}
 
 
 def _add_command(sub, name: str, help_: str, desc: str | None, args_fn: str, runner: str | None,

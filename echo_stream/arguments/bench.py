@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..config import DEFAULT_SERVE_STRIDE
-from .serve import add_stride_arguments
+from .serve import ENGINES, add_stride_arguments
 
 #: the benchmarks' JSON directory
 RESULTS = "bench/results"
@@ -46,10 +46,23 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", default="", metavar="STAGE=N,...",
-                   help="actors per stage of the local server, as `serve --replicas` (default 1 each)")
+                   help="replicas per stage of the local server, as `serve --replicas` (default 1 each)")
+    p.add_argument("--engine", choices=ENGINES, default="actors",
+                   help="what runs the local server's stages, as `serve --engine` (default actors)")
     add_stride_arguments(p)
     p.add_argument("--out", default=RESULTS, help=f"directory for the JSON (default {RESULTS})")
     p.add_argument("--name", default=None, help="file name (default serve_<mode>_<size>_<cpus>cpu.json)")
+
+
+def add_hop_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream bench hop``."""
+    p.add_argument("--sizes-kb", default="1,100,3072", metavar="KB,...",
+                   help="payload sizes in KiB (default 1,100,3072: a motion window .. 16 frames of 256² RGB)")
+    p.add_argument("--repeat", type=int, default=200, help="timed calls per payload and engine (default 200)")
+    p.add_argument("--hops", type=int, default=5, help="calls per chain (default 5, the pipeline's stages)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--out", default=RESULTS, help=f"directory for the JSON (default {RESULTS})")
+    p.add_argument("--name", default=None, help="file name (default hop_<cpus>cpu.json)")
 
 
 def add_preprocess_bench_arguments(p: argparse.ArgumentParser) -> None:

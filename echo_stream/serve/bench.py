@@ -70,19 +70,20 @@ def run(args) -> int:
     from .client import Inputs, test_signal
 
     counts = [int(x) for x in str(args.sessions).split(",") if x.strip()]
+    engine = getattr(args, "engine", "actors")
     args._portrait = SAMPLE_PORTRAIT.read_bytes() if args.mode != "motion" else None
     inputs = [Inputs(test_signal(args.duration, seed=s)) for s in range(4)]
     server = backend = None
     target = args.target
     if target is None:
         from ..pipeline import PipelineOptions, parse_replicas
-        from .backend import RayBackend
+        from .cli import engine_backend
         from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 
         replicas = parse_replicas(getattr(args, "replicas", ""))
         start_ray(None, args.num_cpus)
-        backend = RayBackend.start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
+        backend = engine_backend(engine).start(PipelineOptions(checkpoint=args.checkpoint, config=args.config,
                                                    device=args.device, size=(args.size, args.size),
                                                    stride=args.stride or None, replicas=replicas),
                                    num_cpus=args.num_cpus)
@@ -139,7 +140,8 @@ def run(args) -> int:
                    "max_growth_s": args.max_growth, "sending": "real time, 80 ms avatar-audio chunks",
                    "stride_video_sessions": args.stride or "config new_frames",
                    "stride_motion_sessions": args.motion_stride or "config new_frames",
-                   "replicas": getattr(args, "replicas", "") or "1 per stage"},
+                   "replicas": getattr(args, "replicas", "") or "1 per stage",
+                   "engine": engine if args.target is None else "the server's"},
         "definitions": {
             "server_latency": "avatar-audio chunk arrival at the ingress -> the frame with that pts leaving the "
                               "egress (server clock)",
@@ -154,7 +156,7 @@ def run(args) -> int:
         "highest_realtime_sessions": best, "results": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    name = args.name or f"serve_{args.mode}_{args.size}_{cpus}cpu.json"
+    name = args.name or f"serve_{args.mode}_{args.size}_{cpus}cpu{'_serve-engine' if engine == 'serve' else ''}.json"
     from .. import atomic
     atomic.write_text(os.path.join(args.out, name), json.dumps(result, indent=2, default=str))
     print(f"highest N in real time: {best}; wrote {os.path.join(args.out, name)}")

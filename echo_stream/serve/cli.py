@@ -27,6 +27,14 @@ def read_input_file(path: str | None, what: str) -> bytes | None:
 
 
 def run_serve(args) -> int:
+    opts, popts = serve_options(args)
+    return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port, args.engine))
+
+
+def serve_options(args):
+    """``(ServeOptions, PipelineOptions)`` of ``echo-stream serve``'s parsed arguments (also what the Serve
+    application builder, :func:`~echo_stream.serve.serve_engine.build_app`, takes); raises InputError naming
+    the option for bad input, before anything starts."""
     from ..pipeline import PipelineOptions, parse_replicas
     from .auth import is_loopback, load_tokens
     from .wire import Limits
@@ -64,7 +72,7 @@ def run_serve(args) -> int:
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()})
-    return asyncio.run(_serve_main(opts, popts, args.address, args.num_cpus, args.metrics_port, args.engine))
+    return opts, popts
 
 
 def engine_backend(engine: str):

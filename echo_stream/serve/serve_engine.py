@@ -172,26 +172,34 @@ class _Part:
 class ServeBackend:
     """The backend interface of :class:`~echo_stream.serve.backend.RayBackend`, on Serve deployments."""
 
-    def __init__(self, handles: dict, app: str = APP, bind_timeout_s: float = 60.0):
+    def __init__(self, handles: dict, app: str = APP, expected: dict | None = None, bind_timeout_s: float = 300.0):
+        """``handles``: each stage's deployment handle; ``expected``: replicas per stage to wait for (default 1
+        each) — the slots of the router table are the replicas alive then (at most ``bind_timeout_s`` later)."""
         import ray
+
+        from ..chain import replica_counts
 
         self.ray = ray
         self.app = app
         self.handles = handles
         self.caller = uuid.uuid4().hex
         self._seq: dict[tuple, itertools.count] = {}
-        self.slots: dict[str, list] = {s: [] for s in STAGES}
+        want = replica_counts(expected)
         deadline = time.monotonic() + bind_timeout_s
         while True:
             live = self._live()
             self.slots = {s: sorted(ids) for s, ids in live.items()}
-            if all(self.slots.values()):
+            if all(len(self.slots[s]) >= want[s] for s in STAGES):
                 break
             if time.monotonic() > deadline:
-                raise StageFault(f"Serve replicas of {[s for s, v in self.slots.items() if not v]} not found")
+                if all(self.slots.values()):
+                    log.warning("Serve replicas per stage %s, not the %s asked for: serving with those",
+                                {s: len(v) for s, v in self.slots.items()}, want)
+                    break
+                raise StageFault(f"no Serve replica of {[s for s, v in self.slots.items() if not v]} within "
+                                 f"{bind_timeout_s:.0f} s")
             time.sleep(0.2)
         self.router = Router({s: len(v) for s, v in self.slots.items()})
-        self._routable: set = set()
 
     # -- starting
     @classmethod
@@ -215,7 +223,7 @@ class ServeBackend:
         t = time.perf_counter()
         serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0})
                   .bind(**stage_applications(opts)), name=APP, route_prefix=None)
-        backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES})
+        backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES}, expected=opts.replicas)
         log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
                  backend.warm_up() if warm else 0.0)
         return backend
@@ -375,3 +383,111 @@ class ServeBackend:
             serve.delete(self.app)
         except Exception:  # noqa: BLE001 - best effort at exit
             log.debug("serve.delete failed", exc_info=True)
+
+
+# ------------------------------------------------------------------------------------------- the deployable app
+#: ``build_app`` keys that are not ``echo-stream serve`` options
+INGRESS_REPLICAS = "ingress_replicas"
+
+
+def app_arguments(args: dict | None) -> list[str]:
+    """``echo-stream serve`` argv from a Serve config's ``args`` (``{"port": 50051, "replicas": "diffusion=2"}``
+    -> ``["--port", "50051", "--replicas", "diffusion=2"]``; a list repeats its option, ``true`` is a flag)."""
+    argv: list[str] = []
+    for key, value in (args or {}).items():
+        if key == INGRESS_REPLICAS or value is None or value is False:
+            continue
+        flag = "--" + str(key).replace("_", "-")
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            argv += [flag] if v is True else [flag, str(v)]
+    return argv
+
+
+def parse_app_arguments(argv: list[str]):
+    """``echo-stream serve``'s parsed arguments for the Serve application; InputError for an unknown option
+    or a bad value (naming it) instead of argparse's exit."""
+    import argparse
+
+    from ..arguments.serve import add_serve_arguments
+    from ..errors import InputError
+
+    p = argparse.ArgumentParser(prog="build_app", exit_on_error=False)
+    add_serve_arguments(p)
+    try:
+        ns, extra = p.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise InputError(f"args.{(e.argument_name or '?').lstrip('-').replace('-', '_')}", str(e.message)) from None
+    if extra:
+        raise InputError("args", f"not options of echo-stream serve: {' '.join(extra)}")
+    if ns.engine != "serve" and "--engine" in argv:
+        raise InputError("args.engine", "the Serve application runs the stages on Serve: leave engine out")
+    ns.engine = "serve"
+    return ns
+
+
+class Ingress:
+    """The gRPC ingress of the Serve application: the same server as ``echo-stream serve``
+    (:class:`~echo_stream.serve.server.AvatarServer`: auth, limits, health, reflection, interrupt, GAP events,
+    drain) in this replica's event loop, on the stages' deployment handles. One per node
+    (``max_replicas_per_node=1``) on a fixed port: a TCP load balancer or a Kubernetes Service spreads
+    sessions over the nodes."""
+
+    async def __init__(self, argv: list, **stages):
+        from ray import serve
+
+        from .cli import serve_options
+        from .server import AvatarServer
+
+        opts, popts = serve_options(parse_app_arguments(argv))
+        loop = asyncio.get_running_loop()
+        app = serve.get_replica_context().app_name
+        self.backend = await loop.run_in_executor(None, lambda: ServeBackend(stages, app, popts.replicas))
+        await self.backend.wait_ready(timeout=600)       # every stage replica routable (they start with us)
+        await loop.run_in_executor(None, self.backend.warm_up)
+        self.server = AvatarServer(self.backend, opts)
+        self.port = await self.server.start()
+        log.info("ingress: gRPC on %s:%d", opts.host, self.port)
+
+    def address(self) -> str:
+        return f"{self.server.opts.host}:{self.port}"
+
+    def check_health(self) -> None:
+        if self.server._stopped is not None and self.server._stopped.is_set():
+            raise RuntimeError("the gRPC server of this ingress stopped")
+
+    async def __del__(self):
+        """Serve stops the replica: drain (health NOT_SERVING, running sessions get --drain-timeout)."""
+        await self.server.drain()
+
+
+def build_app(args: dict | None = None):
+    """The Serve application (``serve run echo_stream.serve.serve_engine:build_app port=50051 ...``, or
+    ``import_path`` of a ``serve deploy`` config): the :class:`Ingress` (``ingress_replicas`` of them, one per
+    node) and one deployment per stage. ``args`` are ``echo-stream serve``'s options (``replicas``, ``device``,
+    ``port``, ``host``, ``tokens_file``, ``max_sessions`` ...), checked here: bad ones fail the build with an
+    error naming them."""
+    from ray import serve
+
+    from ..errors import InputError
+    from .cli import serve_options
+
+    argv = app_arguments(args)
+    ns = parse_app_arguments(argv)
+    opts, popts = serve_options(ns)                     # every option checked before anything is deployed
+    try:
+        n = int((args or {}).get(INGRESS_REPLICAS, 1))
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise InputError(f"args.{INGRESS_REPLICAS}", "must be a whole number >= 1 (one ingress per node)")
+    import ray
+
+    if ray.is_initialized():     # built on the cluster (serve deploy / serve run): GPUs it cannot hold are refused
+        from ..pipeline import check_gpu_capacity
+
+        check_gpu_capacity(popts.device, float(ray.cluster_resources().get("GPU", 0)), popts.replicas,
+                           popts.reserve_gpus)
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", num_replicas=n, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=opts.drain_timeout_s + 5)
+    return ingress.bind(argv, **stage_applications(popts))

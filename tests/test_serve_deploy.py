@@ -1,0 +1,107 @@
+"""The deployable Serve application: ``deploy/serve_config.yaml`` and the KubeRay RayService embedding it validate
+as Serve deploy configs, ``build_app`` checks its arguments, and the built application, run on a local Ray Serve,
+serves a gRPC session end to end through its own ingress (health, reflection-free client, every frame once)."""
+import asyncio
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from echo_stream import config
+from echo_stream.errors import InputError
+
+from . import mediagen
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _validate(cfg: dict):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.parse_obj(cfg)
+    (app,) = schema.applications
+    assert app.import_path == "echo_stream.serve.serve_engine:build_app"
+    return app
+
+
+def test_serve_config_yaml_is_a_serve_deploy_config_and_builds():
+    from echo_stream.serve.serve_engine import app_arguments, parse_app_arguments
+
+    app = _validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
+    args = dict(app.args)
+    assert args["replicas"] == "diffusion=2,render=2" and args["ingress_replicas"] >= 2
+    ns = parse_app_arguments(app_arguments(args))      # every arg is an `echo-stream serve` option
+    assert (ns.port, ns.host, ns.device, ns.engine) == (50051, "0.0.0.0", "cuda", "serve")
+
+
+def test_rayservice_embeds_a_valid_serve_config_with_head_and_gpu_workers():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text()))
+    svc = next(d for d in docs if d["kind"] == "RayService")
+    app = _validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    assert app.args["device"] == "cuda"
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"          # no stage replica on the head
+    (gpu,) = cluster["workerGroupSpecs"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) >= 1 and gpu["minReplicas"] >= app.args["ingress_replicas"]
+    lb = next(d for d in docs if d["kind"] == "Service")
+    assert lb["spec"]["ports"][0]["targetPort"] == app.args["port"]
+    assert lb["spec"]["selector"].items() <= gpu["template"]["metadata"]["labels"].items()
+
+
+def test_build_app_names_bad_arguments():
+    from echo_stream.serve.serve_engine import build_app
+
+    for args, says in [({"replicas": "difusion=2"}, "--replicas: unknown stage 'difusion'"),
+                       ({"prot": 50051}, "args: not options of echo-stream serve: --prot 50051"),
+                       ({"ingress_replicas": 0}, "args.ingress_replicas: must be a whole number >= 1"),
+                       ({"host": "0.0.0.0"}, "needs bearer tokens"),
+                       ({"autoscale": "diffusion=1:2"}, "--autoscale: is not supported by --engine serve"),
+                       ({"engine": "actors"}, "args.engine: the Serve application runs the stages on Serve"),
+                       ({"port": "fifty"}, "args.port: invalid int value: 'fifty'")]:
+        with pytest.raises(InputError) as e:
+            build_app(args)
+        assert says in str(e.value), (args, str(e.value))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_built_app_serves_a_grpc_session_through_its_ingress():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    from echo_stream.protos import echo_stream_pb2 as pb
+    from echo_stream.serve.client import AvatarClient, Inputs, stream_inputs
+    from echo_stream.serve.serve_engine import build_app
+
+    port = _free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=160 * 1024 * 1024)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app({"port": port, "size": 96}), name="echo-deploy", route_prefix=None)
+
+        async def main():
+            async with AvatarClient(f"127.0.0.1:{port}") as c:
+                health = await health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest())
+                res = await stream_inputs(c, Inputs(mediagen.speech_like(1.2, 16000, seed=5)), output="motion",
+                                          realtime=False)
+                return health.status, res
+        status, res = asyncio.run(main())
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert res.motion_frames == list(range(int(np.ceil(1.2 * config.FPS))))
+        assert res.events[-1].kind == pb.Event.ENDED
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -72,7 +72,7 @@ def run(args) -> int:
     from ..cluster import ensure_ray
     from ..machine import environment
     from .pinning import PIN_KW, Pin
-    from .serve_engine import PinnedRouter, StageReplica
+    from .serve_engine import QUIET, PinnedRouter, StageReplica
 
     sizes = [int(float(s) * 1024) for s in str(args.sizes_kb).split(",") if s.strip()]
     ensure_ray("local", num_cpus=args.num_cpus, object_store_memory=256 * 1024 * 1024)
@@ -81,7 +81,8 @@ def run(args) -> int:
         actor = StageActor.options(num_cpus=0.5, max_concurrency=1).remote(lambda: EchoStage())
         ray.get(actor.setup.remote())
         blob = cloudpickle.dumps(EchoStage())
-        common = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1000}
+        common = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1000,
+                  "logging_config": QUIET}
         pinned = serve.run(serve.deployment(StageReplica).options(
             name="echo_pinned", request_router_config=RequestRouterConfig(request_router_class=PinnedRouter),
             **common).bind(blob), name="hop-pinned", route_prefix=None)

@@ -61,16 +61,17 @@ class CallOrder:
 
     async def turn(self, caller: str, seq: int) -> None:
         """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done`."""
+        if self._next.setdefault(caller, 0) >= seq:   # every caller numbers its calls to a replica from 0
+            return                                     # in order (the usual case): no waiting, no lock
         cond = self._cond()
         async with cond:
-            self._next.setdefault(caller, 0)             # every caller numbers its calls to a replica from 0
             try:
                 await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
             except asyncio.TimeoutError:
                 self.skipped += 1
 
     async def done(self, caller: str, seq: int) -> None:
-        cond = self._cond()
-        async with cond:
-            self._next[caller] = max(self._next.get(caller, 0), seq + 1)
-            cond.notify_all()
+        self._next[caller] = max(self._next.get(caller, 0), seq + 1)
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()

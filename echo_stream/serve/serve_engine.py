@@ -44,6 +44,8 @@ REPLICA_PREFIX = "SERVE_REPLICA::"
 #: requests a stage replica may hold at once: calls wait inside it for their turn (``CallOrder``), so the
 #: limit must exceed what one replica ever has queued (a session keeps at most a few chains in flight)
 MAX_ONGOING = 1000
+#: no Serve access-log line per request (one per stage call: thousands a second; our own metrics count calls)
+QUIET = {"enable_access_log": False}
 #: Serve's health check of each stage replica (seconds)
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
@@ -131,7 +133,7 @@ def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False):
     return serve.deployment(StageReplica).options(
         name=name, num_replicas=int(replicas), ray_actor_options=opts, max_ongoing_requests=MAX_ONGOING,
         health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-        request_router_config=RequestRouterConfig(request_router_class=PinnedRouter))
+        request_router_config=RequestRouterConfig(request_router_class=PinnedRouter), logging_config=QUIET)
 
 
 def stage_applications(opts) -> dict:
@@ -221,7 +223,8 @@ class ServeBackend:
         check_cpu_capacity(build_stages(opts), float(have.get("CPU", 0)), opts.replicas)
         serve.start(proxy_location="Disabled")
         t = time.perf_counter()
-        serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                               logging_config=QUIET)
                   .bind(**stage_applications(opts)), name=APP, route_prefix=None)
         backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES}, expected=opts.replicas)
         log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
@@ -489,5 +492,6 @@ def build_app(args: dict | None = None):
                            popts.reserve_gpus)
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=n, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5},
-        health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=opts.drain_timeout_s + 5)
+        health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=opts.drain_timeout_s + 5,
+        logging_config=QUIET)
     return ingress.bind(argv, **stage_applications(popts))

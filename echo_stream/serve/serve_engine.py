@@ -37,7 +37,8 @@ from .routing import Route, Router
 
 log = logging.getLogger(__name__)
 
-#: the application the embedded engine deploys (``serve.run(..., name=APP)``)
+#: the application's name (``serve deploy`` configs); the embedded engine adds a suffix of its own, so that
+#: several ``echo-stream serve`` processes on one cluster each deploy (and delete) their own
 APP = "echo-stream"
 #: Serve's actor-name prefix of a replica: ``SERVE_REPLICA::<app>#<deployment>#<unique id>``
 REPLICA_PREFIX = "SERVE_REPLICA::"
@@ -207,8 +208,8 @@ class ServeBackend:
     @classmethod
     def start(cls, opts, address: str | None = None, num_cpus: int | None = None, warm: bool = True,
               **_) -> "ServeBackend":
-        """Deploy the stages as the application :data:`APP` on the Ray this process is connected to (a local
-        one when none) and bind to it (``warm``: then one synthetic session through every replica).
+        """Deploy the stages as an application of its own (:data:`APP`-<random>) on the Ray this process is
+        connected to (a local one when none) and bind to it (``warm``: then one synthetic session through every replica).
         ``max_restarts`` (the actor engine's) is ignored: Serve replaces lost replicas."""
         from ray import serve
 
@@ -223,10 +224,11 @@ class ServeBackend:
         check_cpu_capacity(build_stages(opts), float(have.get("CPU", 0)), opts.replicas)
         serve.start(proxy_location="Disabled")
         t = time.perf_counter()
+        app = f"{APP}-{uuid.uuid4().hex[:8]}"
         serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                                logging_config=QUIET)
-                  .bind(**stage_applications(opts)), name=APP, route_prefix=None)
-        backend = cls({s: serve.get_deployment_handle(s, app_name=APP) for s in STAGES}, expected=opts.replicas)
+                  .bind(**stage_applications(opts)), name=app, route_prefix=None)
+        backend = cls({s: serve.get_deployment_handle(s, app_name=app) for s in STAGES}, app, opts.replicas)
         log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
                  backend.warm_up() if warm else 0.0)
         return backend

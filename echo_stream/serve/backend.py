@@ -128,6 +128,10 @@ class RayBackend:
     def actor(self, stage: str, replica: int = 0):
         return self.runner.replicas[stage][replica]
 
+    def placements(self, timeout: float | None = None) -> dict[str, list[dict]]:
+        """Where each replica runs (``RayRunner.placements``)."""
+        return self.runner.placements(timeout=timeout)
+
     async def _answers(self, stage: str, replica: int, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self.get(self.call(stage, "ping", replica=replica)), max(0.05, timeout))

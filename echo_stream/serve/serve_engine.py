@@ -377,7 +377,9 @@ class ServeBackend:
         return time.perf_counter() - t
 
     def placements(self, timeout: float | None = 60.0) -> dict[str, list[dict]]:
-        """Where each slot's replica runs (node, GPU ids, ``CUDA_VISIBLE_DEVICES``, pid, replica id)."""
+        """Where each slot's replica runs (node, GPU ids, ``CUDA_VISIBLE_DEVICES``, pid, replica id); slots of
+        lost replicas are re-bound to their replacements first (a slot not yet replaced: its call fails)."""
+        self.rebind()
         return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
                     for i in range(len(ids))] for s, ids in self.slots.items()}
 

@@ -193,3 +193,17 @@ def test_killed_diffusion_replica_recovers_only_its_sessions(two_diffusion):
         assert res.stats.gap_frames == sum(e.frames for e in replicated.gaps(res))
     for res in spared:
         assert not replicated.gaps(res) and res.stats.recoveries == 0 and res.motion_frames == list(range(n))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupt_on_replicated_stages(two_diffusion):
+    """The protocol test's interrupt (buffered work dropped, playback reported, every frame once), served by
+    either engine (on Serve nothing queued is cancelled: the dropped epoch's work runs and is discarded)."""
+    import contextlib
+
+    from .test_serve_protocol import test_interrupt_drops_buffered_work_and_reports_playback as interrupt_test
+
+    _, _, backend = two_diffusion
+    with contextlib.ExitStack() as stack:
+        interrupt_test(lambda **kw: stack.enter_context(server_thread(backend, **kw)))

@@ -17,7 +17,7 @@ import pytest
 from echo_stream import cli, config
 from echo_stream.errors import InputError
 from echo_stream.pipeline import PipelineOptions
-from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin
+from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin, rebind_slots
 
 from . import mediagen
 
@@ -57,6 +57,27 @@ def test_pin_picks_elements_of_tuple_arguments():
     pin = Pin("c", "r", 0, ((1, 0),))
     assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)
     assert Pin("c", "r").args((1, 2)) == (1, 2)
+
+
+def test_lost_replicas_slots_are_rebound_to_their_replacements():
+    slots = {"diffusion": ["a", "b", "c"], "render": ["r"]}
+    # b died and Serve started d in its place; c died and has no replacement yet; render untouched
+    assert rebind_slots(slots, {"diffusion": {"a", "d"}, "render": {"r"}}) == [("diffusion", 1)]
+    assert slots == {"diffusion": ["a", "d", "c"], "render": ["r"]}         # a keeps its slot: its sessions stay
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e"}, "render": {"r"}}) == [("diffusion", 2)]
+    assert slots["diffusion"] == ["a", "d", "e"] and rebind_slots(slots, {"diffusion": {"a", "d", "e"}}) == []
+
+
+def test_serve_config_args_become_serve_options():
+    from echo_stream.serve.serve_engine import app_arguments, parse_app_arguments
+
+    argv = app_arguments({"port": 50051, "replicas": "diffusion=2", "avatar": ["a=x.jpg", "b=y.jpg"],
+                          "tls_cert": None, "ingress_replicas": 3, "max_sessions": 4})
+    assert argv == ["--port", "50051", "--replicas", "diffusion=2", "--avatar", "a=x.jpg", "--avatar", "b=y.jpg",
+                    "--max-sessions", "4"]
+    ns = parse_app_arguments(argv)
+    assert (ns.port, ns.replicas, ns.avatar, ns.max_sessions, ns.engine) == (50051, "diffusion=2",
+                                                                               ["a=x.jpg", "b=y.jpg"], 4, "serve")
 
 
 def test_pinned_router_sends_a_call_to_its_replica_or_anywhere_when_that_one_is_gone():

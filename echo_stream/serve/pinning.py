@@ -75,3 +75,18 @@ class CallOrder:
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()
+
+
+def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> list[tuple]:
+    """Re-bind (in place) each slot of the router table whose replica is no longer ``live`` to a live replica of
+    its stage that no slot holds (the one Serve started in its place); returns ``(stage, slot)`` of each slot
+    re-bound. A slot with no such replica yet keeps its old id: calls to it are refused (a fault), so its
+    sessions wait for the replacement or move to another slot."""
+    moved = []
+    for stage, ids in slots.items():
+        spare = sorted(set(live.get(stage, ())) - set(ids))
+        for i, rid in enumerate(ids):
+            if rid not in live.get(stage, ()) and spare:
+                ids[i] = spare.pop(0)
+                moved.append((stage, i))
+    return moved

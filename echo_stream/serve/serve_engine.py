@@ -32,7 +32,7 @@ from typing import Any
 
 from ..chain import PIPELINE, STAGES
 from .backend import StageFault
-from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone
+from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone, rebind_slots
 from .routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -309,17 +309,8 @@ class ServeBackend:
         self.router.release(route)
 
     def rebind(self) -> list[tuple]:
-        """Slots whose replica is gone get a replica Serve started in its place (one not yet bound); returns
-        ``(stage, slot)`` of each slot re-bound. A slot whose replica is gone and has no replacement yet keeps
-        the old id (calls to it are refused: the session waits or moves)."""
-        live, moved = self._live(), []
-        for stage, ids in self.slots.items():
-            spare = sorted(live[stage] - set(ids))
-            for i, rid in enumerate(ids):
-                if rid not in live[stage] and spare:
-                    ids[i] = spare.pop(0)
-                    moved.append((stage, i))
-        return moved
+        """Slots whose replica is gone get the replica Serve started in its place (:func:`.pinning.rebind_slots`)."""
+        return rebind_slots(self.slots, self._live())
 
     async def _answers(self, stage: str, i: int, timeout: float) -> bool:
         try:

@@ -116,6 +116,7 @@ class Session(EpochSwitching):
         return self.pacer.t_first
 
     def call(self, stage: str, method: str, *args, num_returns: int = 1):
+        """A call on this session's replica of ``stage`` (:meth:`~.stages.StageLink.call`)."""
         return self.link.call(stage, method, *args, num_returns=num_returns)
 
     # ------------------------------------------------------------------ lifecycle

@@ -14,7 +14,9 @@ and thrown away), then differ in what the new epoch starts from:
   playback position (``produced``) with the audio sent after the interrupt; an INTERRUPTED event.
 
 In both, the stages' state is restored from :class:`~.ledger.ResumeState` (LCU memory checkpoint, the
-previous motion of the frames sent). This is a mixin: the state it works on is the Session's.
+previous motion of the frames sent). This is a mixin: the state it works on is the Session's (its parts
+``link``, ``ledger``, ``resume``, ``chunker``, ``arrivals``, ``pacer``, ``edge``, ``out``, its queues, ``lock``,
+``ready``, ``end_pushed`` and ``stats``).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ module             what
 =================  ===========================================================
 ``backend``        the pipeline seen from the event loop (Ray actors or inline)
 ``batching``       continuous cross-session batching of diffusion windows
-``session``        one session: ingest, epochs (interrupt / fault recovery), egress
+``session``        one session (a package: ingest, replay ledger, stage link, egress, epochs)
 ``wire``           protobuf <-> plain values, validation and limits
 ``portrait_gate``  session portraits checked and decoded at the edge (header caps, budgeted child process)
 ``auth``           bearer tokens, principals

@@ -199,7 +199,9 @@ def test_killed_diffusion_replica_recovers_only_its_sessions(two_diffusion):
 @pytest.mark.slow
 def test_interrupt_on_replicated_stages(two_diffusion):
     """The protocol test's interrupt (buffered work dropped, playback reported, every frame once), served by
-    either engine (on Serve nothing queued is cancelled: the dropped epoch's work runs and is discarded)."""
+    either engine (on Serve nothing queued is cancelled: the dropped epoch's work runs and is discarded). It runs
+    right after the kill above: a new session must not be routed to the killed replica's slot before its
+    replacement answers (the Serve engine drains that slot until then)."""
     import contextlib
 
     from .test_serve_protocol import test_interrupt_drops_buffered_work_and_reports_playback as interrupt_test

@@ -309,8 +309,25 @@ class ServeBackend:
         self.router.release(route)
 
     def rebind(self) -> list[tuple]:
-        """Slots whose replica is gone get the replica Serve started in its place (:func:`.pinning.rebind_slots`)."""
-        return rebind_slots(self.slots, self._live())
+        """Slots whose replica is gone get the replica Serve started in its place (:func:`.pinning.rebind_slots`).
+        A slot whose replica is gone, or was just re-bound, takes no new session (the router drains it) until
+        :meth:`refresh` has seen its replica answer: a replacement is a named actor before Serve routes to it."""
+        live = self._live()
+        moved = rebind_slots(self.slots, live)
+        for stage, ids in self.slots.items():
+            for i, rid in enumerate(ids):
+                if rid not in live[stage] or (stage, i) in moved:
+                    self.router.drain(stage, i)
+        return moved
+
+    async def refresh(self, timeout: float = 1.0) -> None:
+        """:meth:`rebind`, then the drained slots whose replica answers take new sessions again."""
+        await asyncio.get_running_loop().run_in_executor(None, self.rebind)
+        drained = [(s, i) for s, idx in self.router.draining.items() for i in sorted(idx)]
+        oks = await asyncio.gather(*(self._answers(s, i, timeout) for s, i in drained))
+        for (stage, i), ok in zip(drained, oks):
+            if ok:
+                self.router.drain(stage, i, on=False)
 
     async def _answers(self, stage: str, i: int, timeout: float) -> bool:
         try:
@@ -322,11 +339,9 @@ class ServeBackend:
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within
         ``move_after_s`` moves the session (in place) to the least loaded replica that does."""
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
-        await loop.run_in_executor(None, self.rebind)
-        stages = STAGES if route is not None else STAGES
-        for stage in stages:
+        await self.refresh(move_after_s)
+        for stage in STAGES:
             while True:
                 mine = route[stage] if route is not None else None
                 order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
@@ -342,14 +357,14 @@ class ServeBackend:
                 if time.monotonic() > deadline:
                     raise StageFault(f"no replica of stage {stage} answered within {timeout:.0f} s")
                 await asyncio.sleep(0.2)
-                await loop.run_in_executor(None, self.rebind)
+                await self.refresh(move_after_s)
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
         """``{(stage, slot): replica id}`` (of ``route``'s slots only, when given). Without ``route`` (the
         server's monitor) the slots are re-bound first, so a replica Serve replaced shows as a changed id."""
         if route is not None:
             return {(s, route[s]): self.slots[s][route[s]] for s in STAGES}
-        await asyncio.get_running_loop().run_in_executor(None, self.rebind)
+        await self.refresh()
         return {(s, i): rid for s, ids in self.slots.items() for i, rid in enumerate(ids)}
 
     # -- warm-up, placement, shutdown

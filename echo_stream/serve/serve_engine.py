@@ -209,8 +209,9 @@ class ServeBackend:
     def start(cls, opts, address: str | None = None, num_cpus: int | None = None, warm: bool = True,
               **_) -> "ServeBackend":
         """Deploy the stages as an application of its own (:data:`APP`-<random>) on the Ray this process is
-        connected to (a local one when none) and bind to it (``warm``: then one synthetic session through every replica).
-        ``max_restarts`` (the actor engine's) is ignored: Serve replaces lost replicas."""
+        connected to (a local one when none) and bind to it (``warm``: then one synthetic session through every
+        replica). ``max_restarts`` (the actor engine's) is ignored: Serve replaces lost replicas. An application
+        that fails to start is deleted again."""
         from ray import serve
 
         from ..cluster import ensure_pipeline_ray
@@ -225,12 +226,19 @@ class ServeBackend:
         serve.start(proxy_location="Disabled")
         t = time.perf_counter()
         app = f"{APP}-{uuid.uuid4().hex[:8]}"
-        serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                                               logging_config=QUIET)
-                  .bind(**stage_applications(opts)), name=app, route_prefix=None)
-        backend = cls({s: serve.get_deployment_handle(s, app_name=app) for s in STAGES}, app, opts.replicas)
-        log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
-                 backend.warm_up() if warm else 0.0)
+        try:
+            serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                                   logging_config=QUIET)
+                      .bind(**stage_applications(opts)), name=app, route_prefix=None)
+            backend = cls({s: serve.get_deployment_handle(s, app_name=app) for s in STAGES}, app, opts.replicas)
+            log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
+                     backend.warm_up() if warm else 0.0)
+        except BaseException:
+            try:
+                serve.delete(app)
+            except Exception:  # noqa: BLE001 - the start's own error is the one to see
+                log.debug("serve.delete after a failed start failed", exc_info=True)
+            raise
         return backend
 
     def _live(self) -> dict[str, set]:

@@ -478,7 +478,9 @@ class Ingress:
 
     async def __del__(self):
         """Serve stops the replica: drain (health NOT_SERVING, running sessions get --drain-timeout)."""
-        await self.server.drain()
+        server = getattr(self, "server", None)        # None: the constructor failed before the server started
+        if server is not None:
+            await server.drain()
 
 
 def build_app(args: dict | None = None):

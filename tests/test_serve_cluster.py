@@ -27,7 +27,7 @@ def cluster_served(request):
     from ray.cluster_utils import Cluster
 
     from echo_stream.pipeline import PipelineOptions
-    from echo_stream.serve.cli import engine_backend
+    from echo_stream.serve.serve_engine import engine_backend
 
     from .served import server_thread
 

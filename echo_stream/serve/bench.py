@@ -77,7 +77,7 @@ def run(args) -> int:
     target = args.target
     if target is None:
         from ..pipeline import PipelineOptions, parse_replicas
-        from .cli import engine_backend
+        from .serve_engine import engine_backend
         from ..cluster import start_ray
         from .server import ServeOptions, ServerThread
 

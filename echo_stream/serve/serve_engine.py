@@ -406,6 +406,14 @@ class ServeBackend:
             log.debug("serve.delete failed", exc_info=True)
 
 
+def engine_backend(engine: str):
+    """The backend class of ``--engine``: ``RayBackend`` (stage actors) or :class:`ServeBackend` (Ray Serve)."""
+    if engine == "serve":
+        return ServeBackend
+    from .backend import RayBackend
+    return RayBackend
+
+
 # ------------------------------------------------------------------------------------------- the deployable app
 #: ``build_app`` keys that are not ``echo-stream serve`` options
 INGRESS_REPLICAS = "ingress_replicas"
@@ -456,7 +464,7 @@ class Ingress:
     async def __init__(self, argv: list, **stages):
         from ray import serve
 
-        from .cli import serve_options
+        from .options import serve_options
         from .server import AvatarServer
 
         opts, popts = serve_options(parse_app_arguments(argv))
@@ -492,7 +500,7 @@ def build_app(args: dict | None = None):
     from ray import serve
 
     from ..errors import InputError
-    from .cli import serve_options
+    from .options import serve_options
 
     argv = app_arguments(args)
     ns = parse_app_arguments(argv)

@@ -8,7 +8,9 @@
   and :meth:`RayBackend.assign` gives a session its replica of each stage
   (:class:`~echo_stream.serve.routing.Router`);
 * :class:`InlineBackend` — the same stage objects in this process, one worker
-  thread per stage (FIFO per stage, like an actor); for tests and debugging.
+  thread per stage (FIFO per stage, like an actor); for tests and debugging;
+* :class:`~echo_stream.serve.serve_engine.ServeBackend` — the stages as Ray Serve
+  deployments (``serve --engine serve``), same interface.
 
 ``is_fault(exc)`` tells a stage process failure (restartable) from an error of
 the input (which the session reports to its client).

@@ -17,7 +17,7 @@ import pytest
 from echo_stream import cli, config
 from echo_stream.errors import InputError
 from echo_stream.pipeline import PipelineOptions
-from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin, rebind_slots
+from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin, StuckCheck, rebind_slots
 
 from . import mediagen
 
@@ -66,6 +66,22 @@ def test_lost_replicas_slots_are_rebound_to_their_replacements():
     assert slots == {"diffusion": ["a", "d", "c"], "render": ["r"]}         # a keeps its slot: its sessions stay
     assert rebind_slots(slots, {"diffusion": {"a", "d", "e"}, "render": {"r"}}) == [("diffusion", 2)]
     assert slots["diffusion"] == ["a", "d", "e"] and rebind_slots(slots, {"diffusion": {"a", "d", "e"}}) == []
+
+
+def test_a_call_running_too_long_fails_the_health_check():
+    now = [100.0]
+    check = StuckCheck(after_s=120, clock=lambda: now[0])
+    check.check("diffusion")                                 # idle: healthy
+
+    def long_call():
+        now[0] += 60
+        check.check("diffusion")                             # 60 s in: still healthy
+        now[0] += 61
+        with pytest.raises(RuntimeError, match=r"^diffusion: a call has been running for 121 s .* stuck"):
+            check.check("diffusion")
+        return "done"
+    assert check.run(long_call) == "done"
+    check.check("diffusion")                                 # the call ended: healthy again
 
 
 def test_serve_config_args_become_serve_options():

@@ -90,3 +90,29 @@ def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> list[tuple]:
                 ids[i] = spare.pop(0)
                 moved.append((stage, i))
     return moved
+
+
+class StuckCheck:
+    """A replica's health beyond "the process answers": a stage call that has run for longer than
+    ``after_s`` (a wedged model call, a deadlock) makes :meth:`check` raise, so Serve's health check fails and
+    Serve replaces the replica (its sessions recover elsewhere from their checkpoints)."""
+
+    def __init__(self, after_s: float = 120.0, clock=None):
+        import time
+
+        self.after_s = float(after_s)
+        self.clock = clock or time.monotonic
+        self.since: float | None = None
+
+    def run(self, fn):
+        """``fn()`` timed as the running call (one at a time: the replica's worker thread)."""
+        self.since = self.clock()
+        try:
+            return fn()
+        finally:
+            self.since = None
+
+    def check(self, what: str) -> None:
+        if self.since is not None and self.clock() - self.since > self.after_s:
+            raise RuntimeError(f"{what}: a call has been running for {self.clock() - self.since:.0f} s "
+                               f"(more than {self.after_s:g} s): the replica is stuck")

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..chain import PIPELINE, STAGES
 from .backend import StageFault
-from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone, rebind_slots
+from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone, StuckCheck, rebind_slots
 from .routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ QUIET = {"enable_access_log": False}
 #: Serve's health check of each stage replica (seconds)
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
+#: a stage call running longer than this fails the replica's health check (Serve replaces the replica)
+STUCK_AFTER_S = 120.0
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -89,6 +91,7 @@ class StageReplica:
         self.host.setup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.order = CallOrder()
+        self.stuck = StuckCheck(STUCK_AFTER_S)
         self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.host.stage.name}")
 
     async def call(self, method: str, *args, _pin: Pin | None = None):
@@ -97,7 +100,7 @@ class StageReplica:
         if method in ("placement", "stats"):            # the replica's own, not the stage's
             return getattr(self, method)()
         args = _pin.args(args) if _pin is not None else args
-        run = functools.partial(self.host.call, method, *args)
+        run = functools.partial(self.stuck.run, functools.partial(self.host.call, method, *args))
         loop = asyncio.get_running_loop()
         if _pin is None or _pin.seq is None:
             if method == "ping":
@@ -117,8 +120,10 @@ class StageReplica:
         return {**self.host.stats(), "order_skipped": self.order.skipped}
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose stage cannot answer is replaced."""
+        """Serve's health check: a replica whose stage does not answer, or whose current call has run for more
+        than :data:`STUCK_AFTER_S`, is replaced."""
         self.host.stage.ping()
+        self.stuck.check(f"{self.host.stage.name} replica {self.replica_id}")
 
 
 def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False):

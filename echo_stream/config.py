@@ -73,6 +73,9 @@ class ModelConfig:
     #: the user's features, with gesture templates measured on the training motion (``train --stage
     #: reactions``; until then the head never fires). Configs written before this field existed load without it.
     reactions: bool = False
+    #: networks in the reaction head, each trained with its own seed, their probabilities averaged: one head's
+    #: nod and micro-nod figures moved by 1.5x between trainings on the same data (README)
+    reaction_members: int = 3
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4
     transcript_dim: int = 64      # hashed n-gram transcript embedding size

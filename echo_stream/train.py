@@ -879,6 +879,8 @@ def _run_reactions(args, shards: Path, out: Path, progress: bool) -> int:
     if not args.init_from:
         raise InputError("--stage reactions", "needs the trained model to add the head to: pass --init-from "
                          "CHECKPOINT (e.g. OUT/final)")
+    if args.calibration_convs < 0:
+        raise InputError("--calibration-convs", f"{args.calibration_convs}: give 0 (off) or more conversations")
     steps = (args.steps or [1500])[-1]
     bs = (args.batch_size or [16])[-1]
     lr = (args.lr or [2e-3])[-1]
@@ -886,7 +888,7 @@ def _run_reactions(args, shards: Path, out: Path, progress: bool) -> int:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
     final = train_reactions(shards, out, args.init_from, steps=steps, batch_size=bs, lr=lr, seed=args.seed,
-                            export=args.export, progress=progress)
+                            export=args.export, progress=progress, calibration_convs=args.calibration_convs)
     return _report(args, f"final checkpoint with the reaction head: {final} after "
                          f"{(time.perf_counter() - t) / 60:.1f} min; figures in {final.parent / 'reactions.json'}")
 

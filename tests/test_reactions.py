@@ -43,6 +43,110 @@ def _track(seconds=60.0, nods=(), micro=(), raises=(), flashes=(), seed=0):
     return (m + am).astype(np.float32)
 
 
+def _glances(seconds=60.0, at=(), seed=0):
+    """Gaze wandering slowly (as idle eyes do), with glances away at known times, alternately right and left
+    (the corpus's: 0.22 out, 0.13 up, over 0.8 s)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * FPS)
+    t = np.arange(n) / FPS
+    m = np.tile(motion.neutral_motion(1), (n, 1)).astype(np.float64)
+    ci = motion.CHANNEL_INDEX
+    slow = np.convolve(rng.standard_normal(n + 200), np.hanning(100) / np.hanning(100).sum(), "same")[100:100 + n]
+    h = 0.03 * slow / (slow.std() + 1e-9)
+    v = np.zeros(n)
+    for j, t0 in enumerate(at):
+        b = _bump(t, t0, 0.8, 0.15, 0.3)
+        side = 1.0 if j % 2 == 0 else -1.0
+        h = h * (1 - b) + side * 0.22 * b
+        v = v * (1 - b) + 0.13 * b
+    right, left = np.clip(h, 0, None), np.clip(-h, 0, None)
+    m[:, ci["eyeLookOutRight"]], m[:, ci["eyeLookInLeft"]] = right, right
+    m[:, ci["eyeLookOutLeft"]], m[:, ci["eyeLookInRight"]] = left, left
+    m[:, ci["eyeLookUpLeft"]] = m[:, ci["eyeLookUpRight"]] = np.clip(v, 0, None)
+    return m.astype(np.float32)
+
+
+def test_detects_glances_away_and_measures_them_towards_one_side():
+    at = tuple(np.arange(3.0, 57.0, 4.5))
+    m = _glances(at=at)
+    on = R.detect_onsets(m)
+    assert len(on["gaze_away"]) == len(at)
+    assert all(abs(int(f) - round(x * FPS)) <= 4 for f, x in zip(on["gaze_away"], at)), on["gaze_away"]
+    assert len(R.detect_onsets(_glances(seed=3))["gaze_away"]) == 0        # wandering eyes: none
+    templates, _ = R.measure_templates([m], [on])
+    g = templates[R.KINDS.index("gaze_away")]
+    ci = motion.CHANNEL_INDEX
+    look = np.zeros(motion.NUM_CHANNELS, bool)
+    look[[i for c, i in ci.items() if c.startswith("eyeLook")]] = True
+    assert np.abs(g[:, ~look]).max() == 0.0                            # the gaze only: never the lids or the head
+    # left glances were mirrored before averaging: one side, not both eyes crossing
+    assert g[:, ci["eyeLookOutRight"]].max() > 0.12 and g[:, ci["eyeLookOutLeft"]].max() < 0.03
+    mirrored = g[:, R.MIRROR]
+    np.testing.assert_array_equal(mirrored[:, ci["eyeLookOutLeft"]], g[:, ci["eyeLookOutRight"]])
+
+
+def test_own_voice_reads_the_frame_its_lookahead_and_four_frames_before():
+    audio = torch.zeros(1, 30, 2, 83)
+    audio[..., 80] = R.SILENT[0]
+    audio[:, 12:, :, 80] = -2.0            # the avatar starts speaking at frame 12
+    audio[:, 12:, :, 82] = 0.9
+    own = R.own_voice(audio, lookahead=2)[0]
+    assert own.shape == (28, R.ReactionHead.OWN_DIM)
+    assert float(own[9, 0]) == pytest.approx(R.SILENT[0]) and float(own[10, 0]) > R.SILENT[0]   # seen 2 frames early
+    assert float(own[12, 2]) == pytest.approx(R.SILENT[0]) and float(own[16, 2]) == pytest.approx(-2.0)
+    earlier = audio.clone()
+    earlier[:, :5, :, 80] = 3.0            # rows more than 4 before frame 10: not read for it
+    np.testing.assert_array_equal(R.own_voice(earlier, 2)[0, 9:], own[9:])
+
+
+def test_calibration_scales_each_kind_to_the_onsets_of_unseen_conversations():
+    from types import SimpleNamespace
+
+    from echo_stream.train_reactions import _calibrate
+
+    head = _head("brow_raise", float(np.log(0.01 / 0.99)))          # p = 0.01 a frame for brow raises only
+    convs, own = [], {}
+    for j in range(2):
+        n = 1500
+        m = _track(seconds=n / FPS, raises=(10.0, 30.0, 50.0), seed=j)
+        a, v, bl, pr, o = (x[0].numpy() for x in _user(1, n, seed=j))
+        c = SimpleNamespace(frames=n, arrays={"motion": m, "user_audio": a, "user_video": v, "user_blend": bl,
+                                              "user_present": pr})
+        convs.append(c)
+        own[id(c)] = torch.from_numpy(o)
+    got = _calibrate(head, convs, own)
+    assert got["brow_raise"]["true_onsets"] == 6
+    assert got["brow_raise"]["expected_onsets"] == pytest.approx(30.0, rel=1e-3)   # 3000 frames x 0.01
+    assert float(head.calibration[R.KINDS.index("brow_raise")]) == pytest.approx(0.5)   # 6 / 30, clipped
+    assert float(head.calibration[R.KINDS.index("nod")]) == 1.0                          # no onsets, no evidence
+
+
+def test_a_checkpoint_with_an_earlier_reaction_head_loads_without_reactions(tmp_path, caplog):
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from echo_stream.model.checkpoint import load_checkpoint, save_checkpoint
+
+    model = EchoModel(dataclasses.replace(CONFIGS["tiny"], reactions=True)).eval()
+    model.reactions.trained.fill_(1.0)
+    save_checkpoint(model, tmp_path / "c")
+    weights = next((tmp_path / "c").glob("*.safetensors"))
+    earlier = {}                   # the 4-kind head: one network, no own-voice path, no members
+    for k, v in load_file(weights).items():
+        if not k.startswith("reactions.members."):
+            if not k.startswith("reactions.own"):
+                earlier[k] = v
+        elif k.startswith("reactions.members.0.") and ".own." not in k:
+            earlier[k.replace("members.0.", "")] = v
+    t = earlier
+    save_file(t, weights)
+    got = load_checkpoint(tmp_path / "c")
+    assert float(got.reactions.trained) == 0.0                           # never fires
+    assert torch.equal(got.motion_std, model.motion_std)
+    assert "earlier layout" in caplog.text and "--stage reactions" in caplog.text
+
+
 def _close(found, truth, tol=2):
     return len(found) == len(truth) and all(abs(int(f) - round(x * FPS)) <= tol for f, x in zip(found, truth))
 
@@ -84,31 +188,41 @@ def _head(bias_kind: str | None = None, bias: float = 0.0) -> R.ReactionHead:
     head.trained.fill_(1.0)
     if bias_kind is not None:
         with torch.no_grad():
-            head.out.weight.zero_()
-            head.out.bias.fill_(-30.0)
-            head.out.bias[R.KINDS.index(bias_kind)] = bias
+            for m in head.members:
+                m.out.weight.zero_()
+                m.out.bias.fill_(-30.0)
+                m.out.bias[R.KINDS.index(bias_kind)] = bias
+                m.own[-1].weight.zero_()
+                m.own[-1].bias.fill_(-30.0)
     return head.eval()
 
 
 def _user(b, t, present=1.0, seed=0):
+    """The head's inputs: the user's voice, face and presence, then the avatar's own voice (``own_voice``)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, t, 2, 83, generator=g), torch.randn(b, t, 16, generator=g),
-            torch.randn(b, t, motion.NUM_CHANNELS, generator=g) * 0.1, torch.full((b, t, 3), present))
+            torch.randn(b, t, motion.NUM_CHANNELS, generator=g) * 0.1, torch.full((b, t, 3), present),
+            torch.randn(b, t, R.ReactionHead.OWN_DIM, generator=g))
 
 
 def test_head_is_causal_silent_without_a_user_and_untrained():
     head = _head()
-    a, v, bl, pr = _user(1, 40)
-    p = head.probabilities(a, v, bl, pr)
+    a, v, bl, pr, own = _user(1, 40)
+    p = head.probabilities(a, v, bl, pr, own)
     a2 = a.clone()
     a2[:, 30:] += 5.0                   # change the future
-    p2 = head.probabilities(a2, v, bl, pr)
+    p2 = head.probabilities(a2, v, bl, pr, own)
     assert torch.equal(p[:, :30], p2[:, :30]) and not torch.equal(p[:, 30:], p2[:, 30:])
+    own2 = own.clone()
+    own2[:, 30] += 3.0                  # the own voice is read frame by frame: only that frame changes
+    p3 = head.probabilities(a, v, bl, pr, own2)
+    changed = (p3 != p).any(-1)[0]
+    assert changed[30] and int(changed.sum()) == 1
     assert float(p.min()) > 0
-    off = head.probabilities(a * float("nan"), v, bl, torch.zeros(1, 40, 3))
+    off = head.probabilities(a * float("nan"), v, bl, torch.zeros(1, 40, 3), own)
     assert float(off.abs().max()) == 0.0
     fresh = R.ReactionHead(CONFIGS["tiny"])
-    assert float(fresh.probabilities(a, v, bl, pr).abs().max()) == 0.0
+    assert float(fresh.probabilities(a, v, bl, pr, own).abs().max()) == 0.0
 
 
 def _spread(n=60, at=20, width=8, total=0.9):
@@ -153,7 +267,7 @@ def test_track_is_the_same_however_the_frames_are_cut():
 
 def _feats(frames=150, present=1.0, seed=0):
     rng = np.random.default_rng(seed)
-    a, v, bl, pr = (x[0].numpy() for x in _user(1, frames, present, seed=seed))
+    a, v, bl, pr, _ = (x[0].numpy() for x in _user(1, frames, present, seed=seed))
     return {"avatar_audio": rng.normal(0, 1, (frames, 2, 83)).astype(np.float32), "user_audio": a,
             "user_video": v, "user_blend": bl, "user_present": pr}
 
@@ -199,10 +313,10 @@ def test_diffusion_stage_adds_reactions_only_when_the_user_is_there(monkeypatch)
 @pytest.mark.parametrize("bad", ["nan", "absent"])
 def test_head_ignores_absent_or_broken_inputs_of_a_modality(bad):
     head = _head()
-    a, v, bl, pr = _user(1, 30)
-    ref = head.probabilities(a, v, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0))
+    a, v, bl, pr, own = _user(1, 30)
+    ref = head.probabilities(a, v, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0), own)
     v2 = v * float("nan") if bad == "nan" else torch.zeros_like(v)
-    got = head.probabilities(a, v2, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0))
+    got = head.probabilities(a, v2, bl, pr.clone().index_fill_(-1, torch.tensor([1]), 0.0), own)
     assert torch.equal(ref, got) and torch.isfinite(got).all()
 
 
@@ -258,3 +372,34 @@ def test_a_reopened_session_continues_the_head_low_pass_from_its_last_frame():
     np.testing.assert_allclose(smooth_head(same, np.asarray(head), stage.head_cutoff_hz)[0], same, atol=1e-6)
     stage.import_state("t", {"prev": prev, "head_filter": head})           # a carried state is taken as it is
     np.testing.assert_array_equal(stage.export_state("t")["head_filter"], head)
+
+
+def test_a_glance_is_a_floor_under_the_gaze_towards_a_drawn_side():
+    ci = motion.CHANNEL_INDEX
+    g = R.KINDS.index("gaze_away")
+    templates = np.zeros((len(R.KINDS), R.TEMPLATE_FRAMES, motion.NUM_CHANNELS), np.float32)
+    templates[g, :, ci["eyeLookOutRight"]] = templates[g, :, ci["eyeLookInLeft"]] = 0.2
+    templates[g, :, ci["eyeLookOutLeft"]] = -0.05            # the other side eases (relative to before the onset)
+    p = np.zeros((40, len(R.KINDS)))
+    p[5, g] = 1.0
+    sides = set()
+    for seed in range(12):
+        tr = R.ReactionTrack(seed, templates, np.zeros(len(R.KINDS)))
+        tr.step(p, 0)
+        m = np.tile(motion.neutral_motion(1), (40, 1)).astype(np.float32)
+        m[:, PITCH] = -0.1                                    # head pose untouched by a glance
+        m[:, ci["eyeLookOutLeft"]] = 0.1
+        out = tr.apply(m, 0)
+        np.testing.assert_array_equal(out[:5], m[:5])
+        right = out[10, ci["eyeLookOutRight"]] == pytest.approx(0.2)
+        left = out[10, ci["eyeLookOutLeft"]] == pytest.approx(0.2)
+        assert right != left
+        sides.add("right" if right else "left")
+        assert out[10, ci["eyeLookOutLeft" if right else "eyeLookOutRight"]] == pytest.approx(0.1 if right else 0.0)
+        np.testing.assert_array_equal(out[:, PITCH], m[:, PITCH])
+    assert sides == {"right", "left"}                         # either side, drawn per glance
+    tr = R.ReactionTrack(0, templates, np.zeros(len(R.KINDS)))
+    tr.step(p, 0)
+    away = np.tile(motion.neutral_motion(1), (40, 1)).astype(np.float32)
+    away[:, [ci["eyeLookOutRight"], ci["eyeLookInLeft"], ci["eyeLookOutLeft"], ci["eyeLookInRight"]]] = 0.5
+    np.testing.assert_array_equal(tr.apply(away, 0), away)    # the model already looks further away: nothing added

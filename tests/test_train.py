@@ -438,9 +438,11 @@ def test_reaction_stage_adds_a_trained_head_and_changes_nothing_else(trained, sh
         if not k.startswith("reactions."):
             assert torch.equal(v, got.state_dict()[k]), k
     exported = load_checkpoint(tmp_path / "exported")
-    assert torch.equal(exported.reactions.out.weight, got.reactions.out.weight)
+    assert torch.equal(exported.reactions.members[2].out.weight, got.reactions.members[2].out.weight)
+    assert not torch.equal(got.reactions.members[0].out.weight, got.reactions.members[1].out.weight)
     summary = json.loads((tmp_path / "r" / "reactions" / "reactions.json").read_text())
-    assert set(summary["train_onsets"]) == {"nod", "micro_nod", "brow_raise", "brow_flash"}
-    assert len(summary["loss_every_50"]) == 1 and summary["validation"]["bce"] > 0
+    assert set(summary["train_onsets"]) == {"nod", "micro_nod", "brow_raise", "brow_flash", "gaze_away"}
+    assert summary["members"] == 3 and [len(c) for c in summary["loss_every_50"]] == [1, 1, 1]
+    assert summary["validation"]["bce"] > 0
     with pytest.raises(InputError, match="--init-from"):
         run(parser.parse_args(["--shards", str(shards[0]), "--out", str(tmp_path / "x"), "--stage", "reactions"]))

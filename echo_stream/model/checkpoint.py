@@ -181,6 +181,15 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | str | None = 
 
     model = EchoModel(ckpt_cfg)
     expected = model.state_dict()
+    head = {k for k in expected if k.startswith("reactions.")}
+    saved = {k for k in tensors if k.startswith("reactions.")}
+    if head and saved and (head != saved or any(tuple(expected[k].shape) != tuple(tensors[k].shape) for k in head)):
+        # a reaction head of an earlier layout (fewer kinds, no own-voice input): the rest of the model loads, the
+        # head stays untrained (it never fires) until `train --stage reactions` fits one again
+        log.warning("%s: its reaction head is of an earlier layout; loaded without reactions -- run `echo-stream "
+                    "train --stage reactions --init-from %s` to fit a current one", directory, directory)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("reactions.")}
+        tensors.update({k: expected[k] for k in head})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []

@@ -31,7 +31,7 @@ from scipy import signal as sps
 from .. import config, motion, schemas
 from ..blinks import BlinkTrack
 from ..model import EchoModel, window_seed
-from ..model.reactions import ReactionTrack
+from ..model.reactions import ReactionTrack, own_voice
 from . import Packet, Stage
 from .memory import window_arrays, window_geometry
 
@@ -254,8 +254,12 @@ class DiffusionStage(Stage):
             probs = None
             if self.reactions and m.reactions is not None and float(m.reactions.trained) > 0.5:
                 # the window's new frames are the last S of the user rows (they end at the window's end)
-                probs = m.reactions.probabilities(stack("user_audio"), stack("user_video"), stack("user_blend"),
-                                                  stack("user_present"))[:, -out.shape[1]:].cpu().numpy()
+                ua = stack("user_audio")
+                own = own_voice(stack("avatar_audio"), cfg.lookahead_frames)     # the window's W frames
+                own = torch.cat([own.new_zeros(own.shape[0], max(0, ua.shape[1] - own.shape[1]), own.shape[2]),
+                                 own], 1)[:, -ua.shape[1]:]    # aligned with the user rows (read per frame only)
+                probs = m.reactions.probabilities(ua, stack("user_video"), stack("user_blend"), stack("user_present"),
+                                                  own)[:, -out.shape[1]:].cpu().numpy()
         out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         return [(o.astype(np.float32), None if probs is None else probs[i]) for i, o in enumerate(out)]
 

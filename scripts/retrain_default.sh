@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The default checkpoint's recipe, end to end, on 2 CPU cores (~65 min: the three-network reaction heads take
-# ~12 min of it; README "The model and its default checkpoint"). Writes runs/{corpus,shards,train,ablation},
-# exports the default checkpoint and writes bench/results/eval/. Each step resumes or skips what is already there (the reaction stages start over).
+# The default checkpoint's recipe, end to end, on 2 CPU cores (~65 min, of which the three-network reaction
+# heads ~12; README "The model and its default checkpoint"). Writes runs/{corpus,shards,train,ablation},
+# exports the default checkpoint and writes bench/results/eval/. Each step resumes or skips what is already
+# there (the reaction stages start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ES=${ES:-.venv/bin/echo-stream}

@@ -39,6 +39,38 @@ def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: di
 
 
 @contextlib.contextmanager
+def two_node_cluster(head_cpus: int = 4, worker_cpus: int = 2):
+    """A ``ray.cluster_utils.Cluster`` on this machine (a head and one worker node, small object stores), with
+    this process connected to it: yields ``(cluster, worker node)``. The nodes' workers import the repository's
+    ``actors`` through PYTHONPATH, as on a real cluster's image."""
+    import os
+    from pathlib import Path
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    mb = 1024 * 1024
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + (os.pathsep + old if old else "")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
+                                                            "object_store_memory": 128 * mb})
+    worker = cluster.add_node(num_cpus=worker_cpus, object_store_memory=96 * mb)
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        cluster.wait_for_nodes()
+        yield cluster, worker
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@contextlib.contextmanager
 def server_thread(backend, **opts):
     """An AvatarServer on ``backend`` in a background thread: yields ``(ServerThread, "127.0.0.1:PORT")``."""
     from echo_stream.serve.server import ServeOptions, ServerThread

@@ -1,7 +1,8 @@
 """Autoscaling of a stage (``serve --autoscale diffusion=1:2``): the policy and the router's bookkeeping without
-Ray, then diffusion going 1 -> 2 -> 1 replicas on a real local Ray while sessions come and go, every frame
-exactly once and no GAP (no session is moved to scale down)."""
+Ray, then diffusion going 1 -> 2 -> 1 replicas on a real local Ray and on a two-node cluster while sessions come
+and go, every frame exactly once and no GAP (no session is moved to scale down)."""
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from echo_stream.serve.autoscale import ScaleSpec, StageScaler, parse_autoscale
 from echo_stream.serve.routing import Router
 
 from . import mediagen, replicated
-from .served import ray_backend, server_thread
+from .served import ray_backend, server_thread, two_node_cluster
 
 
 # ---------------------------------------------------------------------------------------------- no Ray
@@ -58,14 +59,36 @@ def test_router_drains_and_removes_only_an_empty_last_replica():
 
 
 # ---------------------------------------------------------------------------------------------- real Ray
+@contextlib.contextmanager
+def _autoscaled_backend(where: str):
+    """Stage actors at 96 px, diffusion allowed 2 replicas: on local Ray, or on a two-node cluster (head 3 CPUs,
+    worker 2) -- yields ``(backend, the worker node's id or None)``."""
+    if where == "local":
+        with ray_backend(96, max_replicas={"diffusion": 2}) as backend:
+            yield backend, None
+        return
+    from echo_stream.pipeline import PipelineOptions
+    from echo_stream.serve.backend import RayBackend
+
+    with two_node_cluster(head_cpus=3, worker_cpus=2) as (_, worker):
+        backend = RayBackend.start(PipelineOptions(size=(96, 96), max_replicas={"diffusion": 2}), max_restarts=-1)
+        try:
+            yield backend, worker.node_id
+        finally:
+            backend.shutdown()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_diffusion_scales_up_under_load_and_back_down():
-    """Two sessions on one diffusion replica (target 1 session per replica) -> a second replica starts; a third
-    session opened then lands on it; all end -> the second replica drains and goes. Every session gets every
-    frame exactly once, in order, without a GAP."""
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_diffusion_scales_up_under_load_and_back_down(where):
+    """Two sessions on one diffusion replica (target 1 session per replica) -> a second replica starts (on the
+    two-node cluster: spread to the other node); a third session opened then lands
+    on it; all end -> the second replica drains and goes. Every session gets every frame exactly once, in order,
+    without a GAP."""
     spec = ScaleSpec(1, 2, target=1.0, up_delay_s=0.3, down_delay_s=1.0)
-    with ray_backend(96, max_replicas={"diffusion": 2}) as backend, \
+    nodes = []
+    with _autoscaled_backend(where) as (backend, worker_node), \
             server_thread(backend, max_sessions=4, autoscale={"diffusion": spec}, autoscale_interval_s=0.2) as (st, target):
         router = backend.router
         counts, routes = [], {}
@@ -111,6 +134,8 @@ def test_diffusion_scales_up_under_load_and_back_down():
                     assert not any(t.done() for t in first), [t.result() for t in first if t.done()]
                     await asyncio.sleep(0.2)
                 print(f"diffusion scaled up {time.monotonic() - t_load:.1f} s after the second session opened")
+                if worker_node is not None:
+                    nodes.extend(p["node_id"] for p in backend.placements()["diffusion"])
                 third = asyncio.get_running_loop().create_task(session(c, 2, done))
                 await asyncio.sleep(2.0)
                 done.set()
@@ -132,3 +157,5 @@ def test_diffusion_scales_up_under_load_and_back_down():
             replicated.check_exactly_once(res, replicated.frames_of(seconds))
             assert not replicated.gaps(res) and res.stats.recoveries == 0
         assert router.load["diffusion"] == [0]
+        if worker_node is not None:            # the new replica spread to the node the first one is not on
+            assert len(nodes) == 2 and worker_node in nodes and len(set(nodes)) == 2, nodes

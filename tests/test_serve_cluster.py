@@ -5,9 +5,7 @@ exactly once, the sessions that had state on the lost node with a GAP event.
 """
 import asyncio
 import io
-import os
 import time
-from pathlib import Path
 
 import av
 import pytest
@@ -17,31 +15,18 @@ from . import replicated
 ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-REPO = str(Path(__file__).resolve().parents[1])
 SIZE = 128
-MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module", params=["actors", "serve"])
 def cluster_served(request):
-    from ray.cluster_utils import Cluster
-
     from echo_stream.pipeline import PipelineOptions
     from echo_stream.serve.serve_engine import engine_backend
 
-    from .served import server_thread
+    from .served import server_thread, two_node_cluster
 
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")   # the nodes' workers import `actors`
-    if ray.is_initialized():
-        ray.shutdown()
     # the head can hold every actor (7 x 0.5 CPU) once the worker is gone
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
-                                                            "object_store_memory": 128 * MB})
-    worker = cluster.add_node(num_cpus=2, object_store_memory=96 * MB)
-    try:
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        cluster.wait_for_nodes()
+    with two_node_cluster() as (cluster, worker):
         backend = engine_backend(request.param).start(PipelineOptions(size=(SIZE, SIZE),
                                                                       replicas={"diffusion": 2, "render": 2}),
                                                       max_restarts=-1)
@@ -50,13 +35,6 @@ def cluster_served(request):
                 yield st, target, backend, cluster, worker
         finally:
             backend.shutdown()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 def test_replicas_on_both_nodes_serve_four_sessions(cluster_served):

@@ -252,7 +252,8 @@ def test_browser_talks_to_the_avatar_and_interrupts(web, chrome, media):
     body = json.loads(e.value.read())
     assert body["code"] == "bad_audio" and "notes.txt" in body["error"], body
     played = _session(url, sid)["frames_played"]
-    _wait("frames after the bad upload", lambda: _session(url, sid)["frames_played"] > played + 10)
+    _wait("frames after the bad upload", lambda: _session(url, sid)["frames_played"] > played + 10,
+          state=lambda: (chrome.execute_script("return [echo.state, echo.error, echo.session]"), _get(url + "stats")))
     # the latency readout: server-side per frame, glass-to-glass from the frame counter read back
     echo = chrome.execute_script("return {g2g: echo.g2g, reads: echo.reads, server: echo.serverLat,"
                                  " text: document.getElementById('lat-g2g').textContent}")

@@ -54,6 +54,7 @@ import numpy as np
 
 from ..arguments.bench import add_capacity_bench_arguments as add_arguments  # noqa: F401 (the command's arguments)
 from ..chain import BATCHED, STAGES, parse_replicas
+from ..config import FPS, SAMPLE_RATE
 from ..errors import InputError
 
 #: every stage replica's work as the stand-ins charge it (seconds); see :class:`StageCosts`
@@ -296,7 +297,7 @@ class _StandIns:
         if n:
             frames = np.arange(w["t0"], w["t0"] + n, dtype=np.int64)
             p.batches[schemas.MOTION_WINDOW.name] = pa.RecordBatch.from_arrays(
-                [pa.array([w["iid"]] * n), pa.array(frames), pa.array(frames / 25.0), pa.array(frames),
+                [pa.array([w["iid"]] * n), pa.array(frames), pa.array(frames / FPS), pa.array(frames),
                  pa.array(np.zeros(n, np.int64)),
                  schemas.tensor_array(np.zeros((n, self.channels), np.float32))],
                 names=["session_id", "seq", "pts", "frame", "window", "motion"])
@@ -436,8 +437,8 @@ def auto_replicas(sessions: int, costs: StageCosts, geometry, stride: int | None
     render) is at most ``busy`` busy at the offered load (one chain per ``chunk_frames`` frames; the
     window-ready pushes of the session add one per window); diffusion must be named."""
     s = geometry.stride(stride)
-    per_s = 25.0 / min(chunk_frames, s) + 25.0 / s       # chains per second per session (upper bound)
-    win_s = 25.0 / s
+    per_s = FPS / min(chunk_frames, s) + FPS / s       # chains per second per session (upper bound)
+    win_s = FPS / s
     need = {st: sessions * per_s * c for st, c in costs.chain_s().items()}
     need["render"] = sessions * win_s * costs.render_ms / 1e3
     out = {}
@@ -466,7 +467,7 @@ def _client_messages(seconds: float, t_start: float, chunk_s: float = CHUNK_S, t
     the clock, ``time_scale`` times slower (the config is the session's spec, not a message here)."""
     from ..protos import echo_stream_pb2 as pb
 
-    n = int(round(chunk_s * 16000))
+    n = int(round(chunk_s * SAMPLE_RATE))
     pcm = np.zeros(n, "<i2").tobytes()
 
     async def gen():
@@ -478,7 +479,7 @@ def _client_messages(seconds: float, t_start: float, chunk_s: float = CHUNK_S, t
                 await asyncio.sleep(wait)
             k += 1
             yield pb.ClientMessage(seq=k, pts=(k - 1) * chunk_s, avatar_audio=pb.AudioChunk(
-                pcm_s16le=pcm, sample_rate=16000, channels=1))
+                pcm_s16le=pcm, sample_rate=SAMPLE_RATE, channels=1))
     return gen()
 
 
@@ -566,9 +567,10 @@ def _figures(sc: Scenario, run: dict, si: _StandIns, cluster_cpu_s: float, opts)
     lat = np.concatenate([np.asarray(s["latencies"]) for s in sessions]) / k if sessions else np.zeros(0)
     waits = np.asarray(si.window_waits) / k
     sizes = np.asarray([n for _, _, n in si.diffusion_calls])
+    lat_q, wait_q = _quantiles(lat), _quantiles(waits)      # percentiles 0..100, once
     per_replica = Counter(r for r, _, _ in si.diffusion_calls)
     in_order = all(s["frames"] == list(range(expected)) for s in sessions)
-    session_s = sc.sessions * expected / 25.0
+    session_s = sc.sessions * expected / FPS
     busy = {f"{st}/{i}": round(v / run["wall_s"], 4) for (st, i), v in sorted(si.busy.items())}
     by_stage = defaultdict(list)
     for (st, _), v in si.busy.items():
@@ -577,12 +579,12 @@ def _figures(sc: Scenario, run: dict, si: _StandIns, cluster_cpu_s: float, opts)
         "label": sc.label, "sessions": sc.sessions, "replicas": sc.replicas, "stride": stride,
         "duration_s": sc.duration_s, "ramp_s": sc.ramp_s, "max_batch": sc.max_batch,
         "batch_wait_ms": sc.batch_wait_s * 1e3, "time_scale": k, "wall_s": run["wall_s"],
-        "frame_latency_s": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99),
-                            "max": float(lat.max()) if lat.size else None},
-        "frame_latency_quantiles_s": _quantiles(lat),
-        "window_wait_quantiles_s": _quantiles(waits),
+        "frame_latency_s": {"p50": _at(lat_q, 50), "p90": _at(lat_q, 90), "p99": _at(lat_q, 99),
+                            "max": _at(lat_q, 100)},
+        "frame_latency_quantiles_s": lat_q,
+        "window_wait_quantiles_s": wait_q,
         "first_frame_latency_s_max": max((s["first_frame_s"] or 0.0) for s in sessions) / k if sessions else None,
-        "window_wait_s": {"p50": _pct(waits, 50), "p99": _pct(waits, 99), "max": float(waits.max()) if waits.size else None},
+        "window_wait_s": {"p50": _at(wait_q, 50), "p99": _at(wait_q, 99), "max": _at(wait_q, 100)},
         "diffusion_batches": {"calls": int(sizes.size), "mean": float(sizes.mean()) if sizes.size else None,
                               "p50": _pct(sizes, 50), "p99": _pct(sizes, 99),
                               "max": int(sizes.max()) if sizes.size else 0,
@@ -612,8 +614,13 @@ def _figures(sc: Scenario, run: dict, si: _StandIns, cluster_cpu_s: float, opts)
 
 
 def _quantiles(x) -> list:
-    """Percentiles 0, 1, ..., 100 (for the plot)."""
+    """Percentiles 0, 1, ..., 100 (for the plot and the summaries)."""
     return [float(v) for v in np.percentile(x, np.arange(101))] if len(x) else []
+
+
+def _at(quantiles: list, q: int) -> float | None:
+    """Percentile ``q`` from :func:`_quantiles`' list (None when there were no values)."""
+    return quantiles[q] if quantiles else None
 
 
 def _spread(counts: Counter, n: int) -> dict:

@@ -53,6 +53,68 @@ def test_call_order_moves_past_a_call_that_never_comes():
     assert 0.15 < waited < 2.0 and skipped == 1
 
 
+def test_call_order_a_call_given_up_before_its_turn_lets_no_later_call_overtake():
+    async def main():
+        order, ran = CallOrder(skip_after_s=30.0), []
+
+        async def one(seq):
+            try:
+                await order.turn("a", seq)
+                ran.append(seq)
+            finally:                                   # as the replica does: done also when cancelled
+                await order.done("a", seq)
+        first, third = asyncio.create_task(one(1)), asyncio.create_task(one(2))
+        await asyncio.sleep(0.01)                      # both wait for seq 0
+        first.cancel()                                 # seq 1 gives up (its request was cancelled)
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert ran == [] and not third.done()          # seq 2 still waits for seq 0
+        await one(0)
+        await asyncio.wait_for(third, 10.0)            # and runs right after it, without a skip
+        return ran, order.skipped
+    ran, skipped = asyncio.run(main())
+    assert ran == [0, 2] and skipped == 0
+
+
+class _EchoHost:
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.stage = SimpleNamespace(name="echo")
+        self.ran = []
+
+    def call(self, method, *args):
+        self.ran.append(args[0])
+        return args[0]
+
+
+def test_replica_call_cancelled_while_waiting_its_turn_leaves_no_hole_in_the_order():
+    """A pinned call cancelled while it waits for its predecessor (the caller gave up on it) still counts as done
+    in the replica's call order: the caller's later calls do not stall behind it for ``skip_after_s``."""
+    import concurrent.futures as cf
+
+    from echo_stream.serve.serve_engine import StageReplica
+
+    async def main():
+        rep = object.__new__(StageReplica)              # no Serve: the replica's call path on a stand-in host
+        rep.host, rep.replica_id = _EchoHost(), "r"
+        rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
+        rep.worker = cf.ThreadPoolExecutor(1)
+        try:
+            one = asyncio.create_task(rep.call("process", 1, _pin=Pin("c", "r", 1)))
+            await asyncio.sleep(0.01)
+            one.cancel()
+            await asyncio.gather(one, return_exceptions=True)
+            two = asyncio.create_task(rep.call("process", 2, _pin=Pin("c", "r", 2)))
+            assert await rep.call("process", 0, _pin=Pin("c", "r", 0)) == 0
+            assert await asyncio.wait_for(two, 10.0) == 2
+            return rep.host.ran, rep.order.skipped
+        finally:
+            rep.worker.shutdown()
+    ran, skipped = asyncio.run(main())
+    assert ran == [0, 2] and skipped == 0
+
+
 def test_pin_picks_elements_of_tuple_arguments():
     pin = Pin("c", "r", 0, ((1, 0),))
     assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)

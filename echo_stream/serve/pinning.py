@@ -46,11 +46,17 @@ class CallOrder:
     """Runs each caller's sequenced calls in sequence order (``seq`` 0, 1, 2 ... per caller).
 
     A call whose predecessor has not arrived waits for it — at most ``skip_after_s``: a predecessor that never
-    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it."""
+    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it.
+
+    :meth:`done` marks one call finished (it ran, or it gave up: cancelled while waiting); the order moves on
+    only over an unbroken run of finished calls, so a call that gives up before its turn does not let its
+    successors overtake the calls still due before it."""
 
     def __init__(self, skip_after_s: float = 10.0):
         self.skip_after_s = float(skip_after_s)
         self._next: dict[str, int] = {}
+        #: per caller: calls at or past ``_next`` that finished out of turn (given up while waiting)
+        self._finished: dict[str, set[int]] = {}
         self._changed: asyncio.Condition | None = None
         self.skipped = 0
 
@@ -60,7 +66,8 @@ class CallOrder:
         return self._changed
 
     async def turn(self, caller: str, seq: int) -> None:
-        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done`."""
+        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done` (also when this
+        is cancelled)."""
         if self._next.setdefault(caller, 0) >= seq:   # every caller numbers its calls to a replica from 0
             return                                     # in order (the usual case): no waiting, no lock
         cond = self._cond()
@@ -69,9 +76,25 @@ class CallOrder:
                 await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
             except asyncio.TimeoutError:
                 self.skipped += 1
+                self._advance(caller, seq)             # past the calls that never came
+
+    def _advance(self, caller: str, to: int) -> None:
+        nxt = max(self._next.get(caller, 0), to)
+        fin = self._finished.get(caller, set())
+        while nxt in fin:
+            nxt += 1
+        self._next[caller] = nxt
+        fin = {s for s in fin if s > nxt}
+        if fin:
+            self._finished[caller] = fin
+        else:
+            self._finished.pop(caller, None)
 
     async def done(self, caller: str, seq: int) -> None:
-        self._next[caller] = max(self._next.get(caller, 0), seq + 1)
+        if seq < self._next.get(caller, 0):            # late (the order moved past it) or already counted
+            return
+        self._finished.setdefault(caller, set()).add(seq)
+        self._advance(caller, self._next.get(caller, 0))
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()

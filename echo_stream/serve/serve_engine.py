@@ -106,8 +106,8 @@ class StageReplica:
             if method == "ping":
                 return self.host.call("ping")
             return await loop.run_in_executor(self.worker, run)
-        await self.order.turn(_pin.caller, _pin.seq)
-        try:
+        try:                                             # done also when cancelled while waiting its turn:
+            await self.order.turn(_pin.caller, _pin.seq)  # a hole would stall the caller's next calls here
             fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in this order
         finally:
             await self.order.done(_pin.caller, _pin.seq)

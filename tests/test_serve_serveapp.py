@@ -115,6 +115,41 @@ def test_replica_call_cancelled_while_waiting_its_turn_leaves_no_hole_in_the_ord
     assert ran == [0, 2] and skipped == 0
 
 
+def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas():
+    """A lost node silences a replica of several stages at once: ``wait_ready`` asks the stages together (their
+    ping timeouts overlap instead of adding up, stage after stage) and moves the session off each silent one."""
+    from echo_stream.pipeline import STAGES
+    from echo_stream.serve.routing import Router
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    async def main():
+        b = object.__new__(ServeBackend)               # no Serve: the routing logic over stand-in pings
+        b.router = Router({s: 2 for s in STAGES})
+        route = b.router.assign("sid")
+        silent = {(s, route[s]) for s in ("features", "diffusion", "render")}   # on the lost node
+        asking, most = set(), [0]
+
+        async def answers(stage, i, timeout):
+            asking.add(stage)
+            most[0] = max(most[0], len(asking))
+            await asyncio.sleep(0.02)
+            asking.discard(stage)
+            return (stage, i) not in silent
+
+        async def refresh(timeout=1.0):
+            pass
+        b._answers, b.refresh = answers, refresh
+        before = dict(route)
+        await b.wait_ready(timeout=30, route=route, move_after_s=0.05)
+        return before, route, most[0]
+    before, after, most = asyncio.run(main())
+    assert most == 5                                   # all five stages asked together
+    for s in ("features", "diffusion", "render"):
+        assert after[s] == 1 - before[s]
+    for s in ("decode", "memory"):
+        assert after[s] == before[s]
+
+
 def test_pin_picks_elements_of_tuple_arguments():
     pin = Pin("c", "r", 0, ((1, 0),))
     assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)

@@ -351,26 +351,38 @@ class ServeBackend:
 
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within
-        ``move_after_s`` moves the session (in place) to the least loaded replica that does."""
+        ``move_after_s`` moves the session (in place) to the least loaded replica that does. The stages are
+        asked at once (a lost node takes a replica of several stages: their silences overlap, they do not add
+        up), one re-bind (:meth:`refresh`) between rounds."""
         deadline = time.monotonic() + timeout
         await self.refresh(move_after_s)
-        for stage in STAGES:
-            while True:
-                mine = route[stage] if route is not None else None
-                order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
-                wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
-                oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
-                ok = [i for i, good in zip(order, oks) if good]
-                if route is None and len(ok) == len(order) or route is not None and ok:
-                    if route is not None and ok[0] != mine:
-                        log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage,
-                                    mine, ok[0])
-                        self.router.move(route, stage, ok[0])
-                    break
-                if time.monotonic() > deadline:
-                    raise StageFault(f"no replica of stage {stage} answered within {timeout:.0f} s")
-                await asyncio.sleep(0.2)
-                await self.refresh(move_after_s)
+        pending = list(STAGES)
+        while True:
+            settled = await asyncio.gather(*(self._settle(s, route, move_after_s, deadline) for s in pending))
+            pending = [s for s, ok in zip(pending, settled) if not ok]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StageFault(f"no replica of stage {pending[0]} answered within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+            await self.refresh(move_after_s)
+
+    async def _settle(self, stage: str, route: Route | None, move_after_s: float, deadline: float) -> bool:
+        """One round of :meth:`wait_ready` for one stage: every replica asked at once; True when the stage is
+        ready (``route``'s replica answers, or it moved to one that does; without ``route``: all answer)."""
+        mine = route[stage] if route is not None else None
+        order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
+        wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
+        oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
+        ok = [i for i, good in zip(order, oks) if good]
+        if route is None:
+            return len(ok) == len(order)
+        if not ok:
+            return False
+        if ok[0] != mine:
+            log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
+            self.router.move(route, stage, ok[0])
+        return True
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
         """``{(stage, slot): replica id}`` (of ``route``'s slots only, when given). Without ``route`` (the

@@ -25,6 +25,16 @@ ray = pytest.importorskip("ray")
 
 
 # ---------------------------------------------------------------------------------------------- no Ray
+def test_serve_help_names_both_engines_where_it_matters(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "replicas per stage (actors, or Serve replicas with --engine serve)" in text
+    assert "run the stages (actors, or the Serve application) on this Ray cluster" in text
+    assert "deleted again when this process exits" in text and "serve deploy deploy/serve_config.yaml" in text
+
+
+
 def test_call_order_runs_each_callers_calls_in_sequence():
     async def main():
         order, ran = CallOrder(skip_after_s=5.0), []

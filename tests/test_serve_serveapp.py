@@ -228,6 +228,100 @@ def test_autoscale_is_refused_by_the_serve_engine(capsys):
     assert e.value.code == 2 and "--engine: invalid choice: 'serv'" in capsys.readouterr().err
 
 
+def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_the_caller():
+    """A stage error travels as a value (``Failed``): the next stage's call of the chain, which takes it as its
+    argument, still reaches its replica in its turn (no hole in the caller's order there) and hands it on;
+    reading the value raises the stage's own error (the client's input error stays an input error)."""
+    import concurrent.futures as cf
+
+    from echo_stream.serve.pinning import Failed
+    from echo_stream.serve.serve_engine import ServeBackend, StageReplica
+
+    class Picky(_EchoHost):
+        def call(self, method, *args):
+            if args[0] == "bad":
+                raise InputError("chunk 3", "not audio")
+            return super().call(method, *args)
+
+    def replica(rid):
+        rep = object.__new__(StageReplica)
+        rep.host, rep.replica_id = Picky(), rid
+        rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
+        rep.worker = cf.ThreadPoolExecutor(1)
+        return rep
+
+    async def main():
+        a, b = replica("a"), replica("b")
+        try:
+            up = await a.call("process", "bad", _pin=Pin("c", "a", 0))
+            assert isinstance(up, Failed)
+            assert await b.call("process", up, _pin=Pin("c", "b", 0, ((0, 1),))) is up   # handed on, not run
+            assert await asyncio.wait_for(b.call("process", "ok", _pin=Pin("c", "b", 1)), 10.0) == "ok"
+            return b.host.ran, b.order.skipped, up
+        finally:
+            a.worker.shutdown()
+            b.worker.shutdown()
+    ran, skipped, up = asyncio.run(main())
+    assert ran == ["ok"] and skipped == 0
+    with pytest.raises(InputError, match="chunk 3: not audio"):
+        ServeBackend._unpack(up, None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_chain_whose_first_call_fails_leaves_no_hole_in_the_next_replicas_order():
+    """Real Serve: a chain's first call raises (bad input); the call after it on another replica (which takes
+    its result) still counts in that replica's call order, so the caller's next call there is not held back
+    behind a call that never came (``order_skipped`` stays 0)."""
+    from ray import cloudpickle, serve
+    from ray.serve.config import RequestRouterConfig
+
+    from echo_stream.serve.serve_engine import QUIET, PinnedRouter, ServeBackend, StageReplica
+    from echo_stream.stages import Stage
+
+    class Flaky(Stage):                                # local: pickled by value for the replicas
+        name = "flaky"
+        resources = {"num_cpus": 0.1}
+
+        def process(self, x):
+            if x == "bad":
+                raise InputError("chunk 3", "not audio")
+            return x
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=96 * 1024 * 1024)
+    try:
+        serve.start(proxy_location="Disabled")
+        opts = dict(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100,
+                    logging_config=QUIET, request_router_config=RequestRouterConfig(request_router_class=PinnedRouter))
+        blob = cloudpickle.dumps(Flaky())
+        up = serve.run(serve.deployment(StageReplica).options(name="up", **opts).bind(blob), name="t-up",
+                       route_prefix=None)
+        down = serve.run(serve.deployment(StageReplica).options(name="down", **opts).bind(blob), name="t-down",
+                         route_prefix=None)
+
+        def rid(app):
+            (name,) = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                       if n["name"].startswith(f"SERVE_REPLICA::{app}#")]
+            return name.rsplit("#", 1)[1]
+        a, b = rid("t-up"), rid("t-down")
+
+        async def main():
+            first = down.call.remote("process", up.call.remote("process", "bad", _pin=Pin("c", a, 0)),
+                                     _pin=Pin("c", b, 0))
+            with pytest.raises(InputError, match="not audio"):
+                ServeBackend._unpack(await first, None)
+            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1)), None) == "ok"
+            return await down.call.remote("stats")
+        stats = asyncio.run(main())
+        assert stats["order_skipped"] == 0, stats
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------- Ray, fake GPUs
 @pytest.mark.ray
 def test_serve_gpu_shares_put_two_replicas_on_each_fake_gpu():

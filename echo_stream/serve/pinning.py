@@ -21,6 +21,34 @@ class ReplicaGone(RuntimeError):
     the session's state is not here. The engine counts it as a stage fault (the session recovers)."""
 
 
+class Failed:
+    """A stage call's error, returned as its value instead of raised: a call that takes it as an argument
+    still reaches its replica (Ray would fail a call whose argument is an error before the replica sees it,
+    leaving a hole in the caller's order there: every later call of the caller stalled ``skip_after_s``), takes
+    its turn, runs nothing and hands it on. The caller raises :attr:`error` when it reads the value."""
+
+    __slots__ = ("error", "where")
+
+    def __init__(self, error: BaseException, where: str = ""):
+        self.error, self.where = error, where
+
+    def __reduce__(self):
+        return (Failed, (self.error, self.where))
+
+    def raise_(self):
+        if self.where:
+            try:
+                self.error.add_note(self.where)
+            except AttributeError:      # pragma: no cover - Python < 3.11
+                pass
+        raise self.error
+
+
+def failed_argument(args: tuple) -> "Failed | None":
+    """The first :class:`Failed` among a call's arguments (None: none failed)."""
+    return next((a for a in args if isinstance(a, Failed)), None)
+
+
 @dataclass(frozen=True)
 class Pin:
     #: the calling process (one id per backend: each ingress keeps its own order)

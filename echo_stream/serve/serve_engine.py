@@ -32,7 +32,7 @@ from typing import Any
 
 from ..chain import PIPELINE, STAGES
 from .backend import StageFault
-from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone, StuckCheck, rebind_slots
+from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -99,19 +99,41 @@ class StageReplica:
             raise ReplicaGone(f"{self.host.stage.name} replica {_pin.target} is gone (this is {self.replica_id})")
         if method in ("placement", "stats"):            # the replica's own, not the stage's
             return getattr(self, method)()
-        args = _pin.args(args) if _pin is not None else args
+        upstream = failed_argument(args)                 # an earlier call of the chain failed: hand it on
+        if upstream is None:
+            args = _pin.args(args) if _pin is not None else args
         run = functools.partial(self.stuck.run, functools.partial(self.host.call, method, *args))
         loop = asyncio.get_running_loop()
         if _pin is None or _pin.seq is None:
+            if upstream is not None:
+                return upstream
             if method == "ping":
                 return self.host.call("ping")
-            return await loop.run_in_executor(self.worker, run)
+            return await self._value(loop.run_in_executor(self.worker, run), method)
+        fut = None
         try:                                             # done also when cancelled while waiting its turn:
             await self.order.turn(_pin.caller, _pin.seq)  # a hole would stall the caller's next calls here
-            fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in this order
+            if upstream is None:
+                fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in order
         finally:
             await self.order.done(_pin.caller, _pin.seq)
-        return await fut
+        return upstream if fut is None else await self._value(fut, method)
+
+    async def _value(self, fut, method: str):
+        """The stage call's result, or its error as a :class:`Failed` value (see there)."""
+        try:
+            return await fut
+        except Exception as e:  # noqa: BLE001 - raised again by the caller (ServeBackend.get / result)
+            import traceback
+
+            from ray import cloudpickle
+
+            try:
+                cloudpickle.dumps(e)
+            except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            return Failed(e, f"in {self.host.stage.name}.{method} on Serve replica {self.replica_id}:\n"
+                             + "".join(traceback.format_exception(e)))
 
     def placement(self) -> dict:
         return {**self.host.placement(), "replica_id": self.replica_id}
@@ -283,16 +305,19 @@ class ServeBackend:
             return tuple(_Part(resp, k) for k in range(num_returns))
         return resp
 
+    @staticmethod
+    def _unpack(value, handle):
+        if isinstance(value, Failed):       # the stage (or one before it in the chain) raised
+            value.raise_()
+        return value[handle.index] if isinstance(handle, _Part) else value
+
     async def get(self, handle) -> Any:
-        if isinstance(handle, _Part):
-            return (await handle.response)[handle.index]
-        return await handle
+        return self._unpack(await (handle.response if isinstance(handle, _Part) else handle), handle)
 
     def result(self, handle, timeout: float | None = None):
         """``get`` from a thread without an event loop."""
-        if isinstance(handle, _Part):
-            return handle.response.result(timeout_s=timeout)[handle.index]
-        return handle.result(timeout_s=timeout)
+        resp = handle.response if isinstance(handle, _Part) else handle
+        return self._unpack(resp.result(timeout_s=timeout), handle)
 
     def put(self, value) -> Any:
         return self.ray.put(value)

@@ -47,6 +47,10 @@ def test_rayservice_embeds_a_valid_serve_config_with_head_and_gpu_workers():
     (gpu,) = cluster["workerGroupSpecs"]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) >= 1 and gpu["minReplicas"] >= app.args["ingress_replicas"]
+    # proxy_location Disabled: KubeRay's default worker probe would wait for a Serve proxy that never starts
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["proxy_location"] == "Disabled"
+    probe = gpu["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["grpc"]["port"] == app.args["port"]              # the ingress's own gRPC health
     lb = next(d for d in docs if d["kind"] == "Service")
     assert lb["spec"]["ports"][0]["targetPort"] == app.args["port"]
     assert lb["spec"]["selector"].items() <= gpu["template"]["metadata"]["labels"].items()

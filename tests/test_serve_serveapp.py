@@ -50,7 +50,7 @@ def test_call_order_runs_each_callers_calls_in_sequence():
     assert [s for c, s in ran if c == "a"] == [0, 1, 2, 3] and ran[0] == ("b", 0) and skipped == 0
 
 
-def test_call_order_moves_past_a_call_that_never_comes():
+def test_call_order_moves_past_a_call_that_never_comes(caplog):
     async def main():
         order = CallOrder(skip_after_s=0.2)
         waiting = asyncio.create_task(order.turn("a", 1))   # seq 0 was refused elsewhere: never arrives
@@ -61,8 +61,10 @@ def test_call_order_moves_past_a_call_that_never_comes():
         nxt = asyncio.create_task(order.turn("a", 2))  # and the order goes on from there: no second wait
         await asyncio.sleep(0)
         return held, nxt.done(), order.skipped
-    held, went_on, skipped = asyncio.run(main())
+    with caplog.at_level("WARNING", logger="echo_stream.serve.pinning"):
+        held, went_on, skipped = asyncio.run(main())
     assert held and went_on and skipped == 1
+    assert "waited 0.2 s for its calls 0..0 on this replica; running call 1 without them" in caplog.text
 
 
 def test_call_order_a_call_given_up_before_its_turn_lets_no_later_call_overtake():

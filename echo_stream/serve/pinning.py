@@ -10,7 +10,10 @@ concurrently). :class:`CallOrder` restores it inside the replica.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 #: the keyword argument of a pinned call that holds its :class:`Pin`
 PIN_KW = "_pin"
@@ -104,6 +107,9 @@ class CallOrder:
                 await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
             except asyncio.TimeoutError:
                 self.skipped += 1
+                log.warning("call order: caller %s waited %g s for its calls %d..%d on this replica; running call "
+                            "%d without them (a late one runs out of order)", caller[:8], self.skip_after_s,
+                            self._next[caller], seq - 1, seq)
                 self._advance(caller, seq)             # past the calls that never came
 
     def _advance(self, caller: str, to: int) -> None:

@@ -71,6 +71,23 @@ def test_build_app_names_bad_arguments():
         assert says in str(e.value), (args, str(e.value))
 
 
+def test_build_app_waits_for_gpu_nodes_to_join_then_refuses_naming_the_gpus(monkeypatch):
+    """On a cluster whose GPU workers join after the head (a RayService, an autoscaled cluster) the build does
+    not fail at once; a cluster whose GPUs never come is still refused, naming what was asked for."""
+    from echo_stream.serve import serve_engine
+
+    joined = iter([{"GPU": 0.0}, {"GPU": 0.0}, {"GPU": 2.0}])
+    monkeypatch.setattr(serve_engine, "GPU_NODES_POLL_S", 0.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: next(joined))
+    args = {"device": "cuda", "replicas": "diffusion=2,render=2"}
+    assert serve_engine.build_app(args) is not None            # built once the two GPUs are there
+    monkeypatch.setattr(serve_engine, "GPU_NODES_WAIT_S", 0.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    with pytest.raises(InputError, match="asks for 2 GPU .* the Ray cluster has 1"):
+        serve_engine.build_app(args)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -459,6 +459,34 @@ def engine_backend(engine: str):
 # ------------------------------------------------------------------------------------------- the deployable app
 #: ``build_app`` keys that are not ``echo-stream serve`` options
 INGRESS_REPLICAS = "ingress_replicas"
+#: how long ``build_app`` waits for the cluster's GPU nodes to join before refusing ``device: cuda`` (a
+#: RayService or an autoscaled cluster builds the application when the head is up, before its GPU workers)
+GPU_NODES_WAIT_S = 600.0
+GPU_NODES_POLL_S = 5.0
+
+
+def wait_for_gpu_capacity(popts, wait_s: float | None = None) -> None:
+    """:func:`~echo_stream.pipeline.check_gpu_capacity` on the cluster this process is connected to, asked
+    again while GPU nodes may still be joining (at most ``wait_s``, default :data:`GPU_NODES_WAIT_S`); then its
+    refusal (InputError naming ``--device``, the GPUs asked for and those the cluster has)."""
+    import ray
+
+    from ..errors import InputError
+    from ..pipeline import check_gpu_capacity
+
+    deadline = time.monotonic() + (GPU_NODES_WAIT_S if wait_s is None else wait_s)
+    said = False
+    while True:
+        try:
+            return check_gpu_capacity(popts.device, float(ray.cluster_resources().get("GPU", 0)), popts.replicas,
+                                      popts.reserve_gpus)
+        except InputError as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                log.warning("%s; waiting up to %.0f s for GPU nodes to join", e, deadline - time.monotonic())
+                said = True
+        time.sleep(GPU_NODES_POLL_S)
 
 
 def app_arguments(args: dict | None) -> list[str]:
@@ -556,10 +584,7 @@ def build_app(args: dict | None = None):
     import ray
 
     if ray.is_initialized():     # built on the cluster (serve deploy / serve run): GPUs it cannot hold are refused
-        from ..pipeline import check_gpu_capacity
-
-        check_gpu_capacity(popts.device, float(ray.cluster_resources().get("GPU", 0)), popts.replicas,
-                           popts.reserve_gpus)
+        wait_for_gpu_capacity(popts)     # once its GPU nodes had time to join
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=n, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5},
         health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=opts.drain_timeout_s + 5,

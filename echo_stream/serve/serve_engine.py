@@ -327,14 +327,12 @@ class ServeBackend:
         dropped epoch runs and its results are discarded."""
 
     def is_fault(self, exc: BaseException) -> bool:
-        from ray import exceptions as rex
         from ray.serve import exceptions as sex
 
-        faults = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
-                                                 "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
-                       if hasattr(rex, n))
-        faults += tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
-        return isinstance(exc, faults + (StageFault, ReplicaGone))
+        from .backend import ray_fault_types
+
+        faults = tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
+        return isinstance(exc, ray_fault_types() + faults + (StageFault, ReplicaGone))
 
     # -- routing
     def replica_count(self, stage: str) -> int:
@@ -368,11 +366,9 @@ class ServeBackend:
                 self.router.drain(stage, i, on=False)
 
     async def _answers(self, stage: str, i: int, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.get(self.call(stage, "ping", replica=i)), max(0.05, timeout))
-            return True
-        except Exception:  # noqa: BLE001 - gone, refused, starting or unreachable
-            return False
+        from .backend import answers
+
+        return await answers(self, stage, i, timeout)
 
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within

@@ -324,6 +324,37 @@ def test_serve_chain_whose_first_call_fails_leaves_no_hole_in_the_next_replicas_
             ray.shutdown()
 
 
+def test_bench_serve_takes_its_stages_down_when_its_server_fails_to_start(monkeypatch):
+    """``bench serve`` with a local server: the stages (on Serve, an application of their own) are shut down when
+    the server then fails to start, not left deployed."""
+    import argparse
+
+    from echo_stream import cluster
+    from echo_stream.arguments.bench import add_serve_bench_arguments
+    from echo_stream.serve import bench, serve_engine, server
+
+    shut = []
+
+    class Stages:
+        @classmethod
+        def start(cls, opts, **_):
+            return cls()
+
+        def shutdown(self):
+            shut.append(True)
+
+    def no_server(*a, **k):
+        raise RuntimeError("cannot bind")
+    monkeypatch.setattr(cluster, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(serve_engine, "engine_backend", lambda engine: Stages)
+    monkeypatch.setattr(server, "ServerThread", no_server)
+    p = argparse.ArgumentParser()
+    add_serve_bench_arguments(p)
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        bench.run(p.parse_args(["--sessions", "1", "--mode", "motion", "--engine", "serve", "--duration", "0.5"]))
+    assert shut == [True]
+
+
 # ------------------------------------------------------------------------------------- Ray, fake GPUs
 @pytest.mark.ray
 def test_serve_gpu_shares_put_two_replicas_on_each_fake_gpu():

@@ -164,6 +164,29 @@ def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas
         assert after[s] == before[s]
 
 
+def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
+    """A long-running ingress keeps one call counter per (stage, replica); a replica Serve replaced is
+    re-bound and its counter dropped, so replacements over days do not pile counters up."""
+    import itertools
+    import threading
+
+    from echo_stream.pipeline import STAGES
+    from echo_stream.serve.routing import Router
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    b = object.__new__(ServeBackend)
+    b.slots = {s: [f"{s}-1"] for s in STAGES}
+    b.slots["diffusion"] = ["d-1", "d-2"]
+    b.router, b._rebinding = Router({s: len(v) for s, v in b.slots.items()}), threading.Lock()
+    b._seq = {("diffusion", "d-1"): itertools.count(7), ("diffusion", "d-2"): itertools.count(3)}
+    live = {s: set(v) for s, v in b.slots.items()}
+    live["diffusion"] = {"d-2", "d-3"}                 # d-1 died; Serve started d-3
+    b._live = lambda: live
+    assert b.rebind() == [("diffusion", 0)]
+    assert b.slots["diffusion"] == ["d-3", "d-2"]
+    assert set(b._seq) == {("diffusion", "d-2")} and next(b._seq[("diffusion", "d-2")]) == 3
+
+
 def test_pin_picks_elements_of_tuple_arguments():
     pin = Pin("c", "r", 0, ((1, 0),))
     assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)

@@ -26,6 +26,7 @@ import concurrent.futures as cf
 import functools
 import itertools
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -214,6 +215,7 @@ class ServeBackend:
         self.handles = handles
         self.caller = uuid.uuid4().hex
         self._seq: dict[tuple, itertools.count] = {}
+        self._rebinding = threading.Lock()
         want = replica_counts(expected)
         deadline = time.monotonic() + bind_timeout_s
         while True:
@@ -349,11 +351,16 @@ class ServeBackend:
         A slot whose replica is gone, or was just re-bound, takes no new session (the router drains it) until
         :meth:`refresh` has seen its replica answer: a replacement is a named actor before Serve routes to it."""
         live = self._live()
-        moved = rebind_slots(self.slots, live)
-        for stage, ids in self.slots.items():
-            for i, rid in enumerate(ids):
-                if rid not in live[stage] or (stage, i) in moved:
-                    self.router.drain(stage, i)
+        with self._rebinding:               # the server's monitor and recovering sessions re-bind in threads
+            moved = rebind_slots(self.slots, live)
+            for stage, ids in self.slots.items():
+                for i, rid in enumerate(ids):
+                    if rid not in live[stage] or (stage, i) in moved:
+                        self.router.drain(stage, i)
+            held = {(s, rid) for s, ids in self.slots.items() for rid in ids}
+            for key in list(self._seq):     # the call numbers of replicas no slot holds any more: forgotten
+                if key not in held:
+                    self._seq.pop(key, None)
         return moved
 
     async def refresh(self, timeout: float = 1.0) -> None:

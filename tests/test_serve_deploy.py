@@ -27,7 +27,27 @@ def _validate(cfg: dict):
     return app
 
 
-def test_serve_config_yaml_is_a_serve_deploy_config_and_builds():
+def _built(args: dict):
+    """``build_app(args)``'s deployments: {name: (num_replicas, ray_actor_options)} (no cluster: no GPU check)."""
+    from echo_stream.serve.serve_engine import build_app
+
+    out, stack = {}, [build_app(args)]
+    while stack:
+        d = stack.pop()._bound_deployment
+        out[d.name] = (d.num_replicas, d.ray_actor_options)
+        stack += [v for v in d.init_kwargs.values() if hasattr(v, "_bound_deployment")]   # the stages
+    return out
+
+
+def _expect_built(deps: dict, args: dict):
+    assert deps["ingress"][0] == args["ingress_replicas"]
+    for stage in ("decode", "features", "memory"):
+        assert deps[stage][0] == 1 and "num_gpus" not in deps[stage][1]
+    for stage in ("diffusion", "render"):                # replicas=diffusion=2,render=2 with device cuda
+        assert deps[stage][0] == 2 and deps[stage][1]["num_gpus"] == 0.5
+
+
+def test_serve_config_yaml_is_a_serve_deploy_config_and_builds(tmp_path, monkeypatch):
     from echo_stream.serve.serve_engine import app_arguments, parse_app_arguments
 
     app = _validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
@@ -35,9 +55,14 @@ def test_serve_config_yaml_is_a_serve_deploy_config_and_builds():
     assert args["replicas"] == "diffusion=2,render=2" and args["ingress_replicas"] >= 2
     ns = parse_app_arguments(app_arguments(args))      # every arg is an `echo-stream serve` option
     assert (ns.port, ns.host, ns.device, ns.engine) == (50051, "0.0.0.0", "cuda", "serve")
+    tokens = tmp_path / "tokens.txt"                   # the node's tokens file, here
+    tokens.write_text("ops:" + "t" * 32 + "\n")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("ECHO_STREAM_TOKENS", raising=False)
+    _expect_built(_built({**args, "tokens_file": str(tokens)}), args)
 
 
-def test_rayservice_embeds_a_valid_serve_config_with_head_and_gpu_workers():
+def test_rayservice_embeds_a_valid_serve_config_with_head_and_gpu_workers(monkeypatch):
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text()))
     svc = next(d for d in docs if d["kind"] == "RayService")
     app = _validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
@@ -47,9 +72,19 @@ def test_rayservice_embeds_a_valid_serve_config_with_head_and_gpu_workers():
     (gpu,) = cluster["workerGroupSpecs"]
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) >= 1 and gpu["minReplicas"] >= app.args["ingress_replicas"]
+    # proxy_location Disabled: KubeRay's default worker probe would wait for a Serve proxy that never starts
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"])["proxy_location"] == "Disabled"
+    probe = gpu["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["grpc"]["port"] == app.args["port"]              # the ingress's own gRPC health
     lb = next(d for d in docs if d["kind"] == "Service")
     assert lb["spec"]["ports"][0]["targetPort"] == app.args["port"]
     assert lb["spec"]["selector"].items() <= gpu["template"]["metadata"]["labels"].items()
+    # it builds with the tokens the pods get from the Secret (no tokens file)
+    env = {e["name"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "ECHO_STREAM_TOKENS" in env
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("ECHO_STREAM_TOKENS", "ops:" + "t" * 32)
+    _expect_built(_built(dict(app.args)), dict(app.args))
 
 
 def test_build_app_names_bad_arguments():
@@ -65,6 +100,23 @@ def test_build_app_names_bad_arguments():
         with pytest.raises(InputError) as e:
             build_app(args)
         assert says in str(e.value), (args, str(e.value))
+
+
+def test_build_app_waits_for_gpu_nodes_to_join_then_refuses_naming_the_gpus(monkeypatch):
+    """On a cluster whose GPU workers join after the head (a RayService, an autoscaled cluster) the build does
+    not fail at once; a cluster whose GPUs never come is still refused, naming what was asked for."""
+    from echo_stream.serve import serve_engine
+
+    joined = iter([{"GPU": 0.0}, {"GPU": 0.0}, {"GPU": 2.0}])
+    monkeypatch.setattr(serve_engine, "GPU_NODES_POLL_S", 0.0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: next(joined))
+    args = {"device": "cuda", "replicas": "diffusion=2,render=2"}
+    assert serve_engine.build_app(args) is not None            # built once the two GPUs are there
+    monkeypatch.setattr(serve_engine, "GPU_NODES_WAIT_S", 0.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    with pytest.raises(InputError, match="asks for 2 GPU .* the Ray cluster has 1"):
+        serve_engine.build_app(args)
 
 
 def _free_port() -> int:

@@ -25,6 +25,16 @@ ray = pytest.importorskip("ray")
 
 
 # ---------------------------------------------------------------------------------------------- no Ray
+def test_serve_help_names_both_engines_where_it_matters(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "replicas per stage (actors, or Serve replicas with --engine serve)" in text
+    assert "run the stages (actors, or the Serve application) on this Ray cluster" in text
+    assert "deleted again when this process exits" in text and "serve deploy deploy/serve_config.yaml" in text
+
+
+
 def test_call_order_runs_each_callers_calls_in_sequence():
     async def main():
         order, ran = CallOrder(skip_after_s=5.0), []
@@ -40,17 +50,141 @@ def test_call_order_runs_each_callers_calls_in_sequence():
     assert [s for c, s in ran if c == "a"] == [0, 1, 2, 3] and ran[0] == ("b", 0) and skipped == 0
 
 
-def test_call_order_moves_past_a_call_that_never_comes():
+def test_call_order_moves_past_a_call_that_never_comes(caplog):
     async def main():
         order = CallOrder(skip_after_s=0.2)
-        t = time.monotonic()
-        await order.turn("a", 1)                       # seq 0 was refused elsewhere: never arrives
-        waited = time.monotonic() - t
+        waiting = asyncio.create_task(order.turn("a", 1))   # seq 0 was refused elsewhere: never arrives
+        await asyncio.sleep(0)
+        held = not waiting.done()                      # it waits for seq 0 first ...
+        await asyncio.wait_for(waiting, 10.0)          # ... then gives up on it
         await order.done("a", 1)
-        await asyncio.wait_for(order.turn("a", 2), 1.0)  # and the order goes on from there
-        return waited, order.skipped
-    waited, skipped = asyncio.run(main())
-    assert 0.15 < waited < 2.0 and skipped == 1
+        nxt = asyncio.create_task(order.turn("a", 2))  # and the order goes on from there: no second wait
+        await asyncio.sleep(0)
+        return held, nxt.done(), order.skipped
+    with caplog.at_level("WARNING", logger="echo_stream.serve.pinning"):
+        held, went_on, skipped = asyncio.run(main())
+    assert held and went_on and skipped == 1
+    assert "waited 0.2 s for its calls 0..0 on this replica; running call 1 without them" in caplog.text
+
+
+def test_call_order_a_call_given_up_before_its_turn_lets_no_later_call_overtake():
+    async def main():
+        order, ran = CallOrder(skip_after_s=30.0), []
+
+        async def one(seq):
+            try:
+                await order.turn("a", seq)
+                ran.append(seq)
+            finally:                                   # as the replica does: done also when cancelled
+                await order.done("a", seq)
+        first, third = asyncio.create_task(one(1)), asyncio.create_task(one(2))
+        await asyncio.sleep(0.01)                      # both wait for seq 0
+        first.cancel()                                 # seq 1 gives up (its request was cancelled)
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert ran == [] and not third.done()          # seq 2 still waits for seq 0
+        await one(0)
+        await asyncio.wait_for(third, 10.0)            # and runs right after it, without a skip
+        return ran, order.skipped
+    ran, skipped = asyncio.run(main())
+    assert ran == [0, 2] and skipped == 0
+
+
+class _EchoHost:
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.stage = SimpleNamespace(name="echo")
+        self.ran = []
+
+    def call(self, method, *args):
+        self.ran.append(args[0])
+        return args[0]
+
+
+def test_replica_call_cancelled_while_waiting_its_turn_leaves_no_hole_in_the_order():
+    """A pinned call cancelled while it waits for its predecessor (the caller gave up on it) still counts as done
+    in the replica's call order: the caller's later calls do not stall behind it for ``skip_after_s``."""
+    import concurrent.futures as cf
+
+    from echo_stream.serve.serve_engine import StageReplica
+
+    async def main():
+        rep = object.__new__(StageReplica)              # no Serve: the replica's call path on a stand-in host
+        rep.host, rep.replica_id = _EchoHost(), "r"
+        rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
+        rep.worker = cf.ThreadPoolExecutor(1)
+        try:
+            one = asyncio.create_task(rep.call("process", 1, _pin=Pin("c", "r", 1)))
+            await asyncio.sleep(0.01)
+            one.cancel()
+            await asyncio.gather(one, return_exceptions=True)
+            two = asyncio.create_task(rep.call("process", 2, _pin=Pin("c", "r", 2)))
+            assert await rep.call("process", 0, _pin=Pin("c", "r", 0)) == 0
+            assert await asyncio.wait_for(two, 10.0) == 2
+            return rep.host.ran, rep.order.skipped
+        finally:
+            rep.worker.shutdown()
+    ran, skipped = asyncio.run(main())
+    assert ran == [0, 2] and skipped == 0
+
+
+def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas():
+    """A lost node silences a replica of several stages at once: ``wait_ready`` asks the stages together (their
+    ping timeouts overlap instead of adding up, stage after stage) and moves the session off each silent one."""
+    from echo_stream.pipeline import STAGES
+    from echo_stream.serve.routing import Router
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    async def main():
+        b = object.__new__(ServeBackend)               # no Serve: the routing logic over stand-in pings
+        b.router = Router({s: 2 for s in STAGES})
+        route = b.router.assign("sid")
+        silent = {(s, route[s]) for s in ("features", "diffusion", "render")}   # on the lost node
+        asking, most = set(), [0]
+
+        async def answers(stage, i, timeout):
+            asking.add(stage)
+            most[0] = max(most[0], len(asking))
+            await asyncio.sleep(0.02)
+            asking.discard(stage)
+            return (stage, i) not in silent
+
+        async def refresh(timeout=1.0):
+            pass
+        b._answers, b.refresh = answers, refresh
+        before = dict(route)
+        await b.wait_ready(timeout=30, route=route, move_after_s=0.05)
+        return before, route, most[0]
+    before, after, most = asyncio.run(main())
+    assert most == 5                                   # all five stages asked together
+    for s in ("features", "diffusion", "render"):
+        assert after[s] == 1 - before[s]
+    for s in ("decode", "memory"):
+        assert after[s] == before[s]
+
+
+def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
+    """A long-running ingress keeps one call counter per (stage, replica); a replica Serve replaced is
+    re-bound and its counter dropped, so replacements over days do not pile counters up."""
+    import itertools
+    import threading
+
+    from echo_stream.pipeline import STAGES
+    from echo_stream.serve.routing import Router
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    b = object.__new__(ServeBackend)
+    b.slots = {s: [f"{s}-1"] for s in STAGES}
+    b.slots["diffusion"] = ["d-1", "d-2"]
+    b.router, b._rebinding = Router({s: len(v) for s, v in b.slots.items()}), threading.Lock()
+    b._seq = {("diffusion", "d-1"): itertools.count(7), ("diffusion", "d-2"): itertools.count(3)}
+    live = {s: set(v) for s, v in b.slots.items()}
+    live["diffusion"] = {"d-2", "d-3"}                 # d-1 died; Serve started d-3
+    b._live = lambda: live
+    assert b.rebind() == [("diffusion", 0)]
+    assert b.slots["diffusion"] == ["d-3", "d-2"]
+    assert set(b._seq) == {("diffusion", "d-2")} and next(b._seq[("diffusion", "d-2")]) == 3
 
 
 def test_pin_picks_elements_of_tuple_arguments():
@@ -117,6 +251,131 @@ def test_autoscale_is_refused_by_the_serve_engine(capsys):
     with pytest.raises(SystemExit) as e:                                       # not one of the choices
         cli.main(["serve", "--port", "0", "--engine", "serv"])
     assert e.value.code == 2 and "--engine: invalid choice: 'serv'" in capsys.readouterr().err
+
+
+def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_the_caller():
+    """A stage error travels as a value (``Failed``): the next stage's call of the chain, which takes it as its
+    argument, still reaches its replica in its turn (no hole in the caller's order there) and hands it on;
+    reading the value raises the stage's own error (the client's input error stays an input error)."""
+    import concurrent.futures as cf
+
+    from echo_stream.serve.pinning import Failed
+    from echo_stream.serve.serve_engine import ServeBackend, StageReplica
+
+    class Picky(_EchoHost):
+        def call(self, method, *args):
+            if args[0] == "bad":
+                raise InputError("chunk 3", "not audio")
+            return super().call(method, *args)
+
+    def replica(rid):
+        rep = object.__new__(StageReplica)
+        rep.host, rep.replica_id = Picky(), rid
+        rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
+        rep.worker = cf.ThreadPoolExecutor(1)
+        return rep
+
+    async def main():
+        a, b = replica("a"), replica("b")
+        try:
+            up = await a.call("process", "bad", _pin=Pin("c", "a", 0))
+            assert isinstance(up, Failed)
+            assert await b.call("process", up, _pin=Pin("c", "b", 0, ((0, 1),))) is up   # handed on, not run
+            assert await asyncio.wait_for(b.call("process", "ok", _pin=Pin("c", "b", 1)), 10.0) == "ok"
+            return b.host.ran, b.order.skipped, up
+        finally:
+            a.worker.shutdown()
+            b.worker.shutdown()
+    ran, skipped, up = asyncio.run(main())
+    assert ran == ["ok"] and skipped == 0
+    with pytest.raises(InputError, match="chunk 3: not audio"):
+        ServeBackend._unpack(up, None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_chain_whose_first_call_fails_leaves_no_hole_in_the_next_replicas_order():
+    """Real Serve: a chain's first call raises (bad input); the call after it on another replica (which takes
+    its result) still counts in that replica's call order, so the caller's next call there is not held back
+    behind a call that never came (``order_skipped`` stays 0)."""
+    from ray import cloudpickle, serve
+    from ray.serve.config import RequestRouterConfig
+
+    from echo_stream.serve.serve_engine import QUIET, PinnedRouter, ServeBackend, StageReplica
+    from echo_stream.stages import Stage
+
+    class Flaky(Stage):                                # local: pickled by value for the replicas
+        name = "flaky"
+        resources = {"num_cpus": 0.1}
+
+        def process(self, x):
+            if x == "bad":
+                raise InputError("chunk 3", "not audio")
+            return x
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=96 * 1024 * 1024)
+    try:
+        serve.start(proxy_location="Disabled")
+        opts = dict(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100,
+                    logging_config=QUIET, request_router_config=RequestRouterConfig(request_router_class=PinnedRouter))
+        blob = cloudpickle.dumps(Flaky())
+        up = serve.run(serve.deployment(StageReplica).options(name="up", **opts).bind(blob), name="t-up",
+                       route_prefix=None)
+        down = serve.run(serve.deployment(StageReplica).options(name="down", **opts).bind(blob), name="t-down",
+                         route_prefix=None)
+
+        def rid(app):
+            (name,) = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                       if n["name"].startswith(f"SERVE_REPLICA::{app}#")]
+            return name.rsplit("#", 1)[1]
+        a, b = rid("t-up"), rid("t-down")
+
+        async def main():
+            first = down.call.remote("process", up.call.remote("process", "bad", _pin=Pin("c", a, 0)),
+                                     _pin=Pin("c", b, 0))
+            with pytest.raises(InputError, match="not audio"):
+                ServeBackend._unpack(await first, None)
+            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1)), None) == "ok"
+            return await down.call.remote("stats")
+        stats = asyncio.run(main())
+        assert stats["order_skipped"] == 0, stats
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def test_bench_serve_takes_its_stages_down_when_its_server_fails_to_start(monkeypatch):
+    """``bench serve`` with a local server: the stages (on Serve, an application of their own) are shut down when
+    the server then fails to start, not left deployed."""
+    import argparse
+
+    from echo_stream import cluster
+    from echo_stream.arguments.bench import add_serve_bench_arguments
+    from echo_stream.serve import bench, serve_engine, server
+
+    shut = []
+
+    class Stages:
+        @classmethod
+        def start(cls, opts, **_):
+            return cls()
+
+        def shutdown(self):
+            shut.append(True)
+
+    def no_server(*a, **k):
+        raise RuntimeError("cannot bind")
+    monkeypatch.setattr(cluster, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(serve_engine, "engine_backend", lambda engine: Stages)
+    monkeypatch.setattr(server, "ServerThread", no_server)
+    p = argparse.ArgumentParser()
+    add_serve_bench_arguments(p)
+    with pytest.raises(RuntimeError, match="cannot bind"):
+        bench.run(p.parse_args(["--sessions", "1", "--mode", "motion", "--engine", "serve", "--duration", "0.5"]))
+    assert shut == [True]
 
 
 # ------------------------------------------------------------------------------------- Ray, fake GPUs

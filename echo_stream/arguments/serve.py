@@ -17,7 +17,10 @@ examples:
   echo-stream serve --address ray://head:10001        # stage actors on a Ray cluster
   echo-stream serve --address auto --replicas diffusion=2,render=2 --device cuda
                                                       # 2 actors each of diffusion and render, 0.5 GPU each
-  echo-stream serve --engine serve --replicas diffusion=2 # the stages as a Ray Serve application
+  echo-stream serve --engine serve --replicas diffusion=2
+                                                      # the stages as a Ray Serve application
+  serve deploy deploy/serve_config.yaml               # the same on a cluster, an ingress per node
+                                                      # (its `args` are these options; docs/serving.md)
 
 Binding beyond loopback needs bearer tokens (--tokens-file and/or
 $ECHO_STREAM_TOKENS, entries 'principal:token'); clients send
@@ -47,15 +50,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port (/metrics); default: off")
-    p.add_argument("--address", metavar="RAY_ADDRESS", help="run the stage actors on this Ray cluster "
-                   "(default: a new local Ray instance)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", help="run the stages (actors, or the Serve "
+                   "application) on this Ray cluster (default: a new local Ray instance)")
     p.add_argument("--engine", choices=ENGINES, default="actors",
                    help="what runs the stages: 'actors' (default: one Ray actor per stage replica) or 'serve' (a Ray "
-                        "Serve application, one deployment per stage; see docs/serving.md). Both take --replicas, "
-                        "--device, --address and --num-cpus; --autoscale is the actor engine's")
+                        "Serve application of its own, echo-stream-<id>, one deployment per stage, deleted again when "
+                        "this process exits; see docs/serving.md). Both take --replicas, --device, --address and "
+                        "--num-cpus; --autoscale is the actor engine's only")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--replicas", default="", metavar="STAGE=N,...",
-                   help="actors per stage, e.g. diffusion=2,render=2 (stages: decode, features, memory, diffusion, "
+                   help="replicas per stage (actors, or Serve replicas with --engine serve), e.g. diffusion=2,render=2 (stages: decode, features, memory, diffusion, "
                         "render; default 1 each). Each session stays on one replica of every stage; replicas of a "
                         "stage are spread over the Ray cluster's nodes; with --device cuda each GPU-stage replica "
                         "reserves its GPU share (0.5)")

@@ -113,12 +113,7 @@ class RayBackend:
         warm_route(call, lambda h: self.ray.get(h, timeout=timeout), warmup)
 
     def is_fault(self, exc: BaseException) -> bool:
-        from ray import exceptions as rex
-
-        faults = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
-                                                 "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
-                       if hasattr(rex, n))
-        return isinstance(exc, faults + (StageFault,))
+        return isinstance(exc, ray_fault_types() + (StageFault,))
 
     def cancel(self, handles) -> None:
         for h in handles:
@@ -135,11 +130,7 @@ class RayBackend:
         return self.runner.placements(timeout=timeout)
 
     async def _answers(self, stage: str, replica: int, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.get(self.call(stage, "ping", replica=replica)), max(0.05, timeout))
-            return True
-        except Exception:  # noqa: BLE001 - dead, restarting, unreachable or busy past the timeout
-            return False
+        return await answers(self, stage, replica, timeout)
 
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         """Wait until the session's replica of every stage answers (every replica without ``route``).
@@ -194,6 +185,25 @@ class RayBackend:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def ray_fault_types() -> tuple:
+    """Ray's exceptions for a stage process that died or cannot be reached (a fault: the session recovers),
+    as opposed to an error the stage raised."""
+    from ray import exceptions as rex
+
+    return tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                           "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
+                 if hasattr(rex, n))
+
+
+async def answers(backend, stage: str, replica: int, timeout: float) -> bool:
+    """Whether ``backend``'s replica of ``stage`` answers a ping within ``timeout`` s."""
+    try:
+        await asyncio.wait_for(backend.get(backend.call(stage, "ping", replica=replica)), max(0.05, timeout))
+        return True
+    except Exception:  # noqa: BLE001 - dead, restarting, refused, unreachable or busy past the timeout
+        return False
 
 
 def warm_route(call, get, warmup) -> None:

@@ -87,10 +87,14 @@ def run(args) -> int:
                                                    device=args.device, size=(args.size, args.size),
                                                    stride=args.stride or None, replicas=replicas),
                                    num_cpus=args.num_cpus)
-        server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None,
-                                                              motion_stride=args.motion_stride or None, port=0,
-                                                              max_sessions=args.max_sessions or max(counts)))
-        target = f"127.0.0.1:{server.start()}"
+        try:       # a server that fails to start must not leave the stages (a Serve application) deployed
+            server = ServerThread(backend, ServeOptions.for_model(args.config, stride=args.stride or None,
+                                                                  motion_stride=args.motion_stride or None, port=0,
+                                                                  max_sessions=args.max_sessions or max(counts)))
+            target = f"127.0.0.1:{server.start()}"
+        except BaseException:
+            backend.shutdown()
+            raise
     rows = []
     try:
         for n in counts:

@@ -10,7 +10,10 @@ concurrently). :class:`CallOrder` restores it inside the replica.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 #: the keyword argument of a pinned call that holds its :class:`Pin`
 PIN_KW = "_pin"
@@ -19,6 +22,34 @@ PIN_KW = "_pin"
 class ReplicaGone(RuntimeError):
     """A pinned call reached a replica other than the one it names (that one is gone or not yet routable):
     the session's state is not here. The engine counts it as a stage fault (the session recovers)."""
+
+
+class Failed:
+    """A stage call's error, returned as its value instead of raised: a call that takes it as an argument
+    still reaches its replica (Ray would fail a call whose argument is an error before the replica sees it,
+    leaving a hole in the caller's order there: every later call of the caller stalled ``skip_after_s``), takes
+    its turn, runs nothing and hands it on. The caller raises :attr:`error` when it reads the value."""
+
+    __slots__ = ("error", "where")
+
+    def __init__(self, error: BaseException, where: str = ""):
+        self.error, self.where = error, where
+
+    def __reduce__(self):
+        return (Failed, (self.error, self.where))
+
+    def raise_(self):
+        if self.where:
+            try:
+                self.error.add_note(self.where)
+            except AttributeError:      # pragma: no cover - Python < 3.11
+                pass
+        raise self.error
+
+
+def failed_argument(args: tuple) -> "Failed | None":
+    """The first :class:`Failed` among a call's arguments (None: none failed)."""
+    return next((a for a in args if isinstance(a, Failed)), None)
 
 
 @dataclass(frozen=True)
@@ -46,11 +77,17 @@ class CallOrder:
     """Runs each caller's sequenced calls in sequence order (``seq`` 0, 1, 2 ... per caller).
 
     A call whose predecessor has not arrived waits for it — at most ``skip_after_s``: a predecessor that never
-    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it."""
+    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it.
+
+    :meth:`done` marks one call finished (it ran, or it gave up: cancelled while waiting); the order moves on
+    only over an unbroken run of finished calls, so a call that gives up before its turn does not let its
+    successors overtake the calls still due before it."""
 
     def __init__(self, skip_after_s: float = 10.0):
         self.skip_after_s = float(skip_after_s)
         self._next: dict[str, int] = {}
+        #: per caller: calls at or past ``_next`` that finished out of turn (given up while waiting)
+        self._finished: dict[str, set[int]] = {}
         self._changed: asyncio.Condition | None = None
         self.skipped = 0
 
@@ -60,7 +97,8 @@ class CallOrder:
         return self._changed
 
     async def turn(self, caller: str, seq: int) -> None:
-        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done`."""
+        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done` (also when this
+        is cancelled)."""
         if self._next.setdefault(caller, 0) >= seq:   # every caller numbers its calls to a replica from 0
             return                                     # in order (the usual case): no waiting, no lock
         cond = self._cond()
@@ -69,9 +107,28 @@ class CallOrder:
                 await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
             except asyncio.TimeoutError:
                 self.skipped += 1
+                log.warning("call order: caller %s waited %g s for its calls %d..%d on this replica; running call "
+                            "%d without them (a late one runs out of order)", caller[:8], self.skip_after_s,
+                            self._next[caller], seq - 1, seq)
+                self._advance(caller, seq)             # past the calls that never came
+
+    def _advance(self, caller: str, to: int) -> None:
+        nxt = max(self._next.get(caller, 0), to)
+        fin = self._finished.get(caller, set())
+        while nxt in fin:
+            nxt += 1
+        self._next[caller] = nxt
+        fin = {s for s in fin if s > nxt}
+        if fin:
+            self._finished[caller] = fin
+        else:
+            self._finished.pop(caller, None)
 
     async def done(self, caller: str, seq: int) -> None:
-        self._next[caller] = max(self._next.get(caller, 0), seq + 1)
+        if seq < self._next.get(caller, 0):            # late (the order moved past it) or already counted
+            return
+        self._finished.setdefault(caller, set()).add(seq)
+        self._advance(caller, self._next.get(caller, 0))
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()

@@ -26,13 +26,14 @@ import concurrent.futures as cf
 import functools
 import itertools
 import logging
+import threading
 import time
 import uuid
 from typing import Any
 
 from ..chain import PIPELINE, STAGES
 from .backend import StageFault
-from .pinning import PIN_KW, CallOrder, Pin, ReplicaGone, StuckCheck, rebind_slots
+from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 
 log = logging.getLogger(__name__)
@@ -99,19 +100,41 @@ class StageReplica:
             raise ReplicaGone(f"{self.host.stage.name} replica {_pin.target} is gone (this is {self.replica_id})")
         if method in ("placement", "stats"):            # the replica's own, not the stage's
             return getattr(self, method)()
-        args = _pin.args(args) if _pin is not None else args
+        upstream = failed_argument(args)                 # an earlier call of the chain failed: hand it on
+        if upstream is None:
+            args = _pin.args(args) if _pin is not None else args
         run = functools.partial(self.stuck.run, functools.partial(self.host.call, method, *args))
         loop = asyncio.get_running_loop()
         if _pin is None or _pin.seq is None:
+            if upstream is not None:
+                return upstream
             if method == "ping":
                 return self.host.call("ping")
-            return await loop.run_in_executor(self.worker, run)
-        await self.order.turn(_pin.caller, _pin.seq)
-        try:
-            fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in this order
+            return await self._value(loop.run_in_executor(self.worker, run), method)
+        fut = None
+        try:                                             # done also when cancelled while waiting its turn:
+            await self.order.turn(_pin.caller, _pin.seq)  # a hole would stall the caller's next calls here
+            if upstream is None:
+                fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in order
         finally:
             await self.order.done(_pin.caller, _pin.seq)
-        return await fut
+        return upstream if fut is None else await self._value(fut, method)
+
+    async def _value(self, fut, method: str):
+        """The stage call's result, or its error as a :class:`Failed` value (see there)."""
+        try:
+            return await fut
+        except Exception as e:  # noqa: BLE001 - raised again by the caller (ServeBackend.get / result)
+            import traceback
+
+            from ray import cloudpickle
+
+            try:
+                cloudpickle.dumps(e)
+            except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            return Failed(e, f"in {self.host.stage.name}.{method} on Serve replica {self.replica_id}:\n"
+                             + "".join(traceback.format_exception(e)))
 
     def placement(self) -> dict:
         return {**self.host.placement(), "replica_id": self.replica_id}
@@ -192,6 +215,7 @@ class ServeBackend:
         self.handles = handles
         self.caller = uuid.uuid4().hex
         self._seq: dict[tuple, itertools.count] = {}
+        self._rebinding = threading.Lock()
         want = replica_counts(expected)
         deadline = time.monotonic() + bind_timeout_s
         while True:
@@ -283,16 +307,19 @@ class ServeBackend:
             return tuple(_Part(resp, k) for k in range(num_returns))
         return resp
 
+    @staticmethod
+    def _unpack(value, handle):
+        if isinstance(value, Failed):       # the stage (or one before it in the chain) raised
+            value.raise_()
+        return value[handle.index] if isinstance(handle, _Part) else value
+
     async def get(self, handle) -> Any:
-        if isinstance(handle, _Part):
-            return (await handle.response)[handle.index]
-        return await handle
+        return self._unpack(await (handle.response if isinstance(handle, _Part) else handle), handle)
 
     def result(self, handle, timeout: float | None = None):
         """``get`` from a thread without an event loop."""
-        if isinstance(handle, _Part):
-            return handle.response.result(timeout_s=timeout)[handle.index]
-        return handle.result(timeout_s=timeout)
+        resp = handle.response if isinstance(handle, _Part) else handle
+        return self._unpack(resp.result(timeout_s=timeout), handle)
 
     def put(self, value) -> Any:
         return self.ray.put(value)
@@ -302,14 +329,12 @@ class ServeBackend:
         dropped epoch runs and its results are discarded."""
 
     def is_fault(self, exc: BaseException) -> bool:
-        from ray import exceptions as rex
         from ray.serve import exceptions as sex
 
-        faults = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
-                                                 "ObjectLostError", "OwnerDiedError", "WorkerCrashedError")
-                       if hasattr(rex, n))
-        faults += tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
-        return isinstance(exc, faults + (StageFault, ReplicaGone))
+        from .backend import ray_fault_types
+
+        faults = tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
+        return isinstance(exc, ray_fault_types() + faults + (StageFault, ReplicaGone))
 
     # -- routing
     def replica_count(self, stage: str) -> int:
@@ -326,11 +351,16 @@ class ServeBackend:
         A slot whose replica is gone, or was just re-bound, takes no new session (the router drains it) until
         :meth:`refresh` has seen its replica answer: a replacement is a named actor before Serve routes to it."""
         live = self._live()
-        moved = rebind_slots(self.slots, live)
-        for stage, ids in self.slots.items():
-            for i, rid in enumerate(ids):
-                if rid not in live[stage] or (stage, i) in moved:
-                    self.router.drain(stage, i)
+        with self._rebinding:               # the server's monitor and recovering sessions re-bind in threads
+            moved = rebind_slots(self.slots, live)
+            for stage, ids in self.slots.items():
+                for i, rid in enumerate(ids):
+                    if rid not in live[stage] or (stage, i) in moved:
+                        self.router.drain(stage, i)
+            held = {(s, rid) for s, ids in self.slots.items() for rid in ids}
+            for key in list(self._seq):     # the call numbers of replicas no slot holds any more: forgotten
+                if key not in held:
+                    self._seq.pop(key, None)
         return moved
 
     async def refresh(self, timeout: float = 1.0) -> None:
@@ -343,34 +373,44 @@ class ServeBackend:
                 self.router.drain(stage, i, on=False)
 
     async def _answers(self, stage: str, i: int, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.get(self.call(stage, "ping", replica=i)), max(0.05, timeout))
-            return True
-        except Exception:  # noqa: BLE001 - gone, refused, starting or unreachable
-            return False
+        from .backend import answers
+
+        return await answers(self, stage, i, timeout)
 
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
         """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within
-        ``move_after_s`` moves the session (in place) to the least loaded replica that does."""
+        ``move_after_s`` moves the session (in place) to the least loaded replica that does. The stages are
+        asked at once (a lost node takes a replica of several stages: their silences overlap, they do not add
+        up), one re-bind (:meth:`refresh`) between rounds."""
         deadline = time.monotonic() + timeout
         await self.refresh(move_after_s)
-        for stage in STAGES:
-            while True:
-                mine = route[stage] if route is not None else None
-                order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
-                wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
-                oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
-                ok = [i for i, good in zip(order, oks) if good]
-                if route is None and len(ok) == len(order) or route is not None and ok:
-                    if route is not None and ok[0] != mine:
-                        log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage,
-                                    mine, ok[0])
-                        self.router.move(route, stage, ok[0])
-                    break
-                if time.monotonic() > deadline:
-                    raise StageFault(f"no replica of stage {stage} answered within {timeout:.0f} s")
-                await asyncio.sleep(0.2)
-                await self.refresh(move_after_s)
+        pending = list(STAGES)
+        while True:
+            settled = await asyncio.gather(*(self._settle(s, route, move_after_s, deadline) for s in pending))
+            pending = [s for s, ok in zip(pending, settled) if not ok]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StageFault(f"no replica of stage {pending[0]} answered within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+            await self.refresh(move_after_s)
+
+    async def _settle(self, stage: str, route: Route | None, move_after_s: float, deadline: float) -> bool:
+        """One round of :meth:`wait_ready` for one stage: every replica asked at once; True when the stage is
+        ready (``route``'s replica answers, or it moved to one that does; without ``route``: all answer)."""
+        mine = route[stage] if route is not None else None
+        order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
+        wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
+        oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
+        ok = [i for i, good in zip(order, oks) if good]
+        if route is None:
+            return len(ok) == len(order)
+        if not ok:
+            return False
+        if ok[0] != mine:
+            log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
+            self.router.move(route, stage, ok[0])
+        return True
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:
         """``{(stage, slot): replica id}`` (of ``route``'s slots only, when given). Without ``route`` (the
@@ -422,6 +462,34 @@ def engine_backend(engine: str):
 # ------------------------------------------------------------------------------------------- the deployable app
 #: ``build_app`` keys that are not ``echo-stream serve`` options
 INGRESS_REPLICAS = "ingress_replicas"
+#: how long ``build_app`` waits for the cluster's GPU nodes to join before refusing ``device: cuda`` (a
+#: RayService or an autoscaled cluster builds the application when the head is up, before its GPU workers)
+GPU_NODES_WAIT_S = 600.0
+GPU_NODES_POLL_S = 5.0
+
+
+def wait_for_gpu_capacity(popts, wait_s: float | None = None) -> None:
+    """:func:`~echo_stream.pipeline.check_gpu_capacity` on the cluster this process is connected to, asked
+    again while GPU nodes may still be joining (at most ``wait_s``, default :data:`GPU_NODES_WAIT_S`); then its
+    refusal (InputError naming ``--device``, the GPUs asked for and those the cluster has)."""
+    import ray
+
+    from ..errors import InputError
+    from ..pipeline import check_gpu_capacity
+
+    deadline = time.monotonic() + (GPU_NODES_WAIT_S if wait_s is None else wait_s)
+    said = False
+    while True:
+        try:
+            return check_gpu_capacity(popts.device, float(ray.cluster_resources().get("GPU", 0)), popts.replicas,
+                                      popts.reserve_gpus)
+        except InputError as e:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                log.warning("%s; waiting up to %.0f s for GPU nodes to join", e, deadline - time.monotonic())
+                said = True
+        time.sleep(GPU_NODES_POLL_S)
 
 
 def app_arguments(args: dict | None) -> list[str]:
@@ -519,10 +587,7 @@ def build_app(args: dict | None = None):
     import ray
 
     if ray.is_initialized():     # built on the cluster (serve deploy / serve run): GPUs it cannot hold are refused
-        from ..pipeline import check_gpu_capacity
-
-        check_gpu_capacity(popts.device, float(ray.cluster_resources().get("GPU", 0)), popts.replicas,
-                           popts.reserve_gpus)
+        wait_for_gpu_capacity(popts)     # once its GPU nodes had time to join
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=n, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.5},
         health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=opts.drain_timeout_s + 5,

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _validate(cfg: dict):
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.parse_obj(cfg)
+    schema = ServeDeploySchema.model_validate(cfg)
     (app,) = schema.applications
     assert app.import_path == "echo_stream.serve.serve_engine:build_app"
     return app

@@ -299,6 +299,7 @@ def test_drain_refuses_new_sessions_and_finishes_running_ones(make_server):
                 stream_inputs(c, Inputs(_audio(1.2, seed=5)), output="motion", realtime=True))
             while not st.server.sessions:
                 await asyncio.sleep(0.02)
+            seen["stopped_before"] = st.server.stopped
             drainer = threading.Thread(target=st.drain, daemon=True)
             drainer.start()
             while not st.server.draining:
@@ -315,6 +316,7 @@ def test_drain_refuses_new_sessions_and_finishes_running_ones(make_server):
     assert seen["new"][0] == grpc.StatusCode.UNAVAILABLE and "draining" in seen["new"][1]
     assert res.motion_frames == list(range(n)) and res.events[-1].kind == pb.Event.ENDED
     assert seen["stopped"]
+    assert seen["stopped_before"] is False and st.server.stopped     # what a Serve ingress's health check reads
 
 
 def test_health_reflection_and_metrics(make_server):

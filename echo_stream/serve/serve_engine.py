@@ -554,7 +554,7 @@ class Ingress:
         return f"{self.server.opts.host}:{self.port}"
 
     def check_health(self) -> None:
-        if self.server._stopped is not None and self.server._stopped.is_set():
+        if self.server.stopped:
             raise RuntimeError("the gRPC server of this ingress stopped")
 
     async def __del__(self):

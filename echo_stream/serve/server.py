@@ -163,6 +163,11 @@ class AvatarServer:
         self.port: int | None = None
         self._stopped: asyncio.Event | None = None
 
+    @property
+    def stopped(self) -> bool:
+        """True once the server has stopped (``stop`` or a fatal error); False before it started."""
+        return self._stopped is not None and self._stopped.is_set()
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> int:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -74,7 +74,7 @@ class ModelConfig:
     #: reactions``; until then the head never fires). Configs written before this field existed load without it.
     reactions: bool = False
     #: networks in the reaction head, each trained with its own seed, their probabilities averaged: one head's
-    #: nod and micro-nod figures moved by 1.5x between trainings on the same data (README)
+    #: nod and micro-nod figures moved by 1.5x between two trainings with the same recipe and seed (README)
     reaction_members: int = 3
     memory_slots: int = 16        # LCU memory tokens (bounded whatever the session length)
     memory_summary_tokens: int = 4

@@ -84,3 +84,13 @@ def neutral_motion(frames: int) -> np.ndarray:
 def channel(m: np.ndarray, name: str) -> np.ndarray:
     """The column of one named channel from a (..., NUM_CHANNELS) array."""
     return m[..., CHANNEL_INDEX[name]]
+
+
+#: the eight gaze channels (``eyeLook{Down,In,Out,Up}{Left,Right}``)
+LOOK_CHANNELS: tuple[str, ...] = tuple(f"eyeLook{d}{s}" for s in ("Left", "Right") for d in ("Down", "In", "Out", "Up"))
+
+
+def gaze_distance(m: np.ndarray) -> np.ndarray:
+    """Per-frame distance of the gaze from straight ahead: the mean over the two eyes of |horizontal| + |vertical|
+    (the sum of the eight ``eyeLook*`` channels over 2), float64."""
+    return np.asarray(m, np.float64)[:, [CHANNEL_INDEX[c] for c in LOOK_CHANNELS]].sum(1) / 2

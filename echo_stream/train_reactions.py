@@ -37,24 +37,18 @@ log = logging.getLogger(__name__)
 USER_COLUMNS = ("user_audio", "user_video", "user_blend", "user_present")
 
 
-def _member_args(head) -> tuple:
-    """The constructor arguments of ``head``'s networks (to initialise one afresh under its own seed)."""
-    m = head.members[0]
-    return (m.proj.in_features, head.OWN_DIM, m.proj.out_features,
-            [c.dilation for c in m.stack.convs], m.drop.p)
-
-
 def own_track(conv, lookahead: int) -> torch.Tensor:
     """(frames, 4): :func:`~echo_stream.model.reactions.own_voice` over a whole conversation (rows past its end
     taken as silence, as a window's lookahead there)."""
     own = np.array(conv.arrays["avatar_audio"], np.float32)
     pad = np.zeros((lookahead,) + own.shape[1:], np.float32)
-    pad[..., 80] = R.SILENT[0]
+    pad[..., R.ENERGY] = R.SILENT[0]
     return R.own_voice(torch.from_numpy(np.concatenate([own, pad]))[None], lookahead)[0]
 
 
 def _tensors(conv, a: int, b: int, own: torch.Tensor) -> list[torch.Tensor]:
-    """The head's inputs over frames ``[a, b)``: the user columns, then the avatar's ``own`` voice (:func:`own_track`)."""
+    """The head's inputs over frames ``[a, b)``: the user columns, then the avatar's ``own`` voice
+    (:func:`own_track`)."""
     return [torch.from_numpy(np.array(conv.arrays[c][a:b], np.float32)) for c in USER_COLUMNS] + [own[a:b]]
 
 
@@ -159,7 +153,7 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
         rng = np.random.default_rng(seed + member)
         net = head.members[member]
         if member:
-            net.load_state_dict(type(net)(*_member_args(head)).state_dict())   # initialised from its own seed
+            net.load_state_dict(type(net)(*net.args).state_dict())   # initialised afresh under its own seed
         net.train()
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         curve: list[float] = []

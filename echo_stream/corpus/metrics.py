@@ -7,6 +7,7 @@ import numpy as np
 from scipy import ndimage
 from scipy import signal as sps
 
+from ..motion import gaze_distance
 from .base import FPS, _CI
 
 
@@ -75,15 +76,6 @@ def event_rise(x: np.ndarray, times, window_s: tuple[float, float], exclude=None
     if not inside.any() or not rest.any():
         return float("nan")
     return float(hp[inside].mean() - hp[rest].mean())
-
-
-def gaze_magnitude(m: np.ndarray) -> np.ndarray:
-    """Per-frame distance of the gaze from straight ahead (mean of the two eyes' |h| + |v|)."""
-    h = (m[:, _CI["eyeLookOutLeft"]] + m[:, _CI["eyeLookInLeft"]] + m[:, _CI["eyeLookInRight"]]
-         + m[:, _CI["eyeLookOutRight"]]) / 2
-    v = (m[:, _CI["eyeLookUpLeft"]] + m[:, _CI["eyeLookDownLeft"]] + m[:, _CI["eyeLookUpRight"]]
-         + m[:, _CI["eyeLookDownRight"]]) / 2
-    return np.asarray(h + v, np.float64)
 
 
 def blink_stats(m: np.ndarray, closed: float = 0.8) -> dict:
@@ -155,7 +147,7 @@ def rule_metrics(avatar_motion: np.ndarray, *, avatar_audio: np.ndarray | None =
     if ev.get("user_turn_onsets"):
         out["turn_brow_rise"] = event_rise(brow, ev["user_turn_onsets"], (0.1, 1.3), exclude=question_w)
     if ev.get("user_speech"):
-        g = gaze_magnitude(m)
+        g = gaze_distance(m)
         speaking = np.zeros(n, bool)
         t = np.arange(n) / FPS
         for s, e in ev["user_speech"]:

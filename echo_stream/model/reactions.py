@@ -3,11 +3,11 @@
 Why a head of its own. The diffusion model learns the listener's slow, level-like reactions from the
 user branch (mirrored smiles, gaze held on the speaker) but not the short gestures timed by the user's
 voice: a nod 0.2-0.5 s after the user ends a sentence, a micro-nod after a comma, brows up after a
-question, a glance away as it takes the turn. Those are brief (0.4-1.2 s), rare (a nod in 5 % of the frames), and their timing is only
-known to within a few hundred milliseconds from what the user did -- so they carry a tiny share of
-the denoising loss, and any timing spread averages an oscillating nod into nothing. The README
-measures it: with the cue in the user features (a probe reads it), the diffusion model's nod response
-stayed under a fifth of the ground truth's whatever the gate, steps, history or auxiliary loss.
+question, a glance away as it takes the turn. Those are brief (0.4-1.2 s), rare (a nod in 5 % of the
+frames), and their timing is only known to within a few hundred milliseconds from what the user did -- so
+they carry a tiny share of the denoising loss, and any timing spread averages an oscillating nod into
+nothing. The README measures it: with the cue in the user features (a probe reads it), the diffusion
+model's nod response stayed under a fifth of the ground truth's whatever the gate, steps, history or auxiliary loss.
 
 So the reaction is split the way its data is: **when** is learned, **what** is measured.
 
@@ -17,9 +17,9 @@ So the reaction is split the way its data is: **when** is learned, **what** is m
   probabilities of :data:`KINDS`, trained with binary
   cross-entropy on onsets found in the ground-truth motion (``echo-stream train --stage reactions``).
   Causal: a frame's probability depends on the user up to that frame only (and on the avatar's own audio
-  up to the lookahead the diffusion model reads anyway), so it streams. After training, each kind's
-  probabilities are scaled so that their sum matches the onsets of training conversations held out of
-  the fit (``calibration``): the head is under-confident on conversations it has not seen.
+  up to the lookahead the diffusion model reads anyway), so it streams. Optionally (``train
+  --calibration-convs``, off by default) each kind's probabilities are scaled so that their sum matches
+  the onsets of training conversations held out of the fit (``calibration``).
 * Gesture templates -- the event-triggered mean of the ground-truth motion after each kind's onsets
   (in the kind's own region: head pose for nods, brows for brow raises, the ``eyeLook*`` channels for a
   glance, measured towards one side; the lips stay with the avatar's own speech) and the spread of the
@@ -27,11 +27,12 @@ So the reaction is split the way its data is: **when** is learned, **what** is m
 * :class:`ReactionTrack` -- one per session at generation: draws onsets from the probabilities
   (deterministic in the session seed and the frame, like the blinks) and adds the scaled templates to
   the model's motion (a glance is a floor under the gaze channels, as a blink is under the lids: where the
-  model's own gaze already looks away at the turn, the two do not add up), carrying a gesture's tail into the next window (a glance goes to a side drawn the same way).
+  model's own gaze already looks away at the turn, the two do not add up), carrying a gesture's tail into
+  the next window (a glance goes to a side drawn the same way).
 
 With the user's voice absent (``user_present[..., 0]`` 0: the eval's "user branch off") the
-probabilities are 0: no user, no reactions -- nor a turn to take. (Reactions to the user's *face* -- mirrored smiles -- are
-the diffusion model's own: a level it can regress, not an instant.)
+probabilities are 0: no user, no reactions -- nor a turn to take. (Reactions to the user's *face* --
+mirrored smiles -- are the diffusion model's own: a level it can regress, not an instant.)
 
 Onset detection (:func:`detect_onsets`) uses matched filters on the high-passed ``headPitch``
 (nod: two cycles near 2 Hz; micro-nod: one dip), brow height (raise: large; flash: small) and the gaze's
@@ -47,7 +48,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from .. import motion
+from .. import config, motion
 from .encoders import CausalConvStack
 
 FPS = motion.FPS
@@ -59,19 +60,20 @@ GROUPS = {"nod": "head", "micro_nod": "head", "brow_raise": "brow", "brow_flash"
 
 _PITCH = motion.CHANNEL_INDEX["headPitch"]
 _BROWS = [motion.CHANNEL_INDEX[c] for c in ("browOuterUpLeft", "browOuterUpRight")]
-_LOOK = [motion.CHANNEL_INDEX[f"eyeLook{d}{s}"] for s in ("Left", "Right") for d in ("Down", "In", "Out", "Up")]
+_LOOK = [motion.CHANNEL_INDEX[c] for c in motion.LOOK_CHANNELS]
 #: the channels each group's gestures move (the event-triggered mean elsewhere -- eyes, mouth -- is left out);
 #: a glance moves the gaze only (``eyeLook*``), never the lids
 _REGION = {"head": motion.REGION_SLICES["head"], "brow": motion.REGION_SLICES["brows"], "gaze": np.array(_LOOK)}
 #: the channel order of a motion vector mirrored left <-> right (``...Left`` and ``...Right`` swapped): a glance
 #: is measured towards one side and drawn towards either
-MIRROR = np.array([motion.CHANNEL_INDEX.get(re.sub("Left|Right", lambda m: {"Left": "Right", "Right": "Left"}[m[0]], c), i)
+_SWAP = {"Left": "Right", "Right": "Left"}
+MIRROR = np.array([motion.CHANNEL_INDEX.get(re.sub("Left|Right", lambda m: _SWAP[m[0]], c), i)
                    for i, c in enumerate(motion.CHANNELS)], dtype=np.int64)
 #: frames of the avatar's own voice before a frame that the head reads (the known frames of a full-stride
 #: window: ``window_frames - new_frames`` of the tiny config), and the feature columns it reads
 OWN_BEFORE = 4
 assert KINDS[-1] == "gaze_away"       # the head's last logit is the glance's (``ReactionHead.own``)
-_ENERGY, _VOICING = 80, 82
+ENERGY, VOICING = config.MEL_BINS, config.MEL_BINS + 2     # features.AUDIO_FEATURE_COLUMNS: log_energy, voicing
 #: silence's values of those columns (features.py: log energy of a silent frame, no voicing)
 SILENT = (-11.5, 0.0)
 
@@ -123,11 +125,6 @@ def _peaks(r: np.ndarray, lo: float, hi: float, gap: int) -> np.ndarray:
     return np.array(sorted(taken), dtype=np.int64)
 
 
-def gaze_away(m: np.ndarray) -> np.ndarray:
-    """Per-frame distance of the gaze from straight ahead: the mean over the two eyes of the four ``eyeLook*``."""
-    return np.asarray(m, np.float64)[:, _LOOK].sum(1) / 2
-
-
 def gaze_side(m: np.ndarray) -> np.ndarray:
     """Per-frame horizontal gaze, positive towards the avatar's right (right eye out, left eye in)."""
     ci = motion.CHANNEL_INDEX
@@ -145,7 +142,8 @@ def detect_onsets(m: np.ndarray, *, nod_min: float = 0.03, micro_min: float = 0.
     ``[micro_min, micro_max)`` rad not within a nod (the two overlap in shape; they differ in size:
     the corpus's micro-nods are 0.015-0.025 rad, its nods 0.035-0.15); a brow raise a peak of the step filter (:func:`_rise`)
     above ``raise_min``, a flash one in ``[flash_min, raise_min)``; a glance away a peak of the step filter on the
-    gaze's distance from straight ahead (:func:`gaze_away`, 4 s moving median removed) above ``away_min``.
+    gaze's distance from straight ahead (:func:`~echo_stream.motion.gaze_distance`, 4 s moving median removed)
+    above ``away_min``.
     """
     m = np.asarray(m, np.float64)
     pitch = m[:, _PITCH] - ndimage.median_filter(m[:, _PITCH], size=2 * FPS, mode="nearest")
@@ -164,7 +162,7 @@ def detect_onsets(m: np.ndarray, *, nod_min: float = 0.03, micro_min: float = 0.
     for i in raises:
         near_raise[max(0, i - int(0.5 * FPS)): i + int(0.8 * FPS)] = True
     flashes = flashes[~near_raise[flashes]] if len(flashes) else flashes
-    gz = gaze_away(m)
+    gz = motion.gaze_distance(m)
     gz = gz - ndimage.median_filter(gz, size=4 * FPS, mode="nearest")
     away = _peaks(_rise(gz, before=6, after=(2, 10)), away_min, np.inf, gap=int(1.5 * FPS))
     return {"nod": nods, "micro_nod": micro, "brow_raise": raises, "brow_flash": flashes, "gaze_away": away}
@@ -255,7 +253,7 @@ def own_voice(audio: torch.Tensor, lookahead: int) -> torch.Tensor:
     the first are taken as silence). Frame-local by design -- it reaches back :data:`OWN_BEFORE` frames only,
     which a generation window always holds (its known frames), while the user's rows reach further back.
     """
-    x = audio[..., [_ENERGY, _VOICING]].mean(-2)          # (B, N, 2): the two 50 Hz frames averaged
+    x = audio[..., [ENERGY, VOICING]].mean(-2)          # (B, N, 2): the two 50 Hz frames averaged
     b, n, _ = x.shape
     t = n - lookahead
     pad = x.new_tensor(SILENT).expand(b, OWN_BEFORE, 2)
@@ -272,6 +270,8 @@ class _Member(nn.Module):
 
     def __init__(self, in_dim: int, own_dim: int, width: int, dilations, dropout: float):
         super().__init__()
+        #: the constructor's arguments (training initialises each further network afresh under its own seed)
+        self.args = (in_dim, own_dim, width, tuple(dilations), dropout)
         self.drop = nn.Dropout(dropout)         # training only: 21 conversations are easy to memorise
         self.proj = nn.Linear(in_dim, width)
         self.stack = CausalConvStack(width, dilations=dilations)
@@ -290,11 +290,11 @@ class ReactionHead(nn.Module):
     """User features per frame -> onset logits of :data:`KINDS` per frame (causal, ~1 s of context).
 
     ``cfg.reaction_members`` networks (:class:`_Member`), each trained with its own seed; the head's
-    probabilities are their mean (one network's nod and micro-nod figures moved by 1.5x between trainings on
-    the same data). In each, the user's voice goes through the causal convolutions; the avatar's own voice
-    (:func:`own_voice`, frame-local) joins after them, for the glance away only, so that it can follow the
-    avatar *taking* the turn: the user's voice has just ended and its own starts. The glance reads the
-    convolutions' output without training them: with the own voice open to every kind the eval's nod ratio
+    probabilities are their mean (one network's nod and micro-nod figures moved by 1.5x between two trainings
+    with the same recipe and seed, README). In each, the user's voice goes through the causal convolutions;
+    the avatar's own voice (:func:`own_voice`, frame-local) joins after them, for the glance away only, so
+    that it can follow the avatar *taking* the turn: the user's voice has just ended and its own starts. The
+    glance reads the convolutions' output without training them: with the own voice open to every kind the eval's nod ratio
     fell 9.7 -> 5.2, and with a trunk trained by the glance too, 4.6 (fewer nods after the user's pauses, more
     elsewhere); detached, the voice kinds train as without the glance.
     """
@@ -352,7 +352,8 @@ class ReactionHead(nn.Module):
 
     @torch.no_grad()
     def probabilities(self, audio, video, blend, present, own) -> torch.Tensor:
-        """Per-frame onset probabilities (B, T, len(KINDS)): the members' mean; 0 for frames without the user's voice."""
+        """Per-frame onset probabilities (B, T, len(KINDS)): the members' mean; 0 for frames without the user's
+        voice."""
         if float(self.trained) < 0.5:
             return audio.new_zeros(audio.shape[:2] + (len(KINDS),))
         p = (torch.sigmoid(self.forward(audio, video, blend, present, own)) * self.calibration).clamp_max(1.0)
@@ -458,4 +459,4 @@ class ReactionTrack:
         self.spent = np.asarray(st["spent"], np.float64)
         self.quiet = np.asarray(st["quiet"], np.int64)
         self.busy_until = np.asarray(st["busy_until"], np.int64)
-        self.active = [(int(a[0]), int(a[1]), float(a[2]), bool(a[3]) if len(a) > 3 else False) for a in st["active"]]
+        self.active = [(int(k), int(f), float(g), bool(mirrored)) for k, f, g, mirrored in st["active"]]

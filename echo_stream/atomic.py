@@ -85,3 +85,17 @@ def write_parquet(table, path: str | os.PathLike, compression: str = "zstd") -> 
 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression=compression)
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out") -> str:
+    """Create directory ``path`` for a command's results before its work starts (not after it); an
+    :class:`~echo_stream.errors.InputError` naming ``flag`` when it cannot be created or written."""
+    from .errors import InputError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(flag, f"{path}: cannot write there ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(flag, f"{path}: cannot write there (no write permission)")
+    return str(path)

@@ -60,3 +60,20 @@ def test_interpolated_costs_and_bad_arguments_named(tmp_path, capsys):
                        (["--costs", str(costs_file), "--out", str(costs_file)], "--out: ")]:
         assert cli.main(["bench", "capacity", "--out", str(tmp_path), *argv]) == 1
         assert says in capsys.readouterr().err
+
+
+def test_hop_bench_refuses_bad_arguments_before_starting_ray(tmp_path, capsys):
+    """``bench hop``'s arguments are checked before Ray starts (``--num-cpus 0`` crashed Ray; an unwritable
+    ``--out`` failed only after the whole measurement)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv, says in [(["--num-cpus", "0"], "--num-cpus: 0: give 1 or more"),
+                       (["--sizes-kb", "1,x"], "--sizes-kb: 'x' is not a positive size"),
+                       (["--sizes-kb", "-3"], "--sizes-kb: '-3' is not a positive size"),
+                       (["--hops", "0"], "--hops: 0: give 1 or more"),
+                       (["--repeat", "0"], "--repeat: 0: give 1 or more"),
+                       (["--out", str(blocker / "sub")], "--out: ")]:
+        assert cli.main(["bench", "hop", "--out", str(tmp_path), *argv]) == 1
+        assert says in capsys.readouterr().err
+    import ray
+    assert not ray.is_initialized()

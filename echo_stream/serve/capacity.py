@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..arguments.bench import add_capacity_bench_arguments as add_arguments  # noqa: F401 (the command's arguments)
+from .. import atomic
 from ..chain import BATCHED, STAGES, parse_replicas
 from ..config import FPS, SAMPLE_RATE
 from ..errors import InputError
@@ -705,10 +706,7 @@ def run(args) -> int:
         raise InputError("--config", str(e)) from None
     stride = geometry.stride(args.stride, "--stride") if args.stride is not None else None
     path = os.path.join(args.out, args.name or f"capacity_{args.costs if args.costs in ('measure', 'gpu-assumed') else 'file'}.json")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise InputError("--out", f"{args.out}: cannot write there ({e.strerror or e})") from None
+    atomic.output_dir(args.out)
     costs = _costs(args)
     print(f"costs ({costs.source}): push {costs.push_ms:.1f} ms, features {costs.features_ms:.1f} ms, memory "
           f"{costs.memory_ms:.1f} ms per chain; diffusion {costs.diffusion_ms} ms per call; render "
@@ -752,7 +750,6 @@ def run(args) -> int:
                   "ingress cpu_per_session": "CPU seconds of the ingress thread per session-second served",
                   "replica_busy_share": "seconds a stand-in replica slept on work / wall seconds"},
               "baseline": baseline, "results": rows}
-    from .. import atomic
     atomic.write_text(path, json.dumps(result, indent=2, default=str))
     png = os.path.splitext(path)[0] + ".png"
     plot(result, png)
@@ -806,7 +803,6 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"capacity simulation (real ingress, stand-in stages{'' if k == 1 else f', time scale {k:g}'}): "
                  f"{result['costs']['source']}", fontsize=8, wrap=True)
     fig.tight_layout()
-    from .. import atomic
 
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -23,6 +23,8 @@ import uuid
 
 import numpy as np
 
+from .. import atomic
+from ..errors import InputError
 from ..stages import Stage
 
 
@@ -62,19 +64,42 @@ async def _time(call, payload, repeat: int, hops: int) -> dict:
     return {"call": _stats(single), "chain_per_hop": _stats(chain)}
 
 
+def _sizes(text: str) -> list[int]:
+    """``--sizes-kb`` as payload sizes in bytes (each > 0), or an InputError naming the bad item."""
+    out = []
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        try:
+            kb = float(item)
+        except ValueError:
+            kb = float("nan")
+        if not kb > 0 or kb == float("inf"):
+            raise InputError("--sizes-kb", f"{item.strip()!r} is not a positive size in KiB: give e.g. 1,100,3072")
+        out.append(max(1, int(kb * 1024)))
+    if not out:
+        raise InputError("--sizes-kb", "no sizes: give e.g. 1,100,3072")
+    return out
+
+
 def run(args) -> int:
     import ray
     from ray import cloudpickle, serve
     from ray.serve.config import RequestRouterConfig
 
-    from .. import atomic
     from ..actors import StageActor
     from ..cluster import ensure_ray
     from ..machine import environment
     from .pinning import PIN_KW, Pin
     from .serve_engine import QUIET, PinnedRouter, StageReplica
 
-    sizes = [int(float(s) * 1024) for s in str(args.sizes_kb).split(",") if s.strip()]
+    sizes = _sizes(args.sizes_kb)
+    for flag, value in (("--repeat", args.repeat), ("--hops", args.hops)):
+        if value < 1:
+            raise InputError(flag, f"{value}: give 1 or more")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise InputError("--num-cpus", f"{args.num_cpus}: give 1 or more CPUs (or leave it out: all)")
+    atomic.output_dir(args.out)          # before the minutes of measuring, not after
     ensure_ray("local", num_cpus=args.num_cpus, object_store_memory=256 * 1024 * 1024)
     serve.start(proxy_location="Disabled")
     try:
@@ -124,7 +149,6 @@ def run(args) -> int:
                               "chain_per_hop": "hops calls each taking the previous output, last awaited; / hops",
                               "serve_added": "serve_pinned minus actor, p50"},
               "results": rows}
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, args.name or f"hop_{args.num_cpus or os.cpu_count()}cpu.json")
     atomic.write_text(path, json.dumps(result, indent=2))
     print(f"wrote {path}")

@@ -108,7 +108,10 @@ def train_reactions(shards_dir, out_dir, init_from, *, steps: int = 1500, batch_
     head = model.reactions
     train_ds = ShardDataset(shards_dir, "train", cfg)
     # the last conversations of the training split calibrate the head's onset counts (not fitted on)
-    n_cal = calibration_convs if len(train_ds.conversations) > 2 * calibration_convs else 0
+    n_cal = calibration_convs
+    if n_cal and len(train_ds.conversations) <= 2 * n_cal:
+        raise InputError("--calibration-convs", f"{n_cal}: the training split has {len(train_ds.conversations)} "
+                                                f"conversations; hold out fewer than half of them (or 0: off)")
     cal_convs = train_ds.conversations[len(train_ds.conversations) - n_cal:] if n_cal else []
     fit_convs = train_ds.conversations[:len(train_ds.conversations) - n_cal]
     try:

@@ -444,5 +444,8 @@ def test_reaction_stage_adds_a_trained_head_and_changes_nothing_else(trained, sh
     assert set(summary["train_onsets"]) == {"nod", "micro_nod", "brow_raise", "brow_flash", "gaze_away"}
     assert summary["members"] == 3 and [len(c) for c in summary["loss_every_50"]] == [1, 1, 1]
     assert summary["validation"]["bce"] > 0
+    with pytest.raises(InputError, match="--calibration-convs: 50: the training split has"):
+        run(parser.parse_args(["--shards", str(shards[0]), "--out", str(tmp_path / "c"), "--stage", "reactions",
+                               "--init-from", str(final), "--calibration-convs", "50", "--quiet"]))
     with pytest.raises(InputError, match="--init-from"):
         run(parser.parse_args(["--shards", str(shards[0]), "--out", str(tmp_path / "x"), "--stage", "reactions"]))

@@ -183,6 +183,12 @@ class RayBackend:
         vals = await asyncio.gather(*(one(s, i) for s, i in keys))
         return dict(zip(keys, vals))
 
+    def resume_store(self, ttl_s: float, max_records: int):
+        """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
+        from ..actors.resume import resume_store
+
+        return resume_store(ttl_s, max_records)
+
     def shutdown(self) -> None:
         self.runner.shutdown()
 

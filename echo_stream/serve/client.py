@@ -72,8 +72,25 @@ class AvatarClient:
             cfg.portrait_image = portrait
         elif avatar_id is not None:
             cfg.avatar_id = avatar_id
+        return await self.start(cfg)
+
+    async def resume(self, cfg: pb.SessionConfig, session_id: str, next_frame: int) -> "ClientSession":
+        """Continue a session whose stream broke, on this server (any server of the deployment): ``cfg`` as the
+        session was opened with (``ClientSession.config``), ``next_frame`` the first frame not received. The
+        returned session's ``opened.resume_pts`` is where to send the input again from."""
+        c = pb.SessionConfig()
+        c.CopyFrom(cfg)
+        c.resume.session_id = session_id
+        c.resume.next_frame = next_frame
+        return await self.start(c)
+
+    async def start(self, cfg: pb.SessionConfig) -> "ClientSession":
+        """Open a stream with ``cfg`` as its first message and read the server's SessionOpened."""
         call = self._session(metadata=self.metadata)
         s = ClientSession(call)
+        s.config = pb.SessionConfig()
+        s.config.CopyFrom(cfg)
+        s.config.ClearField("resume")
         await s._write(pb.ClientMessage(seq=0, config=cfg), count=False)
         first = await call.read()
         if first is aio.EOF:
@@ -83,6 +100,8 @@ class AvatarClient:
             raise RuntimeError(f"expected SessionOpened, got {first.WhichOneof('body')}")
         s.opened = first.opened
         s.session_id = first.opened.session_id
+        if first.opened.resumed:
+            s.audio_pts = first.opened.resume_pts
         return s
 
     async def control(self, session_id: str, kind: str) -> pb.SessionControlReply:
@@ -99,6 +118,7 @@ class ClientSession:
         self.seq = 0
         self.session_id = ""
         self.opened = None
+        self.config: pb.SessionConfig | None = None    # what the session was opened with (for a resume)
         self.audio_pts = 0.0
 
     async def _write(self, msg: pb.ClientMessage, count: bool = True) -> None:
@@ -176,6 +196,26 @@ class SessionResult:
     wall_s: float = 0.0
     frame_arrival: dict = field(default_factory=dict)     # frame -> client receive time (monotonic)
     first_send: float | None = None
+    video_end: int = 0                                    # frames of video received: [0, video_end)
+    earlier_video: list = field(default_factory=list)     # fMP4 streams of the streams before a resume
+    resumes: list = field(default_factory=list)           # pb.SessionOpened of each resumed stream
+
+    def next_frame(self, output: str) -> int:
+        """The first frame not received of the outputs the session wants (every frame before it came: a
+        session's frames arrive in order)."""
+        ends = []
+        if output in ("motion", "both"):
+            ends.append(max(self.motion_frames) + 1 if self.motion_frames else 0)
+        if output in ("video", "both"):
+            ends.append(self.video_end)
+        return min(ends)
+
+    def resumed(self, opened) -> None:
+        """A new stream of the session: an fMP4 stream starts again (init segment first), kept apart."""
+        self.resumes.append(opened)
+        if self.video:
+            self.earlier_video.append(self.video)
+            self.video = bytearray()
 
     def add(self, msg: pb.ServerMessage, size: tuple[int, int] = (256, 256)) -> None:
         body = msg.WhichOneof("body")
@@ -192,6 +232,7 @@ class SessionResult:
                 self.video += msg.video.data
             for f in range(msg.video.first_frame, msg.video.first_frame + msg.video.frames):
                 self.frame_arrival.setdefault(int(f), now)
+            self.video_end = max(self.video_end, int(msg.video.first_frame + msg.video.frames))
         elif body == "event":
             self.events.append(msg.event)
             if msg.event.kind == pb.Event.ENDED:
@@ -203,15 +244,23 @@ class SessionResult:
         return frames, values
 
     def save(self, video_out: str | None = None, motion_out: str | None = None) -> list[str]:
-        """Write the fMP4 and / or the motion Parquet (atomically); returns the paths written."""
+        """Write the fMP4 and / or the motion Parquet (atomically); returns the paths written. A session resumed
+        on new streams has one fMP4 stream per stream: the first goes to ``video_out``, the k-th after it to
+        ``<stem>.resumed<k><suffix>``."""
+        from pathlib import Path
+
         from ..generate import motion_table
 
         wrote = []
         if video_out:
-            if not self.video:
+            parts = [v for v in self.earlier_video + [self.video] if v]
+            if not parts:
                 raise InputError(video_out, "the server sent no H.264 video (output mode motion, or raw codec)")
-            atomic.write_bytes(video_out, bytes(self.video))
-            wrote.append(video_out)
+            p = Path(video_out)
+            for k, data in enumerate(parts):
+                path = video_out if k == 0 else str(p.with_name(f"{p.stem}.resumed{k}{p.suffix}"))
+                atomic.write_bytes(path, bytes(data))
+                wrote.append(path)
         if motion_out:
             frames, values = self.motion_array()
             if not len(frames):
@@ -261,16 +310,19 @@ class Inputs:
 
 
 async def send_inputs(s: ClientSession, inp: Inputs, realtime: bool = True, tick_frames: int = 2,
-                      lead_s: float = 0.0, on_send=None) -> float:
+                      lead_s: float = 0.0, on_send=None, start_s: float = 0.0, t0: float | None = None) -> float:
     """Stream ``inp`` tick by tick (``tick_frames`` frames of audio per message); ``realtime`` paces the
-    sending to the audio clock (``lead_s`` ahead of it). Ends the session. Returns seconds of audio sent."""
+    sending to the audio clock (``lead_s`` ahead of it; ``t0``: the monotonic time of its 0, default now). Ends
+    the session. ``start_s`` (a resumed stream's ``resume_pts``): the input from that time on, the rest of the
+    audio before the clock's present at once. Returns seconds of audio sent."""
     spf = config.SAMPLES_PER_FRAME
     n = len(inp.avatar_audio)
-    segs = sorted(inp.transcript, key=lambda x: x.start)
+    first = int(round(start_s * config.SAMPLE_RATE))
+    segs = sorted((x for x in inp.transcript if x.start >= start_s - 1e-6), key=lambda x: x.start)
     step = tick_frames * spf
-    t0 = time.monotonic()
-    frame = 0
-    for k, a in enumerate(range(0, n, step)):
+    t0 = time.monotonic() if t0 is None else t0
+    frame = first // spf
+    for k, a in enumerate(range(first, n, step)):
         b = min(n, a + step)
         pts = a / config.SAMPLE_RATE
         if realtime:
@@ -300,11 +352,22 @@ async def send_inputs(s: ClientSession, inp: Inputs, realtime: bool = True, tick
     return n / config.SAMPLE_RATE
 
 
+#: how a broken stream ends on the client's side when its server (or the way to it) was lost
+BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
 async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | None = None,
                         avatar_id: str | None = None, output: str = "both", codec: str = "fmp4", size: int = 256,
                         seed: int | None = None, realtime: bool = True, tick_frames: int = 2,
-                        lead_s: float = 0.0, stride: int | None = None) -> SessionResult:
-    """Open a session, send ``inp`` while receiving, and collect everything the server sends back."""
+                        lead_s: float = 0.0, stride: int | None = None, resume_through=(),
+                        max_resumes: int = 3, resume_wait_s: float = 0.5) -> SessionResult:
+    """Open a session, send ``inp`` while receiving, and collect everything the server sends back.
+
+    ``resume_through``: clients of other servers (or of the same load balancer) to resume the session
+    through when its stream breaks (:data:`BROKEN`; at most ``max_resumes`` times, trying them in turn, the
+    first client too, ``resume_wait_s`` apart): the input is sent again from the resumed stream's
+    ``resume_pts``, and the result holds every frame once (``SessionResult.resumes``: the streams' openings).
+    """
     t = time.monotonic()
     s = await client.open(portrait=portrait, avatar_id=avatar_id, output=output, codec=codec, size=size, seed=seed,
                           stride=stride)
@@ -314,13 +377,34 @@ async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | Non
         if res.first_send is None:
             res.first_send = time.monotonic()
 
-    sender = asyncio.get_running_loop().create_task(send_inputs(s, inp, realtime, tick_frames, lead_s, mark))
-    try:
-        async for msg in s.messages():
-            res.add(msg, (size, size))
-        res.sent_audio_s = await sender
-    finally:
-        if not sender.done():
-            sender.cancel()
+    targets = list(resume_through) + [client]
+    cfg = s.config
+    t0, start_s, tries = time.monotonic(), 0.0, 0
+    while True:
+        sender = asyncio.get_running_loop().create_task(
+            send_inputs(s, inp, realtime, tick_frames, lead_s, mark, start_s=start_s, t0=t0))
+        try:
+            async for msg in s.messages():
+                res.add(msg, (size, size))
+            res.sent_audio_s = await sender
+            break
+        except aio.AioRpcError as e:
+            if not resume_through or e.code() not in BROKEN or tries >= max_resumes:
+                raise
+            s = None
+            while s is None:                     # the next server that takes the session
+                target = targets[tries % len(targets)]
+                tries += 1
+                await asyncio.sleep(resume_wait_s)
+                try:
+                    s = await target.resume(cfg, res.session_id, res.next_frame(output))
+                except aio.AioRpcError as e2:
+                    if e2.code() not in BROKEN or tries >= max_resumes:
+                        raise
+            res.resumed(s.opened)
+            start_s = s.opened.resume_pts
+        finally:
+            if not sender.done():
+                sender.cancel()
     res.wall_s = time.monotonic() - t
     return res

@@ -442,6 +442,12 @@ class ServeBackend:
         return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
                     for i in range(len(ids))] for s, ids in self.slots.items()}
 
+    def resume_store(self, ttl_s: float, max_records: int):
+        """The cluster's resume records, shared by every ingress replica (:mod:`echo_stream.actors.resume`)."""
+        from ..actors.resume import resume_store
+
+        return resume_store(ttl_s, max_records)
+
     def shutdown(self) -> None:
         from ray import serve
 

@@ -30,6 +30,7 @@ from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
 from .portrait_gate import PortraitGate
+from .resume import RecordWriter, resume_point
 from .session import Session, SessionFailed, failure_from, log_error, warm_up_encoder
 from .wire import Limits
 
@@ -81,6 +82,10 @@ class ServeOptions:
     #: autoscaled stages: ``{stage: autoscale.ScaleSpec}`` (``--autoscale``); the others keep their count
     autoscale: dict = field(default_factory=dict)
     autoscale_interval_s: float = 0.5       # how often the autoscaler looks at the load
+    #: sessions resumable on another stream (``SessionConfig.resume``) this long after their last update
+    #: (``--resume-ttl``; 0: no resume records)
+    resume_ttl_s: float = 120.0
+    resume_max_records: int = 100_000
 
 
 _NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
@@ -142,7 +147,14 @@ class TokenBucket:
 
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in (
-    "INVALID_ARGUMENT", "INTERNAL", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED")}
+    "INVALID_ARGUMENT", "INTERNAL", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED",
+    "ABORTED", "NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION")}
+#: how a stream ended -> whether its session stays resumable (its record is kept until it expires)
+_RESUMABLE = {"CANCELLED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL"}
+
+
+def _taken_over() -> SessionFailed:
+    return SessionFailed("ABORTED", "this session was resumed on another stream (SessionConfig.resume); this one ends")
 
 
 class AvatarServer:
@@ -162,6 +174,8 @@ class AvatarServer:
         self.health = None
         self.port: int | None = None
         self._stopped: asyncio.Event | None = None
+        #: the cluster's resume records (an actor handle; None: this server keeps none, resume is refused)
+        self.records = None
 
     @property
     def stopped(self) -> bool:
@@ -184,7 +198,10 @@ class AvatarServer:
         for b in self.batchers:
             b.start()
         self.batcher = self.batchers[0]
+        self.records = await asyncio.get_running_loop().run_in_executor(None, self._resume_store)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
+        self._toucher = asyncio.get_running_loop().create_task(self._touch_records(), name="resume-records") \
+            if self.records is not None else None
         self._scaler = asyncio.get_running_loop().create_task(self._autoscale(), name="autoscaler") \
             if self.opts.autoscale else None
         lim = self.opts.limits.max_message_bytes
@@ -235,7 +252,8 @@ class AvatarServer:
             await asyncio.sleep(0.05)
         for s in list(self.sessions.values()):
             s._fail(SessionFailed("UNAVAILABLE", f"the server shut down (drain timeout {timeout_s:g} s) before "
-                                                 "the session ended; reconnect to another server"))
+                                                 "the session ended; resume it on another server "
+                                                 "(SessionConfig.resume)"))
         await self.stop(grace=5.0)
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -244,10 +262,41 @@ class AvatarServer:
         for b in self.batchers:
             await b.stop()
         self.portraits.close()
-        for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None)):
+        for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None),
+                     getattr(self, "_toucher", None)):
             if task is not None:
                 task.cancel()
         self._stopped.set()
+
+    def _resume_store(self):
+        """The cluster's resume store, from the backend (None: the backend has none, or ``resume_ttl_s`` is 0)."""
+        make = getattr(self.backend, "resume_store", None)
+        if make is None or self.opts.resume_ttl_s <= 0:
+            return None
+        try:
+            return make(self.opts.resume_ttl_s, self.opts.resume_max_records)
+        except Exception as e:  # noqa: BLE001 - serving goes on; resume is refused
+            log.warning("no resume store (error id %s): sessions cannot be resumed on another stream",
+                        log_error(e, "resume store"))
+            return None
+
+    async def _touch_records(self) -> None:
+        """Keep the running sessions' resume records alive; a session resumed elsewhere meanwhile (its record
+        claimed by a newer stream) ends here with ABORTED."""
+        while True:
+            await asyncio.sleep(max(0.5, self.opts.resume_ttl_s / 4))
+            owned = [(s.id, s.generation) for s in self.sessions.values() if s.record is not None]
+            if not owned:
+                continue
+            try:
+                lost = set(await self.records.touch.remote(owned))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the store restarting: try again next time
+                continue
+            for s in list(self.sessions.values()):
+                if s.id in lost and s.record is not None:
+                    s._fail(_taken_over())
 
     async def _watch_stages(self) -> None:
         """Detect stage replicas restarted by Ray even when no call of a session failed (an idle stage died):
@@ -391,21 +440,33 @@ class AvatarServer:
                                   "the stream ended before its SessionConfig", "invalid")
             try:
                 spec = wire.session_spec(first, self.opts.limits, self.opts.avatars)
+                resume = wire.resume_request(first)
                 stride = self.opts.stride_for(spec)
                 if spec.wants_video and isinstance(spec.portrait, bytes):   # checked and decoded at the edge
                     spec.portrait = await self.portraits.prepare(spec.portrait)
             except InputError as e:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
-            sid = secrets.token_urlsafe(24)
+            point = record = None
+            generation = 0
+            if resume is None:
+                sid = secrets.token_urlsafe(24)
+            else:
+                sid = resume.session_id
+                generation, record = await self._claim(context, principal, resume)
+                point = resume_point(record, resume.next_frame, self.opts.geometry.known(stride))
+                older = self.sessions.get(sid)
+                if older is not None:          # its stream on this server is still open: the newer one wins
+                    older._fail(_taken_over())
             o = self.opts
             session = Session(sid, principal, spec, self.backend, self.batchers, o.limits, o.chunk_frames,
                               o.max_inflight, recovery_timeout_s=o.recovery_timeout_s, stride=stride,
-                              geometry=o.geometry)
+                              geometry=o.geometry, generation=generation)
             self.sessions[sid] = session
             self._opening -= 1
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+            session.record = self._record_writer(session, principal, wire.config_fingerprint(first))
             try:
-                await session.open()
+                await session.open(point, record)
             except Exception as e:  # noqa: BLE001 - reported as its status; the session is closed below
                 if self.backend.is_fault(e):
                     e = SessionFailed("UNAVAILABLE", "a pipeline stage is restarting (error id "
@@ -418,11 +479,11 @@ class AvatarServer:
                     self.portraits.remember_refusal(spec.portrait, inner.problem)
                 await self._abort(context, code, f.message,
                                   "invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "failed")
-            metrics.SESSIONS.labels("opened").inc()
+            metrics.SESSIONS.labels("resumed" if point is not None else "opened").inc()
             session.start()
             reader = asyncio.get_running_loop().create_task(self._read(session, request_iterator))
             seq = 0
-            yield wire.opened(seq, sid, spec)
+            yield wire.opened(seq, sid, spec, point)
             async for msg in self._outputs(session):
                 seq += 1
                 msg.seq = seq
@@ -445,9 +506,50 @@ class AvatarServer:
             else:
                 if reader is not None:
                     reader.cancel()
-                self.sessions.pop(session.id, None)
+                if self.sessions.get(session.id) is session:     # (a resume on this server may have replaced it)
+                    del self.sessions[session.id]
                 metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+                if session.record is not None:     # an ended session, or one refused for its input, is forgotten
+                    f = session.failure
+                    ended = f is None and session.done.is_set()
+                    asyncio.get_running_loop().create_task(session.record.close(
+                        drop=ended or (f is not None and f.code not in _RESUMABLE)))
                 await session.close()
+
+    async def _claim(self, context, principal: str, req: wire.ResumeRequest):
+        """Take a session over for a resume: (generation, its record); refusals end the call with their status."""
+        if self.records is None:
+            await self._abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                              "this server keeps no resume records (serve --resume-ttl 0, or no Ray cluster): "
+                              "open a new session", "invalid")
+        try:
+            got = await asyncio.wait_for(self.records.claim.remote(req.session_id, principal, req.digest), 10.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE,
+                              f"the resume store did not answer (error id {log_error(e, 'resume claim')}): retry "
+                              "in a few seconds", "failed")
+        if "refused" in got:
+            await self._abort(context, _CODES.get(got["refused"], grpc.StatusCode.INVALID_ARGUMENT), got["message"],
+                              "invalid")
+        return got["generation"], got["record"]
+
+    def _record_writer(self, session: Session, principal: str, digest: str):
+        """The session's resume record writer (a new session's record is created first, without waiting: the
+        store runs one caller's calls in order); None without a store."""
+        if self.records is None:
+            return None
+        created = None
+        if session.generation == 0:
+            try:
+                created = self.records.create.remote(session.id, principal, digest)
+            except Exception as e:  # noqa: BLE001 - the session is served, not resumable
+                log.warning("session %s: no resume record (error id %s)", session.id[:8],
+                            log_error(e, "resume record"))
+                return None
+        return RecordWriter(self.records, session.id, session.generation, created=created,
+                            on_taken_over=lambda: session._fail(_taken_over()))
 
     def _stranger_slot(self, peer: str):
         """Take a pending slot of a stream without a known token from ``peer``; returns its release, or None

@@ -25,6 +25,7 @@ CODECS = {pb.VIDEO_CODEC_UNSPECIFIED: "fmp4", pb.VIDEO_CODEC_H264_FMP4: "fmp4", 
 _SPEAKER = re.compile(r"[A-Za-z_][\w-]{0,31}")
 _CODEC = re.compile(r"[a-z0-9_]{1,32}")         # an FFmpeg decoder name (mp3, aac, libopus, h264, ...)
 MEDIA_KINDS = ("avatar_audio", "user_audio", "user_video", "user_blendshapes")
+MAX_RESUME_FRAME = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -231,14 +232,14 @@ class InputChecker:
             if len(data) != v.width * v.height * 3:
                 raise InputError("user_video.raw_rgb", f"{len(data)} bytes, expected width*height*3 = "
                                                        f"{v.width * v.height * 3}")
-            return kind, {"raw": bytes(data), "width": int(v.width), "height": int(v.height)}
+            return kind, {"raw": bytes(data), "width": int(v.width), "height": int(v.height), "pts": float(msg.pts)}
         if kind == "user_blendshapes":
             values = dict(msg.user_blendshapes.values)
             if len(values) > self.limits.max_blendshapes:
                 raise InputError("user_blendshapes", f"{len(values)} values, at most {self.limits.max_blendshapes}")
             from ..features import blendshape_frames
             blendshape_frames(values)   # raises InputError naming an unknown name / NaN
-            return "blendshapes", {"values": values}
+            return "blendshapes", {"values": values, "pts": float(msg.pts)}
         if kind == "transcript":
             t = msg.transcript
             if len(t.text.encode()) > self.limits.max_text_bytes:
@@ -262,7 +263,50 @@ def _check_codec(what: str, name: str) -> None:
         raise InputError(what, f"{name[:40]!r} is not a decoder name (1-32 of a-z, 0-9, _; e.g. mp3, aac, h264)")
 
 
-def opened(seq: int, session_id: str, spec: SessionSpec) -> pb.ServerMessage:
-    return pb.ServerMessage(seq=seq, opened=pb.SessionOpened(
+@dataclass
+class ResumeRequest:
+    """A SessionConfig's ``resume``: the session to continue, the first frame its client lacks, and the digest
+    of the config without it (checked against the one the session was opened with)."""
+
+    session_id: str
+    next_frame: int
+    digest: str
+
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def resume_request(msg) -> ResumeRequest | None:
+    """The validated ``config.resume`` of a first message (None: a new session)."""
+    c = msg.config
+    if not c.HasField("resume"):
+        return None
+    r = c.resume
+    if not _SESSION_ID.fullmatch(r.session_id):
+        raise InputError("config.resume.session_id", "not a session id: send SessionOpened.session_id of the "
+                                                     "stream that broke")
+    if r.next_frame > MAX_RESUME_FRAME:
+        raise InputError("config.resume.next_frame", f"{r.next_frame} is beyond any session's length")
+    return ResumeRequest(r.session_id, int(r.next_frame), config_fingerprint(msg))
+
+
+def config_fingerprint(msg) -> str:
+    """The digest of a first message's SessionConfig without its ``resume`` field."""
+    from .resume import config_digest
+
+    plain = pb.SessionConfig()
+    plain.CopyFrom(msg.config)
+    plain.ClearField("resume")
+    return config_digest(plain.SerializeToString(deterministic=True))
+
+
+def opened(seq: int, session_id: str, spec: SessionSpec, point=None) -> pb.ServerMessage:
+    """SessionOpened (``point``: where a resumed session starts, :class:`~echo_stream.serve.resume.ResumePoint`)."""
+    msg = pb.ServerMessage(seq=seq, opened=pb.SessionOpened(
         session_id=session_id, width=spec.width, height=spec.height, fps=config.FPS,
         motion_channels=list(motion.CHANNELS)))
+    if point is not None:
+        msg.opened.resumed = True
+        msg.opened.resume_frame = point.frame
+        msg.opened.resume_pts = point.pts
+    return msg

@@ -31,14 +31,16 @@ import time
 from ... import config, schemas
 from ...geometry import WindowGeometry, default_geometry
 from ...pipeline import BATCHED, run_chain, stage_after, stage_before, transcript_batch
+from ...protos import echo_stream_pb2 as pb
 from ...transcript import Segment
 from .. import metrics
+from ..egress import Outgoing
 from ..wire import Limits, SessionSpec
 from .edge import EdgeDecoders
 from .epochs import EpochSwitching
 from .failures import SessionFailed, failure_from, redactions
 from .ingest import Arrivals, Chunker, Pacer
-from .ledger import ChainInFlight, ReplayLedger, ResumeState, WindowInRender
+from .ledger import ChainInFlight, ReplayLedger, Restore, ResumeState, WindowInRender
 from .output import Egress, SessionStats
 from .stages import StageLink
 
@@ -55,8 +57,9 @@ class Session(EpochSwitching):
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
                  inbox_size: int = 64, recovery_timeout_s: float = 30.0, stride: int = 16,
-                 geometry: WindowGeometry | None = None):
+                 geometry: WindowGeometry | None = None, generation: int = 0):
         self.id = session_id
+        self.generation = generation     # the how-manieth stream of the session (0: opened; +1 per resume)
         self.principal = principal
         self.spec = spec
         self.backend = backend
@@ -67,7 +70,7 @@ class Session(EpochSwitching):
         self.overlap = geometry.known(stride)                   # K' = W - S' known frames
         #: server-side strings never shown to the client -> what is shown instead
         self.redact: dict[str, str] = redactions(spec)
-        self.link = StageLink(session_id, spec, backend, batcher, self.redact)
+        self.link = StageLink(session_id, spec, backend, batcher, self.redact, generation)
         self.pacer = Pacer(limits.max_lead_s)
         self.chunker = Chunker(geometry, self.stride, chunk_frames / FPS)
         self.arrivals = Arrivals()
@@ -89,6 +92,10 @@ class Session(EpochSwitching):
         self.closed = False
         self._tasks: list[asyncio.Task] = []
         self._recovery_task = None
+        #: the session's resume record in the cluster's store (:class:`~echo_stream.serve.resume.RecordWriter`;
+        #: None: not resumable) and, for a resumed stream, the cut of the input sent again
+        self.record = None
+        self.cut = None
 
     # ------------------------------------------------------------------ what the server reads
     @property
@@ -120,9 +127,36 @@ class Session(EpochSwitching):
         return self.link.call(stage, method, *args, num_returns=num_returns)
 
     # ------------------------------------------------------------------ lifecycle
-    async def open(self) -> None:
-        """Prepare every stage for the session (raises SessionFailed for a bad portrait)."""
-        await self.link.open_epoch(self.stride, None)
+    async def open(self, point=None, record=None) -> None:
+        """Prepare every stage for the session (raises SessionFailed for a bad portrait). A resumed session
+        (``point``: :class:`~echo_stream.serve.resume.ResumePoint`, from its resume ``record``) starts at the
+        point's frame, restored from the record; the input sent again is cut to start there, and the frames
+        before the client's ``next_frame`` are dropped as they come out again (a GAP event says so)."""
+        if point is None:
+            await self.link.open_epoch(self.stride, None)
+            return
+        from ..resume import InputCut
+
+        self.ledger.restart(point.frame)
+        self.out.produced = point.next_frame
+        for f, row in record.rows:
+            if f < point.next_frame:
+                self.resume.sent(f, row)
+        self.resume.checkpoint = point.checkpoint
+        self.cut = InputCut(point.pts)
+        if record.t_first_wall is not None:          # the lead rule goes on with the session's audio clock
+            self.pacer.t_first = time.monotonic() - max(0.0, time.time() - record.t_first_wall)
+            self.pacer.received_s = point.pts
+        await self.link.open_epoch(self.stride, Restore(point.checkpoint, point.prev_motion))
+        self.stats.recoveries += 1
+        how = (f"generation restarts at frame {point.frame} (frames {point.frame}..{point.next_frame - 1} are "
+               "made again and not sent)" if point.frame < point.next_frame else
+               f"generation restarts at frame {point.frame}")
+        await self.outbox.put(Outgoing(pb.ServerMessage(pts=point.next_frame / FPS, event=pb.Event(
+            kind=pb.Event.GAP, first_frame=point.next_frame, frames=0,
+            message=f"the session was resumed on a new stream from its record (LCU checkpoint, "
+                    f"{'previous motion' if point.prev_motion is not None else 'no previous motion'}); {how}; "
+                    f"send the input again from {point.pts:.2f} s"))))
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,8 +214,18 @@ class Session(EpochSwitching):
     async def put_input(self, kind: str, item: dict) -> None:
         """Queue a validated input (waits while the inbox is full: flow control, or while the avatar audio
         leads real time by more than ``max_lead_s``: pacing)."""
+        if self.cut is not None and kind != "control":      # a resumed stream: the input sent again, cut
+            for piece in self.cut.cut(kind, item):
+                await self._queue_input(kind, piece)
+            return
+        await self._queue_input(kind, item)
+
+    async def _queue_input(self, kind: str, item: dict) -> None:
         if kind == "avatar_audio":
+            first = self.pacer.t_first is None
             wait = self.pacer.wait_s(time.monotonic())
+            if first and self.record is not None:
+                self.record.audio_clock(time.time())
             if wait > 0:                               # faster than real time: slow the sender down
                 await asyncio.sleep(wait)
             self.pacer.received(item.get("seconds", 0.0))
@@ -246,6 +290,8 @@ class Session(EpochSwitching):
                     ck = await self.backend.get(c.checkpoint)
                     if c.epoch == self.epoch and ck is not None:   # None: the stage no longer holds it
                         self.resume.checkpoint = ck
+                        if self.record is not None:
+                            self.record.checkpoint(ck)
                 for w in wins:
                     out = await self.link.batcher.submit(w)
                     if c.epoch != self.epoch:
@@ -278,8 +324,11 @@ class Session(EpochSwitching):
                 mw = p.get(schemas.MOTION_WINDOW)
                 if mw is not None and mw.num_rows:
                     rf = p.get(schemas.RENDERED_FRAMES)
+                    before = self.produced
                     await self.out.emit(schemas.column(mw, "frame") + w.offset, schemas.column(mw, "motion"),
                                         schemas.column(rf, "image") if rf is not None else None)
+                    if self.record is not None and self.produced > before:
+                        self.record.frames_out(self.produced, self.resume.since(before))
                 if p.end:
                     await self.out.finish()
                     self.done.set()

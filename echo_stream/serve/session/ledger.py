@@ -90,7 +90,7 @@ class ReplayLedger:
         for chain in chains:
             for kind, it in chain.items:
                 if kind == "avatar_audio" and cut > 1e-9:
-                    it, cut = _cut_pcm(it, cut)
+                    it, cut = cut_pcm(it, cut)
                     if it is None:
                         continue
                 if kind == "avatar_audio":
@@ -108,15 +108,19 @@ class ReplayLedger:
         return len(self._chains)
 
 
-def _cut_pcm(item: dict, cut: float) -> tuple[dict | None, float]:
-    """Drop up to ``cut`` seconds from the front of a PCM item: (what is left or None, seconds still to cut)."""
+def cut_pcm(item: dict, cut: float) -> tuple[dict | None, float]:
+    """Drop up to ``cut`` seconds from the front of a PCM item: (what is left or None, seconds still to cut);
+    what is left starts ``cut`` seconds later (its ``pts``, when it has one)."""
     width = (2 if item["format"] == "s16le" else 4) * item["channels"]
     n = len(item["pcm"]) // width
     k = min(n, int(round(cut * item["rate"])))
-    cut -= k / item["rate"]
+    cut = max(0.0, cut - k / item["rate"])
     if k >= n:
         return None, cut
-    return dict(item, pcm=item["pcm"][k * width:], seconds=(n - k) / item["rate"]), cut
+    rest = dict(item, pcm=item["pcm"][k * width:], seconds=(n - k) / item["rate"])
+    if "pts" in item:
+        rest["pts"] = item["pts"] + k / item["rate"]
+    return rest, cut
 
 
 @dataclass
@@ -136,6 +140,10 @@ class ResumeState:
 
     def sent(self, frame: int, row) -> None:
         self._sent.append((frame, row))
+
+    def since(self, frame: int) -> list:
+        """(frame, motion row) of the frames sent from ``frame`` on (those still kept)."""
+        return [(f, row) for f, row in self._sent if f >= frame]
 
     def restore(self, produced: int, overlap: int) -> Restore:
         """What to import into an epoch starting at global frame ``produced`` whose windows know ``overlap``

@@ -6,7 +6,8 @@
   :class:`~echo_stream.serve.routing.Router`; it changes only when a replica is lost and
   ``backend.wait_ready`` moves the session to one that answers); every call goes to it (:meth:`call`) and
   the session's windows go to that diffusion replica's batcher (:attr:`batcher`);
-* ``epoch`` / ``iid`` — stage state lives under ``<session id>/<epoch>``; :meth:`new_epoch` switches to the
+* ``epoch`` / ``iid`` — stage state lives under ``<session id>/<epoch>`` (``<session id>.<generation>/<epoch>``
+  for a session resumed on a new stream: its earlier streams' state, if a lost ingress left any, is not touched); :meth:`new_epoch` switches to the
   next one and closes the old one's state in every stage, :meth:`open_epoch` prepares it there (from a
   :class:`~.ledger.Restore` after an interrupt or a fault);
 * ``incarnations`` — which process of each stage replica holds the epoch's state (a restarted one
@@ -34,8 +35,9 @@ def portrait_key(spec) -> str | None:
 
 
 class StageLink:
-    def __init__(self, session_id: str, spec, backend, batchers, redact: dict[str, str]):
+    def __init__(self, session_id: str, spec, backend, batchers, redact: dict[str, str], generation: int = 0):
         self.session_id = session_id
+        self._prefix = f"{session_id}.{generation}" if generation else session_id
         self.spec = spec
         self.backend = backend
         #: the batcher of each diffusion replica (a single batcher: replica 0's); the server's own list, which
@@ -44,7 +46,7 @@ class StageLink:
             else [batchers]
         self.route = backend.assign(session_id, warm={"render": portrait_key(spec)})
         self.epoch = 0
-        self.iid = f"{session_id}/0"
+        self.iid = f"{self._prefix}/0"
         self.incarnations: dict = {}
         self._redact = redact
         self._portrait_ref = None
@@ -70,7 +72,7 @@ class StageLink:
         """Switch to the next epoch; the old one's state is closed in every stage."""
         old = self.iid
         self.epoch += 1
-        self.iid = f"{self.session_id}/{self.epoch}"
+        self.iid = f"{self._prefix}/{self.epoch}"
         self._close_state(old)
 
     async def open_epoch(self, stride: int, restore: Restore | None) -> None:

@@ -1,0 +1,139 @@
+"""Resume records, resume points and the cut of re-sent input, without Ray (the served resume across two
+ingresses is in tests/test_serve_ray.py)."""
+import numpy as np
+import pytest
+
+from echo_stream import config
+from echo_stream.errors import InputError
+from echo_stream.protos import echo_stream_pb2 as pb
+from echo_stream.serve import wire
+from echo_stream.serve.resume import InputCut, ResumeRecords, ResumeRefused, Update, resume_point
+
+FPS = config.FPS
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _rows(frames):
+    return [(f, np.full(4, f, np.float32)) for f in frames]
+
+
+def test_records_are_owned_by_one_generation_and_refuse_clearly():
+    clock = Clock()
+    r = ResumeRecords(ttl_s=10, max_records=2, keep=16, clock=clock)
+    assert r.create("s1", "alice", "d1") == 0
+    assert r.update("s1", 0, Update(5, _rows(range(5)), checkpoint=b"ck", t_first_wall=100.0))
+    refusals = {"NOT_FOUND": ("nope", "alice", "d1"), "PERMISSION_DENIED": ("s1", "bob", "d1"),
+                "INVALID_ARGUMENT": ("s1", "alice", "other config")}
+    for code, args in refusals.items():
+        with pytest.raises(ResumeRefused) as e:
+            r.claim(*args)
+        assert e.value.code == code and e.value.message
+    gen, rec = r.claim("s1", "alice", "d1")
+    assert gen == 1 and rec.produced == 5 and rec.checkpoint == b"ck" and rec.t_first_wall == 100.0
+    assert [f for f, _ in rec.rows] == list(range(5))
+    # the old writer (generation 0) no longer owns the session: refused, and told so by touch
+    assert not r.update("s1", 0, Update(9, _rows(range(5, 9))))
+    assert r.touch([("s1", 0), ("s1", 1)]) == ["s1"]
+    assert r.update("s1", 1, Update(9, _rows(range(3, 9))))          # overlapping rows are kept once
+    assert [f for f, _ in rec.rows] == list(range(9)) and rec.checkpoint == b"ck"
+    r.drop("s1", 0)                                                   # not its writer's any more: kept
+    assert len(r) == 1
+    r.drop("s1", 1)
+    assert len(r) == 0
+    # capacity, and expiry ttl after the last update
+    r.create("a", "p", "d")
+    r.create("b", "p", "d")
+    with pytest.raises(ResumeRefused) as e:
+        r.create("c", "p", "d")
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    clock.t = 8.0
+    r.touch([("a", 0)])
+    clock.t = 12.0
+    assert r.expire() == 1 and len(r) == 1                            # b expired, a was touched at 8 s
+    with pytest.raises(ResumeRefused) as e:
+        r.claim("b", "p", "d")
+    assert e.value.code == "NOT_FOUND" and "expired" in e.value.message
+
+
+def test_resume_point_restarts_where_the_previous_motion_is_known():
+    recs = ResumeRecords(keep=64)
+    recs.create("s", "p", "d")
+    recs.update("s", 0, Update(50, _rows(range(50)), checkpoint=b"ck"))
+    _, rec = recs.claim("s", "p", "d")
+    # the client has every frame the store knows: restart there, with the 8 frames before it
+    p = resume_point(rec, 50, overlap=8)
+    assert (p.frame, p.next_frame) == (50, 50) and p.checkpoint == b"ck"
+    np.testing.assert_array_equal(p.prev_motion[:, 0], np.arange(42, 50))
+    # the client got frames the store had not heard of yet: restart at the store's newest, later frames dropped
+    p = resume_point(rec, 57, overlap=8)
+    assert (p.frame, p.next_frame) == (50, 57) and p.prev_motion[-1, 0] == 49
+    # the client is behind the store: restart at the client's frame (the store's later frames come again)
+    p = resume_point(rec, 30, overlap=8)
+    assert p.frame == 30 and p.prev_motion[0, 0] == 22
+    # too young to have the previous motion: restart at the client's frame without it
+    p = resume_point(rec, 3, overlap=8)
+    assert (p.frame, p.prev_motion) == (3, None)
+    assert resume_point(rec, 0, overlap=8).frame == 0
+    assert p.pts == pytest.approx(3 / FPS)
+
+
+def _pcm(seconds, pts, rate=16000, value=0.25):
+    x = np.full(int(round(seconds * rate)), value, "<f4")
+    return {"pcm": x.tobytes(), "format": "f32le", "rate": rate, "channels": 1, "seconds": seconds, "pts": pts}
+
+
+def test_input_sent_again_is_cut_at_the_resume_time():
+    cut = InputCut(1.2)
+    # avatar audio re-sent from 1.0 s in 0.1 s pieces: 0.2 s are cut (two pieces), then everything passes
+    pieces = [cut.cut("avatar_audio", _pcm(0.1, 1.0 + 0.1 * k)) for k in range(4)]
+    assert pieces[0] == [] and pieces[1] == []
+    assert len(pieces[2]) == 1 and pieces[2][0]["pts"] == pytest.approx(1.2) and pieces[3][0]["pts"] == pytest.approx(1.3)
+    # a piece straddling the resume time keeps its part after it (by samples)
+    c2 = InputCut(1.25)
+    (rest,) = c2.cut("avatar_audio", _pcm(0.1, 1.2))
+    assert len(rest["pcm"]) == 800 * 4 and rest["seconds"] == pytest.approx(0.05) and rest["pts"] == pytest.approx(1.25)
+    # user audio is cut on its own clock
+    assert c2.cut("user_audio", _pcm(0.1, 1.0)) == [] and c2.cut("user_audio", _pcm(0.2, 1.1))[0]["pts"] == \
+        pytest.approx(1.25)
+    # a track that starts again late is padded with silence up to its first piece
+    c3 = InputCut(2.0)
+    silence, piece = c3.cut("avatar_audio", _pcm(0.1, 2.3))
+    assert silence["seconds"] == pytest.approx(0.3) and not np.frombuffer(silence["pcm"], "<f4").any()
+    assert piece["pts"] == 2.3 and c3.padded_s == pytest.approx(0.3)
+    # video frames, blendshapes, transcript before the resume time are dropped; control passes
+    assert c3.cut("user_video", {"raw": b"", "pts": 1.9}) == [] and c3.cut("user_video", {"raw": b"", "pts": 2.0})
+    assert c3.cut("blendshapes", {"values": {}, "pts": 1.5}) == []
+    assert c3.cut("transcript", {"pts": 1.0, "end_pts": 2.5, "text": "x", "speaker": "user"}) == []
+    assert c3.cut("control", {"kind": "end"}) == [{"kind": "end"}]
+    # encoded video has no pts to cut by: passes
+    assert c3.cut("user_video", {"encoded": b"x", "codec": "h264"})
+
+
+def test_resume_request_is_validated_and_the_config_must_be_the_same():
+    cfg = pb.SessionConfig(output_mode=pb.OUTPUT_MODE_MOTION, seed=3, has_seed=True)
+    plain = pb.ClientMessage(seq=0, config=cfg)
+    assert wire.resume_request(plain) is None
+    msg = pb.ClientMessage(seq=0, config=cfg)
+    msg.config.resume.session_id = "abc_DEF-123"
+    msg.config.resume.next_frame = 40
+    req = wire.resume_request(msg)
+    assert (req.session_id, req.next_frame) == ("abc_DEF-123", 40)
+    assert req.digest == wire.config_fingerprint(plain)               # the resume field itself is not compared
+    other = pb.ClientMessage(seq=0, config=pb.SessionConfig(output_mode=pb.OUTPUT_MODE_MOTION, seed=4,
+                                                            has_seed=True))
+    assert wire.config_fingerprint(other) != req.digest
+    for field, value, what in (("session_id", "no spaces allowed", "session_id"), ("session_id", "", "session_id"),
+                               ("next_frame", 1 << 41, "next_frame")):
+        bad = pb.ClientMessage(seq=0, config=cfg)
+        bad.config.resume.session_id = "abc"
+        setattr(bad.config.resume, field, value)
+        with pytest.raises(InputError) as e:
+            wire.resume_request(bad)
+        assert f"config.resume.{what}" in str(e.value)

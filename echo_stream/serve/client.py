@@ -34,9 +34,13 @@ CODECS = {"fmp4": pb.VIDEO_CODEC_H264_FMP4, "raw": pb.VIDEO_CODEC_RAW_RGB}
 
 class AvatarClient:
     def __init__(self, target: str, token: str | None = None, tls_ca: bytes | None = None,
-                 tls: bool = False, max_message_bytes: int = 16 * 1024 * 1024):
+                 tls: bool = False, max_message_bytes: int = 16 * 1024 * 1024, own_connection: bool = False):
+        """``own_connection``: this client's own TCP connection (by default gRPC shares one between the channels
+        of a process to the same target, so a TCP load balancer would see one connection for all of them)."""
         opts = [("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes)]
+        if own_connection:
+            opts.append(("grpc.use_local_subchannel_pool", 1))
         if tls or tls_ca:
             self.channel = aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca),
                                               options=opts)
@@ -199,6 +203,8 @@ class SessionResult:
     video_end: int = 0                                    # frames of video received: [0, video_end)
     earlier_video: list = field(default_factory=list)     # fMP4 streams of the streams before a resume
     resumes: list = field(default_factory=list)           # pb.SessionOpened of each resumed stream
+    breaks: list = field(default_factory=list)            # monotonic times the streams broke (one per resume)
+    resumed_at: list = field(default_factory=list)        # ... and the resumed streams were opened
 
     def next_frame(self, output: str) -> int:
         """The first frame not received of the outputs the session wants (every frame before it came: a
@@ -213,6 +219,7 @@ class SessionResult:
     def resumed(self, opened) -> None:
         """A new stream of the session: an fMP4 stream starts again (init segment first), kept apart."""
         self.resumes.append(opened)
+        self.resumed_at.append(time.monotonic())
         if self.video:
             self.earlier_video.append(self.video)
             self.video = bytearray()
@@ -391,11 +398,13 @@ async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | Non
         except aio.AioRpcError as e:
             if not resume_through or e.code() not in BROKEN or tries >= max_resumes:
                 raise
-            s = None
-            while s is None:                     # the next server that takes the session
+            res.breaks.append(time.monotonic())
+            s, wait = None, 0.0
+            while s is None:                     # the next server that takes the session (the first try at once)
                 target = targets[tries % len(targets)]
                 tries += 1
-                await asyncio.sleep(resume_wait_s)
+                await asyncio.sleep(wait)
+                wait = resume_wait_s
                 try:
                     s = await target.resume(cfg, res.session_id, res.next_frame(output))
                 except aio.AioRpcError as e2:

@@ -559,6 +559,12 @@ class Ingress:
     def address(self) -> str:
         return f"{self.server.opts.host}:{self.port}"
 
+    def sessions(self) -> dict:
+        """This ingress's node and the ids of its running sessions (operators; tests that lose a node)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "sessions": sorted(self.server.sessions)}
+
     def check_health(self) -> None:
         if self.server.stopped:
             raise RuntimeError("the gRPC server of this ingress stopped")

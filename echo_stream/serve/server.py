@@ -412,6 +412,7 @@ class AvatarServer:
         # message is what the server must not do; such a client may see INTERNAL and retries either way).
         try:
             first = await asyncio.wait_for(request_iterator.__anext__(), wait)
+            t_first = time.perf_counter()
         except StopAsyncIteration:
             first = None
         except asyncio.TimeoutError:
@@ -453,6 +454,7 @@ class AvatarServer:
             else:
                 sid = resume.session_id
                 generation, record = await self._claim(context, principal, resume)
+                t_claimed = time.perf_counter()
                 point = resume_point(record, resume.next_frame, self.opts.geometry.known(stride))
                 older = self.sessions.get(sid)
                 if older is not None:          # its stream on this server is still open: the newer one wins
@@ -466,7 +468,7 @@ class AvatarServer:
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))
             session.record = self._record_writer(session, principal, wire.config_fingerprint(first))
             try:
-                await session.open(point, record)
+                asked = await self._open(session, point, record)
             except Exception as e:  # noqa: BLE001 - reported as its status; the session is closed below
                 if self.backend.is_fault(e):
                     e = SessionFailed("UNAVAILABLE", "a pipeline stage is restarting (error id "
@@ -479,6 +481,11 @@ class AvatarServer:
                     self.portraits.remember_refusal(spec.portrait, inner.problem)
                 await self._abort(context, code, f.message,
                                   "invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "failed")
+            if point is not None:
+                now = time.perf_counter()
+                await session.announce_resume(point, now - t_first, {
+                    "record claimed": t_claimed - t_first, "replicas asked": asked,
+                    "stages opened": now - t_claimed - asked})
             metrics.SESSIONS.labels("resumed" if point is not None else "opened").inc()
             session.start()
             reader = asyncio.get_running_loop().create_task(self._read(session, request_iterator))
@@ -515,6 +522,28 @@ class AvatarServer:
                     asyncio.get_running_loop().create_task(session.record.close(
                         drop=ended or (f is not None and f.code not in _RESUMABLE)))
                 await session.close()
+
+    async def _open(self, session: Session, point, record) -> float:
+        """Open the session in its stages; when a replica of its route was just lost (a fault: its node died, a
+        resume often comes right after), move it to replicas that answer and open again, once. A resumed
+        session asks its replicas first (a call to a replica on a node that is gone but not yet known to be gone
+        would wait for Ray to notice, ~15 s; an unanswered ask moves the session after 1 s). Returns the seconds
+        the asking took."""
+        t = time.perf_counter()
+        if point is not None:
+            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route)
+        asked = time.perf_counter() - t
+        try:
+            await session.open(point, record)
+        except Exception as e:  # noqa: BLE001
+            if not self.backend.is_fault(e):
+                raise
+            log.info("session %s: a stage replica of its route did not answer at open (%s): moving",
+                     session.id[:8], type(e).__name__)
+            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route)
+            session.link.new_epoch()
+            await session.open(point, record)
+        return asked
 
     async def _claim(self, context, principal: str, req: wire.ResumeRequest):
         """Take a session over for a resume: (generation, its record); refusals end the call with their status."""

@@ -131,7 +131,7 @@ class Session(EpochSwitching):
         """Prepare every stage for the session (raises SessionFailed for a bad portrait). A resumed session
         (``point``: :class:`~echo_stream.serve.resume.ResumePoint`, from its resume ``record``) starts at the
         point's frame, restored from the record; the input sent again is cut to start there, and the frames
-        before the client's ``next_frame`` are dropped as they come out again (a GAP event says so)."""
+        before the client's ``next_frame`` are dropped as they come out again (:meth:`announce_resume` says so)."""
         if point is None:
             await self.link.open_epoch(self.stride, None)
             return
@@ -148,13 +148,19 @@ class Session(EpochSwitching):
             self.pacer.t_first = time.monotonic() - max(0.0, time.time() - record.t_first_wall)
             self.pacer.received_s = point.pts
         await self.link.open_epoch(self.stride, Restore(point.checkpoint, point.prev_motion))
+
+    async def announce_resume(self, point, took_s: float, steps: dict | None = None) -> None:
+        """The GAP event that starts a resumed stream (``took_s``: from the stream's first message to the stages
+        opened; ``steps``: where that time went, seconds by step)."""
         self.stats.recoveries += 1
         how = (f"generation restarts at frame {point.frame} (frames {point.frame}..{point.next_frame - 1} are "
                "made again and not sent)" if point.frame < point.next_frame else
                f"generation restarts at frame {point.frame}")
         await self.outbox.put(Outgoing(pb.ServerMessage(pts=point.next_frame / FPS, event=pb.Event(
             kind=pb.Event.GAP, first_frame=point.next_frame, frames=0,
-            message=f"the session was resumed on a new stream from its record (LCU checkpoint, "
+            message=f"the session was resumed on a new stream in {took_s:.2f} s"
+                    + (" (" + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()) + ")" if steps else "")
+                    + " from its record (LCU checkpoint, "
                     f"{'previous motion' if point.prev_motion is not None else 'no previous motion'}); {how}; "
                     f"send the input again from {point.pts:.2f} s"))))
 

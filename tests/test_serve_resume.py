@@ -137,3 +137,16 @@ def test_resume_request_is_validated_and_the_config_must_be_the_same():
         with pytest.raises(InputError) as e:
             wire.resume_request(bad)
         assert f"config.resume.{what}" in str(e.value)
+
+
+def test_resume_flags_are_checked_before_anything_starts(capsys, tmp_path):
+    from echo_stream import cli
+
+    assert cli.main(["serve", "--port", "0", "--resume-ttl", "-5"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume-ttl: -5.0: seconds >= 0" in err and "Traceback" not in err
+    assert cli.main(["client", "--test-signal", "1", "--motion-out", str(tmp_path / "m.parquet"),
+                     "--resume-through", "localhost"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume-through: 'localhost': give HOST:PORT" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -85,6 +85,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avatar", action="append", default=[], metavar="NAME=IMAGE",
                    help="register a portrait clients can select by avatar_id (repeatable)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running sessions get on SIGTERM")
+    p.add_argument("--resume-ttl", type=float, default=120.0, metavar="S",
+                   help="a session whose stream broke (its server lost or drained, the network down) can be "
+                        "resumed on any server of the cluster (SessionConfig.resume) for this long after its last "
+                        "frame (default 120; 0: no resume records)")
     p.add_argument("--max-lead", type=float, default=2.0,
                    help="seconds a session's avatar audio may run ahead of real time before flow control "
                         "slows its sender (default 2)")
@@ -120,6 +124,10 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="PATH", help="file holding the bearer token")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the server's TLS certificate")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    p.add_argument("--resume-through", default="", metavar="HOST:PORT,...",
+                   help="when the stream breaks (server lost, drained, network down), resume the session through "
+                        "these servers (and --target) and send the input again from where the server says; "
+                        "default: no resume")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--avatar-audio", metavar="AUDIO", help="the avatar's speech (any format PyAV reads)")
     src.add_argument("--test-signal", type=float, metavar="SECONDS",

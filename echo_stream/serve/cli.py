@@ -74,12 +74,21 @@ def run_client(args) -> int:
         inp = Inputs.from_files(args.avatar_audio, user_video=args.user_video, user_audio=args.user_audio,
                                 transcript=args.transcript)
 
+    others = [t.strip() for t in args.resume_through.split(",") if t.strip()]
+    if any(":" not in t for t in others):
+        raise InputError("--resume-through", f"{args.resume_through!r}: give HOST:PORT[,HOST:PORT...]")
+    tls_ca = read_input_file(args.tls_ca, "CA certificate")
+
     async def main():
-        async with AvatarClient(args.target, token=token, tls_ca=read_input_file(args.tls_ca, "CA certificate"),
-                                tls=args.tls) as c:
-            return await stream_inputs(c, inp, portrait=portrait, avatar_id=args.avatar_id, output=output,
-                                       size=args.size, seed=args.seed, realtime=not args.fast,
-                                       stride=args.stride)
+        async with AvatarClient(args.target, token=token, tls_ca=tls_ca, tls=args.tls) as c:
+            spare = [AvatarClient(t, token=token, tls_ca=tls_ca, tls=args.tls) for t in others]
+            try:
+                return await stream_inputs(c, inp, portrait=portrait, avatar_id=args.avatar_id, output=output,
+                                           size=args.size, seed=args.seed, realtime=not args.fast,
+                                           stride=args.stride, resume_through=spare or ([c] if others else []))
+            finally:
+                for x in spare:
+                    await x.close()
     import grpc
     try:
         res = asyncio.run(main())
@@ -89,9 +98,10 @@ def run_client(args) -> int:
     wrote = res.save(args.out, args.motion_out)
     st = res.stats
     gaps = sum(1 for e in res.events if e.kind == 2)
+    resumed = f"; resumed on {len(res.resumes)} new stream(s)" if res.resumes else ""
     print(f"session {res.session_id[:8]}…: {st.frames if st else len(res.motion_frames)} frames for "
           f"{res.sent_audio_s:.2f} s of audio in {res.wall_s:.2f} s; first frame "
           f"{(st.first_frame_latency_s if st else 0):.2f} s, frame latency p50 {(st.latency_p50_s if st else 0):.2f} s "
-          f"p99 {(st.latency_p99_s if st else 0):.2f} s; {gaps} gap event(s); wrote {' and '.join(wrote)}",
+          f"p99 {(st.latency_p99_s if st else 0):.2f} s; {gaps} gap event(s){resumed}; wrote {' and '.join(wrote)}",
           file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
-"""The cluster's resume records as one detached, named Ray actor (the logic: :class:`~echo_stream.serve.resume.ResumeRecords`).
+"""The cluster's resume records as detached, named Ray actors (the logic: :class:`~echo_stream.serve.resume.ResumeRecords`).
 
 Every ingress of a cluster (``echo-stream serve`` processes, the Serve application's ingress replicas) reaches
-the same actor by name, so a session whose stream broke can be resumed through any of them. It is *detached*
+the same actors by name (a few shards: one Python actor takes ~1,500 updates/s, ``bench resume``), so a session whose stream broke can be resumed through any of them. It is *detached*
 (it outlives the ingress that started it) and placed on the head node, whose loss ends the cluster anyway; it
 restarts if its process dies (``max_restarts=-1``), empty: running sessions go on, only the resumes of
 streams broken before the restart are refused (NOT_FOUND) until the sessions' next updates.
@@ -46,9 +46,11 @@ class ResumeStore:
         return len(self.records)
 
 
-def resume_store(ttl_s: float = 120.0, max_records: int = 100_000):
-    """The cluster's store (started by the first ingress that asks; the others get the same actor)."""
-    actor = ray.remote(ResumeStore).options(
-        name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=0, resources={"node:__internal_head__": 0.001})
-    return actor.remote(ttl_s, max_records)
+def resume_store(ttl_s: float = 120.0, max_records: int = 100_000, shards: int = 4) -> list:
+    """The cluster's store: ``shards`` actors (a session's record lives on shard ``crc32(id) % shards``), started
+    by the first ingress that asks; the others get the same actors (every ingress must use the same count)."""
+    per = max(1, -(-max_records // shards))
+    return [ray.remote(ResumeStore).options(
+        name=f"{STORE_NAME}_{i}", namespace=STORE_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_task_retries=0, resources={"node:__internal_head__": 0.001}).remote(ttl_s, per)
+        for i in range(shards)]

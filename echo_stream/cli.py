@@ -73,6 +73,8 @@ BENCHMARKS = (
      "bench:add_serve_bench_arguments", "serve.bench"),
     ("hop", "what one pipeline hop costs: a stage actor call vs a Ray Serve handle call, same payload", None,
      "bench:add_hop_bench_arguments", "serve.hop_bench"),
+    ("resume", "the resume store: updates/s and claim latency per shard count (sizes --resume-shards)", None,
+     "bench:add_resume_bench_arguments", "serve.resume_bench"),
     ("preprocess", "preprocessing throughput: Ray Data vs the sequential loop, CPU scaling", None,
      "bench:add_preprocess_bench_arguments", "bench_preprocess"),
     ("tracker", "face tracker speed on one CPU core (ms per frame, per model)", None,
@@ -92,7 +94,7 @@ BENCHMARKS = (
 
 #: the commands whose help keeps its own line breaks (epilogs with examples, docstring descriptions)
 _RAW = {"generate", "corpus", "shards", "preprocess", "track", "train", "eval", "serve", "client", "web"}
-_RAW_BENCH = {"serve", "hop", "preprocess", "tracker", "memory", "soak", "web", "capacity"}
+_RAW_BENCH = {"serve", "hop", "resume", "preprocess", "tracker", "memory", "soak", "web", "capacity"}
 
 
 def _add_command(sub, name: str, help_: str, desc: str | None, args_fn: str, runner: str | None,

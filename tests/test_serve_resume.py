@@ -1,5 +1,7 @@
 """Resume records, resume points and the cut of re-sent input, without Ray (the served resume across two
 ingresses is in tests/test_serve_ray.py)."""
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,64 @@ def test_resume_flags_are_checked_before_anything_starts(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--resume-through: 'localhost': give HOST:PORT" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+class _FakeStore:
+    """Stands in for the store actor's handle in the writer's unit test: each ``update.remote`` is a future the
+    test answers (a narrow unit test of the writer's coalescing, not of Ray)."""
+
+    def __init__(self):
+        self.calls, self.pending = [], []
+        store = self
+
+        class _Method:
+            def remote(self, sid, gen, u):
+                fut = asyncio.get_running_loop().create_future()
+                store.calls.append((sid, gen, u))
+                store.pending.append(fut)
+                return fut
+        self.update = _Method()
+
+
+def test_record_writer_keeps_one_update_in_flight_and_notices_a_takeover():
+    import asyncio as aio
+
+    from echo_stream.serve.resume import RecordWriter, Shards
+
+    async def main():
+        store, taken = _FakeStore(), []
+        w = RecordWriter(store, "s", 2, keep=8, on_taken_over=lambda: taken.append(True), min_interval_s=0.0)
+        w.frames_out(4, _rows(range(4)))
+        await aio.sleep(0)
+        w.checkpoint(b"ck1")
+        w.frames_out(8, _rows(range(4, 8)))
+        w.checkpoint(b"ck2")
+        await aio.sleep(0)
+        assert len(store.calls) == 1                      # one in flight: the rest waits for it
+        store.pending[0].set_result(True)
+        for _ in range(3):
+            await aio.sleep(0)
+        assert len(store.calls) == 2                      # everything noted meanwhile, in one update
+        _, gen, u = store.calls[1]
+        assert gen == 2 and u.produced == 8 and u.checkpoint == b"ck2" and [f for f, _ in u.rows] == [4, 5, 6, 7]
+        store.pending[1].set_result(False)                # refused: a resume elsewhere took the session over
+        for _ in range(3):
+            await aio.sleep(0)
+        assert taken == [True]
+        # rate limit: a second update within min_interval_s waits
+        store2 = _FakeStore()
+        w2 = RecordWriter(store2, "t", 0, min_interval_s=1.0)
+        w2.frames_out(1, _rows([0]))
+        await aio.sleep(0)
+        store2.pending[0].set_result(True)
+        w2.frames_out(2, _rows([1]))
+        await aio.sleep(0.05)
+        assert len(store2.calls) == 1
+        await aio.sleep(1.5)
+        assert len(store2.calls) == 2
+        store2.pending[1].set_result(True)
+        await aio.sleep(0)
+    aio.run(main())
+    shards = Shards(["a", "b", "c"])
+    picks = [shards.of(f"session-{i}") for i in range(60)]
+    assert picks == [shards.of(f"session-{i}") for i in range(60)] and set(picks) == {"a", "b", "c"}

@@ -65,6 +65,17 @@ def add_hop_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="file name (default hop_<cpus>cpu.json)")
 
 
+def add_resume_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``echo-stream bench resume``."""
+    p.add_argument("--shards", default="1,2,4", metavar="N,...", help="store shard counts to measure (default 1,2,4)")
+    p.add_argument("--sessions", type=int, default=400, help="sessions updating at once (default 400)")
+    p.add_argument("--updates", type=int, default=10, help="updates per session (default 10)")
+    p.add_argument("--checkpoint-kb", type=int, default=16, help="LCU checkpoint size, every second update (16)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--out", default=RESULTS, help=f"directory for the JSON (default {RESULTS})")
+    p.add_argument("--name", default=None, help="file name (default resume_store_<cpus>cpu.json)")
+
+
 def add_preprocess_bench_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``echo-stream bench preprocess``."""
     p.add_argument("--corpus", metavar="DIR|MANIFEST",

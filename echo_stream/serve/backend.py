@@ -183,11 +183,11 @@ class RayBackend:
         vals = await asyncio.gather(*(one(s, i) for s, i in keys))
         return dict(zip(keys, vals))
 
-    def resume_store(self, ttl_s: float, max_records: int):
+    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
         """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
         from ..actors.resume import resume_store
 
-        return resume_store(ttl_s, max_records)
+        return resume_store(ttl_s, max_records, shards)
 
     def shutdown(self) -> None:
         self.runner.shutdown()

@@ -41,6 +41,9 @@ def serve_options(args):
     resume_ttl = getattr(args, "resume_ttl", 120.0)
     if not resume_ttl >= 0:
         raise InputError("--resume-ttl", f"{resume_ttl}: seconds >= 0 (0: sessions cannot be resumed)")
+    resume_shards = getattr(args, "resume_shards", 4)
+    if not 1 <= resume_shards <= 256:
+        raise InputError("--resume-shards", f"{resume_shards}: a whole number in 1..256")
     tokens = load_tokens(args.tokens_file)
     if not is_loopback(args.host) and not tokens:
         raise InputError("--host", f"binding {args.host} (beyond loopback) needs bearer tokens: give "
@@ -59,7 +62,7 @@ def serve_options(args):
                         tls_cert=read_input_file(args.tls_cert, "TLS certificate"), tls_key=read_input_file(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, autoscale=autoscale,
-                        resume_ttl_s=resume_ttl)
+                        resume_ttl_s=resume_ttl, resume_shards=resume_shards)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()})

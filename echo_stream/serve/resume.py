@@ -32,6 +32,7 @@ import logging
 import math
 import secrets
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -246,19 +247,40 @@ def _silence(like: dict, seconds: float) -> dict:
     return dict(like, pcm=bytes(n * width), seconds=n / like["rate"], pts=like.get("pts", 0.0) - seconds)
 
 
+class Shards:
+    """The store's actors (``handles``); a session's record lives on shard ``crc32(id) % len(handles)``."""
+
+    def __init__(self, handles: list):
+        self.handles = list(handles)
+
+    def of(self, session_id: str):
+        return self.handles[zlib.crc32(session_id.encode()) % len(self.handles)]
+
+    async def touch(self, owned: list[tuple[str, int]]) -> set[str]:
+        """:meth:`ResumeRecords.touch` on every shard holding one of ``owned``; the ids no longer owned."""
+        by: dict[int, list] = {}
+        for sid, gen in owned:
+            by.setdefault(zlib.crc32(sid.encode()) % len(self.handles), []).append((sid, gen))
+        lost = await asyncio.gather(*(self.handles[i].touch.remote(o) for i, o in by.items()))
+        return {sid for ids in lost for sid in ids}
+
+
 class RecordWriter:
     """A running session's resume record, kept up to date in the store (``store``: the actor handle).
 
-    :meth:`frames_out` and :meth:`checkpoint` note what changed and start a send when none is in flight; one
-    send carries everything noted since the last one (frames out, the motion of the newest ``keep`` frames, the
+    :meth:`frames_out` and :meth:`checkpoint` note what changed and start a send when none is in flight (at most
+    one every ``min_interval_s``: a record then lags the frames out by at most that, and a resume restarts at
+    most that much earlier, the frames between made again and dropped); one send carries everything noted since
+    the last one (frames out, the motion of the newest ``keep`` frames, the
     newest checkpoint). An update the store refuses means a resume elsewhere took the session over:
     ``on_taken_over`` is called once. A store that does not answer costs the session nothing but its
     resumability (logged once).
     """
 
     def __init__(self, store, session_id: str, generation: int, keep: int = 64, on_taken_over=None,
-                 created=None):
+                 created=None, min_interval_s: float = 1.0):
         self.store, self.session_id, self.generation = store, session_id, generation
+        self.min_interval_s = min_interval_s      # at most one update per this long (the store's load)
         self.on_taken_over = on_taken_over
         self._created = created            # the store's answer to the record's creation (None: it exists)
         self._rows: deque = deque(maxlen=keep)
@@ -268,6 +290,7 @@ class RecordWriter:
         self._dirty = False
         self._task: asyncio.Task | None = None
         self._failed = False
+        self._last = -math.inf             # monotonic time of the last update sent
         self.sent = 0                      # updates the store accepted
 
     def frames_out(self, produced: int, rows) -> None:
@@ -304,6 +327,10 @@ class RecordWriter:
                             self.session_id[:8], got["message"])
                 self.store = None
         while self._dirty and self.store is not None:
+            wait = self._last + self.min_interval_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last = time.monotonic()
             self._dirty = False
             u = Update(self._produced, list(self._rows), self._checkpoint, self._clock)
             self._rows.clear()

@@ -442,11 +442,11 @@ class ServeBackend:
         return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
                     for i in range(len(ids))] for s, ids in self.slots.items()}
 
-    def resume_store(self, ttl_s: float, max_records: int):
+    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
         """The cluster's resume records, shared by every ingress replica (:mod:`echo_stream.actors.resume`)."""
         from ..actors.resume import resume_store
 
-        return resume_store(ttl_s, max_records)
+        return resume_store(ttl_s, max_records, shards)
 
     def shutdown(self) -> None:
         from ray import serve

@@ -30,7 +30,7 @@ from . import metrics, wire
 from .auth import Authenticator
 from .batching import WindowBatcher
 from .portrait_gate import PortraitGate
-from .resume import RecordWriter, resume_point
+from .resume import RecordWriter, Shards, resume_point
 from .session import Session, SessionFailed, failure_from, log_error, warm_up_encoder
 from .wire import Limits
 
@@ -86,6 +86,7 @@ class ServeOptions:
     #: (``--resume-ttl``; 0: no resume records)
     resume_ttl_s: float = 120.0
     resume_max_records: int = 100_000
+    resume_shards: int = 4                  # the store's actors (``--resume-shards``; the same on every ingress)
 
 
 _NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
@@ -174,7 +175,7 @@ class AvatarServer:
         self.health = None
         self.port: int | None = None
         self._stopped: asyncio.Event | None = None
-        #: the cluster's resume records (an actor handle; None: this server keeps none, resume is refused)
+        #: the cluster's resume records (:class:`~.resume.Shards`; None: this server keeps none, resume is refused)
         self.records = None
 
     @property
@@ -274,7 +275,7 @@ class AvatarServer:
         if make is None or self.opts.resume_ttl_s <= 0:
             return None
         try:
-            return make(self.opts.resume_ttl_s, self.opts.resume_max_records)
+            return Shards(make(self.opts.resume_ttl_s, self.opts.resume_max_records, self.opts.resume_shards))
         except Exception as e:  # noqa: BLE001 - serving goes on; resume is refused
             log.warning("no resume store (error id %s): sessions cannot be resumed on another stream",
                         log_error(e, "resume store"))
@@ -289,7 +290,7 @@ class AvatarServer:
             if not owned:
                 continue
             try:
-                lost = set(await self.records.touch.remote(owned))
+                lost = await self.records.touch(owned)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the store restarting: try again next time
@@ -552,7 +553,8 @@ class AvatarServer:
                               "this server keeps no resume records (serve --resume-ttl 0, or no Ray cluster): "
                               "open a new session", "invalid")
         try:
-            got = await asyncio.wait_for(self.records.claim.remote(req.session_id, principal, req.digest), 10.0)
+            got = await asyncio.wait_for(self.records.of(req.session_id).claim.remote(req.session_id, principal,
+                                                                                    req.digest), 10.0)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -572,12 +574,12 @@ class AvatarServer:
         created = None
         if session.generation == 0:
             try:
-                created = self.records.create.remote(session.id, principal, digest)
+                created = self.records.of(session.id).create.remote(session.id, principal, digest)
             except Exception as e:  # noqa: BLE001 - the session is served, not resumable
                 log.warning("session %s: no resume record (error id %s)", session.id[:8],
                             log_error(e, "resume record"))
                 return None
-        return RecordWriter(self.records, session.id, session.generation, created=created,
+        return RecordWriter(self.records.of(session.id), session.id, session.generation, created=created,
                             on_taken_over=lambda: session._fail(_taken_over()))
 
     def _stranger_slot(self, peer: str):

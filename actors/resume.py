@@ -1,7 +1,7 @@
 """The cluster's resume records as detached, named Ray actors (the logic: :class:`~echo_stream.serve.resume.ResumeRecords`).
 
 Every ingress of a cluster (``echo-stream serve`` processes, the Serve application's ingress replicas) reaches
-the same actors by name (a few shards: one Python actor takes ~1,500 updates/s, ``bench resume``), so a session whose stream broke can be resumed through any of them. It is *detached*
+the same actors by name (a few shards, ``--resume-shards``; ``bench resume`` measures them), so a session whose stream broke can be resumed through any of them. It is *detached*
 (it outlives the ingress that started it) and placed on the head node, whose loss ends the cluster anyway; it
 restarts if its process dies (``max_restarts=-1``), empty: running sessions go on, only the resumes of
 streams broken before the restart are refused (NOT_FOUND) until the sessions' next updates.

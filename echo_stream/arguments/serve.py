@@ -90,8 +90,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "resumed on any server of the cluster (SessionConfig.resume) for this long after its last "
                         "frame (default 120; 0: no resume records)")
     p.add_argument("--resume-shards", type=int, default=4, metavar="N",
-                   help="actors holding the cluster's resume records (default 4, ~1,500 updates/s each, a session "
-                        "sends at most 1/s; every server of a cluster must give the same number)")
+                   help="actors holding the cluster's resume records (default 4; a running session sends about one "
+                        "update per generation window, ~1.6/s at stride 16; every server of a cluster must give the "
+                        "same number)")
     p.add_argument("--max-lead", type=float, default=2.0,
                    help="seconds a session's avatar audio may run ahead of real time before flow control "
                         "slows its sender (default 2)")

@@ -624,6 +624,8 @@ class AvatarServer:
                 metrics.FRAMES.labels("video").inc(msg.video.frames)
             if msg.WhichOneof("body") == "event" and msg.event.kind == pb.Event.ENDED:
                 msg.event.stats.CopyFrom(st.proto())     # final figures: every frame has left by now
+                if session.record is not None:           # ended: not resumable once the client knows it
+                    await session.record.close(drop=True)
             yield msg
 
     async def _read(self, session: Session, it) -> None:

@@ -85,3 +85,8 @@ class Stage:
 
     def ping(self) -> str:
         return self.name
+
+    def sessions(self) -> int:
+        """How many sessions' state this stage holds (one per open session epoch): a replica's load, which
+        autoscaling looks at."""
+        return len(getattr(self, "_sessions", ()))

@@ -247,7 +247,7 @@ class Session(EpochSwitching):
                     if c.epoch == self.epoch and ck is not None:   # None: the stage no longer holds it
                         self.resume.checkpoint = ck
                 for w in wins:
-                    out = await self.link.batcher.submit(w)
+                    out = await self.link.batcher.submit(w, self.id)
                     if c.epoch != self.epoch:
                         break
                     r = run_chain(self.call, out, first=_AFTER_BATCH)

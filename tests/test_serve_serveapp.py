@@ -1,6 +1,6 @@
 """The stages as a Ray Serve application (``serve --engine serve``, :mod:`echo_stream.serve.serve_engine`).
 
-Without Ray: the call order a replica keeps per caller, a pin's picks, the request router's choice. With a real
+Without Ray: the call order a replica keeps per session, a call's several results, the request router's choice. With a real
 local Ray Serve (no mocks): GPU shares on fake GPUs, and ``echo-stream serve --engine serve`` serving a session
 in its own process. (Sessions spread over two diffusion replicas and a replica killed mid-session run on both
 engines in ``test_serve_replicas.py``; the deployable application in ``test_serve_deploy.py``.)
@@ -152,7 +152,7 @@ def _replica(rid: str, host=None):
     from echo_stream.serve.serve_engine import StageReplica
 
     rep = object.__new__(StageReplica)
-    rep.host, rep.replica_id = host or _EchoHost(), rid
+    rep.host, rep.replica_id, rep.parts = host or _EchoHost(), rid, {}
     rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
     rep.worker = cf.ThreadPoolExecutor(1)
     return rep
@@ -303,7 +303,7 @@ def test_a_failed_chain_releases_its_calls_turns_on_their_replicas():
     stream = f"{b.caller}/sid"
     assert released == {"decode": [((stream, 0),)], "features": [((stream, 0),)], "memory": [((stream, 0),)]}
     assert all(p.seq is None for d in b.handles.values() for m, _, p in d.sent if m == "release")
-    assert info.call.released and not ck.released
+    assert pk.released and not info.released and not ck.released
 
 
 def test_a_call_whose_upstream_replica_died_is_a_fault():
@@ -383,10 +383,43 @@ def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
     assert b._seq["c/b"] == {}
 
 
-def test_pin_picks_elements_of_tuple_arguments():
-    pin = Pin("c", "r", 0, ((1, 0),))
-    assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)
-    assert Pin("c", "r").args((1, 2)) == (1, 2)
+def test_a_call_with_two_results_answers_with_the_first_and_its_part_call_with_the_second():
+    """``decode.push`` returns (packet, info): on Serve its call answers with the packet alone and a ``part`` call
+    after it in the session's stream with the info alone, so reading the info does not fetch the packet. The
+    replica keeps the info only until its part call takes it; a push that raised fails its part as well."""
+    from echo_stream.serve.pinning import Failed
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    class Push(_EchoHost):
+        def call(self, method, *args):
+            if args[0] == "bad":
+                raise InputError("chunk 1", "not audio")
+            return f"packet of {args[0]}", {"frames": 8}
+
+    b = _backend(["decode"])
+    pk, info = b.call("decode", "push", "chunk", num_returns=2, session="s")
+    bad_pk, bad_info = b.call("decode", "push", "bad", num_returns=2, session="s")
+    sent = {pin: (method, args) for method, args, pin in b.handles["decode"].sent}
+    assert (pk.pin.seq, pk.pin.parts, info.pin.seq) == (0, 2, 1) and sent[info.pin] == ("part", (0, 1))
+
+    async def main():
+        rep = _replica("decode-0", Push())
+        try:
+            early = asyncio.create_task(rep.call("part", *sent[info.pin][1], _pin=info.pin))   # arrives first
+            await asyncio.sleep(0.01)
+            first = await rep.call("push", "chunk", _pin=pk.pin)
+            second = await asyncio.wait_for(early, 10.0)
+            failed = [await rep.call(*sent[h.pin][:1], *sent[h.pin][1], _pin=h.pin) for h in (bad_pk, bad_info)]
+            return first, second, failed, rep.parts
+        finally:
+            rep.worker.shutdown()
+    first, second, failed, kept = asyncio.run(main())
+    assert first == "packet of chunk" and second == {"frames": 8} and kept == {}
+    assert all(isinstance(f, Failed) for f in failed)
+    with pytest.raises(InputError, match="chunk 1: not audio"):
+        ServeBackend._unpack(failed[1])
+    with pytest.raises(ValueError, match="ordered"):
+        b.call("decode", "push", "chunk", num_returns=2, ordered=False)
 
 
 def test_lost_replicas_slots_are_rebound_to_their_replacements():
@@ -476,7 +509,7 @@ def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_th
         try:
             up = await a.call("process", "bad", _pin=Pin("c", "a", 0))
             assert isinstance(up, Failed)
-            assert await b.call("process", up, _pin=Pin("c", "b", 0, ((0, 1),))) is up   # handed on, not run
+            assert await b.call("process", up, _pin=Pin("c", "b", 0)) is up   # handed on, not run
             assert await asyncio.wait_for(b.call("process", "ok", _pin=Pin("c", "b", 1)), 10.0) == "ok"
             return b.host.ran, b.order.skipped, up
         finally:
@@ -485,7 +518,7 @@ def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_th
     ran, skipped, up = asyncio.run(main())
     assert ran == ["ok"] and skipped == 0
     with pytest.raises(InputError, match="chunk 3: not audio"):
-        ServeBackend._unpack(up, None)
+        ServeBackend._unpack(up)
 
 
 @pytest.mark.ray
@@ -531,8 +564,8 @@ def test_serve_chain_whose_first_call_fails_leaves_no_hole_in_the_next_replicas_
             first = down.call.remote("process", up.call.remote("process", "bad", _pin=Pin("c", a, 0)),
                                      _pin=Pin("c", b, 0))
             with pytest.raises(InputError, match="not audio"):
-                ServeBackend._unpack(await first, None)
-            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1)), None) == "ok"
+                ServeBackend._unpack(await first)
+            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1))) == "ok"
             return await down.call.remote("stats")
         stats = asyncio.run(main())
         assert stats["order_skipped"] == 0, stats
@@ -619,9 +652,9 @@ def test_serve_a_crashed_upstream_replica_leaves_no_hole_in_the_next_replicas_or
 @pytest.mark.ray
 @pytest.mark.slow
 def test_serve_reading_a_calls_small_result_does_not_fetch_its_packet():
-    """Real Serve: a method with two results (as ``decode.push``: packet, info) answers with the packet as a
-    reference (an object of its own), so the ingress, reading the small info, receives the reference, not the
-    packet's 4 MB; the next replica, taking the packet, gets all of it, and so does the ingress when it asks."""
+    """Real Serve: a method with two results (as ``decode.push``: packet, info) is answered in two responses, so
+    the ingress, reading the small info, receives the info alone, not the packet's 4 MB; the next replica,
+    taking the packet, gets all of it, and so does the ingress when it asks; the replica keeps nothing after."""
     from ray import cloudpickle, serve
 
     from echo_stream.stages import Packet, Stage
@@ -644,12 +677,13 @@ def test_serve_reading_a_calls_small_result_does_not_fetch_its_packet():
         async def main():
             pk, info = b.call("up", "push", "s/0", 4 << 20, num_returns=2, session="s")
             assert await b.get(info) == {"frames": 8}
-            answer = await info.call.response            # what reading the info fetched
+            answer = await info.response                 # all that reading the info fetched
             total = await b.get(b.call("down", "process", pk, session="s"))
-            return answer, total, (await b.get(pk)).meta["blob"].nbytes
-        answer, total, fetched = asyncio.run(main())
-        assert isinstance(answer, tuple) and isinstance(answer[0], ray.ObjectRef) and answer[1] == {"frames": 8}
-        assert total == 4 << 20 and fetched == 4 << 20
+            fetched = (await b.get(pk)).meta["blob"].nbytes
+            return answer, total, fetched, await b.get(b.call("up", "stats", ordered=False))
+        answer, total, fetched, stats = asyncio.run(main())
+        assert answer == {"frames": 8}                   # the info alone: no packet came with it
+        assert total == 4 << 20 and fetched == 4 << 20 and stats["parts_kept"] == 0
     finally:
         try:
             serve.shutdown()

@@ -62,28 +62,18 @@ class Pin:
     target: str
     #: position in the stream's calls to ``target`` (None: runs at once, unordered — health probes)
     seq: int | None = None
-    #: ``{argument index: element}``: take that element of the argument's value (an output of a call that
-    #: returned a tuple, passed on whole so that it travels replica to replica)
-    picks: tuple = ()
     #: further ``(stream, seq)`` turns the call takes: a batched diffusion call carries windows of several
     #: sessions and runs when it is next in the stream of every one of them
     more: tuple = ()
-    #: the call returns a tuple of this many results (0: one result); each stage packet among them is stored
-    #: as an object of its own and travels by reference, so that reading another result (``decode.push``'s
-    #: small ``info``) does not fetch the packet
+    #: the stage method returns a tuple of this many results (0: one result). The call answers with the first
+    #: (``decode.push``'s packet, what the next stage takes); the replica keeps the others for the ``part``
+    #: calls that follow it in its stream, each answered with one (the small ``info``): a Serve call has one
+    #: answer, and reading a result must not fetch the others
     parts: int = 0
 
     def turns(self) -> tuple:
         """Every ``(stream, seq)`` turn the call takes (none: an unordered call)."""
         return () if self.seq is None else ((self.stream, self.seq),) + self.more
-
-    def args(self, args: tuple) -> tuple:
-        if not self.picks:
-            return args
-        out = list(args)
-        for i, k in self.picks:
-            out[i] = out[i][k]
-        return tuple(out)
 
 
 class CallOrder:

@@ -85,7 +85,8 @@ class StageReplica:
     takes requests. Sequenced calls of each stream (one session's calls from one ingress) run in order, one at
     a time, in one worker thread (as an actor with ``max_concurrency=1`` runs one caller's); pings answer at
     once. The replica's own messages: ``placement``, ``stats``, ``release`` (numbers the ingress gives up:
-    :meth:`CallOrder.release`) and ``forget`` (a stream's last turn: the session closed)."""
+    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``) and
+    ``forget`` (a stream's last turn: the session closed)."""
 
     def __init__(self, stage: bytes):
         """``stage``: the stage object, pickled (Serve scans a replica's arguments after its constructor ran,
@@ -97,6 +98,9 @@ class StageReplica:
         self.host.setup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.order = CallOrder()
+        #: per stream: ``{seq: {index: result}}``, the results past the first of calls with several
+        #: (``Pin.parts``) until their ``part`` calls take them; touched in the worker thread only
+        self.parts: dict[str, dict[int, dict]] = {}
         self.stuck = StuckCheck(STUCK_AFTER_S)
         self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.host.stage.name}")
 
@@ -111,13 +115,11 @@ class StageReplica:
         if method == "forget":
             return await self._forget(turns)
         upstream = failed_argument(args)                 # an earlier call of the chain failed: hand it on
-        if upstream is None and _pin is not None and _pin.picks:
-            try:
-                args = await self._picked(_pin, args)
-            except Exception as e:  # noqa: BLE001 - a packet lost with its replica: handed on as a value
-                upstream = self._as_failed(e, method)
-        run = functools.partial(self.stuck.run, functools.partial(self._run, method, args,
-                                                                  _pin.parts if _pin is not None else 0))
+        if method == "part":
+            run = functools.partial(self._part, _pin.stream, *args)
+        else:
+            run = functools.partial(self._run, method, args, _pin if _pin is not None and _pin.parts else None)
+        run = functools.partial(self.stuck.run, run)
         loop = asyncio.get_running_loop()
         if not turns:
             if upstream is not None:
@@ -131,13 +133,20 @@ class StageReplica:
                 await self.order.turn(stream, seq)
             if upstream is None:
                 fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in order
+            elif _pin.parts:                                     # its other results fail as it did
+                fut = loop.run_in_executor(self.worker, self._keep, _pin, upstream)
         finally:
             for stream, seq in turns:
                 await self.order.done(stream, seq)
-        return upstream if fut is None else await self._value(fut, method)
+        if upstream is not None:
+            if fut is not None:
+                await fut
+            return upstream
+        return await self._value(fut, method)
 
     async def _forget(self, turns: tuple) -> None:
-        """A stream's last turn (its session closed, after all its calls here): its order is dropped."""
+        """A stream's last turn (its session closed, after all its calls here): its order is dropped, and
+        whatever it left in :attr:`parts` (after its calls queued in the worker)."""
         try:
             for stream, seq in turns:
                 await self.order.turn(stream, seq)
@@ -145,30 +154,40 @@ class StageReplica:
             for stream, seq in turns:
                 await self.order.done(stream, seq)
                 self.order.forget(stream)
+                await asyncio.get_running_loop().run_in_executor(self.worker, self.parts.pop, stream, None)
 
-    @staticmethod
-    async def _picked(pin: Pin, args: tuple) -> tuple:
-        """``pin``'s picks of ``args``; a picked stage packet that travels by reference (``Pin.parts``) is
-        fetched here, while the call waits for its turn (as Ray resolves an argument before a call)."""
-        import ray
+    def _run(self, method: str, args: tuple, several: Pin | None):
+        """The stage call (in the worker thread). ``several``: the pin of a call with several results — the
+        first is the answer, the others are kept for the ``part`` calls after it (its error, if it raised)."""
+        try:
+            out = self.host.call(method, *args)
+        except Exception as e:
+            if several is not None:
+                self._keep(several, self._as_failed(e, method))
+            raise
+        if several is None:
+            return out
+        self._keep(several, *out[1:])
+        return out[0]
 
-        out = list(pin.args(args))
-        for i, _ in pin.picks:
-            if isinstance(out[i], ray.ObjectRef):
-                out[i] = await out[i]
-        return tuple(out)
+    def _keep(self, pin: Pin, *results) -> None:
+        """Keep results 1.. of the call ``pin`` pinned (one value for all: the call's failure)."""
+        n = pin.parts - 1
+        kept = results * n if len(results) == 1 and n > 1 else results
+        self.parts.setdefault(pin.stream, {})[pin.seq] = dict(enumerate(kept, 1))
 
-    def _run(self, method: str, args: tuple, parts: int):
-        """The stage call (in the worker thread); with ``parts``, each stage packet of its tuple result is
-        stored as an object of its own and the result carries its reference (see ``Pin.parts``)."""
-        out = self.host.call(method, *args)
-        if parts and isinstance(out, tuple):
-            import ray
-
-            from echo_stream.stages import Packet
-
-            out = tuple(ray.put(x) if isinstance(x, Packet) else x for x in out)
-        return out
+    def _part(self, stream: str, seq: int, index: int):
+        """Result ``index`` of the stream's call ``seq`` (in the worker thread: after that call ran)."""
+        kept = self.parts.get(stream, {}).get(seq)
+        if kept is None or index not in kept:
+            raise ReplicaGone(f"{self.host.stage.name} replica {self.replica_id}: no result {index} of call {seq} "
+                              "of this stream here (the call did not run on this replica)")
+        value = kept.pop(index)
+        if not kept:
+            del self.parts[stream][seq]
+            if not self.parts[stream]:
+                del self.parts[stream]
+        return value
 
     async def _value(self, fut, method: str):
         """The stage call's result, or its error as a :class:`Failed` value (see there)."""
@@ -195,7 +214,7 @@ class StageReplica:
 
     def stats(self) -> dict:
         return {**self.host.stats(), "order_skipped": self.order.skipped, "order_released": self.order.released,
-                "order_streams": self.order.streams}
+                "order_streams": self.order.streams, "parts_kept": sum(map(len, list(self.parts.values())))}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose stage does not answer, or whose current call has run for more
@@ -257,22 +276,6 @@ class _Call:
 
     def __init__(self, response, stage: str, pin: Pin, deps: tuple = ()):
         self.response, self.stage, self.pin, self.deps, self.released = response, stage, pin, deps, False
-
-
-class _Part:
-    """Element ``index`` of a call's tuple result (``num_returns > 1``): the whole response travels on (a
-    stage packet in it as a reference, ``Pin.parts``)."""
-
-    __slots__ = ("call", "index")
-
-    def __init__(self, call: _Call, index: int):
-        self.call, self.index = call, index
-
-
-def _is_ref(value) -> bool:
-    import ray
-
-    return isinstance(value, ray.ObjectRef)
 
 
 def _unfinished(exc: BaseException) -> bool:
@@ -404,55 +407,54 @@ class ServeBackend:
              session: str | tuple | None = None):
         """The call on ``stage``'s replica ``replica`` (a handle, at once). ``session``: the session it is for
         (several: a batched diffusion call), whose stream orders it on that replica; ``ordered=False`` (and
-        pings): it runs at once."""
+        pings): it runs at once. ``num_returns`` > 1: one handle per result — the call answers with the first,
+        and one ``part`` call after it in its stream with each other one (``Pin.parts``)."""
         target = self.slots[stage][replica]
         stream, seq, more = self.caller, None, ()
         if ordered and method != "ping":
             (stream, seq), *rest = self._numbers(stage, target, session)
             more = tuple(rest)
-        picks, vals, deps = [], [], []
-        for i, a in enumerate(args):
-            if isinstance(a, _Part):
-                picks.append((i, a.index))
-                a = a.call
+        elif num_returns > 1:
+            raise ValueError(f"{stage}.{method}: a call with several results is ordered (its parts follow it)")
+        vals, deps = [], []
+        for a in args:
             if isinstance(a, _Call):
                 deps.append(a)
                 a = a.response
             vals.append(a)
-        pin = Pin(stream, target, seq, tuple(picks), more, num_returns if num_returns > 1 else 0)
-        c = _Call(self.handles[stage].call.remote(method, *vals, **{PIN_KW: pin}), stage, pin, tuple(deps))
-        if num_returns > 1:
-            return tuple(_Part(c, k) for k in range(num_returns))
-        return c
+        handle = self.handles[stage]
+        pin = Pin(stream, target, seq, more, num_returns if num_returns > 1 else 0)
+        first = _Call(handle.call.remote(method, *vals, **{PIN_KW: pin}), stage, pin, tuple(deps))
+        if num_returns == 1:
+            return first
+        parts = [Pin(stream, target, next(self._counter(stream, stage, target))) for _ in range(1, num_returns)]
+        return (first, *(_Call(handle.call.remote("part", seq, k, **{PIN_KW: p}), stage, p)
+                         for k, p in enumerate(parts, 1)))
 
     @staticmethod
-    def _unpack(value, handle):
+    def _unpack(value):
         if isinstance(value, Failed):       # the stage (or one before it in the chain) raised
             value.raise_()
-        return value[handle.index] if isinstance(handle, _Part) else value
+        return value
 
-    async def get(self, handle) -> Any:
-        call = handle.call if isinstance(handle, _Part) else handle
+    async def get(self, handle: _Call) -> Any:
         try:
-            value = await call.response
+            value = await handle.response
         except Exception as e:
-            self._failed(call, e)
+            self._failed(handle, e)
             raise
-        call.deps = ()
-        value = self._unpack(value, handle)
-        return await value if _is_ref(value) else value      # a packet that travels by reference
+        handle.deps = ()
+        return self._unpack(value)
 
-    def result(self, handle, timeout: float | None = None):
+    def result(self, handle: _Call, timeout: float | None = None):
         """``get`` from a thread without an event loop."""
-        call = handle.call if isinstance(handle, _Part) else handle
         try:
-            value = call.response.result(timeout_s=timeout)
+            value = handle.response.result(timeout_s=timeout)
         except Exception as e:
-            self._failed(call, e)
+            self._failed(handle, e)
             raise
-        call.deps = ()
-        value = self._unpack(value, handle)
-        return self.ray.get(value, timeout=timeout) if _is_ref(value) else value
+        handle.deps = ()
+        return self._unpack(value)
 
     def _failed(self, call: _Call, exc: BaseException) -> None:
         """``call``'s response raised: unless it merely ran out of time, its turns are released (in the

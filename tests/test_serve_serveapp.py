@@ -209,7 +209,7 @@ def test_one_sessions_calls_do_not_wait_behind_anothers_on_a_replica():
     a0 = b.call("memory", "process", "a0", session="a")     # on its way (its argument still being computed)
     b0 = b.call("memory", "process", "b0", session="b")
     a1 = b.call("memory", "process", "a1", session="a")
-    assert a0.pin.stream == f"{b.caller}/a" and b0.pin.stream == f"{b.caller}/b"
+    assert a0.pin.stream == a1.pin.stream != b0.pin.stream and a0.pin.stream.startswith(f"{b.caller}/a.")
     assert (a0.pin.seq, b0.pin.seq, a1.pin.seq) == (0, 0, 1)
 
     async def main():
@@ -237,7 +237,7 @@ def test_a_batched_call_runs_in_turn_in_the_stream_of_every_session_it_carries()
     seed_b = b.call("diffusion", "set_seed", "seed b", session="b")
     batch = b.call("diffusion", "process", "batch", session=("a", "b", "a"))
     close_a = b.call("diffusion", "close_session", "close a", session="a")
-    assert batch.pin.turns() == ((f"{b.caller}/a", 1), (f"{b.caller}/b", 1)) and close_a.pin.seq == 2
+    assert batch.pin.turns() == ((seed_a.pin.stream, 1), (seed_b.pin.stream, 1)) and close_a.pin.seq == 2
 
     async def main():
         rep = _replica("diffusion-0")
@@ -258,7 +258,8 @@ def test_a_batched_call_runs_in_turn_in_the_stream_of_every_session_it_carries()
 
 def test_a_closed_sessions_streams_end_on_every_replica_it_called():
     """Closing a session ends its stream on every replica it called (one it moved off too): a last sequenced
-    ``forget`` after its calls there, and the replica drops the stream's order; the ingress drops its numbers."""
+    ``forget`` after its calls there, and the replica drops the stream's order; the ingress drops its numbers. The
+    same session id back on this ingress (resumed) starts a new stream."""
     from echo_stream.serve.routing import Router
 
     b = _backend(["memory", "render"], replicas=2)
@@ -266,12 +267,14 @@ def test_a_closed_sessions_streams_end_on_every_replica_it_called():
     x = b.call("memory", "process", "x", session="a", replica=0)
     b.call("memory", "process", "y", session="a", replica=1)       # the session moved to replica 1
     b.call("render", "process", "z", session="a")
-    b.call("memory", "process", "w", session="b")
+    w = b.call("memory", "process", "w", session="b")
     b.release({"memory": 1, "render": 0}, "a")
     forgets = {(p.target, p.stream, p.seq) for d in b.handles.values() for m, _, p in d.sent if m == "forget"}
-    stream = f"{b.caller}/a"
+    stream = x.pin.stream
     assert forgets == {("memory-0", stream, 1), ("memory-1", stream, 1), ("render-0", stream, 1)}
-    assert list(b._seq) == [f"{b.caller}/b"]
+    assert list(b._seq) == [w.pin.stream]
+    again = b.call("memory", "process", "x", session="a", replica=0)
+    assert again.pin.stream not in (stream, w.pin.stream) and again.pin.seq == 0
 
     async def main():
         rep = _replica("memory-0")
@@ -300,7 +303,7 @@ def test_a_failed_chain_releases_its_calls_turns_on_their_replicas():
     assert asyncio.run(b.get(ck)) == "sid/0"
     b._releasing.shutdown(wait=True)                            # the releases run in the background
     released = {s: [a[0] for m, a, _ in d.sent if m == "release"] for s, d in b.handles.items()}
-    stream = f"{b.caller}/sid"
+    stream = pk.pin.stream
     assert released == {"decode": [((stream, 0),)], "features": [((stream, 0),)], "memory": [((stream, 0),)]}
     assert all(p.seq is None for d in b.handles.values() for m, _, p in d.sent if m == "release")
     assert pk.released and not info.released and not ck.released

@@ -55,7 +55,7 @@ def failed_argument(args: tuple) -> "Failed | None":
 
 @dataclass(frozen=True)
 class Pin:
-    #: the ordered stream the call belongs to: ``<ingress id>/<session id>`` (a session's calls from one
+    #: the ordered stream the call belongs to: ``<ingress id>/<session id>.<n>`` (a session's calls from one
     #: ingress), or ``<ingress id>`` (the ingress's own calls: warm-up, probes)
     stream: str
     #: the replica that must run the call (``ReplicaID.unique_id``)

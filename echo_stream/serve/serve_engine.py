@@ -375,15 +375,25 @@ class ServeBackend:
 
     # -- calls
     def _start_order(self) -> None:
-        """This ingress's call numbering: an id of its own (its streams' prefix on every replica) and, per
-        stream, the next number for each (stage, replica id)."""
+        """This ingress's call numbering: an id of its own (its streams' prefix on every replica), each open
+        session's stream, and per stream the next number for each (stage, replica id)."""
         self.caller = uuid.uuid4().hex
+        self._streams: dict[str, str] = {}
+        self._stream_ids = itertools.count()
         self._seq: dict[str, dict[tuple, itertools.count]] = {}
         self._numbering = threading.Lock()
         self._releasing: cf.ThreadPoolExecutor | None = None
 
     def _stream(self, session: str | None) -> str:
-        return self.caller if session is None else f"{self.caller}/{session}"
+        """The session's stream (the ingress's own without one): ``<ingress id>/<session id>.<n>``, new for a
+        session id that comes back after :meth:`release` (a resumed session), so that its calls never share
+        numbers with those its earlier stream still has queued on a replica."""
+        if session is None:
+            return self.caller
+        stream = self._streams.get(session)
+        if stream is None:
+            stream = self._streams.setdefault(session, f"{self.caller}/{session}.{next(self._stream_ids)}")
+        return stream
 
     def _counter(self, stream: str, stage: str, target: str):
         nums = self._seq.get(stream)
@@ -526,9 +536,9 @@ class ServeBackend:
         replica it called gets a last sequenced ``forget`` (after all its calls there) and drops its order;
         this ingress drops its numbers."""
         self.router.release(route)
-        nums = self._seq.pop(self._stream(session), None) if session is not None else None
-        for (stage, target), counter in (nums or {}).items():
-            pin = Pin(self._stream(session), target, next(counter))
+        stream = self._streams.pop(session, None) if session is not None else None
+        for (stage, target), counter in (self._seq.pop(stream, None) or {}).items():
+            pin = Pin(stream, target, next(counter))
             _quietly(self.handles[stage].call.remote("forget", **{PIN_KW: pin}))
 
     def rebind(self) -> list[tuple]:

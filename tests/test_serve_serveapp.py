@@ -1,6 +1,6 @@
 """The stages as a Ray Serve application (``serve --engine serve``, :mod:`echo_stream.serve.serve_engine`).
 
-Without Ray: the call order a replica keeps per caller, a pin's picks, the request router's choice. With a real
+Without Ray: the call order a replica keeps per session, a call's several results, the request router's choice. With a real
 local Ray Serve (no mocks): GPU shares on fake GPUs, and ``echo-stream serve --engine serve`` serving a session
 in its own process. (Sessions spread over two diffusion replicas and a replica killed mid-session run on both
 engines in ``test_serve_replicas.py``; the deployable application in ``test_serve_deploy.py``.)
@@ -129,6 +129,202 @@ def test_replica_call_cancelled_while_waiting_its_turn_leaves_no_hole_in_the_ord
     assert ran == [0, 2] and skipped == 0
 
 
+def test_call_order_release_moves_past_numbers_that_never_come_without_waiting():
+    """The ingress releases numbers whose calls failed before they reached the replica (an upstream replica
+    crashed): the stream's next call runs at once, counted as released, not as skipped after the wait."""
+    async def main():
+        order = CallOrder(skip_after_s=30.0)
+        waiting = asyncio.create_task(order.turn("s", 2))   # calls 0 and 1 of the stream failed upstream
+        await asyncio.sleep(0.01)
+        held = not waiting.done()
+        assert await order.release([("s", 0), ("s", 1), ("other", 5)]) == 3
+        await asyncio.wait_for(waiting, 10.0)
+        await order.done("s", 2)
+        assert await order.release([("s", 1)]) == 0         # already past: nothing left to release
+        return held, order.released, order.skipped
+    assert asyncio.run(main()) == (True, 3, 0)
+
+
+def _replica(rid: str, host=None):
+    """A StageReplica without Serve: its call path on a stand-in host (the caller shuts its worker down)."""
+    import concurrent.futures as cf
+
+    from echo_stream.serve.serve_engine import StageReplica
+
+    rep = object.__new__(StageReplica)
+    rep.host, rep.replica_id, rep.parts = host or _EchoHost(), rid, {}
+    rep.order, rep.stuck = CallOrder(skip_after_s=30.0), StuckCheck(60.0)
+    rep.worker = cf.ThreadPoolExecutor(1)
+    return rep
+
+
+class _Answer:
+    """A stand-in Serve response: awaitable, ``result()``, a value or an error."""
+
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+    def result(self, timeout_s=None):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def __await__(self):
+        async def get():
+            return self.result()
+        return get().__await__()
+
+
+class _Deployment:
+    """A stand-in deployment handle (``.call.remote``) that records what it was sent. A call whose method is in
+    ``fails``, or that takes a failed answer as argument (Ray fails it before the replica sees it), fails."""
+
+    def __init__(self, fails=()):
+        self.call, self.sent, self.fails = self, [], set(fails)
+
+    def remote(self, method, *args, **kwargs):
+        self.sent.append((method, args, kwargs[PIN_KW]))
+        if method == "release":
+            return _Answer(len(args[0]))
+        if method in self.fails or any(isinstance(a, _Answer) and a.error is not None for a in args):
+            return _Answer(error=RuntimeError(f"{method}: the actor died"))
+        return _Answer(args[0] if args else None)
+
+
+def _backend(stages, replicas: int = 1, fails: dict | None = None):
+    """A ServeBackend without Serve: its numbering and release over stand-in deployment handles."""
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    b = object.__new__(ServeBackend)
+    b._start_order()
+    b.handles = {s: _Deployment((fails or {}).get(s, ())) for s in stages}
+    b.slots = {s: [f"{s}-{i}" for i in range(replicas)] for s in stages}
+    return b
+
+
+def test_one_sessions_calls_do_not_wait_behind_anothers_on_a_replica():
+    """Calls are numbered per (session, replica): session b's call runs while session a's earlier call on the
+    same replica is still on its way; a's next call waits for it (its own order is kept)."""
+    b = _backend(["memory"])
+    a0 = b.call("memory", "process", "a0", session="a")     # on its way (its argument still being computed)
+    b0 = b.call("memory", "process", "b0", session="b")
+    a1 = b.call("memory", "process", "a1", session="a")
+    assert a0.pin.stream == a1.pin.stream != b0.pin.stream and a0.pin.stream.startswith(f"{b.caller}/a.")
+    assert (a0.pin.seq, b0.pin.seq, a1.pin.seq) == (0, 0, 1)
+
+    async def main():
+        rep = _replica("memory-0")
+        try:
+            later = asyncio.create_task(rep.call("process", "a1", _pin=a1.pin))
+            assert await asyncio.wait_for(rep.call("process", "b0", _pin=b0.pin), 10.0) == "b0"
+            await asyncio.sleep(0.01)
+            assert not later.done()                          # a1 waits for a0, not for b's calls
+            assert await rep.call("process", "a0", _pin=a0.pin) == "a0"
+            assert await asyncio.wait_for(later, 10.0) == "a1"
+            return rep.host.ran, rep.order.skipped
+        finally:
+            rep.worker.shutdown()
+    ran, skipped = asyncio.run(main())
+    assert ran == ["b0", "a0", "a1"] and skipped == 0
+
+
+def test_a_batched_call_runs_in_turn_in_the_stream_of_every_session_it_carries():
+    """A diffusion call carries windows of several sessions: it takes a number in each one's stream, so it runs
+    after each session's earlier calls there (set_seed / import_state) and before its later ones (close_session),
+    whatever order the requests arrive in."""
+    b = _backend(["diffusion"])
+    seed_a = b.call("diffusion", "set_seed", "seed a", session="a")
+    seed_b = b.call("diffusion", "set_seed", "seed b", session="b")
+    batch = b.call("diffusion", "process", "batch", session=("a", "b", "a"))
+    close_a = b.call("diffusion", "close_session", "close a", session="a")
+    assert batch.pin.turns() == ((seed_a.pin.stream, 1), (seed_b.pin.stream, 1)) and close_a.pin.seq == 2
+
+    async def main():
+        rep = _replica("diffusion-0")
+        try:
+            sent = {pin: (method, args) for method, args, pin in b.handles["diffusion"].sent}
+            tasks = []
+            for h in (close_a, batch, seed_b, seed_a):           # arriving in the worst order
+                method, args = sent[h.pin]
+                tasks.append(asyncio.create_task(rep.call(method, *args, _pin=h.pin)))
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(asyncio.gather(*tasks), 10.0)
+            return rep.host.ran, rep.order.skipped
+        finally:
+            rep.worker.shutdown()
+    ran, skipped = asyncio.run(main())
+    assert ran == ["seed b", "seed a", "batch", "close a"] and skipped == 0
+
+
+def test_a_closed_sessions_streams_end_on_every_replica_it_called():
+    """Closing a session ends its stream on every replica it called (one it moved off too): a last sequenced
+    ``forget`` after its calls there, and the replica drops the stream's order; the ingress drops its numbers. The
+    same session id back on this ingress (resumed) starts a new stream."""
+    from echo_stream.serve.routing import Router
+
+    b = _backend(["memory", "render"], replicas=2)
+    b.router = Router({"memory": 2, "render": 2})
+    x = b.call("memory", "process", "x", session="a", replica=0)
+    b.call("memory", "process", "y", session="a", replica=1)       # the session moved to replica 1
+    b.call("render", "process", "z", session="a")
+    w = b.call("memory", "process", "w", session="b")
+    b.release({"memory": 1, "render": 0}, "a")
+    forgets = {(p.target, p.stream, p.seq) for d in b.handles.values() for m, _, p in d.sent if m == "forget"}
+    stream = x.pin.stream
+    assert forgets == {("memory-0", stream, 1), ("memory-1", stream, 1), ("render-0", stream, 1)}
+    assert list(b._seq) == [w.pin.stream]
+    again = b.call("memory", "process", "x", session="a", replica=0)
+    assert again.pin.stream not in (stream, w.pin.stream) and again.pin.seq == 0
+
+    async def main():
+        rep = _replica("memory-0")
+        try:
+            await rep.call("process", "x", _pin=x.pin)
+            assert rep.order.streams == 1
+            await rep.call("forget", _pin=next(p for _, _, p in b.handles["memory"].sent
+                                                if p.target == "memory-0" and p.seq == 1))
+            return rep.order.streams, rep.host.ran
+        finally:
+            rep.worker.shutdown()
+    assert asyncio.run(main()) == (0, ["x"])
+
+
+def test_a_failed_chain_releases_its_calls_turns_on_their_replicas():
+    """A crashed decode replica fails the chain's later calls before they reach their replicas (Ray fails a call
+    whose argument is an error): reading the chain's result, the ingress releases the turns of every call of the
+    chain that failed, each on its replica, so the session's next calls there do not wait for them. A call that
+    ran (the memory checkpoint) is not released."""
+    b = _backend(["decode", "features", "memory"], fails={"decode": {"push"}})
+    pk, info = b.call("decode", "push", "sid/0", ["chunk"], False, num_returns=2, session="sid")
+    wins = b.call("memory", "process", b.call("features", "process", pk, session="sid"), session="sid")
+    ck = b.call("memory", "export_state", "sid/0", session="sid")
+    with pytest.raises(RuntimeError, match="the actor died"):
+        asyncio.run(b.get(wins))
+    assert asyncio.run(b.get(ck)) == "sid/0"
+    b._releasing.shutdown(wait=True)                            # the releases run in the background
+    released = {s: [a[0] for m, a, _ in d.sent if m == "release"] for s, d in b.handles.items()}
+    stream = pk.pin.stream
+    assert released == {"decode": [((stream, 0),)], "features": [((stream, 0),)], "memory": [((stream, 0),)]}
+    assert all(p.seq is None for d in b.handles.values() for m, _, p in d.sent if m == "release")
+    assert pk.released and not info.released and not ck.released
+
+
+def test_a_call_whose_upstream_replica_died_is_a_fault():
+    """Serve fails a call whose argument's replica crashed with a RayServeException caused by Ray's
+    ActorDiedError: a fault (the session recovers), as the crash itself is; a Serve error of another cause is
+    not."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import RayServeException
+
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    b = object.__new__(ServeBackend)
+    upstream = RayServeException("Request to deployment 'memory' failed because an upstream actor died")
+    upstream.__cause__ = ActorDiedError()
+    assert b.is_fault(upstream) and b.is_fault(ActorDiedError())
+    assert not b.is_fault(RayServeException("something else")) and not b.is_fault(InputError("x", "bad"))
+
+
 def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas():
     """A lost node silences a replica of several stages at once: ``wait_ready`` asks the stages together (their
     ping timeouts overlap instead of adding up, stage after stage) and moves the session off each silent one."""
@@ -165,8 +361,8 @@ def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas
 
 
 def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
-    """A long-running ingress keeps one call counter per (stage, replica); a replica Serve replaced is
-    re-bound and its counter dropped, so replacements over days do not pile counters up."""
+    """A long-running ingress keeps one call counter per (stream, stage, replica); a replica Serve replaced is
+    re-bound and its counters dropped, so replacements over days do not pile counters up."""
     import itertools
     import threading
 
@@ -175,22 +371,58 @@ def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
     from echo_stream.serve.serve_engine import ServeBackend
 
     b = object.__new__(ServeBackend)
+    b._start_order()
     b.slots = {s: [f"{s}-1"] for s in STAGES}
     b.slots["diffusion"] = ["d-1", "d-2"]
     b.router, b._rebinding = Router({s: len(v) for s, v in b.slots.items()}), threading.Lock()
-    b._seq = {("diffusion", "d-1"): itertools.count(7), ("diffusion", "d-2"): itertools.count(3)}
+    b._seq = {"c/a": {("diffusion", "d-1"): itertools.count(7), ("diffusion", "d-2"): itertools.count(3)},
+              "c/b": {("diffusion", "d-1"): itertools.count(2)}}
     live = {s: set(v) for s, v in b.slots.items()}
     live["diffusion"] = {"d-2", "d-3"}                 # d-1 died; Serve started d-3
     b._live = lambda: live
     assert b.rebind() == [("diffusion", 0)]
     assert b.slots["diffusion"] == ["d-3", "d-2"]
-    assert set(b._seq) == {("diffusion", "d-2")} and next(b._seq[("diffusion", "d-2")]) == 3
+    assert b._seq["c/a"].keys() == {("diffusion", "d-2")} and next(b._seq["c/a"][("diffusion", "d-2")]) == 3
+    assert b._seq["c/b"] == {}
 
 
-def test_pin_picks_elements_of_tuple_arguments():
-    pin = Pin("c", "r", 0, ((1, 0),))
-    assert pin.args(("sid", ("packet", {"info": 1}), 3)) == ("sid", "packet", 3)
-    assert Pin("c", "r").args((1, 2)) == (1, 2)
+def test_a_call_with_two_results_answers_with_the_first_and_its_part_call_with_the_second():
+    """``decode.push`` returns (packet, info): on Serve its call answers with the packet alone and a ``part`` call
+    after it in the session's stream with the info alone, so reading the info does not fetch the packet. The
+    replica keeps the info only until its part call takes it; a push that raised fails its part as well."""
+    from echo_stream.serve.pinning import Failed
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    class Push(_EchoHost):
+        def call(self, method, *args):
+            if args[0] == "bad":
+                raise InputError("chunk 1", "not audio")
+            return f"packet of {args[0]}", {"frames": 8}
+
+    b = _backend(["decode"])
+    pk, info = b.call("decode", "push", "chunk", num_returns=2, session="s")
+    bad_pk, bad_info = b.call("decode", "push", "bad", num_returns=2, session="s")
+    sent = {pin: (method, args) for method, args, pin in b.handles["decode"].sent}
+    assert (pk.pin.seq, pk.pin.parts, info.pin.seq) == (0, 2, 1) and sent[info.pin] == ("part", (0, 1))
+
+    async def main():
+        rep = _replica("decode-0", Push())
+        try:
+            early = asyncio.create_task(rep.call("part", *sent[info.pin][1], _pin=info.pin))   # arrives first
+            await asyncio.sleep(0.01)
+            first = await rep.call("push", "chunk", _pin=pk.pin)
+            second = await asyncio.wait_for(early, 10.0)
+            failed = [await rep.call(*sent[h.pin][:1], *sent[h.pin][1], _pin=h.pin) for h in (bad_pk, bad_info)]
+            return first, second, failed, rep.parts
+        finally:
+            rep.worker.shutdown()
+    first, second, failed, kept = asyncio.run(main())
+    assert first == "packet of chunk" and second == {"frames": 8} and kept == {}
+    assert all(isinstance(f, Failed) for f in failed)
+    with pytest.raises(InputError, match="chunk 1: not audio"):
+        ServeBackend._unpack(failed[1])
+    with pytest.raises(ValueError, match="ordered"):
+        b.call("decode", "push", "chunk", num_returns=2, ordered=False)
 
 
 def test_lost_replicas_slots_are_rebound_to_their_replacements():
@@ -280,7 +512,7 @@ def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_th
         try:
             up = await a.call("process", "bad", _pin=Pin("c", "a", 0))
             assert isinstance(up, Failed)
-            assert await b.call("process", up, _pin=Pin("c", "b", 0, ((0, 1),))) is up   # handed on, not run
+            assert await b.call("process", up, _pin=Pin("c", "b", 0)) is up   # handed on, not run
             assert await asyncio.wait_for(b.call("process", "ok", _pin=Pin("c", "b", 1)), 10.0) == "ok"
             return b.host.ran, b.order.skipped, up
         finally:
@@ -289,7 +521,7 @@ def test_a_failed_upstream_call_still_takes_its_turn_downstream_and_raises_at_th
     ran, skipped, up = asyncio.run(main())
     assert ran == ["ok"] and skipped == 0
     with pytest.raises(InputError, match="chunk 3: not audio"):
-        ServeBackend._unpack(up, None)
+        ServeBackend._unpack(up)
 
 
 @pytest.mark.ray
@@ -335,11 +567,126 @@ def test_serve_chain_whose_first_call_fails_leaves_no_hole_in_the_next_replicas_
             first = down.call.remote("process", up.call.remote("process", "bad", _pin=Pin("c", a, 0)),
                                      _pin=Pin("c", b, 0))
             with pytest.raises(InputError, match="not audio"):
-                ServeBackend._unpack(await first, None)
-            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1)), None) == "ok"
+                ServeBackend._unpack(await first)
+            assert ServeBackend._unpack(await down.call.remote("process", "ok", _pin=Pin("c", b, 1))) == "ok"
             return await down.call.remote("stats")
         stats = asyncio.run(main())
         assert stats["order_skipped"] == 0, stats
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _serve_pair(stage_blob: bytes):
+    """On the Ray this process started: two one-replica deployments ``up`` and ``down`` of ``StageReplica`` over
+    the pickled stage, pinned as the engine pins, and a ServeBackend over them (its calls, numbering, release)."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from echo_stream.serve.serve_engine import QUIET, PinnedRouter, ServeBackend, StageReplica
+
+    serve.start(proxy_location="Disabled")
+    opts = dict(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100,
+                logging_config=QUIET, request_router_config=RequestRouterConfig(request_router_class=PinnedRouter))
+    b = object.__new__(ServeBackend)
+    b._start_order()
+    b.ray, b.handles, b.slots = ray, {}, {}
+    for name in ("up", "down"):
+        b.handles[name] = serve.run(serve.deployment(StageReplica).options(name=name, **opts).bind(stage_blob),
+                                    name=f"t-{name}", route_prefix=None)
+        (actor,) = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                    if n["name"].startswith(f"SERVE_REPLICA::t-{name}#")]
+        b.slots[name] = [actor.rsplit("#", 1)[1]]
+    return b
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_a_crashed_upstream_replica_leaves_no_hole_in_the_next_replicas_order():
+    """Real Serve: a chain's first replica crashes mid-call (its process exits, nothing is raised); the chain's
+    next call fails before it reaches its replica (its argument is lost), a hole in the session's order there.
+    The ingress, reading the chain's result, releases that number on that replica: the session's next call
+    there runs without waiting for it — released, not skipped after ``CallOrder.skip_after_s`` (10 s). With
+    ``-s`` it prints how long that next call took."""
+    import os
+
+    from ray import cloudpickle, serve
+
+    from echo_stream.stages import Stage
+
+    class Crashy(Stage):                               # local: pickled by value for the replicas
+        name = "crashy"
+        resources = {"num_cpus": 0.1}
+
+        def process(self, x):
+            if x == "crash":
+                os._exit(1)
+            return x
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=96 * 1024 * 1024)
+    try:
+        b = _serve_pair(cloudpickle.dumps(Crashy()))
+
+        async def main():
+            assert await b.get(b.call("down", "process", "warm", session="s")) == "warm"
+            chain = b.call("down", "process", b.call("up", "process", "crash", session="s"), session="s")
+            with pytest.raises(Exception) as e:
+                await b.get(chain)
+            t = time.perf_counter()
+            assert await b.get(b.call("down", "process", "next", session="s")) == "next"
+            took = time.perf_counter() - t
+            return e.value, took, await b.get(b.call("down", "stats", ordered=False))
+        error, took, stats = asyncio.run(main())
+        print(f"\nafter the upstream crash ({type(error).__name__}), the session's next call on the downstream "
+              f"replica took {took * 1000:.0f} ms (order_released {stats['order_released']}, "
+              f"order_skipped {stats['order_skipped']})")
+        assert b.is_fault(error), error                  # the session recovers (here: no session)
+        assert stats["order_released"] == 1 and stats["order_skipped"] == 0, stats
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_reading_a_calls_small_result_does_not_fetch_its_packet():
+    """Real Serve: a method with two results (as ``decode.push``: packet, info) is answered in two responses, so
+    the ingress, reading the small info, receives the info alone, not the packet's 4 MB; the next replica,
+    taking the packet, gets all of it, and so does the ingress when it asks; the replica keeps nothing after."""
+    from ray import cloudpickle, serve
+
+    from echo_stream.stages import Packet, Stage
+
+    class Split(Stage):
+        name = "split"
+        resources = {"num_cpus": 0.1}
+
+        def push(self, sid, n):
+            return Packet(sid, meta={"blob": np.ones(n, np.uint8)}), {"frames": 8}
+
+        def process(self, packet):
+            return int(packet.meta["blob"].sum())
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=96 * 1024 * 1024)
+    try:
+        b = _serve_pair(cloudpickle.dumps(Split()))
+
+        async def main():
+            pk, info = b.call("up", "push", "s/0", 4 << 20, num_returns=2, session="s")
+            assert await b.get(info) == {"frames": 8}
+            answer = await info.response                 # all that reading the info fetched
+            total = await b.get(b.call("down", "process", pk, session="s"))
+            fetched = (await b.get(pk)).meta["blob"].nbytes
+            return answer, total, fetched, await b.get(b.call("up", "stats", ordered=False))
+        answer, total, fetched, stats = asyncio.run(main())
+        assert answer == {"frames": 8}                   # the info alone: no packet came with it
+        assert total == 4 << 20 and fetched == 4 << 20 and stats["parts_kept"] == 0
     finally:
         try:
             serve.shutdown()

@@ -259,10 +259,11 @@ class _Backend:
     def assign(self, session_id, warm=None):
         return {"decode": 0, "features": 1, "memory": 0, "diffusion": 1, "render": 0}
 
-    def release(self, route):
-        self.released.append(dict(route))
+    def release(self, route, session=None):
+        self.released.append((dict(route), session))
 
-    def call(self, stage, method, *args, num_returns=1, replica=0):
+    def call(self, stage, method, *args, num_returns=1, replica=0, session=None):
+        assert session == "sid"                       # every call names its session (Serve orders by it)
         self.calls.append((stage, method, replica) + args)
         return self.fail.get((stage, method))
 
@@ -309,7 +310,7 @@ def test_stage_link_switches_epochs_and_restores_there():
     assert ("diffusion", "import_state") in methods and all(c[3] == "sid/1" for c in b.calls)
     link.close()
     link.close()
-    assert len(b.released) == 1
+    assert b.released == [(link.route, "sid")]        # once, naming the session (its call order ends)
 
 
 def test_stage_link_open_maps_input_errors_and_passes_faults_through():

@@ -5,7 +5,7 @@ module             what
 =================  ===========================================================
 ``backend``        the pipeline seen from the event loop (Ray actors or inline)
 ``serve_engine``   the same on Ray Serve (``--engine serve``), and the deployable app (``build_app``)
-``pinning``        what a pinned Serve call carries; per-caller call order; slot re-binding
+``pinning``        what a pinned Serve call carries; per-session call order; slot re-binding
 ``options``        ``echo-stream serve``'s options -> server / pipeline options (CLI and ``build_app``)
 ``batching``       continuous cross-session batching of diffusion windows
 ``session``        one session (a package: ingest, replay ledger, stage link, egress, epochs)

@@ -51,7 +51,9 @@ class RayBackend:
         log.info("stage actors warmed up in %.2f s", backend.warm_up())
         return backend
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, session=None):
+        """``session`` (the session(s) the call is for) orders calls on the Serve engine; an actor runs this
+        process's calls in submission order whatever their session."""
         return self.runner.call(stage, method, *args, num_returns=num_returns, replica=replica)
 
     def replica_count(self, stage: str) -> int:
@@ -61,7 +63,7 @@ class RayBackend:
         """The replica of each stage that serves a new session (least loaded, or warm; see :mod:`.routing`)."""
         return self.router.assign(session_id, warm)
 
-    def release(self, route: Route) -> None:
+    def release(self, route: Route, session: str | None = None) -> None:
         self.router.release(route)
 
     async def add_replica(self, stage: str, timeout: float = 300.0) -> int:
@@ -257,7 +259,7 @@ class InlineBackend:
         out = self.runner.hosts[stage].call(method, *vals)
         return out
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, session=None):
         if replica:
             raise ValueError(f"the in-process backend has one {stage} stage, not replica {replica}")
         fut = self._pools[stage].submit(self._run, stage, method, args, num_returns)
@@ -294,7 +296,7 @@ class InlineBackend:
     def assign(self, session_id: str, warm: dict | None = None) -> Route:
         return {s: 0 for s in STAGES}
 
-    def release(self, route: Route) -> None:
+    def release(self, route: Route, session: str | None = None) -> None:
         pass
 
     async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:

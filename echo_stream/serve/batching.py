@@ -49,10 +49,11 @@ class WindowBatcher:
                 pass
             self._task = None
 
-    async def submit(self, packet):
-        """The diffusion stage's output packet for ``packet`` (raises what the batch call raised)."""
+    async def submit(self, packet, session: str | None = None):
+        """The diffusion stage's output packet for ``packet`` (raises what the batch call raised). ``session``:
+        the window's session; a batch call is ordered with the calls of each session it carries (Serve)."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((packet, fut, time.perf_counter()))
+        self._queue.put_nowait((packet, fut, time.perf_counter(), session))
         metrics.QUEUE_DEPTH.labels("diffusion").set(self._queue.qsize())
         return await fut
 
@@ -82,15 +83,16 @@ class WindowBatcher:
                 continue
             metrics.QUEUE_DEPTH.labels("diffusion").set(self._queue.qsize())
             now = time.perf_counter()
-            for _, _, t in batch:
+            for _, _, t, _ in batch:
                 metrics.DIFFUSION_WAIT.observe(now - t)
             metrics.DIFFUSION_BATCH.observe(len(batch))
             self.batches += 1
             self.windows += len(batch)
             self.max_seen = max(self.max_seen, len(batch))
             try:
-                out = await self.backend.get(self.backend.call(self.stage, "process", [p for p, _, _ in batch],
-                                                                   replica=self.replica))
+                sessions = tuple(s for _, _, _, s in batch if s is not None) or None
+                out = await self.backend.get(self.backend.call(self.stage, "process", [p for p, _, _, _ in batch],
+                                                               replica=self.replica, session=sessions))
                 metrics.STAGE_LATENCY.labels(self.stage).observe(time.perf_counter() - now)
             except Exception as e:  # noqa: BLE001
                 if len(batch) > 1 and not self.backend.is_fault(e):
@@ -98,18 +100,19 @@ class WindowBatcher:
                     # (the stage changes no state before the whole batch has succeeded)
                     await self._one_by_one(batch)
                 else:
-                    for _, fut, _ in batch:
+                    for _, fut, _, _ in batch:
                         if not fut.done():
                             fut.set_exception(e)
                 continue
-            for (_, fut, _), res in zip(batch, out):
+            for (_, fut, _, _), res in zip(batch, out):
                 if not fut.done():
                     fut.set_result(res)
 
     async def _one_by_one(self, batch: list) -> None:
-        for packet, fut, _ in batch:
+        for packet, fut, _, session in batch:
             try:
-                res = (await self.backend.get(self.backend.call(self.stage, "process", [packet], replica=self.replica)))[0]
+                res = (await self.backend.get(self.backend.call(self.stage, "process", [packet], replica=self.replica,
+                                                                session=session)))[0]
             except Exception as e:  # noqa: BLE001
                 if not fut.done():
                     fut.set_exception(e)

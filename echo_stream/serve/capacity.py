@@ -377,7 +377,7 @@ class SimBackend:
         self.cluster = cluster
         self.router = Router(counts)
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, session=None):
         futs = [cf.Future() for _ in range(num_returns)]
         self.cluster.submit(stage, replica, method, args, futs)
         return futs[0] if num_returns == 1 else tuple(futs)
@@ -394,7 +394,7 @@ class SimBackend:
     def assign(self, session_id: str, warm: dict | None = None):
         return self.router.assign(session_id, warm)
 
-    def release(self, route) -> None:
+    def release(self, route, session: str | None = None) -> None:
         self.router.release(route)
 
     def is_fault(self, exc: BaseException) -> bool:

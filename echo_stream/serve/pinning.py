@@ -1,11 +1,12 @@
-"""Session pinning on Ray Serve, without Ray: what a pinned stage call carries, and the per-caller order a
+"""Session pinning on Ray Serve, without Ray: what a pinned stage call carries, and the per-session order a
 replica keeps.
 
 Every call of the Serve engine (:mod:`.serve_engine`) names the replica that must run it (the one our
 :class:`~echo_stream.serve.routing.Router` table gave the session) and, for calls that must keep their
-order, a sequence number per (caller, replica) — what a Ray actor gives for free (calls from one caller
-run in submission order) and a Serve replica does not (requests are routed, resolved and run
-concurrently). :class:`CallOrder` restores it inside the replica.
+order, a sequence number in its *stream* on that replica: one session's calls from one ingress (or the
+ingress's own calls, e.g. its warm-up). A Ray actor runs one caller's calls in submission order for free; a
+Serve replica does not (requests are routed, resolved and run concurrently). :class:`CallOrder` restores the
+order inside the replica, per stream, so that one session's calls never wait behind another session's.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class ReplicaGone(RuntimeError):
 class Failed:
     """A stage call's error, returned as its value instead of raised: a call that takes it as an argument
     still reaches its replica (Ray would fail a call whose argument is an error before the replica sees it,
-    leaving a hole in the caller's order there: every later call of the caller stalled ``skip_after_s``), takes
+    leaving a hole in its stream's order there: every later call of the stream stalled ``skip_after_s``), takes
     its turn, runs nothing and hands it on. The caller raises :attr:`error` when it reads the value."""
 
     __slots__ = ("error", "where")
@@ -54,84 +55,123 @@ def failed_argument(args: tuple) -> "Failed | None":
 
 @dataclass(frozen=True)
 class Pin:
-    #: the calling process (one id per backend: each ingress keeps its own order)
-    caller: str
+    #: the ordered stream the call belongs to: ``<ingress id>/<session id>.<n>`` (a session's calls from one
+    #: ingress), or ``<ingress id>`` (the ingress's own calls: warm-up, probes)
+    stream: str
     #: the replica that must run the call (``ReplicaID.unique_id``)
     target: str
-    #: position in the caller's calls to ``target`` (None: runs at once, unordered — health probes)
+    #: position in the stream's calls to ``target`` (None: runs at once, unordered — health probes)
     seq: int | None = None
-    #: ``{argument index: element}``: take that element of the argument's value (an output of a call that
-    #: returned a tuple, passed on whole so that it travels replica to replica)
-    picks: tuple = ()
+    #: further ``(stream, seq)`` turns the call takes: a batched diffusion call carries windows of several
+    #: sessions and runs when it is next in the stream of every one of them
+    more: tuple = ()
+    #: the stage method returns a tuple of this many results (0: one result). The call answers with the first
+    #: (``decode.push``'s packet, what the next stage takes); the replica keeps the others for the ``part``
+    #: calls that follow it in its stream, each answered with one (the small ``info``): a Serve call has one
+    #: answer, and reading a result must not fetch the others
+    parts: int = 0
 
-    def args(self, args: tuple) -> tuple:
-        if not self.picks:
-            return args
-        out = list(args)
-        for i, k in self.picks:
-            out[i] = out[i][k]
-        return tuple(out)
+    def turns(self) -> tuple:
+        """Every ``(stream, seq)`` turn the call takes (none: an unordered call)."""
+        return () if self.seq is None else ((self.stream, self.seq),) + self.more
 
 
 class CallOrder:
-    """Runs each caller's sequenced calls in sequence order (``seq`` 0, 1, 2 ... per caller).
+    """Runs each stream's sequenced calls in sequence order (``seq`` 0, 1, 2 ... per stream) — one session's
+    calls from one ingress form a stream, so sessions do not wait on each other.
 
     A call whose predecessor has not arrived waits for it — at most ``skip_after_s``: a predecessor that never
-    comes (it was refused elsewhere) must not stall the caller for ever; then the order moves on past it.
+    comes must not stall the stream for ever; then the order moves on past it (``skipped``). The ingress says
+    so sooner when it knows: :meth:`release` gives up numbers whose calls failed before they reached this
+    replica (an upstream replica crashed, or the call was refused elsewhere), so that nothing waits for them
+    (``released``).
 
     :meth:`done` marks one call finished (it ran, or it gave up: cancelled while waiting); the order moves on
     only over an unbroken run of finished calls, so a call that gives up before its turn does not let its
-    successors overtake the calls still due before it."""
+    successors overtake the calls still due before it. :meth:`forget` drops a stream that has ended."""
 
     def __init__(self, skip_after_s: float = 10.0):
         self.skip_after_s = float(skip_after_s)
         self._next: dict[str, int] = {}
-        #: per caller: calls at or past ``_next`` that finished out of turn (given up while waiting)
+        #: per stream: numbers at or past ``_next`` that finished out of turn (given up while waiting, released)
         self._finished: dict[str, set[int]] = {}
         self._changed: asyncio.Condition | None = None
+        #: numbers given up after waiting ``skip_after_s`` for them
         self.skipped = 0
+        #: numbers the ingress released (:meth:`release`) before anything waited ``skip_after_s`` for them
+        self.released = 0
+
+    @property
+    def streams(self) -> int:
+        """Streams this replica keeps an order for (each ended one is forgotten)."""
+        return len(self._next)
 
     def _cond(self) -> asyncio.Condition:
         if self._changed is None:
             self._changed = asyncio.Condition()
         return self._changed
 
-    async def turn(self, caller: str, seq: int) -> None:
-        """Returns when ``seq`` is the caller's next call; the caller then calls :meth:`done` (also when this
+    async def turn(self, stream: str, seq: int) -> None:
+        """Returns when ``seq`` is the stream's next call; the caller then calls :meth:`done` (also when this
         is cancelled)."""
-        if self._next.setdefault(caller, 0) >= seq:   # every caller numbers its calls to a replica from 0
+        if self._next.setdefault(stream, 0) >= seq:   # every stream numbers its calls to a replica from 0
             return                                     # in order (the usual case): no waiting, no lock
         cond = self._cond()
         async with cond:
             try:
-                await asyncio.wait_for(cond.wait_for(lambda: self._next[caller] >= seq), self.skip_after_s)
+                await asyncio.wait_for(cond.wait_for(lambda: self._next.get(stream, 0) >= seq), self.skip_after_s)
             except asyncio.TimeoutError:
                 self.skipped += 1
-                log.warning("call order: caller %s waited %g s for its calls %d..%d on this replica; running call "
-                            "%d without them (a late one runs out of order)", caller[:8], self.skip_after_s,
-                            self._next[caller], seq - 1, seq)
-                self._advance(caller, seq)             # past the calls that never came
+                log.warning("call order: stream %s waited %g s for its calls %d..%d on this replica; running call "
+                            "%d without them (a late one runs out of order)", stream[:41], self.skip_after_s,
+                            self._next.get(stream, 0), seq - 1, seq)
+                self._advance(stream, seq)             # past the calls that never came
 
-    def _advance(self, caller: str, to: int) -> None:
-        nxt = max(self._next.get(caller, 0), to)
-        fin = self._finished.get(caller, set())
+    def _advance(self, stream: str, to: int) -> None:
+        nxt = max(self._next.get(stream, 0), to)
+        fin = self._finished.get(stream, set())
         while nxt in fin:
             nxt += 1
-        self._next[caller] = nxt
+        self._next[stream] = nxt
         fin = {s for s in fin if s > nxt}
         if fin:
-            self._finished[caller] = fin
+            self._finished[stream] = fin
         else:
-            self._finished.pop(caller, None)
+            self._finished.pop(stream, None)
 
-    async def done(self, caller: str, seq: int) -> None:
-        if seq < self._next.get(caller, 0):            # late (the order moved past it) or already counted
-            return
-        self._finished.setdefault(caller, set()).add(seq)
-        self._advance(caller, self._next.get(caller, 0))
+    async def _notify(self) -> None:
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()
+
+    async def done(self, stream: str, seq: int) -> None:
+        if seq < self._next.get(stream, 0):            # late (the order moved past it) or already counted
+            return
+        self._finished.setdefault(stream, set()).add(seq)
+        self._advance(stream, self._next.get(stream, 0))
+        await self._notify()
+
+    async def release(self, turns) -> int:
+        """``turns``: ``(stream, seq)`` pairs whose calls will never arrive here (the ingress saw them fail
+        before they ran); the order moves on past them now instead of after ``skip_after_s``. Numbers that
+        already took their turn (or were given up) are left alone. Returns how many were released."""
+        n = 0
+        for stream, seq in turns:
+            if seq < self._next.get(stream, 0) or seq in self._finished.get(stream, ()):
+                continue
+            self._finished.setdefault(stream, set()).add(seq)
+            self._advance(stream, self._next.get(stream, 0))
+            n += 1
+        self.released += n
+        if n:
+            log.info("call order: %d call(s) released by the ingress (they failed before reaching this replica)", n)
+            await self._notify()
+        return n
+
+    def forget(self, stream: str) -> None:
+        """Drop the order of a stream that has ended (its last call took its turn: the session closed)."""
+        self._next.pop(stream, None)
+        self._finished.pop(stream, None)
 
 
 def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> list[tuple]:

@@ -53,6 +53,9 @@ HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
 #: a stage call running longer than this fails the replica's health check (Serve replaces the replica)
 STUCK_AFTER_S = 120.0
+#: how long the release of a failed call's turns waits for its replica's answer, and for each earlier call of
+#: its chain to end (a call still running then takes its turn when it runs: nothing to release)
+RELEASE_WAIT_S = 30.0
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -79,8 +82,11 @@ class PinnedRouter(RequestRouter):
 # ------------------------------------------------------------------------------------------- replicas
 class StageReplica:
     """One replica of one stage: the stage object hosted as an actor hosts it, set up before the replica
-    takes requests. Sequenced calls of each caller run in order, one at a time, in one worker thread (as an
-    actor with ``max_concurrency=1`` runs them); pings answer at once."""
+    takes requests. Sequenced calls of each stream (one session's calls from one ingress) run in order, one at
+    a time, in one worker thread (as an actor with ``max_concurrency=1`` runs one caller's); pings answer at
+    once. The replica's own messages: ``placement``, ``stats``, ``release`` (numbers the ingress gives up:
+    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``) and
+    ``forget`` (a stream's last turn: the session closed)."""
 
     def __init__(self, stage: bytes):
         """``stage``: the stage object, pickled (Serve scans a replica's arguments after its constructor ran,
@@ -92,6 +98,9 @@ class StageReplica:
         self.host.setup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.order = CallOrder()
+        #: per stream: ``{seq: {index: result}}``, the results past the first of calls with several
+        #: (``Pin.parts``) until their ``part`` calls take them; touched in the worker thread only
+        self.parts: dict[str, dict[int, dict]] = {}
         self.stuck = StuckCheck(STUCK_AFTER_S)
         self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.host.stage.name}")
 
@@ -100,12 +109,19 @@ class StageReplica:
             raise ReplicaGone(f"{self.host.stage.name} replica {_pin.target} is gone (this is {self.replica_id})")
         if method in ("placement", "stats"):            # the replica's own, not the stage's
             return getattr(self, method)()
+        if method == "release":                          # unsequenced: numbers that will never come here
+            return await self.order.release(args[0])
+        turns = _pin.turns() if _pin is not None else ()
+        if method == "forget":
+            return await self._forget(turns)
         upstream = failed_argument(args)                 # an earlier call of the chain failed: hand it on
-        if upstream is None:
-            args = _pin.args(args) if _pin is not None else args
-        run = functools.partial(self.stuck.run, functools.partial(self.host.call, method, *args))
+        if method == "part":
+            run = functools.partial(self._part, _pin.stream, *args)
+        else:
+            run = functools.partial(self._run, method, args, _pin if _pin is not None and _pin.parts else None)
+        run = functools.partial(self.stuck.run, run)
         loop = asyncio.get_running_loop()
-        if _pin is None or _pin.seq is None:
+        if not turns:
             if upstream is not None:
                 return upstream
             if method == "ping":
@@ -113,34 +129,92 @@ class StageReplica:
             return await self._value(loop.run_in_executor(self.worker, run), method)
         fut = None
         try:                                             # done also when cancelled while waiting its turn:
-            await self.order.turn(_pin.caller, _pin.seq)  # a hole would stall the caller's next calls here
+            for stream, seq in turns:                    # a hole would stall the stream's next calls here
+                await self.order.turn(stream, seq)
             if upstream is None:
                 fut = loop.run_in_executor(self.worker, run)     # queued in turn: the worker runs them in order
+            elif _pin.parts:                                     # its other results fail as it did
+                fut = loop.run_in_executor(self.worker, self._keep, _pin, upstream)
         finally:
-            await self.order.done(_pin.caller, _pin.seq)
-        return upstream if fut is None else await self._value(fut, method)
+            for stream, seq in turns:
+                await self.order.done(stream, seq)
+        if upstream is not None:
+            if fut is not None:
+                await fut
+            return upstream
+        return await self._value(fut, method)
+
+    async def _forget(self, turns: tuple) -> None:
+        """A stream's last turn (its session closed, after all its calls here): its order is dropped, and
+        whatever it left in :attr:`parts` (after its calls queued in the worker)."""
+        try:
+            for stream, seq in turns:
+                await self.order.turn(stream, seq)
+        finally:
+            for stream, seq in turns:
+                await self.order.done(stream, seq)
+                self.order.forget(stream)
+                await asyncio.get_running_loop().run_in_executor(self.worker, self.parts.pop, stream, None)
+
+    def _run(self, method: str, args: tuple, several: Pin | None):
+        """The stage call (in the worker thread). ``several``: the pin of a call with several results — the
+        first is the answer, the others are kept for the ``part`` calls after it (its error, if it raised)."""
+        try:
+            out = self.host.call(method, *args)
+        except Exception as e:
+            if several is not None:
+                self._keep(several, self._as_failed(e, method))
+            raise
+        if several is None:
+            return out
+        self._keep(several, *out[1:])
+        return out[0]
+
+    def _keep(self, pin: Pin, *results) -> None:
+        """Keep results 1.. of the call ``pin`` pinned (one value for all: the call's failure)."""
+        n = pin.parts - 1
+        kept = results * n if len(results) == 1 and n > 1 else results
+        self.parts.setdefault(pin.stream, {})[pin.seq] = dict(enumerate(kept, 1))
+
+    def _part(self, stream: str, seq: int, index: int):
+        """Result ``index`` of the stream's call ``seq`` (in the worker thread: after that call ran)."""
+        kept = self.parts.get(stream, {}).get(seq)
+        if kept is None or index not in kept:
+            raise ReplicaGone(f"{self.host.stage.name} replica {self.replica_id}: no result {index} of call {seq} "
+                              "of this stream here (the call did not run on this replica)")
+        value = kept.pop(index)
+        if not kept:
+            del self.parts[stream][seq]
+            if not self.parts[stream]:
+                del self.parts[stream]
+        return value
 
     async def _value(self, fut, method: str):
         """The stage call's result, or its error as a :class:`Failed` value (see there)."""
         try:
             return await fut
         except Exception as e:  # noqa: BLE001 - raised again by the caller (ServeBackend.get / result)
-            import traceback
+            return self._as_failed(e, method)
 
-            from ray import cloudpickle
+    def _as_failed(self, e: BaseException, method: str) -> Failed:
+        """``e`` as the value a failed call hands on (its text when it does not pickle), saying where it was."""
+        import traceback
 
-            try:
-                cloudpickle.dumps(e)
-            except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
-                e = RuntimeError(f"{type(e).__name__}: {e}")
-            return Failed(e, f"in {self.host.stage.name}.{method} on Serve replica {self.replica_id}:\n"
-                             + "".join(traceback.format_exception(e)))
+        from ray import cloudpickle
+
+        try:
+            cloudpickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        return Failed(e, f"in {self.host.stage.name}.{method} on Serve replica {self.replica_id}:\n"
+                         + "".join(traceback.format_exception(e)))
 
     def placement(self) -> dict:
         return {**self.host.placement(), "replica_id": self.replica_id}
 
     def stats(self) -> dict:
-        return {**self.host.stats(), "order_skipped": self.order.skipped}
+        return {**self.host.stats(), "order_skipped": self.order.skipped, "order_released": self.order.released,
+                "order_streams": self.order.streams, "parts_kept": sum(map(len, list(self.parts.values())))}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose stage does not answer, or whose current call has run for more
@@ -191,13 +265,24 @@ class Hub:
 
 
 # ------------------------------------------------------------------------------------------- backend
-class _Part:
-    """Element ``index`` of a call's tuple result (``num_returns > 1``): the whole response travels on."""
+class _Call:
+    """One stage call of this ingress (the handle :meth:`ServeBackend.call` returns): its Serve response, the
+    stage and pin it went with, and the calls whose results it was given as arguments (``deps``, kept until it
+    succeeded). A call that failed (its response raised, not a stage error handed on as a value) never took
+    its turns on its replica: :meth:`ServeBackend._release` gives them back there, and those of its failed
+    ``deps`` (a crashed replica fails every later call of the chain)."""
 
-    __slots__ = ("response", "index")
+    __slots__ = ("response", "stage", "pin", "deps", "released")
 
-    def __init__(self, response, index: int):
-        self.response, self.index = response, index
+    def __init__(self, response, stage: str, pin: Pin, deps: tuple = ()):
+        self.response, self.stage, self.pin, self.deps, self.released = response, stage, pin, deps, False
+
+
+def _unfinished(exc: BaseException) -> bool:
+    """``exc`` says only that the wait ran out (``result(timeout)``): the call may still run and take its turn."""
+    from ray.exceptions import RayTaskError
+
+    return isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError)
 
 
 class ServeBackend:
@@ -213,8 +298,7 @@ class ServeBackend:
         self.ray = ray
         self.app = app
         self.handles = handles
-        self.caller = uuid.uuid4().hex
-        self._seq: dict[tuple, itertools.count] = {}
+        self._start_order()
         self._rebinding = threading.Lock()
         want = replica_counts(expected)
         deadline = time.monotonic() + bind_timeout_s
@@ -290,36 +374,134 @@ class ServeBackend:
     actor = replica_actor
 
     # -- calls
-    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, ordered: bool = True):
+    def _start_order(self) -> None:
+        """This ingress's call numbering: an id of its own (its streams' prefix on every replica), each open
+        session's stream, and per stream the next number for each (stage, replica id)."""
+        self.caller = uuid.uuid4().hex
+        self._streams: dict[str, str] = {}
+        self._stream_ids = itertools.count()
+        self._seq: dict[str, dict[tuple, itertools.count]] = {}
+        self._numbering = threading.Lock()
+        self._releasing: cf.ThreadPoolExecutor | None = None
+
+    def _stream(self, session: str | None) -> str:
+        """The session's stream (the ingress's own without one): ``<ingress id>/<session id>.<n>``, new for a
+        session id that comes back after :meth:`release` (a resumed session), so that its calls never share
+        numbers with those its earlier stream still has queued on a replica."""
+        if session is None:
+            return self.caller
+        stream = self._streams.get(session)
+        if stream is None:
+            stream = self._streams.setdefault(session, f"{self.caller}/{session}.{next(self._stream_ids)}")
+        return stream
+
+    def _counter(self, stream: str, stage: str, target: str):
+        nums = self._seq.get(stream)
+        if nums is None:
+            nums = self._seq.setdefault(stream, {})
+        c = nums.get((stage, target))
+        return c if c is not None else nums.setdefault((stage, target), itertools.count())
+
+    def _numbers(self, stage: str, target: str, session) -> list[tuple[str, int]]:
+        """The call's ``(stream, seq)`` turns: one in its session's stream (the ingress's own without one); a
+        batched call (``session``: several) one in each of its sessions' streams, taken together under a lock,
+        so that two batched calls are in the same order in every stream they share (none waits on the other)."""
+        sessions = [session] if session is None or isinstance(session, str) else list(dict.fromkeys(session))
+        if len(sessions) == 1:
+            stream = self._stream(sessions[0])
+            return [(stream, next(self._counter(stream, stage, target)))]
+        with self._numbering:
+            return [(st, next(self._counter(st, stage, target))) for st in map(self._stream, sessions)]
+
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, replica: int = 0, ordered: bool = True,
+             session: str | tuple | None = None):
+        """The call on ``stage``'s replica ``replica`` (a handle, at once). ``session``: the session it is for
+        (several: a batched diffusion call), whose stream orders it on that replica; ``ordered=False`` (and
+        pings): it runs at once. ``num_returns`` > 1: one handle per result — the call answers with the first,
+        and one ``part`` call after it in its stream with each other one (``Pin.parts``)."""
         target = self.slots[stage][replica]
-        seq = None
+        stream, seq, more = self.caller, None, ()
         if ordered and method != "ping":
-            seq = next(self._seq.setdefault((stage, target), itertools.count()))
-        picks, vals = [], []
-        for i, a in enumerate(args):
-            if isinstance(a, _Part):
-                picks.append((i + 1, a.index))       # + 1: the method name is argument 0 of ``call``
+            (stream, seq), *rest = self._numbers(stage, target, session)
+            more = tuple(rest)
+        elif num_returns > 1:
+            raise ValueError(f"{stage}.{method}: a call with several results is ordered (its parts follow it)")
+        vals, deps = [], []
+        for a in args:
+            if isinstance(a, _Call):
+                deps.append(a)
                 a = a.response
             vals.append(a)
-        pin = Pin(self.caller, target, seq, tuple((i - 1, k) for i, k in picks))
-        resp = self.handles[stage].call.remote(method, *vals, **{PIN_KW: pin})
-        if num_returns > 1:
-            return tuple(_Part(resp, k) for k in range(num_returns))
-        return resp
+        handle = self.handles[stage]
+        pin = Pin(stream, target, seq, more, num_returns if num_returns > 1 else 0)
+        first = _Call(handle.call.remote(method, *vals, **{PIN_KW: pin}), stage, pin, tuple(deps))
+        if num_returns == 1:
+            return first
+        parts = [Pin(stream, target, next(self._counter(stream, stage, target))) for _ in range(1, num_returns)]
+        return (first, *(_Call(handle.call.remote("part", seq, k, **{PIN_KW: p}), stage, p)
+                         for k, p in enumerate(parts, 1)))
 
     @staticmethod
-    def _unpack(value, handle):
+    def _unpack(value):
         if isinstance(value, Failed):       # the stage (or one before it in the chain) raised
             value.raise_()
-        return value[handle.index] if isinstance(handle, _Part) else value
+        return value
 
-    async def get(self, handle) -> Any:
-        return self._unpack(await (handle.response if isinstance(handle, _Part) else handle), handle)
+    async def get(self, handle: _Call) -> Any:
+        try:
+            value = await handle.response
+        except Exception as e:
+            self._failed(handle, e)
+            raise
+        handle.deps = ()
+        return self._unpack(value)
 
-    def result(self, handle, timeout: float | None = None):
+    def result(self, handle: _Call, timeout: float | None = None):
         """``get`` from a thread without an event loop."""
-        resp = handle.response if isinstance(handle, _Part) else handle
-        return self._unpack(resp.result(timeout_s=timeout), handle)
+        try:
+            value = handle.response.result(timeout_s=timeout)
+        except Exception as e:
+            self._failed(handle, e)
+            raise
+        handle.deps = ()
+        return self._unpack(value)
+
+    def _failed(self, call: _Call, exc: BaseException) -> None:
+        """``call``'s response raised: unless it merely ran out of time, its turns are released (in the
+        background: :meth:`_release`)."""
+        if call.released or _unfinished(exc):
+            return
+        call.released = True
+        with self._numbering:
+            if self._releasing is None:
+                self._releasing = cf.ThreadPoolExecutor(2, thread_name_prefix="serve-release")
+        self._releasing.submit(self._release, call)
+
+    def _release(self, call: _Call) -> None:
+        """Tell ``call``'s replica that its turns will never come (one unsequenced ``release`` message), then
+        do the same for each of its ``deps`` that failed too: a crashed replica fails the calls of the chain
+        after it before they reach their replicas, and each would leave a hole there that stalls its
+        session's next call ``CallOrder.skip_after_s``. A dep that succeeded took its turn; one still running
+        after :data:`RELEASE_WAIT_S` is left alone (it takes its turn when it runs). Best effort: a replica that
+        is gone took its order with it; a stream that ended (its session closed: :meth:`release`) has none left
+        to release."""
+        turns = tuple(t for t in call.pin.turns() if t[0] in self._seq)
+        if turns:
+            try:
+                self.handles[call.stage].call.remote("release", turns, **{PIN_KW: Pin(self.caller, call.pin.target)}
+                                                     ).result(timeout_s=RELEASE_WAIT_S)
+            except Exception:  # noqa: BLE001 - gone or unreachable: nothing there waits for these numbers
+                log.debug("release of %s turns %s failed", call.stage, turns, exc_info=True)
+        for dep in call.deps:
+            if dep.released:
+                continue
+            try:
+                dep.response.result(timeout_s=RELEASE_WAIT_S)
+            except Exception as e:  # noqa: BLE001 - failed too: its turns never came either
+                if not _unfinished(e) and not dep.released:
+                    dep.released = True
+                    self._release(dep)
+        call.deps = ()
 
     def put(self, value) -> Any:
         return self.ray.put(value)
@@ -329,12 +511,18 @@ class ServeBackend:
         dropped epoch runs and its results are discarded."""
 
     def is_fault(self, exc: BaseException) -> bool:
+        """A replica that died or cannot be reached (the session recovers), as opposed to a stage's error. A call
+        whose argument's replica crashed fails with Serve's ``RayServeException`` ("an upstream actor died
+        before finishing a dependent task"), Ray's error as its cause: a fault too."""
         from ray.serve import exceptions as sex
 
         from .backend import ray_fault_types
 
-        faults = tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",) if hasattr(sex, n))
-        return isinstance(exc, ray_fault_types() + faults + (StageFault, ReplicaGone))
+        faults = ray_fault_types() + tuple(getattr(sex, n) for n in ("DeploymentUnavailableError",)
+                                           if hasattr(sex, n)) + (StageFault, ReplicaGone)
+        if isinstance(exc, sex.RayServeException) and isinstance(exc.__cause__, faults):
+            return True
+        return isinstance(exc, faults)
 
     # -- routing
     def replica_count(self, stage: str) -> int:
@@ -343,8 +531,15 @@ class ServeBackend:
     def assign(self, session_id: str, warm: dict | None = None) -> Route:
         return self.router.assign(session_id, warm)
 
-    def release(self, route: Route) -> None:
+    def release(self, route: Route, session: str | None = None) -> None:
+        """Give ``route``'s replicas back; ``session``: the closed session's id, whose streams end: each
+        replica it called gets a last sequenced ``forget`` (after all its calls there) and drops its order;
+        this ingress drops its numbers."""
         self.router.release(route)
+        stream = self._streams.pop(session, None) if session is not None else None
+        for (stage, target), counter in (self._seq.pop(stream, None) or {}).items():
+            pin = Pin(stream, target, next(counter))
+            _quietly(self.handles[stage].call.remote("forget", **{PIN_KW: pin}))
 
     def rebind(self) -> list[tuple]:
         """Slots whose replica is gone get the replica Serve started in its place (:func:`.pinning.rebind_slots`).
@@ -358,9 +553,10 @@ class ServeBackend:
                     if rid not in live[stage] or (stage, i) in moved:
                         self.router.drain(stage, i)
             held = {(s, rid) for s, ids in self.slots.items() for rid in ids}
-            for key in list(self._seq):     # the call numbers of replicas no slot holds any more: forgotten
-                if key not in held:
-                    self._seq.pop(key, None)
+            for nums in list(self._seq.values()):   # the call numbers of replicas no slot holds any more:
+                for key in list(nums):               # forgotten
+                    if key not in held:
+                        nums.pop(key, None)
         return moved
 
     async def refresh(self, timeout: float = 1.0) -> None:
@@ -451,10 +647,34 @@ class ServeBackend:
     def shutdown(self) -> None:
         from ray import serve
 
+        if getattr(self, "_releasing", None) is not None:
+            self._releasing.shutdown(wait=False, cancel_futures=True)
         try:
             serve.delete(self.app)
         except Exception:  # noqa: BLE001 - best effort at exit
             log.debug("serve.delete failed", exc_info=True)
+
+
+#: the tasks of :func:`_quietly` (the event loop keeps only weak references to tasks)
+_FETCHING: set = set()
+
+
+def _quietly(response) -> None:
+    """Fetch ``response`` in the background, its error ignored (a message whose answer nobody reads: Ray would
+    log a failed one as an unhandled error)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    async def fetch():
+        try:
+            await asyncio.wait_for(response, RELEASE_WAIT_S)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the replica may be gone: nothing to forget
+            pass
+    task = loop.create_task(fetch())
+    _FETCHING.add(task)
+    task.add_done_callback(_FETCHING.discard)
 
 
 def engine_backend(engine: str):

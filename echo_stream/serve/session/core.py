@@ -299,7 +299,7 @@ class Session(EpochSwitching):
                         if self.record is not None:
                             self.record.checkpoint(ck)
                 for w in wins:
-                    out = await self.link.batcher.submit(w)
+                    out = await self.link.batcher.submit(w, self.id)
                     if c.epoch != self.epoch:
                         break
                     r = run_chain(self.call, out, first=_AFTER_BATCH)

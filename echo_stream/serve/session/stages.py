@@ -58,8 +58,10 @@ class StageLink:
         return self.batchers[self.route[BATCHED] % len(self.batchers)]
 
     def call(self, stage: str, method: str, *args, num_returns: int = 1):
-        """``backend.call`` on this session's replica of ``stage`` (every call of the session goes through here)."""
-        return self.backend.call(stage, method, *args, num_returns=num_returns, replica=self.route[stage])
+        """``backend.call`` on this session's replica of ``stage`` (every call of the session goes through here),
+        ordered with the session's other calls there (on Serve: the session's stream)."""
+        return self.backend.call(stage, method, *args, num_returns=num_returns, replica=self.route[stage],
+                                 session=self.session_id)
 
     def _close_state(self, iid: str) -> None:
         for stage in STAGES:                         # after the epoch's queued calls (per-actor order)
@@ -105,7 +107,7 @@ class StageLink:
         self._close_state(self.iid)
         if not self._released:
             self._released = True
-            self.backend.release(self.route)
+            self.backend.release(self.route, self.session_id)
 
     def discard(self, handles) -> None:
         """Fetch results nobody will use, quietly, in the background: Ray logs every failed result that is never

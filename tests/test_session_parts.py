@@ -254,7 +254,7 @@ class _Backend:
     """Records calls; each call's handle is its result, fetched as is (an exception is raised)."""
 
     def __init__(self, fail: dict | None = None):
-        self.calls, self.fail, self.released = [], fail or {}, []
+        self.calls, self.fail, self.released, self.ended = [], fail or {}, [], []
 
     def assign(self, session_id, warm=None):
         return {"decode": 0, "features": 1, "memory": 0, "diffusion": 1, "render": 0}
@@ -262,9 +262,12 @@ class _Backend:
     def release(self, route, session=None):
         self.released.append((dict(route), session))
 
+    def end_stream(self, session):
+        self.ended.append(session)
+
     def call(self, stage, method, *args, num_returns=1, replica=0, session=None):
-        assert session == "sid"                       # every call names its session (Serve orders by it)
-        self.calls.append((stage, method, replica) + args)
+        assert session.startswith("sid/")             # every call names its epoch's stream (Serve orders by it)
+        self.calls.append((stage, method, replica) + args + (session,))
         return self.fail.get((stage, method))
 
     def put(self, value):
@@ -299,6 +302,7 @@ def test_stage_link_switches_epochs_and_restores_there():
     link.new_epoch()
     assert link.iid == "sid/1" and {c[1] for c in b.calls} == {"close_session"}
     assert {(c[0], c[2], c[3]) for c in b.calls} == {(s, r, "sid/0") for s, r in link.route.items()}
+    assert {c[-1] for c in b.calls} == {"sid/0"} and b.ended == ["sid/0"]   # closed in the old epoch's stream
     b.calls.clear()
     rs = ResumeState()
     rs.checkpoint = b"ck"
@@ -307,10 +311,10 @@ def test_stage_link_switches_epochs_and_restores_there():
     asyncio.run(link.open_epoch(4, rs.restore(8, 8)))
     methods = [c[:2] for c in b.calls]
     assert methods.index(("memory", "set_stride")) < methods.index(("memory", "import_state"))
-    assert ("diffusion", "import_state") in methods and all(c[3] == "sid/1" for c in b.calls)
+    assert ("diffusion", "import_state") in methods and all(c[3] == "sid/1" == c[-1] for c in b.calls)
     link.close()
     link.close()
-    assert b.released == [(link.route, "sid")]        # once, naming the session (its call order ends)
+    assert b.released == [(link.route, "sid/1")]      # once, naming the epoch (its call order ends)
 
 
 def test_stage_link_open_maps_input_errors_and_passes_faults_through():

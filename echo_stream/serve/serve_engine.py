@@ -536,7 +536,13 @@ class ServeBackend:
         replica it called gets a last sequenced ``forget`` (after all its calls there) and drops its order;
         this ingress drops its numbers."""
         self.router.release(route)
-        stream = self._streams.pop(session, None) if session is not None else None
+        if session is not None:
+            self.end_stream(session)
+
+    def end_stream(self, session: str) -> None:
+        """End ``session``'s stream (an epoch of a session: ``Session.iid``): each replica it called gets a last
+        sequenced ``forget`` and drops its order; this ingress drops its numbers."""
+        stream = self._streams.pop(session, None)
         for (stage, target), counter in (self._seq.pop(stream, None) or {}).items():
             pin = Pin(stream, target, next(counter))
             _quietly(self.handles[stage].call.remote("forget", **{PIN_KW: pin}))
@@ -595,7 +601,11 @@ class ServeBackend:
         """One round of :meth:`wait_ready` for one stage: every replica asked at once; True when the stage is
         ready (``route``'s replica answers, or it moved to one that does; without ``route``: all answer)."""
         mine = route[stage] if route is not None else None
-        order = ([mine] if mine is not None else []) + [i for i in self.router.by_load(stage) if i != mine]
+        # a drained slot (its replica gone, or just re-bound and not yet seen to answer) comes last: Serve may
+        # not route to a replacement yet, and a call there would wait and be refused
+        late = [mine] if mine is not None and mine in self.router.draining[stage] else []
+        order = ([mine] if mine is not None and not late else []) + \
+            [i for i in self.router.by_load(stage) if i != mine] + late
         wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
         oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
         ok = [i for i, good in zip(order, oks) if good]

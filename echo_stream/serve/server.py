@@ -37,6 +37,8 @@ from .wire import Limits
 log = logging.getLogger(__name__)
 
 SERVICE = "echo_stream.v1.AvatarStream"
+#: a resumed session's first open attempt is given up after this long (then it moves and opens again)
+RESUME_OPEN_TIMEOUT_S = 1.5
 SESSION_METHOD = f"/{SERVICE}/Session"
 CONTROL_METHOD = f"/{SERVICE}/Control"
 
@@ -535,9 +537,12 @@ class AvatarServer:
             await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route)
         asked = time.perf_counter() - t
         try:
-            await session.open(point, record)
+            if point is None:
+                await session.open(point, record)
+            else:   # right after a loss, a call may wait ~3 s for Serve to refuse it: given up after 1.5 s
+                await asyncio.wait_for(session.open(point, record), RESUME_OPEN_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001
-            if not self.backend.is_fault(e):
+            if not (self.backend.is_fault(e) or isinstance(e, asyncio.TimeoutError)):
                 raise
             log.info("session %s: a stage replica of its route did not answer at open (%s): moving",
                      session.id[:8], type(e).__name__)

@@ -299,7 +299,7 @@ class Session(EpochSwitching):
                         if self.record is not None:
                             self.record.checkpoint(ck)
                 for w in wins:
-                    out = await self.link.batcher.submit(w, self.id)
+                    out = await self.link.batcher.submit(w, self.link.iid_of(c.epoch))
                     if c.epoch != self.epoch:
                         break
                     r = run_chain(self.call, out, first=_AFTER_BATCH)

@@ -46,7 +46,7 @@ class StageLink:
             else [batchers]
         self.route = backend.assign(session_id, warm={"render": portrait_key(spec)})
         self.epoch = 0
-        self.iid = f"{self._prefix}/0"
+        self.iid = self.iid_of(0)
         self.incarnations: dict = {}
         self._redact = redact
         self._portrait_ref = None
@@ -57,16 +57,22 @@ class StageLink:
         """The batcher of the diffusion replica that holds this session's state."""
         return self.batchers[self.route[BATCHED] % len(self.batchers)]
 
-    def call(self, stage: str, method: str, *args, num_returns: int = 1):
+    def call(self, stage: str, method: str, *args, num_returns: int = 1, iid: str | None = None):
         """``backend.call`` on this session's replica of ``stage`` (every call of the session goes through here),
-        ordered with the session's other calls there (on Serve: the session's stream)."""
+        ordered with the epoch's other calls there (on Serve: the stream of the epoch ``iid``, default the
+        current one: a new epoch — a recovery — starts new streams, so a call of a failed epoch that never
+        reached its replica cannot hold the new epoch's calls back)."""
         return self.backend.call(stage, method, *args, num_returns=num_returns, replica=self.route[stage],
-                                 session=self.session_id)
+                                 session=iid or self.iid)
+
+    def iid_of(self, epoch: int) -> str:
+        """The stages' id of epoch ``epoch`` of this session."""
+        return f"{self._prefix}/{epoch}"
 
     def _close_state(self, iid: str) -> None:
-        for stage in STAGES:                         # after the epoch's queued calls (per-actor order)
+        for stage in STAGES:                         # after the epoch's queued calls (its stream's order)
             try:
-                self.call(stage, "close_session", iid)
+                self.call(stage, "close_session", iid, iid=iid)
             except Exception:  # noqa: BLE001
                 pass
 
@@ -74,8 +80,11 @@ class StageLink:
         """Switch to the next epoch; the old one's state is closed in every stage."""
         old = self.iid
         self.epoch += 1
-        self.iid = f"{self._prefix}/{self.epoch}"
+        self.iid = self.iid_of(self.epoch)
         self._close_state(old)
+        end = getattr(self.backend, "end_stream", None)
+        if end is not None:                          # (Serve) the old epoch's streams end after its close
+            end(old)
 
     async def open_epoch(self, stride: int, restore: Restore | None) -> None:
         """Prepare every stage for the current epoch (``restore``: the state it continues from). A stage
@@ -107,7 +116,7 @@ class StageLink:
         self._close_state(self.iid)
         if not self._released:
             self._released = True
-            self.backend.release(self.route, self.session_id)
+            self.backend.release(self.route, self.iid)
 
     def discard(self, handles) -> None:
         """Fetch results nobody will use, quietly, in the background: Ray logs every failed result that is never

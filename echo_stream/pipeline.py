@@ -68,6 +68,9 @@ class PipelineOptions:
     #: the most replicas an autoscaled stage may reach (``serve --autoscale``): the start checks the cluster's
     #: CPUs and GPUs against these, so that scaling up never waits for resources the cluster lacks
     max_replicas: dict[str, int] = field(default_factory=dict)
+    #: autoscaled stages, ``{stage: serve.autoscale.ScaleSpec}`` (``serve --autoscale``): the Serve engine gives
+    #: their deployments an ``autoscaling_config`` (the actor engine's autoscaler is the server's own)
+    autoscale: dict = field(default_factory=dict)
     #: reserve each GPU stage's GPU share per replica: None = with a CUDA device (the normal case). True
     #: reserves them whatever the device: a test seam, to check placement on fake GPU resources
     #: (``ray.init(num_gpus=2)``) with actors that compute on the CPU

@@ -15,10 +15,11 @@ SIZE = 96
 
 @contextlib.contextmanager
 def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: dict | None = None,
-                engine: str = "actors"):
+                engine: str = "actors", autoscale: dict | None = None):
     """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px (``replicas``:
     actors per stage, as ``--replicas``; ``max_replicas``: the most an autoscaled stage may reach); ``engine``
-    "serve": the stages as a Ray Serve application instead (``serve --engine serve``)."""
+    "serve": the stages as a Ray Serve application instead (``serve --engine serve``; ``autoscale``: its
+    autoscaled stages, ``{stage: ScaleSpec}``)."""
     import ray
 
     from echo_stream.serve.backend import RayBackend
@@ -29,7 +30,8 @@ def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: di
     try:
         engine_cls = {"actors": RayBackend, "serve": ServeBackend}[engine]
         backend = engine_cls.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {}),
-                                                   max_replicas=dict(max_replicas or {})), max_restarts=-1)
+                                                   max_replicas=dict(max_replicas or {}),
+                                                   autoscale=dict(autoscale or {})), max_restarts=-1)
         try:
             yield backend
         finally:

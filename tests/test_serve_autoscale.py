@@ -159,3 +159,75 @@ def test_diffusion_scales_up_under_load_and_back_down(where):
         assert router.load["diffusion"] == [0]
         if worker_node is not None:            # the new replica spread to the node the first one is not on
             assert len(nodes) == 2 and worker_node in nodes and len(set(nodes)) == 2, nodes
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_engine_scales_diffusion_on_the_sessions_its_replicas_hold():
+    """``--engine serve --autoscale diffusion=1:2`` (target 1 session per replica): Serve's autoscaler, reading
+    the sessions each diffusion replica holds, starts a second replica while two sessions run; the ingress gives
+    it a slot and a batcher, and a third session lands there; after they end Serve goes back to one replica.
+    Every frame of every session exactly once, no GAP."""
+    from echo_stream.serve.client import AvatarClient, SessionResult
+
+    spec = ScaleSpec(1, 2, target=1.0, up_delay_s=0.3, down_delay_s=1.0)
+    with ray_backend(96, engine="serve", replicas={"diffusion": 1}, autoscale={"diffusion": spec}) as backend, \
+            server_thread(backend, max_sessions=4, autoscale={"diffusion": spec}) as (st, target):
+        running, routes = [], {}
+
+        async def probe(stop):
+            while not stop.is_set():
+                running.append(backend.running["diffusion"])
+                routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
+                await asyncio.sleep(0.1)
+
+        async def session(c, i, until):
+            audio = mediagen.speech_like(120.0, 16000, seed=60 + i)
+            s = await c.open(output="motion", seed=i)
+            res = SessionResult(session_id=s.session_id)
+
+            async def read():
+                async for m in s.messages():
+                    res.add(m)
+            reader = asyncio.get_running_loop().create_task(read())
+            k, t0 = 0, time.monotonic()
+            while not (until.is_set() and k >= 16000) and k < len(audio):
+                await s.send_avatar_audio(audio[k:k + 1280])
+                k += 1280
+                await asyncio.sleep(max(0.0, t0 + k / 16000 - time.monotonic()))
+            await s.end()
+            await reader
+            return res, k / 16000
+
+        async def main():
+            stop, done = asyncio.Event(), asyncio.Event()
+            watcher = asyncio.get_running_loop().create_task(probe(stop))
+            async with AvatarClient(target) as c:
+                first = [asyncio.get_running_loop().create_task(session(c, i, done)) for i in range(2)]
+                t_load = time.monotonic()
+                while not (backend.replica_count("diffusion") == 2 and 1 not in backend.router.draining["diffusion"]):
+                    assert time.monotonic() < t_load + 150, f"Serve did not scale diffusion up within 150 s: {running}"
+                    assert not any(t.done() for t in first), [t.result() for t in first if t.done()]
+                    await asyncio.sleep(0.2)
+                print(f"Serve scaled diffusion up; its slot takes sessions {time.monotonic() - t_load:.1f} s after the "
+                      "second session opened")
+                third = asyncio.get_running_loop().create_task(session(c, 2, done))
+                await asyncio.sleep(2.0)
+                done.set()
+                results = await asyncio.gather(*first, third)
+            t_end = time.monotonic()
+            while backend.running["diffusion"] > 1:
+                assert time.monotonic() < t_end + 60, f"Serve did not scale diffusion down within 60 s: {running[-20:]}"
+                await asyncio.sleep(0.2)
+            print(f"Serve back to 1 diffusion replica {time.monotonic() - t_end:.1f} s after the sessions ended")
+            stop.set()
+            await watcher
+            return results
+
+        results = asyncio.run(main())
+        assert running[0] == 1 and max(running) == 2 and backend.running["diffusion"] == 1, running
+        assert len(st.server.batchers) == 2                     # the new slot got its batcher
+        assert [routes[r.session_id] for r, _ in results] == [0, 0, 1]
+        for res, seconds in results:
+            replicated.check_exactly_once(res, replicated.frames_of(seconds))
+            assert not replicated.gaps(res) and res.stats.recoveries == 0

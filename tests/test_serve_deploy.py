@@ -94,12 +94,37 @@ def test_build_app_names_bad_arguments():
                        ({"prot": 50051}, "args: not options of echo-stream serve: --prot 50051"),
                        ({"ingress_replicas": 0}, "args.ingress_replicas: must be a whole number >= 1"),
                        ({"host": "0.0.0.0"}, "needs bearer tokens"),
-                       ({"autoscale": "diffusion=1:2"}, "--autoscale: is not supported by --engine serve"),
+                       ({"autoscale": "diffusion=1:2", "replicas": "diffusion=2"},
+                        "--autoscale: diffusion is named in --replicas too"),
                        ({"engine": "actors"}, "args.engine: the Serve application runs the stages on Serve"),
                        ({"port": "fifty"}, "args.port: invalid int value: 'fifty'")]:
         with pytest.raises(InputError) as e:
             build_app(args)
         assert says in str(e.value), (args, str(e.value))
+
+
+def test_autoscaled_stage_deploys_with_the_sessions_policy():
+    """``autoscale: diffusion=1:3`` gives the diffusion deployment Serve's autoscaling on the sessions its replicas
+    hold (our policy class, our target and delays); the other stages keep fixed counts."""
+    from echo_stream.serve.serve_engine import build_app
+    from echo_stream.serve.serve_scaling import SessionsPolicy
+
+    stack, found = [build_app({"autoscale": "diffusion=1:3", "scale_target": 2, "scale_down_delay": 7})], {}
+    while stack:
+        d = stack.pop()._bound_deployment
+        found[d.name] = d._deployment_config.autoscaling_config
+        stack += [v for v in d.init_kwargs.values() if hasattr(v, "_bound_deployment")]
+    cfg = found["diffusion"]
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.initial_replicas, cfg.downscale_delay_s) == (1, 3, 1, 7.0)
+    assert cfg.policy.policy_kwargs == {"target": 2.0}
+    assert cfg.policy.get_policy() is SessionsPolicy
+    assert all(found[s] is None for s in ("decode", "features", "memory", "render"))
+    # the policy: ceil(sessions / target), never under MIN
+    ctx = type("Ctx", (), {"aggregated_metrics": {"sessions": {"r1": 3.0, "r2": 2.0}},
+                           "capacity_adjusted_min_replicas": 1})()
+    assert SessionsPolicy(2.0)(ctx)[0] == 3
+    ctx.aggregated_metrics = {}
+    assert SessionsPolicy(2.0)(ctx)[0] == 1
 
 
 def test_build_app_waits_for_gpu_nodes_to_join_then_refuses_naming_the_gpus(monkeypatch):

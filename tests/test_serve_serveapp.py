@@ -428,10 +428,16 @@ def test_a_call_with_two_results_answers_with_the_first_and_its_part_call_with_t
 def test_lost_replicas_slots_are_rebound_to_their_replacements():
     slots = {"diffusion": ["a", "b", "c"], "render": ["r"]}
     # b died and Serve started d in its place; c died and has no replacement yet; render untouched
-    assert rebind_slots(slots, {"diffusion": {"a", "d"}, "render": {"r"}}) == [("diffusion", 1)]
+    assert rebind_slots(slots, {"diffusion": {"a", "d"}, "render": {"r"}}) == ([("diffusion", 1)], [])
     assert slots == {"diffusion": ["a", "d", "c"], "render": ["r"]}         # a keeps its slot: its sessions stay
-    assert rebind_slots(slots, {"diffusion": {"a", "d", "e"}, "render": {"r"}}) == [("diffusion", 2)]
-    assert slots["diffusion"] == ["a", "d", "e"] and rebind_slots(slots, {"diffusion": {"a", "d", "e"}}) == []
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e"}, "render": {"r"}}) == ([("diffusion", 2)], [])
+    assert slots["diffusion"] == ["a", "d", "e"] and rebind_slots(slots, {"diffusion": {"a", "d", "e"}}) == ([], [])
+    # Serve's autoscaler: one more replica -> a new slot at the end; one removed -> its slot stays, empty,
+    # until a later replica takes it (the others keep their numbers)
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e", "f"}}) == ([], [("diffusion", 3)])
+    assert slots["diffusion"] == ["a", "d", "e", "f"]
+    assert rebind_slots(slots, {"diffusion": {"a", "e", "f"}}) == ([], []) and slots["diffusion"][1] == "d"
+    assert rebind_slots(slots, {"diffusion": {"a", "e", "f", "g"}}) == ([("diffusion", 1)], [])
 
 
 def test_a_call_running_too_long_fails_the_health_check():
@@ -476,10 +482,7 @@ def test_pinned_router_sends_a_call_to_its_replica_or_anywhere_when_that_one_is_
     assert asyncio.run(choose(None, [], None)) == []
 
 
-def test_autoscale_is_refused_by_the_serve_engine(capsys):
-    assert cli.main(["serve", "--port", "0", "--engine", "serve", "--autoscale", "diffusion=1:2"]) == 1
-    err = capsys.readouterr().err
-    assert "--autoscale: is not supported by --engine serve" in err and "Traceback" not in err
+def test_serve_engine_choice_is_checked(capsys):
     with pytest.raises(SystemExit) as e:                                       # not one of the choices
         cli.main(["serve", "--port", "0", "--engine", "serv"])
     assert e.value.code == 2 and "--engine: invalid choice: 'serv'" in capsys.readouterr().err

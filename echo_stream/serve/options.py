@@ -34,9 +34,6 @@ def serve_options(args):
     if both:
         raise InputError("--autoscale", f"{', '.join(both)} is named in --replicas too: an autoscaled stage starts "
                                         "with its MIN replicas; name it in one of the two")
-    if autoscale and args.engine != "actors":
-        raise InputError("--autoscale", f"is not supported by --engine {args.engine}: give the replicas with "
-                                        "--replicas (or use --engine actors)")
     replicas.update({stage: spec.min for stage, spec in autoscale.items()})
     resume_ttl = getattr(args, "resume_ttl", 120.0)
     if not resume_ttl >= 0:
@@ -65,5 +62,6 @@ def serve_options(args):
                         resume_ttl_s=resume_ttl, resume_shards=resume_shards)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
-                            max_replicas={stage: spec.max for stage, spec in autoscale.items()})
+                            max_replicas={stage: spec.max for stage, spec in autoscale.items()},
+                            autoscale=autoscale if args.engine == "serve" else {})
     return opts, popts

@@ -174,19 +174,24 @@ class CallOrder:
         self._finished.pop(stream, None)
 
 
-def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> list[tuple]:
+def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> tuple[list[tuple], list[tuple]]:
     """Re-bind (in place) each slot of the router table whose replica is no longer ``live`` to a live replica of
-    its stage that no slot holds (the one Serve started in its place); returns ``(stage, slot)`` of each slot
-    re-bound. A slot with no such replica yet keeps its old id: calls to it are refused (a fault), so its
-    sessions wait for the replacement or move to another slot."""
-    moved = []
+    its stage that no slot holds (the one Serve started in its place); a live replica left over (Serve's
+    autoscaler added one) gets a new slot at the end. Returns ``(moved, added)``: ``(stage, slot)`` of each
+    slot re-bound, and of each slot added. A slot with no such replica keeps its old id: calls to it are refused
+    (a fault), so its sessions move to another slot (or wait for the replacement); after a scale-down it stays
+    empty (drained) until a later replica takes it."""
+    moved, added = [], []
     for stage, ids in slots.items():
         spare = sorted(set(live.get(stage, ())) - set(ids))
         for i, rid in enumerate(ids):
             if rid not in live.get(stage, ()) and spare:
                 ids[i] = spare.pop(0)
                 moved.append((stage, i))
-    return moved
+        for rid in spare:
+            ids.append(rid)
+            added.append((stage, len(ids) - 1))
+    return moved, added
 
 
 class StuckCheck:

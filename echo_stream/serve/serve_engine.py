@@ -35,6 +35,8 @@ from ..chain import PIPELINE, STAGES
 from .backend import StageFault
 from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
+from .serve_scaling import METRIC as SESSIONS_METRIC
+from .serve_scaling import autoscaling_config
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,10 @@ class StageReplica:
         self.parts: dict[str, dict[int, dict]] = {}
         self.stuck = StuckCheck(STUCK_AFTER_S)
         self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.host.stage.name}")
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metric: the sessions this replica's stage holds (:mod:`.serve_scaling`)."""
+        return {SESSIONS_METRIC: self.host.stage.sessions()}
 
     async def call(self, method: str, *args, _pin: Pin | None = None):
         if _pin is not None and _pin.target != self.replica_id:
@@ -223,9 +229,10 @@ class StageReplica:
         self.stuck.check(f"{self.host.stage.name} replica {self.replica_id}")
 
 
-def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False):
+def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False, scale=None):
     """The Serve deployment of one stage (not bound): ``replicas`` replicas, the stage's CPUs, its GPU share
-    when ``gpu``."""
+    when ``gpu``; ``scale`` (an :class:`~.autoscale.ScaleSpec`): Serve autoscales it on the sessions its
+    replicas hold (:mod:`.serve_scaling`) instead."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -233,8 +240,10 @@ def stage_deployment(name: str, stage, replicas: int = 1, gpu: bool = False):
     opts = {"num_cpus": stage.resources.get("num_cpus", 0.5)}
     if gpu and spec.gpu_share:
         opts["num_gpus"] = spec.gpu_share
+    count = {"num_replicas": int(replicas)} if scale is None else \
+        {"num_replicas": "auto", "autoscaling_config": autoscaling_config(scale)}
     return serve.deployment(StageReplica).options(
-        name=name, num_replicas=int(replicas), ray_actor_options=opts, max_ongoing_requests=MAX_ONGOING,
+        name=name, **count, ray_actor_options=opts, max_ongoing_requests=MAX_ONGOING,
         health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         request_router_config=RequestRouterConfig(request_router_class=PinnedRouter), logging_config=QUIET)
 
@@ -249,7 +258,8 @@ def stage_applications(opts) -> dict:
     stages = build_stages(opts)
     counts = replica_counts(opts.replicas)
     gpu = reserves_gpus(opts.device, opts.reserve_gpus)
-    return {name: stage_deployment(name, stages[name], counts[name], gpu)
+    scale = getattr(opts, "autoscale", None) or {}
+    return {name: stage_deployment(name, stages[name], counts[name], gpu, scale.get(name))
             .bind(cloudpickle.dumps(stages[name])) for name in STAGES}
 
 
@@ -288,6 +298,10 @@ def _unfinished(exc: BaseException) -> bool:
 class ServeBackend:
     """The backend interface of :class:`~echo_stream.serve.backend.RayBackend`, on Serve deployments."""
 
+    #: Serve adds and removes replicas itself (``autoscaling_config``): the server's own autoscaler stays off, and
+    #: new replicas become new slots when :meth:`rebind` sees them
+    autoscales = True
+
     def __init__(self, handles: dict, app: str = APP, expected: dict | None = None, bind_timeout_s: float = 300.0):
         """``handles``: each stage's deployment handle; ``expected``: replicas per stage to wait for (default 1
         each) — the slots of the router table are the replicas alive then (at most ``bind_timeout_s`` later)."""
@@ -305,6 +319,7 @@ class ServeBackend:
         while True:
             live = self._live()
             self.slots = {s: sorted(ids) for s, ids in live.items()}
+            self.running = {s: len(ids) for s, ids in live.items()}
             if all(len(self.slots[s]) >= want[s] for s in STAGES):
                 break
             if time.monotonic() > deadline:
@@ -553,10 +568,14 @@ class ServeBackend:
         :meth:`refresh` has seen its replica answer: a replacement is a named actor before Serve routes to it."""
         live = self._live()
         with self._rebinding:               # the server's monitor and recovering sessions re-bind in threads
-            moved = rebind_slots(self.slots, live)
+            self.running = {s: len(ids) for s, ids in live.items()}
+            moved, added = rebind_slots(self.slots, live)
+            for stage, i in added:          # a replica Serve's autoscaler started: a new slot (drained till it answers)
+                assert self.router.add(stage) == i
+                log.info("stage %s: a new replica (slot %d, %d slots)", stage, i, len(self.slots[stage]))
             for stage, ids in self.slots.items():
                 for i, rid in enumerate(ids):
-                    if rid not in live[stage] or (stage, i) in moved:
+                    if rid not in live[stage] or (stage, i) in moved or (stage, i) in added:
                         self.router.drain(stage, i)
             held = {(s, rid) for s, ids in self.slots.items() for rid in ids}
             for nums in list(self._seq.values()):   # the call numbers of replicas no slot holds any more:

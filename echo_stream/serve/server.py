@@ -206,7 +206,7 @@ class AvatarServer:
         self._toucher = asyncio.get_running_loop().create_task(self._touch_records(), name="resume-records") \
             if self.records is not None else None
         self._scaler = asyncio.get_running_loop().create_task(self._autoscale(), name="autoscaler") \
-            if self.opts.autoscale else None
+            if self.opts.autoscale and not getattr(self.backend, "autoscales", False) else None
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
                                           ("grpc.max_send_message_length", lim)])
@@ -320,6 +320,21 @@ class AvatarServer:
                 known[(stage, replica)] = inc
             for key in set(known) - set(now):      # a replica removed by autoscaling
                 del known[key]
+            self._follow_replicas()
+
+    def _follow_replicas(self) -> None:
+        """A backend that scales itself (Serve) added diffusion replicas: each gets its batcher (routes index
+        batchers by replica); the replica counts are exported. (The actor engine's autoscaler adds its own.)"""
+        if not getattr(self.backend, "autoscales", False):
+            return
+        while len(self.batchers) < self.backend.replica_count(BATCHED):
+            b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=len(self.batchers))
+            b.start()
+            self.batchers.append(b)
+        running = getattr(self.backend, "running", None)      # replicas Serve runs (slots may stay empty)
+        if running:
+            for stage in self.opts.autoscale:
+                metrics.REPLICAS.labels(stage).set(running.get(stage, 0))
 
     async def _autoscale(self) -> None:
         """The autoscaled stages' replicas follow their sessions (policy and design: :mod:`.autoscale`)."""

@@ -682,6 +682,13 @@ class ServeBackend:
             serve.delete(self.app)
         except Exception:  # noqa: BLE001 - best effort at exit
             log.debug("serve.delete failed", exc_info=True)
+        # the handles' routers run on in this process otherwise: for an autoscaled deployment they push metrics
+        # to the controller every few seconds, and after ray.shutdown() that call started a new local Ray
+        for h in self.handles.values():
+            try:
+                h.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                log.debug("a handle's shutdown failed", exc_info=True)
 
 
 #: the tasks of :func:`_quietly` (the event loop keeps only weak references to tasks)

@@ -78,6 +78,29 @@ def _autoscaled_backend(where: str):
             backend.shutdown()
 
 
+async def _realtime_session(c, i: int, until: asyncio.Event, seed: int):
+    """A motion session of client ``c`` sending audio in real time until ``until`` is set (and at least 1 s);
+    returns (its result, seconds sent)."""
+    from echo_stream.serve.client import SessionResult
+
+    audio = mediagen.speech_like(120.0, 16000, seed=seed)
+    s = await c.open(output="motion", seed=i)
+    res = SessionResult(session_id=s.session_id)
+
+    async def read():
+        async for m in s.messages():
+            res.add(m)
+    reader = asyncio.get_running_loop().create_task(read())
+    k, t0 = 0, time.monotonic()
+    while not (until.is_set() and k >= 16000) and k < len(audio):
+        await s.send_avatar_audio(audio[k:k + 1280])
+        k += 1280
+        await asyncio.sleep(max(0.0, t0 + k / 16000 - time.monotonic()))
+    await s.end()
+    await reader
+    return res, k / 16000
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "cluster"])
@@ -99,26 +122,8 @@ def test_diffusion_scales_up_under_load_and_back_down(where):
                 routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
                 await asyncio.sleep(0.1)
 
-        async def session(c, i, until):
-            """Real-time audio until ``until`` is set (and at least 1 s); returns (result, seconds sent)."""
-            from echo_stream.serve.client import SessionResult
-
-            audio = mediagen.speech_like(120.0, 16000, seed=40 + i)
-            s = await c.open(output="motion", seed=i)
-            res = SessionResult(session_id=s.session_id)
-
-            async def read():
-                async for m in s.messages():
-                    res.add(m)
-            reader = asyncio.get_running_loop().create_task(read())
-            k, t0 = 0, time.monotonic()
-            while not (until.is_set() and k >= 16000) and k < len(audio):
-                await s.send_avatar_audio(audio[k:k + 1280])
-                k += 1280
-                await asyncio.sleep(max(0.0, t0 + k / 16000 - time.monotonic()))
-            await s.end()
-            await reader
-            return res, k / 16000
+        def session(c, i, until):
+            return _realtime_session(c, i, until, seed=40 + i)
 
         async def main():
             from echo_stream.serve.client import AvatarClient
@@ -168,7 +173,7 @@ def test_serve_engine_scales_diffusion_on_the_sessions_its_replicas_hold():
     the sessions each diffusion replica holds, starts a second replica while two sessions run; the ingress gives
     it a slot and a batcher, and a third session lands there; after they end Serve goes back to one replica.
     Every frame of every session exactly once, no GAP."""
-    from echo_stream.serve.client import AvatarClient, SessionResult
+    from echo_stream.serve.client import AvatarClient
 
     spec = ScaleSpec(1, 2, target=1.0, up_delay_s=0.3, down_delay_s=1.0)
     with ray_backend(96, engine="serve", replicas={"diffusion": 1}, autoscale={"diffusion": spec}) as backend, \
@@ -181,23 +186,8 @@ def test_serve_engine_scales_diffusion_on_the_sessions_its_replicas_hold():
                 routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
                 await asyncio.sleep(0.1)
 
-        async def session(c, i, until):
-            audio = mediagen.speech_like(120.0, 16000, seed=60 + i)
-            s = await c.open(output="motion", seed=i)
-            res = SessionResult(session_id=s.session_id)
-
-            async def read():
-                async for m in s.messages():
-                    res.add(m)
-            reader = asyncio.get_running_loop().create_task(read())
-            k, t0 = 0, time.monotonic()
-            while not (until.is_set() and k >= 16000) and k < len(audio):
-                await s.send_avatar_audio(audio[k:k + 1280])
-                k += 1280
-                await asyncio.sleep(max(0.0, t0 + k / 16000 - time.monotonic()))
-            await s.end()
-            await reader
-            return res, k / 16000
+        def session(c, i, until):
+            return _realtime_session(c, i, until, seed=60 + i)
 
         async def main():
             stop, done = asyncio.Event(), asyncio.Event()

@@ -432,12 +432,16 @@ def test_lost_replicas_slots_are_rebound_to_their_replacements():
     assert slots == {"diffusion": ["a", "d", "c"], "render": ["r"]}         # a keeps its slot: its sessions stay
     assert rebind_slots(slots, {"diffusion": {"a", "d", "e"}, "render": {"r"}}) == ([("diffusion", 2)], [])
     assert slots["diffusion"] == ["a", "d", "e"] and rebind_slots(slots, {"diffusion": {"a", "d", "e"}}) == ([], [])
-    # Serve's autoscaler: one more replica -> a new slot at the end; one removed -> its slot stays, empty,
-    # until a later replica takes it (the others keep their numbers)
-    assert rebind_slots(slots, {"diffusion": {"a", "d", "e", "f"}}) == ([], [("diffusion", 3)])
+    # a fixed stage never grows: a replacement listed while the replica it replaces still is waits unbound
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e", "f"}}) == ([], []) and len(slots["diffusion"]) == 3
+    # Serve's autoscaler (an autoscaled stage, at most 4): one more replica -> a new slot at the end; one
+    # removed -> its slot stays, empty, until a later replica takes it (the others keep their numbers)
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e", "f"}}, {"diffusion": 4}) == ([], [("diffusion", 3)])
     assert slots["diffusion"] == ["a", "d", "e", "f"]
-    assert rebind_slots(slots, {"diffusion": {"a", "e", "f"}}) == ([], []) and slots["diffusion"][1] == "d"
-    assert rebind_slots(slots, {"diffusion": {"a", "e", "f", "g"}}) == ([("diffusion", 1)], [])
+    assert rebind_slots(slots, {"diffusion": {"a", "d", "e", "f", "x"}}, {"diffusion": 4}) == ([], [])  # at most 4
+    assert rebind_slots(slots, {"diffusion": {"a", "e", "f"}}, {"diffusion": 4}) == ([], []) \
+        and slots["diffusion"][1] == "d"
+    assert rebind_slots(slots, {"diffusion": {"a", "e", "f", "g"}}, {"diffusion": 4}) == ([("diffusion", 1)], [])
 
 
 def test_a_call_running_too_long_fails_the_health_check():

@@ -174,13 +174,16 @@ class CallOrder:
         self._finished.pop(stream, None)
 
 
-def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> tuple[list[tuple], list[tuple]]:
+def rebind_slots(slots: dict[str, list], live: dict[str, set],
+                 grow: dict[str, int] | None = None) -> tuple[list[tuple], list[tuple]]:
     """Re-bind (in place) each slot of the router table whose replica is no longer ``live`` to a live replica of
-    its stage that no slot holds (the one Serve started in its place); a live replica left over (Serve's
-    autoscaler added one) gets a new slot at the end. Returns ``(moved, added)``: ``(stage, slot)`` of each
-    slot re-bound, and of each slot added. A slot with no such replica keeps its old id: calls to it are refused
-    (a fault), so its sessions move to another slot (or wait for the replacement); after a scale-down it stays
-    empty (drained) until a later replica takes it."""
+    its stage that no slot holds (the one Serve started in its place); for a stage in ``grow`` (autoscaled: its
+    most replicas), a live replica left over (Serve's autoscaler added one) gets a new slot at the end, up to
+    that many slots. Returns ``(moved, added)``: ``(stage, slot)`` of each slot re-bound, and of each slot
+    added. A slot with no such replica keeps its old id: calls to it are refused (a fault), so its sessions move
+    to another slot (or wait for the replacement); after a scale-down it stays empty (drained) until a later
+    replica takes it. A stage not in ``grow`` never gets a slot more: a replacement that shows up while the
+    replica it replaces is still listed waits, unbound, for that slot."""
     moved, added = [], []
     for stage, ids in slots.items():
         spare = sorted(set(live.get(stage, ())) - set(ids))
@@ -188,8 +191,8 @@ def rebind_slots(slots: dict[str, list], live: dict[str, set]) -> tuple[list[tup
             if rid not in live.get(stage, ()) and spare:
                 ids[i] = spare.pop(0)
                 moved.append((stage, i))
-        for rid in spare:
-            ids.append(rid)
+        while spare and len(ids) < (grow or {}).get(stage, 0):
+            ids.append(spare.pop(0))
             added.append((stage, len(ids) - 1))
     return moved, added
 

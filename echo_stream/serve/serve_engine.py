@@ -302,9 +302,12 @@ class ServeBackend:
     #: new replicas become new slots when :meth:`rebind` sees them
     autoscales = True
 
-    def __init__(self, handles: dict, app: str = APP, expected: dict | None = None, bind_timeout_s: float = 300.0):
+    def __init__(self, handles: dict, app: str = APP, expected: dict | None = None, bind_timeout_s: float = 300.0,
+                 grow: dict | None = None):
         """``handles``: each stage's deployment handle; ``expected``: replicas per stage to wait for (default 1
-        each) — the slots of the router table are the replicas alive then (at most ``bind_timeout_s`` later)."""
+        each) — the slots of the router table are the replicas alive then (at most ``bind_timeout_s`` later);
+        ``grow``: the autoscaled stages' most replicas (their new replicas get new slots, up to that many)."""
+        self.grow = dict(grow or {})
         import ray
 
         from ..chain import replica_counts
@@ -358,7 +361,8 @@ class ServeBackend:
             serve.run(serve.deployment(Hub).options(name="hub", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                                    logging_config=QUIET)
                       .bind(**stage_applications(opts)), name=app, route_prefix=None)
-            backend = cls({s: serve.get_deployment_handle(s, app_name=app) for s in STAGES}, app, opts.replicas)
+            backend = cls({s: serve.get_deployment_handle(s, app_name=app) for s in STAGES}, app, opts.replicas,
+                          grow={s: spec.max for s, spec in (opts.autoscale or {}).items()})
             log.info("Serve stage replicas up in %.2f s, warmed up in %.2f s", time.perf_counter() - t,
                      backend.warm_up() if warm else 0.0)
         except BaseException:
@@ -569,7 +573,7 @@ class ServeBackend:
         live = self._live()
         with self._rebinding:               # the server's monitor and recovering sessions re-bind in threads
             self.running = {s: len(ids) for s, ids in live.items()}
-            moved, added = rebind_slots(self.slots, live)
+            moved, added = rebind_slots(self.slots, live, self.grow)
             for stage, i in added:          # a replica Serve's autoscaler started: a new slot (drained till it answers)
                 assert self.router.add(stage) == i
                 log.info("stage %s: a new replica (slot %d, %d slots)", stage, i, len(self.slots[stage]))
@@ -805,7 +809,8 @@ class Ingress:
         opts, popts = serve_options(parse_app_arguments(argv))
         loop = asyncio.get_running_loop()
         app = serve.get_replica_context().app_name
-        self.backend = await loop.run_in_executor(None, lambda: ServeBackend(stages, app, popts.replicas))
+        self.backend = await loop.run_in_executor(None, lambda: ServeBackend(
+            stages, app, popts.replicas, grow={s: spec.max for s, spec in (popts.autoscale or {}).items()}))
         await self.backend.wait_ready(timeout=600)       # every stage replica routable (they start with us)
         await loop.run_in_executor(None, self.backend.warm_up)
         self.server = AvatarServer(self.backend, opts)

@@ -375,6 +375,7 @@ def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
     b.slots = {s: [f"{s}-1"] for s in STAGES}
     b.slots["diffusion"] = ["d-1", "d-2"]
     b.router, b._rebinding = Router({s: len(v) for s, v in b.slots.items()}), threading.Lock()
+    b.grow = {}                                        # no autoscaled stage
     b._seq = {"c/a": {("diffusion", "d-1"): itertools.count(7), ("diffusion", "d-2"): itertools.count(3)},
               "c/b": {("diffusion", "d-1"): itertools.count(2)}}
     live = {s: set(v) for s, v in b.slots.items()}

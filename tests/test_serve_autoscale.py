@@ -78,6 +78,15 @@ def _autoscaled_backend(where: str):
             backend.shutdown()
 
 
+async def _watch(stop: asyncio.Event, replicas, seen: list, st, routes: dict) -> None:
+    """Every 0.1 s until ``stop``: the diffusion replica count (``replicas()``) into ``seen``, and each running
+    session's diffusion replica into ``routes``."""
+    while not stop.is_set():
+        seen.append(replicas())
+        routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
+        await asyncio.sleep(0.1)
+
+
 async def _realtime_session(c, i: int, until: asyncio.Event, seed: int):
     """A motion session of client ``c`` sending audio in real time until ``until`` is set (and at least 1 s);
     returns (its result, seconds sent)."""
@@ -116,11 +125,8 @@ def test_diffusion_scales_up_under_load_and_back_down(where):
         router = backend.router
         counts, routes = [], {}
 
-        async def probe(stop):
-            while not stop.is_set():
-                counts.append(router.counts["diffusion"])
-                routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
-                await asyncio.sleep(0.1)
+        def probe(stop):
+            return _watch(stop, lambda: router.counts["diffusion"], counts, st, routes)
 
         def session(c, i, until):
             return _realtime_session(c, i, until, seed=40 + i)
@@ -180,11 +186,8 @@ def test_serve_engine_scales_diffusion_on_the_sessions_its_replicas_hold():
             server_thread(backend, max_sessions=4, autoscale={"diffusion": spec}) as (st, target):
         running, routes = [], {}
 
-        async def probe(stop):
-            while not stop.is_set():
-                running.append(backend.running["diffusion"])
-                routes.update({sid: s.route["diffusion"] for sid, s in list(st.server.sessions.items())})
-                await asyncio.sleep(0.1)
+        def probe(stop):
+            return _watch(stop, lambda: backend.running["diffusion"], running, st, routes)
 
         def session(c, i, until):
             return _realtime_session(c, i, until, seed=60 + i)

@@ -20,9 +20,9 @@ class ResumeStore:
     def __init__(self, ttl_s: float = 120.0, max_records: int = 100_000):
         self.records = ResumeRecords(ttl_s=ttl_s, max_records=max_records)
 
-    def create(self, session_id: str, principal: str, digest: str):
+    def create(self, session_id: str, principal: str, digest: str, node: str = ""):
         try:
-            return {"generation": self.records.create(session_id, principal, digest)}
+            return {"generation": self.records.create(session_id, principal, digest, node)}
         except ResumeRefused as e:
             return {"refused": e.code, "message": e.message}
 
@@ -32,9 +32,9 @@ class ResumeStore:
     def touch(self, owned: list) -> list:
         return self.records.touch(owned)
 
-    def claim(self, session_id: str, principal: str, digest: str):
+    def claim(self, session_id: str, principal: str, digest: str, node: str = ""):
         try:
-            generation, record = self.records.claim(session_id, principal, digest)
+            generation, record = self.records.claim(session_id, principal, digest, node)
         except ResumeRefused as e:
             return {"refused": e.code, "message": e.message}
         return {"generation": generation, "record": record}

@@ -64,6 +64,19 @@ def test_records_are_owned_by_one_generation_and_refuse_clearly():
     assert e.value.code == "NOT_FOUND" and "expired" in e.value.message
 
 
+def test_a_claim_hands_back_the_node_of_the_ingress_that_held_the_session():
+    """The record knows which node's ingress holds the session: a claim gives the new ingress the previous
+    holder's node (to avoid its replicas) and records its own, for the next resume."""
+    r = ResumeRecords(ttl_s=10)
+    r.create("s1", "alice", "d1", node="node-a")
+    gen, rec = r.claim("s1", "alice", "d1", node="node-b")
+    assert (gen, rec.node) == (1, "node-a")
+    gen, rec = r.claim("s1", "alice", "d1", node="node-b")        # a second resume: from node-b's ingress
+    assert (gen, rec.node) == (2, "node-b")
+    r.create("s2", "alice", "d1")                                  # an ingress that does not know its node
+    assert r.claim("s2", "alice", "d1", node="node-c")[1].node == ""
+
+
 def test_resume_point_restarts_where_the_previous_motion_is_known():
     recs = ResumeRecords(keep=64)
     recs.create("s", "p", "d")

@@ -360,6 +360,49 @@ def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas
         assert after[s] == before[s]
 
 
+@pytest.mark.parametrize("engine", ["serve", "actors"])
+def test_a_resumed_session_avoids_the_node_of_its_lost_ingress(engine):
+    """A whole node lost: its replicas may still answer for a moment. A session resumed from an ingress on
+    that node moves off the replicas there that answered; one whose stage has no other answering replica keeps
+    its own; without a node to avoid, nothing moves. The nodes come from the replicas' own ping answers."""
+    from echo_stream.pipeline import STAGES
+    from echo_stream.serve.backend import RayBackend, answers
+    from echo_stream.serve.routing import Router
+    from echo_stream.serve.serve_engine import ServeBackend
+
+    lost = {("decode", 0), ("memory", 0), ("diffusion", 0), ("render", 0), ("render", 1)}   # on node "lost"
+    silent = {("features", 1)}                                                            # dead already
+
+    class Pings:                                     # the stage hosts' pings: each answers with its node
+        def call(self, stage, method, replica=0, **_):
+            assert method == "ping"
+            return stage, replica
+
+        async def get(self, handle):
+            if handle in silent:
+                await asyncio.sleep(10)
+            return "lost" if handle in lost else "kept"
+
+    async def main(avoid):
+        b = object.__new__(ServeBackend if engine == "serve" else RayBackend)
+        b.router, b.replica_nodes, pings = Router({s: 2 for s in STAGES}), {}, Pings()
+        b.call, b.get = pings.call, pings.get
+
+        async def ask(stage, i, timeout):
+            return await answers(b, stage, i, timeout)
+
+        async def refresh(timeout=1.0):
+            pass
+        b._answers, b.refresh = ask, refresh
+        route = {s: 0 for s in STAGES}
+        await b.wait_ready(timeout=30, route=route, move_after_s=0.05, **({"avoid_node": avoid} if avoid else {}))
+        return route, b.replica_nodes
+    route, nodes = asyncio.run(main("lost"))
+    assert route == {"decode": 1, "features": 0, "memory": 1, "diffusion": 1, "render": 0}
+    assert nodes[("decode", 0)] == "lost" and nodes[("decode", 1)] == "kept" and ("features", 1) not in nodes
+    assert asyncio.run(main(None))[0] == {s: 0 for s in STAGES}
+
+
 def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
     """A long-running ingress keeps one call counter per (stream, stage, replica); a replica Serve replaced is
     re-bound and its counters dropped, so replacements over days do not pile counters up."""
@@ -372,6 +415,7 @@ def test_rebind_forgets_the_call_numbers_of_replaced_replicas():
 
     b = object.__new__(ServeBackend)
     b._start_order()
+    b.replica_nodes = {}
     b.slots = {s: [f"{s}-1"] for s in STAGES}
     b.slots["diffusion"] = ["d-1", "d-2"]
     b.router, b._rebinding = Router({s: len(v) for s, v in b.slots.items()}), threading.Lock()

@@ -41,6 +41,7 @@ class RayBackend:
         self.ray = ray
         self.runner = runner
         self.router = Router({s: len(r) for s, r in runner.replicas.items()})
+        self.replica_nodes: dict[tuple, str] = {}     # (stage, replica): Ray node id, as its last ping said
 
     @classmethod
     def start(cls, opts: PipelineOptions, address: str | None = None, num_cpus: int | None = None,
@@ -134,13 +135,15 @@ class RayBackend:
     async def _answers(self, stage: str, replica: int, timeout: float) -> bool:
         return await answers(self, stage, replica, timeout)
 
-    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0,
+                         avoid_node: str | None = None) -> None:
         """Wait until the session's replica of every stage answers (every replica without ``route``).
 
         With ``route``, a stage that has other replicas does not wait for a silent one (dead, restarting, on
         a lost node) longer than ``move_after_s``: the route moves (in place) to the least loaded replica that
         answers — the session re-opens there from its checkpoint. A stage with one replica waits for it, up
-        to ``timeout``."""
+        to ``timeout``. ``avoid_node``: a replica known to run on that node is taken only when no other
+        answers (:func:`best_answer`)."""
         deadline = time.monotonic() + timeout
         if route is None:
             for stage, reps in self.runner.replicas.items():
@@ -150,20 +153,21 @@ class RayBackend:
                             raise StageFault(f"stage {stage} (replica {i}) did not come back within {timeout:.0f} s")
                         await asyncio.sleep(0.1)
             return
-        await asyncio.gather(*(self._settle(stage, route, move_after_s, deadline, timeout) for stage in STAGES))
+        await asyncio.gather(*(self._settle(stage, route, move_after_s, deadline, timeout, avoid_node)
+                               for stage in STAGES))
 
-    async def _settle(self, stage: str, route: Route, move_after_s: float, deadline: float, timeout: float) -> None:
+    async def _settle(self, stage: str, route: Route, move_after_s: float, deadline: float, timeout: float,
+                      avoid_node: str | None = None) -> None:
         """One stage of :meth:`wait_ready`: every replica asked at once, the session's own kept if it answers."""
         mine = route[stage]
         while True:
             order = [mine] + [i for i in self.router.by_load(stage) if i != mine]
             wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
-            oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
-            ok = [i for i, good in zip(order, oks) if good]
-            if ok:
-                if ok[0] != mine:
-                    log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
-                    self.router.move(route, stage, ok[0])
+            best = await best_answer(self, stage, order, wait, avoid_node)
+            if best is not None:
+                if best != mine:
+                    _moving(self, stage, mine, best, avoid_node)
+                    self.router.move(route, stage, best)
                 return
             if time.monotonic() > deadline:
                 raise StageFault(f"no replica of stage {stage} came back within {timeout:.0f} s")
@@ -206,12 +210,53 @@ def ray_fault_types() -> tuple:
 
 
 async def answers(backend, stage: str, replica: int, timeout: float) -> bool:
-    """Whether ``backend``'s replica of ``stage`` answers a ping within ``timeout`` s."""
+    """Whether ``backend``'s replica of ``stage`` answers a ping within ``timeout`` s. A stage host answers
+    with its Ray node id, kept in ``backend.replica_nodes[(stage, replica)]`` (:func:`best_answer`)."""
     try:
-        await asyncio.wait_for(backend.get(backend.call(stage, "ping", replica=replica)), max(0.05, timeout))
-        return True
+        node = await asyncio.wait_for(backend.get(backend.call(stage, "ping", replica=replica)), max(0.05, timeout))
     except Exception:  # noqa: BLE001 - dead, restarting, refused, unreachable or busy past the timeout
         return False
+    nodes = getattr(backend, "replica_nodes", None)
+    if nodes is not None and isinstance(node, str):
+        nodes[(stage, replica)] = node
+    return True
+
+
+async def best_answer(backend, stage: str, order: list[int], wait: float, avoid: str | None = None) -> int | None:
+    """The first replica of ``order`` (best first) that answers a ping within ``wait`` s; None: none did. All
+    are asked at once, and the answer is known as soon as every better one answered or failed — not after the
+    slowest (a replica on a lost node is silent for the whole ``wait``).
+
+    ``avoid``: a node whose replicas are taken only when no other answers. A session resumed after its ingress
+    was lost avoids that ingress's node: when a whole node goes down, its replicas can still answer for a
+    moment (their processes die after the node's raylet), and a session re-opened on one fails again a second
+    later — while re-opening elsewhere costs nothing more, since a resumed session opens every stage anew from
+    its record anyway. Replicas known to be there (from earlier pings) are not waited for."""
+    nodes = getattr(backend, "replica_nodes", {})
+    if avoid:
+        order = [i for i in order if nodes.get((stage, i)) != avoid] + \
+            [i for i in order if nodes.get((stage, i)) == avoid]
+    asks = {i: asyncio.ensure_future(backend._answers(stage, i, wait)) for i in order}
+    fallback = None
+    try:
+        for i in order:
+            if not await asks[i]:
+                continue
+            if avoid and nodes.get((stage, i)) == avoid:       # (learned from this very answer)
+                fallback = i if fallback is None else fallback
+                continue
+            return i
+        return fallback
+    finally:
+        for a in asks.values():
+            a.cancel()
+
+
+def _moving(backend, stage: str, mine: int, to: int, avoid: str | None) -> None:
+    nodes = getattr(backend, "replica_nodes", {})
+    why = "its node lost the session's ingress" if avoid and nodes.get((stage, mine)) == avoid else \
+        "it does not answer"
+    log.warning("stage %s replica %d: a session moves to replica %d (%s)", stage, mine, to, why)
 
 
 def warm_route(call, get, warmup) -> None:
@@ -299,7 +344,8 @@ class InlineBackend:
     def release(self, route: Route, session: str | None = None) -> None:
         pass
 
-    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0,
+                         avoid_node: str | None = None) -> None:
         return None
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:

@@ -34,7 +34,7 @@ import secrets
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class ResumeRecord:
     checkpoint: bytes | None = None        # the last LCU memory checkpoint taken
     t_first_wall: float | None = None      # wall-clock time of the first avatar audio (the lead rule's clock)
     touched: float = 0.0                   # monotonic time of the last update
+    node: str = ""                         # Ray node id of the ingress holding the session ("" unknown); a
+    #                                        claim hands back the previous holder's (a resume avoids that node)
 
 
 @dataclass
@@ -95,7 +97,7 @@ class ResumeRecords:
     def __len__(self) -> int:
         return len(self._records)
 
-    def create(self, session_id: str, principal: str, digest: str) -> int:
+    def create(self, session_id: str, principal: str, digest: str, node: str = "") -> int:
         """A new session's record; returns its generation (0). Refused (RESOURCE_EXHAUSTED) when the store is
         full of live records."""
         self.expire()
@@ -103,7 +105,7 @@ class ResumeRecords:
             raise ResumeRefused("RESOURCE_EXHAUSTED", f"the resume store holds {self.max_records} sessions: "
                                                       "retry later")
         self._records[session_id] = ResumeRecord(principal, digest, touched=self.clock(),
-                                                 rows=deque(maxlen=self.keep))
+                                                 rows=deque(maxlen=self.keep), node=node)
         return 0
 
     def update(self, session_id: str, generation: int, u: Update) -> bool:
@@ -134,9 +136,10 @@ class ResumeRecords:
                 r.touched = now
         return lost
 
-    def claim(self, session_id: str, principal: str, digest: str) -> tuple[int, ResumeRecord]:
-        """Take the session over for a resume: ``(generation, record)``; the previous writer's updates are
-        refused from now on. Raises :class:`ResumeRefused` (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT)."""
+    def claim(self, session_id: str, principal: str, digest: str, node: str = "") -> tuple[int, ResumeRecord]:
+        """Take the session over for a resume (from an ingress on ``node``): ``(generation, record)``, the
+        record's ``node`` that of the previous holder; the previous writer's updates are refused from now on.
+        Raises :class:`ResumeRefused` (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT)."""
         self.expire()
         r = self._records.get(session_id)
         if r is None:
@@ -150,7 +153,8 @@ class ResumeRecords:
                                                     "opened with; send the same one, with resume set")
         r.generation += 1
         r.touched = self.clock()
-        return r.generation, r
+        previous, r.node = r.node, node
+        return r.generation, replace(r, node=previous)
 
     def drop(self, session_id: str, generation: int) -> None:
         """The session ended (or failed on its input): nothing to resume. Only its current writer drops it."""

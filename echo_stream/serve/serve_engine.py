@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from ..chain import PIPELINE, STAGES
-from .backend import StageFault
+from .backend import StageFault, _moving, best_answer
 from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 from .serve_scaling import METRIC as SESSIONS_METRIC
@@ -334,6 +334,7 @@ class ServeBackend:
                                  f"{bind_timeout_s:.0f} s")
             time.sleep(0.2)
         self.router = Router({s: len(v) for s, v in self.slots.items()})
+        self.replica_nodes: dict[tuple, str] = {}     # (stage, slot): Ray node id, as its replica's last ping said
 
     # -- starting
     @classmethod
@@ -574,6 +575,8 @@ class ServeBackend:
         with self._rebinding:               # the server's monitor and recovering sessions re-bind in threads
             self.running = {s: len(ids) for s, ids in live.items()}
             moved, added = rebind_slots(self.slots, live, self.grow)
+            for key in moved:               # another replica now: its node is known once it answers
+                self.replica_nodes.pop(key, None)
             for stage, i in added:          # a replica Serve's autoscaler started: a new slot (drained till it answers)
                 assert self.router.add(stage) == i
                 log.info("stage %s: a new replica (slot %d, %d slots)", stage, i, len(self.slots[stage]))
@@ -602,16 +605,19 @@ class ServeBackend:
 
         return await answers(self, stage, i, timeout)
 
-    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0) -> None:
+    async def wait_ready(self, timeout: float = 60.0, route: Route | None = None, move_after_s: float = 1.0,
+                         avoid_node: str | None = None) -> None:
         """As :meth:`RayBackend.wait_ready`: with ``route``, a stage whose replica does not answer within
-        ``move_after_s`` moves the session (in place) to the least loaded replica that does. The stages are
+        ``move_after_s`` (or runs on ``avoid_node`` while another answers) moves the session (in place) to the
+        least loaded replica that does. The stages are
         asked at once (a lost node takes a replica of several stages: their silences overlap, they do not add
         up), one re-bind (:meth:`refresh`) between rounds."""
         deadline = time.monotonic() + timeout
         await self.refresh(move_after_s)
         pending = list(STAGES)
         while True:
-            settled = await asyncio.gather(*(self._settle(s, route, move_after_s, deadline) for s in pending))
+            settled = await asyncio.gather(*(self._settle(s, route, move_after_s, deadline, avoid_node)
+                                             for s in pending))
             pending = [s for s, ok in zip(pending, settled) if not ok]
             if not pending:
                 return
@@ -620,9 +626,11 @@ class ServeBackend:
             await asyncio.sleep(0.2)
             await self.refresh(move_after_s)
 
-    async def _settle(self, stage: str, route: Route | None, move_after_s: float, deadline: float) -> bool:
+    async def _settle(self, stage: str, route: Route | None, move_after_s: float, deadline: float,
+                      avoid_node: str | None = None) -> bool:
         """One round of :meth:`wait_ready` for one stage: every replica asked at once; True when the stage is
-        ready (``route``'s replica answers, or it moved to one that does; without ``route``: all answer)."""
+        ready (``route``'s replica answers, or it moved to the best one that does: :func:`.backend.best_answer`;
+        without ``route``: all answer)."""
         mine = route[stage] if route is not None else None
         # a drained slot (its replica gone, or just re-bound and not yet seen to answer) comes last: Serve may
         # not route to a replacement yet, and a call there would wait and be refused
@@ -630,15 +638,14 @@ class ServeBackend:
         order = ([mine] if mine is not None and not late else []) + \
             [i for i in self.router.by_load(stage) if i != mine] + late
         wait = max(0.05, min(move_after_s, deadline - time.monotonic()))
-        oks = await asyncio.gather(*(self._answers(stage, i, wait) for i in order))
-        ok = [i for i, good in zip(order, oks) if good]
         if route is None:
-            return len(ok) == len(order)
-        if not ok:
+            return all(await asyncio.gather(*(self._answers(stage, i, wait) for i in order)))
+        best = await best_answer(self, stage, order, wait, avoid_node)
+        if best is None:
             return False
-        if ok[0] != mine:
-            log.warning("stage %s replica %d does not answer: a session moves to replica %d", stage, mine, ok[0])
-            self.router.move(route, stage, ok[0])
+        if best != mine:
+            _moving(self, stage, mine, best, avoid_node)
+            self.router.move(route, stage, best)
         return True
 
     async def incarnations(self, timeout: float = 10.0, route: Route | None = None) -> dict[tuple, str | None]:

@@ -179,6 +179,8 @@ class AvatarServer:
         self._stopped: asyncio.Event | None = None
         #: the cluster's resume records (:class:`~.resume.Shards`; None: this server keeps none, resume is refused)
         self.records = None
+        #: the Ray node this ingress runs on ("" unknown), kept in its sessions' resume records
+        self.node = ""
 
     @property
     def stopped(self) -> bool:
@@ -277,7 +279,11 @@ class AvatarServer:
         if make is None or self.opts.resume_ttl_s <= 0:
             return None
         try:
-            return Shards(make(self.opts.resume_ttl_s, self.opts.resume_max_records, self.opts.resume_shards))
+            shards = Shards(make(self.opts.resume_ttl_s, self.opts.resume_max_records, self.opts.resume_shards))
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id() or ""
+            return shards
         except Exception as e:  # noqa: BLE001 - serving goes on; resume is refused
             log.warning("no resume store (error id %s): sessions cannot be resumed on another stream",
                         log_error(e, "resume store"))
@@ -548,8 +554,11 @@ class AvatarServer:
         would wait for Ray to notice, ~15 s; an unanswered ask moves the session after 1 s). Returns the seconds
         the asking took."""
         t = time.perf_counter()
+        # a session whose ingress was on another node avoids that node's replicas: when a whole node is lost,
+        # they may still answer for a moment, and fail the session again right after it re-opened there
+        avoid = {"avoid_node": record.node} if point is not None and record.node not in ("", self.node) else {}
         if point is not None:
-            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route)
+            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route, **avoid)
         asked = time.perf_counter() - t
         try:
             if point is None:
@@ -561,7 +570,7 @@ class AvatarServer:
                 raise
             log.info("session %s: a stage replica of its route did not answer at open (%s): moving",
                      session.id[:8], type(e).__name__)
-            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route)
+            await self.backend.wait_ready(self.opts.recovery_timeout_s, route=session.route, **avoid)
             session.link.new_epoch()
             await session.open(point, record)
         return asked
@@ -574,7 +583,7 @@ class AvatarServer:
                               "open a new session", "invalid")
         try:
             got = await asyncio.wait_for(self.records.of(req.session_id).claim.remote(req.session_id, principal,
-                                                                                    req.digest), 10.0)
+                                                                                    req.digest, self.node), 10.0)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -594,7 +603,7 @@ class AvatarServer:
         created = None
         if session.generation == 0:
             try:
-                created = self.records.of(session.id).create.remote(session.id, principal, digest)
+                created = self.records.of(session.id).create.remote(session.id, principal, digest, self.node)
             except Exception as e:  # noqa: BLE001 - the session is served, not resumable
                 log.warning("session %s: no resume record (error id %s)", session.id[:8],
                             log_error(e, "resume record"))

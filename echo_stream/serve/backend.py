@@ -34,7 +34,19 @@ class StageFault(RuntimeError):
     """A stage process died (or was restarted) while it held work of a session."""
 
 
-class RayBackend:
+class OnRayCluster:
+    """What a backend whose stages run on a Ray cluster has besides them (:class:`RayBackend` and
+    :class:`~echo_stream.serve.serve_engine.ServeBackend`): the cluster's resume records. One method for both
+    engines, so that their ingresses always find the same store (same actor names, same shards)."""
+
+    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
+        """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
+        from ..actors.resume import resume_store
+
+        return resume_store(ttl_s, max_records, shards)
+
+
+class RayBackend(OnRayCluster):
     def __init__(self, runner: RayRunner):
         import ray
 
@@ -184,12 +196,6 @@ class RayBackend:
                 return None
         vals = await asyncio.gather(*(one(s, i) for s, i in keys))
         return dict(zip(keys, vals))
-
-    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
-        """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
-        from ..actors.resume import resume_store
-
-        return resume_store(ttl_s, max_records, shards)
 
     def shutdown(self) -> None:
         self.runner.shutdown()

@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from ..chain import PIPELINE, STAGES
-from .backend import StageFault
+from .backend import OnRayCluster, StageFault
 from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 from .serve_scaling import METRIC as SESSIONS_METRIC
@@ -295,7 +295,7 @@ def _unfinished(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError)
 
 
-class ServeBackend:
+class ServeBackend(OnRayCluster):
     """The backend interface of :class:`~echo_stream.serve.backend.RayBackend`, on Serve deployments."""
 
     #: Serve adds and removes replicas itself (``autoscaling_config``): the server's own autoscaler stays off, and
@@ -670,12 +670,6 @@ class ServeBackend:
         self.rebind()
         return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
                     for i in range(len(ids))] for s, ids in self.slots.items()}
-
-    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
-        """The cluster's resume records, shared by every ingress replica (:mod:`echo_stream.actors.resume`)."""
-        from ..actors.resume import resume_store
-
-        return resume_store(ttl_s, max_records, shards)
 
     def shutdown(self) -> None:
         from ray import serve

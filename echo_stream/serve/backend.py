@@ -197,6 +197,17 @@ class RayBackend(OnRayCluster):
         vals = await asyncio.gather(*(one(s, i) for s, i in keys))
         return dict(zip(keys, vals))
 
+    async def keep_sessions(self, held: dict[tuple, list[str]], timeout: float = 10.0) -> None:
+        """Tell each replica ``(stage, replica)`` that the sessions ``held[...]`` still run here: their state
+        is not closed as idle (:meth:`~echo_stream.stages.host.StageHost.sweep`). Best effort: a replica that
+        does not answer is asked again next time."""
+        async def one(stage, i, ids):
+            try:
+                await asyncio.wait_for(self.runner.replicas[stage][i].keep.remote(ids), timeout)
+            except Exception:  # noqa: BLE001 - dead, restarting or busy
+                log.debug("keep on %s replica %d failed", stage, i, exc_info=True)
+        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+
     def shutdown(self) -> None:
         self.runner.shutdown()
 

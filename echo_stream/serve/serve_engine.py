@@ -87,16 +87,17 @@ class StageReplica:
     takes requests. Sequenced calls of each stream (one session's calls from one ingress) run in order, one at
     a time, in one worker thread (as an actor with ``max_concurrency=1`` runs one caller's); pings answer at
     once. The replica's own messages: ``placement``, ``stats``, ``release`` (numbers the ingress gives up:
-    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``) and
-    ``forget`` (a stream's last turn: the session closed)."""
+    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``),
+    ``forget`` (a stream's last turn: the session closed) and ``keep`` (sessions still running: the host
+    closes only sessions idle for ``idle_close_s``, :meth:`StageHost.sweep`)."""
 
-    def __init__(self, stage: bytes):
+    def __init__(self, stage: bytes, idle_close_s: float | None = None):
         """``stage``: the stage object, pickled (Serve scans a replica's arguments after its constructor ran,
         and a set-up stage holds what does not pickle)."""
         from echo_stream.actors import MeteredStageHost
         from ray import cloudpickle, serve
 
-        self.host = MeteredStageHost(lambda: cloudpickle.loads(stage))
+        self.host = MeteredStageHost(lambda: cloudpickle.loads(stage), idle_close_s)
         self.host.setup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.order = CallOrder()
@@ -117,6 +118,8 @@ class StageReplica:
             return getattr(self, method)()
         if method == "release":                          # unsequenced: numbers that will never come here
             return await self.order.release(args[0])
+        if method == "keep":                             # unsequenced; in the worker, where the sweep runs
+            return await asyncio.get_running_loop().run_in_executor(self.worker, self.host.keep, *args)
         turns = _pin.turns() if _pin is not None else ()
         if method == "forget":
             return await self._forget(turns)
@@ -259,8 +262,9 @@ def stage_applications(opts) -> dict:
     counts = replica_counts(opts.replicas)
     gpu = reserves_gpus(opts.device, opts.reserve_gpus)
     scale = getattr(opts, "autoscale", None) or {}
+    idle = getattr(opts, "stage_idle_s", None)
     return {name: stage_deployment(name, stages[name], counts[name], gpu, scale.get(name))
-            .bind(cloudpickle.dumps(stages[name])) for name in STAGES}
+            .bind(cloudpickle.dumps(stages[name]), idle) for name in STAGES}
 
 
 class Hub:
@@ -521,6 +525,16 @@ class ServeBackend(OnRayCluster):
                     dep.released = True
                     self._release(dep)
         call.deps = ()
+
+    async def keep_sessions(self, held: dict[tuple, list[str]], timeout: float = 10.0) -> None:
+        """:meth:`RayBackend.keep_sessions <echo_stream.serve.backend.RayBackend.keep_sessions>`: one
+        unsequenced ``keep`` per slot's replica."""
+        async def one(stage, i, ids):
+            try:
+                await asyncio.wait_for(self.get(self.call(stage, "keep", ids, replica=i, ordered=False)), timeout)
+            except Exception:  # noqa: BLE001 - gone, not yet replaced or busy
+                log.debug("keep on %s slot %d failed", stage, i, exc_info=True)
+        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
 
     def put(self, value) -> Any:
         return self.ray.put(value)

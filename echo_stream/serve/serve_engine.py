@@ -58,6 +58,9 @@ STUCK_AFTER_S = 120.0
 #: how long the release of a failed call's turns waits for its replica's answer, and for each earlier call of
 #: its chain to end (a call still running then takes its turn when it runs: nothing to release)
 RELEASE_WAIT_S = 30.0
+#: a ``release`` that reached no replica (its target not routable for a moment) is sent again after each of
+#: these pauses, while its target is still a live replica of the stage (within :data:`RELEASE_WAIT_S` in all)
+RELEASE_RETRY_S = (0.25, 0.5, 1.0, 2.0)
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -497,7 +500,9 @@ class ServeBackend(OnRayCluster):
         call.released = True
         with self._numbering:
             if self._releasing is None:
-                self._releasing = cf.ThreadPoolExecutor(2, thread_name_prefix="serve-release")
+                # a release retried to a replica not routable for a moment waits between its tries: enough
+                # threads that the releases for other replicas do not queue behind it
+                self._releasing = cf.ThreadPoolExecutor(8, thread_name_prefix="serve-release")
         self._releasing.submit(self._release, call)
 
     def _release(self, call: _Call) -> None:
@@ -508,13 +513,7 @@ class ServeBackend(OnRayCluster):
         after :data:`RELEASE_WAIT_S` is left alone (it takes its turn when it runs). Best effort: a replica that
         is gone took its order with it; a stream that ended (its session closed: :meth:`release`) has none left
         to release."""
-        turns = tuple(t for t in call.pin.turns() if t[0] in self._seq)
-        if turns:
-            try:
-                self.handles[call.stage].call.remote("release", turns, **{PIN_KW: Pin(self.caller, call.pin.target)}
-                                                     ).result(timeout_s=RELEASE_WAIT_S)
-            except Exception:  # noqa: BLE001 - gone or unreachable: nothing there waits for these numbers
-                log.debug("release of %s turns %s failed", call.stage, turns, exc_info=True)
+        self._send_release(call.stage, call.pin.target, call.pin.turns())
         for dep in call.deps:
             if dep.released:
                 continue
@@ -535,6 +534,38 @@ class ServeBackend(OnRayCluster):
             except Exception:  # noqa: BLE001 - gone, not yet replaced or busy
                 log.debug("keep on %s slot %d failed", stage, i, exc_info=True)
         await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+
+    def _send_release(self, stage: str, target: str, turns: tuple) -> bool:
+        """Send ``target`` (a replica of ``stage``) the unsequenced ``release`` of ``turns``; whether it got
+        there. A release that reaches no replica (Serve routed it to another, which refused it, or it failed on
+        the way) is sent again after each pause of :data:`RELEASE_RETRY_S` while the target is still one of the
+        stage's live replicas: a hole left in its order would hold the epoch's next call there for
+        ``CallOrder.skip_after_s``. Stops when the target is gone (its order went with it), when the turns'
+        streams ended (nothing waits for them), or after :data:`RELEASE_WAIT_S`."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        for pause in (*RELEASE_RETRY_S, None):
+            turns = tuple(t for t in turns if t[0] in self._seq)
+            left = deadline - time.monotonic()
+            if not turns or left <= 0:
+                return False
+            try:
+                self.handles[stage].call.remote("release", turns, **{PIN_KW: Pin(self.caller, target)}
+                                                ).result(timeout_s=left)
+                return True
+            except Exception:  # noqa: BLE001 - not routable now, gone, or unreachable
+                log.debug("release of %s turns %s on %s failed", stage, turns, target, exc_info=True)
+            if pause is None or not self._is_live(stage, target):
+                return False
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        return False
+
+    def _is_live(self, stage: str, target: str) -> bool:
+        """Whether ``target`` is still one of ``stage``'s live replicas (Ray's named actors; an answer that
+        does not come counts as yes: the retries are bounded anyway)."""
+        try:
+            return target in self._live().get(stage, ())
+        except Exception:  # noqa: BLE001
+            return True
 
     def put(self, value) -> Any:
         return self.ray.put(value)

@@ -1,5 +1,6 @@
 """The stage host's reclaim of sessions left idle (the state an abruptly lost ingress leaves in a stage), on the
-plain host and a real stage, without Ray: a test clock stands in for time."""
+plain host and a real stage, without Ray: a test clock stands in for time; and the ingress's ``keep`` of its
+running sessions."""
 import logging
 
 import pytest
@@ -87,3 +88,34 @@ def test_stage_idle_timeout_is_checked_before_anything_starts(capsys):
     assert "Traceback" not in err
     assert cli.main(["serve", "--port", "0", "--resume-ttl", "0", "--stage-idle-timeout", "0"]) == 1
     assert "--stage-idle-timeout: 0.0" in capsys.readouterr().err
+
+
+def test_server_keeps_its_running_sessions_state_on_their_replicas():
+    """The ingress tells each replica, every quarter of the idle time, which sessions it runs there (their
+    current epoch's stage id), so a session whose client is silent is not closed as idle."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from echo_stream.serve.server import AvatarServer, ServeOptions
+
+    kept = []
+
+    class Backend:
+        async def keep_sessions(self, held):
+            kept.append(held)
+
+    server = AvatarServer(Backend(), ServeOptions(port=0, stage_idle_s=0.04))
+    server.sessions = {"a": SimpleNamespace(route={"decode": 0, "memory": 1}, iid="a/2"),
+                       "b": SimpleNamespace(route={"decode": 0, "memory": 0}, iid="b.1/0")}
+
+    async def main():
+        loop = asyncio.create_task(server._keep_stage_state())
+        try:
+            for _ in range(500):
+                if kept:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            loop.cancel()
+    asyncio.run(main())
+    assert kept[0] == {("decode", 0): ["a/2", "b.1/0"], ("memory", 1): ["a/2"], ("memory", 0): ["b.1/0"]}

@@ -17,12 +17,13 @@ from echo_stream.stages import Stage
 
 class MeteredStageHost(StageHost):
     """StageHost that also reports each call to Ray's metrics (``ray.util.metrics``, exported by Ray's
-    metrics agent): call latency per stage and method (seconds) and errors. No per-session labels."""
+    metrics agent): call latency per stage and method (seconds) and errors, and the sessions closed because
+    they sat idle (:meth:`StageHost.sweep`). No per-session labels."""
 
     _metrics = None
 
-    def __init__(self, factory):
-        super().__init__(factory)
+    def __init__(self, factory, idle_close_s: float | None = None):
+        super().__init__(factory, idle_close_s)
         import warnings
 
         try:
@@ -55,8 +56,20 @@ class MeteredStageHost(StageHost):
                 metrics.Histogram("echo_stream_actor_call_seconds", "stage actor call latency (seconds)",
                                   boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
                                   tag_keys=keys),
-                metrics.Counter("echo_stream_actor_errors_total", "stage actor calls that raised", tag_keys=keys))
+                metrics.Counter("echo_stream_actor_errors_total", "stage actor calls that raised", tag_keys=keys),
+                metrics.Counter("echo_stream_stage_sessions_reclaimed_total",
+                                "sessions whose state a stage closed because they had no call for its idle time "
+                                "(their ingress was lost)", tag_keys=("stage",)))
         return cls._metrics
+
+    def sweep(self) -> list[str]:
+        idle = super().sweep()
+        if idle:
+            try:
+                self._get_metrics()[2].inc(len(idle), {"stage": self.stage.name})
+            except Exception:  # noqa: BLE001 - metrics never break a call
+                pass
+        return idle
 
     def call(self, method: str, *args, **kwargs):
         if method == "ping" and self.node:
@@ -92,12 +105,14 @@ class MeteredStageHost(StageHost):
 StageActor = ray.remote(MeteredStageHost)
 
 
-def make_stage_actor(stage: Stage, name: str | None = None, max_restarts: int = 0, **options):
-    """Start an actor hosting ``stage`` with the resources the stage declares."""
+def make_stage_actor(stage: Stage, name: str | None = None, max_restarts: int = 0,
+                     idle_close_s: float | None = None, **options):
+    """Start an actor hosting ``stage`` with the resources the stage declares (``idle_close_s``: see
+    :class:`StageHost`)."""
     opts = {"num_cpus": stage.resources.get("num_cpus", 0.5),
             "num_gpus": stage.resources.get("num_gpus", 0),
             "max_restarts": max_restarts, "max_concurrency": 1}
     if name:
         opts["name"] = name
     opts.update(options)
-    return StageActor.options(**opts).remote(lambda: stage)
+    return StageActor.options(**opts).remote(lambda: stage, idle_close_s)

@@ -75,6 +75,9 @@ class PipelineOptions:
     #: reserves them whatever the device: a test seam, to check placement on fake GPU resources
     #: (``ray.init(num_gpus=2)``) with actors that compute on the CPU
     reserve_gpus: bool | None = None
+    #: a stage actor / Serve replica closes the state of a session that had no call for this long (None:
+    #: never); ``serve --stage-idle-timeout``: the state an abruptly lost ingress left behind
+    stage_idle_s: float | None = None
 
     def model_loader(self) -> Callable:
         return functools.partial(load_model, self.checkpoint, self.config, self.device)
@@ -211,6 +214,7 @@ class RayRunner:
                 ray.shutdown()
             raise
         self._stages, self._max_restarts = stages, max_restarts
+        self._idle_close_s = opts.stage_idle_s
         #: every stage's actors, replica 0 first; a stage of N > 1 replicas is spread over the cluster's nodes
         #: (Ray's SPREAD strategy: a lost node takes as few of them as it can)
         self.replicas = {name: [self._new_actor(name, spread=most[name] > 1) for _ in range(counts[name])]
@@ -222,6 +226,7 @@ class RayRunner:
         from .actors import make_stage_actor
 
         return make_stage_actor(self._stages[stage], max_restarts=self._max_restarts,
+                                idle_close_s=self._idle_close_s,
                                 **({"scheduling_strategy": "SPREAD"} if spread else {}))
 
     def start_replica(self, stage: str, timeout: float = 300.0):

@@ -15,11 +15,11 @@ SIZE = 96
 
 @contextlib.contextmanager
 def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: dict | None = None,
-                engine: str = "actors", autoscale: dict | None = None):
+                engine: str = "actors", autoscale: dict | None = None, stage_idle_s: float | None = None):
     """Local Ray (4 CPUs, a small object store) with the warmed-up stage actors at ``size`` px (``replicas``:
     actors per stage, as ``--replicas``; ``max_replicas``: the most an autoscaled stage may reach); ``engine``
     "serve": the stages as a Ray Serve application instead (``serve --engine serve``; ``autoscale``: its
-    autoscaled stages, ``{stage: ScaleSpec}``)."""
+    autoscaled stages, ``{stage: ScaleSpec}``); ``stage_idle_s``: as ``--stage-idle-timeout`` (None: never)."""
     import ray
 
     from echo_stream.serve.backend import RayBackend
@@ -31,7 +31,8 @@ def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: di
         engine_cls = {"actors": RayBackend, "serve": ServeBackend}[engine]
         backend = engine_cls.start(PipelineOptions(size=(size, size), replicas=dict(replicas or {}),
                                                    max_replicas=dict(max_replicas or {}),
-                                                   autoscale=dict(autoscale or {})), max_restarts=-1)
+                                                   autoscale=dict(autoscale or {}), stage_idle_s=stage_idle_s),
+                                   max_restarts=-1)
         try:
             yield backend
         finally:

@@ -226,3 +226,78 @@ def test_record_writer_keeps_one_update_in_flight_and_notices_a_takeover():
     shards = Shards(["a", "b", "c"])
     picks = [shards.of(f"session-{i}") for i in range(60)]
     assert picks == [shards.of(f"session-{i}") for i in range(60)] and set(picks) == {"a", "b", "c"}
+
+
+async def _until(cond, what: str):
+    """Let the writer's task run until ``cond()`` holds (a bound for a broken writer, not a timing check)."""
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_record_writer_puts_a_failed_update_back_and_the_record_gets_it():
+    from echo_stream.serve.resume import RecordWriter
+
+    async def main():
+        records, store = ResumeRecords(keep=6), _FakeStore()
+        records.create("s", "p", "d")
+        w = RecordWriter(store, "s", 0, keep=6, retry_after_s=0.01)
+        w.checkpoint(b"ck1")
+        w.audio_clock(12.5)
+        w.frames_out(4, _rows(range(4)))
+        await asyncio.sleep(0)
+        assert len(store.calls) == 1 and store.calls[0][2].checkpoint == b"ck1"
+        w.frames_out(7, _rows(range(4, 7)))              # noted while the first update is in flight
+        w.checkpoint(b"ck2")
+        store.pending[0].set_exception(RuntimeError("the store is restarting"))
+        await _until(lambda: len(store.calls) == 2, "the failed update is sent again")   # no new change needed
+        _, _, u = store.calls[1]
+        # the failed rows go before the newer ones, the newest 6 kept; the newer checkpoint wins, the clock stays
+        assert [f for f, _ in u.rows] == [1, 2, 3, 4, 5, 6]
+        assert u.produced == 7 and u.checkpoint == b"ck2" and u.t_first_wall == 12.5
+        store.pending[1].set_result(records.update(*store.calls[1]))
+        await _until(lambda: w.sent == 1, "the retried update is accepted")
+        r = records._records["s"]
+        assert [f for f, _ in r.rows] == [1, 2, 3, 4, 5, 6] and r.checkpoint == b"ck2" and r.t_first_wall == 12.5
+        assert w.failures == 1 and len(store.calls) == 2    # nothing left to send
+        # a later failure of an update with no checkpoint keeps the one noted after it
+        w.frames_out(8, _rows([7]))
+        await asyncio.sleep(0)
+        w.checkpoint(b"ck3")
+        store.pending[2].set_exception(RuntimeError("again"))
+        await _until(lambda: len(store.calls) == 4, "the second failed update is sent again")
+        _, _, u = store.calls[3]
+        assert [f for f, _ in u.rows] == [7] and u.checkpoint == b"ck3" and u.t_first_wall is None
+        store.pending[3].set_result(records.update(*store.calls[3]))
+        await _until(lambda: w.sent == 2, "the second retry is accepted")
+        assert [f for f, _ in records._records["s"].rows][-2:] == [6, 7]
+    asyncio.run(main())
+
+
+def test_record_writer_waits_before_retrying_and_close_sends_what_failed_at_once():
+    from echo_stream.serve.resume import RecordWriter
+
+    async def main():
+        store = _FakeStore()
+        w = RecordWriter(store, "s", 3, retry_after_s=60.0, retry_max_s=60.0)
+        w.frames_out(2, _rows(range(2)))
+        await asyncio.sleep(0)
+        store.pending[0].set_exception(ConnectionError("store gone"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        w.frames_out(3, _rows([2]))                      # a change while the retry waits: it joins the retry
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(store.calls) == 1 and w.failures == 1   # no call to a failing store before the backoff
+        closing = asyncio.get_running_loop().create_task(w.close(drop=False))
+        await _until(lambda: len(store.calls) == 2, "close sends what is left at once")
+        _, gen, u = store.calls[1]
+        assert gen == 3 and u.produced == 3 and [f for f, _ in u.rows] == [0, 1, 2]
+        store.pending[1].set_result(True)
+        await closing
+        assert w.sent == 1
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="retry_after_s"):
+        RecordWriter(None, "s", 0, retry_after_s=0.0)

@@ -17,7 +17,7 @@ import pytest
 from echo_stream import cli, config
 from echo_stream.errors import InputError
 from echo_stream.pipeline import PipelineOptions
-from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin, StuckCheck, rebind_slots
+from echo_stream.serve.pinning import PIN_KW, CallOrder, Pin, ReplicaGone, StuckCheck, rebind_slots
 
 from . import mediagen
 
@@ -177,14 +177,18 @@ class _Answer:
 
 class _Deployment:
     """A stand-in deployment handle (``.call.remote``) that records what it was sent. A call whose method is in
-    ``fails``, or that takes a failed answer as argument (Ray fails it before the replica sees it), fails."""
+    ``fails``, or that takes a failed answer as argument (Ray fails it before the replica sees it), fails; the
+    first ``release_fails`` releases are refused as by a replica other than their target."""
 
-    def __init__(self, fails=()):
-        self.call, self.sent, self.fails = self, [], set(fails)
+    def __init__(self, fails=(), release_fails: int = 0):
+        self.call, self.sent, self.fails, self.release_fails = self, [], set(fails), release_fails
 
     def remote(self, method, *args, **kwargs):
         self.sent.append((method, args, kwargs[PIN_KW]))
         if method == "release":
+            if self.release_fails > 0:
+                self.release_fails -= 1
+                return _Answer(error=ReplicaGone(f"replica {kwargs[PIN_KW].target} is gone (this is another)"))
             return _Answer(len(args[0]))
         if method in self.fails or any(isinstance(a, _Answer) and a.error is not None for a in args):
             return _Answer(error=RuntimeError(f"{method}: the actor died"))
@@ -307,6 +311,49 @@ def test_a_failed_chain_releases_its_calls_turns_on_their_replicas():
     assert released == {"decode": [((stream, 0),)], "features": [((stream, 0),)], "memory": [((stream, 0),)]}
     assert all(p.seq is None for d in b.handles.values() for m, _, p in d.sent if m == "release")
     assert pk.released and not info.released and not ck.released
+
+
+def test_a_release_that_reaches_no_replica_is_sent_again_while_its_replica_lives(monkeypatch):
+    """A release Serve routed to another replica (its target not routable for a moment) is refused there; it is
+    sent again, after a pause, while the target is still a live replica of the stage, until it gets there. One
+    whose target is gone is not (its order went with it), nor one whose stream ended meanwhile."""
+    from echo_stream.serve import serve_engine
+
+    monkeypatch.setattr(serve_engine, "RELEASE_RETRY_S", (0.0, 0.0, 0.0, 0.0))
+    b = _backend(["decode"], fails={"decode": {"push"}})
+    live = {"decode": {"decode-0"}}
+    b._live = lambda: live
+    asked = []
+
+    def fail(session, release_fails):
+        b.handles["decode"].sent.clear()
+        b.handles["decode"].release_fails = release_fails
+        call = b.call("decode", "push", f"{session}/0", [], session=session)
+        with pytest.raises(RuntimeError, match="the actor died"):
+            b.result(call)
+        b._releasing.shutdown(wait=True)                        # the releases run in the background
+        b._releasing = None
+        return [p.target for m, _, p in b.handles["decode"].sent if m == "release"], call.pin.stream
+
+    real_is_live = b._is_live
+
+    def is_live(stage, target):
+        asked.append((stage, target))
+        return real_is_live(stage, target)
+    b._is_live = is_live
+    sent, stream = fail("a", release_fails=2)                   # refused twice, then it reaches its replica
+    assert sent == ["decode-0"] * 3 and asked == [("decode", "decode-0")] * 2
+    assert b._send_release("decode", "decode-0", ((stream, 0),)) is True
+    live["decode"] = set()                                      # the replica is gone: one try, no retry
+    sent, _ = fail("b", release_fails=1)
+    assert sent == ["decode-0"]
+    live["decode"] = {"decode-0"}                               # a replica that never takes it: bounded tries
+    sent, stream = fail("c", release_fails=100)
+    assert sent == ["decode-0"] * (len(serve_engine.RELEASE_RETRY_S) + 1)
+    b.end_stream("c")                                           # the session closed: nothing left to release
+    b.handles["decode"].sent.clear()
+    assert b._send_release("decode", "decode-0", ((stream, 0),)) is False
+    assert not [m for m, _, _ in b.handles["decode"].sent if m == "release"]
 
 
 def test_a_call_whose_upstream_replica_died_is_a_fault():

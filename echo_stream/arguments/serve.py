@@ -89,6 +89,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a session whose stream broke (its server lost or drained, the network down) can be "
                         "resumed on any server of the cluster (SessionConfig.resume) for this long after its last "
                         "frame (default 120; 0: no resume records)")
+    p.add_argument("--stage-idle-timeout", type=float, default=600.0, metavar="S",
+                   help="a stage replica closes the state of a session that had no call for this long: what an "
+                        "abruptly lost server left there (default 600; at least --resume-ttl; a running session's "
+                        "server keeps its state however long its client is silent)")
     p.add_argument("--resume-shards", type=int, default=4, metavar="N",
                    help="actors holding the cluster's resume records (default 4; a running session sends about one "
                         "update per generation window, ~1.6/s at stride 16; every server of a cluster must give the "

@@ -34,7 +34,19 @@ class StageFault(RuntimeError):
     """A stage process died (or was restarted) while it held work of a session."""
 
 
-class RayBackend:
+class OnRayCluster:
+    """What a backend whose stages run on a Ray cluster has besides them (:class:`RayBackend` and
+    :class:`~echo_stream.serve.serve_engine.ServeBackend`): the cluster's resume records. One method for both
+    engines, so that their ingresses always find the same store (same actor names, same shards)."""
+
+    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
+        """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
+        from ..actors.resume import resume_store
+
+        return resume_store(ttl_s, max_records, shards)
+
+
+class RayBackend(OnRayCluster):
     def __init__(self, runner: RayRunner):
         import ray
 
@@ -189,11 +201,16 @@ class RayBackend:
         vals = await asyncio.gather(*(one(s, i) for s, i in keys))
         return dict(zip(keys, vals))
 
-    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
-        """The cluster's resume records (:mod:`echo_stream.actors.resume`), shared by every ingress of it."""
-        from ..actors.resume import resume_store
-
-        return resume_store(ttl_s, max_records, shards)
+    async def keep_sessions(self, held: dict[tuple, list[str]], timeout: float = 10.0) -> None:
+        """Tell each replica ``(stage, replica)`` that the sessions ``held[...]`` still run here: their state
+        is not closed as idle (:meth:`~echo_stream.stages.host.StageHost.sweep`). Best effort: a replica that
+        does not answer is asked again next time."""
+        async def one(stage, i, ids):
+            try:
+                await asyncio.wait_for(self.runner.replicas[stage][i].keep.remote(ids), timeout)
+            except Exception:  # noqa: BLE001 - dead, restarting or busy
+                log.debug("keep on %s replica %d failed", stage, i, exc_info=True)
+        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
 
     def shutdown(self) -> None:
         self.runner.shutdown()

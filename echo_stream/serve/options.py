@@ -38,6 +38,10 @@ def serve_options(args):
     resume_ttl = getattr(args, "resume_ttl", 120.0)
     if not resume_ttl >= 0:
         raise InputError("--resume-ttl", f"{resume_ttl}: seconds >= 0 (0: sessions cannot be resumed)")
+    stage_idle = getattr(args, "stage_idle_timeout", 600.0)
+    if not stage_idle >= max(resume_ttl, 1.0) or stage_idle == float("inf"):
+        raise InputError("--stage-idle-timeout", f"{stage_idle}: seconds, at least 1 and at least --resume-ttl "
+                                                 f"({resume_ttl:g})")
     resume_shards = getattr(args, "resume_shards", 4)
     if not 1 <= resume_shards <= 256:
         raise InputError("--resume-shards", f"{resume_shards}: a whole number in 1..256")
@@ -59,9 +63,9 @@ def serve_options(args):
                         tls_cert=read_input_file(args.tls_cert, "TLS certificate"), tls_key=read_input_file(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, autoscale=autoscale,
-                        resume_ttl_s=resume_ttl, resume_shards=resume_shards)
+                        resume_ttl_s=resume_ttl, resume_shards=resume_shards, stage_idle_s=stage_idle)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()},
-                            autoscale=autoscale if args.engine == "serve" else {})
+                            autoscale=autoscale if args.engine == "serve" else {}, stage_idle_s=stage_idle)
     return opts, popts

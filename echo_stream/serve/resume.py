@@ -279,13 +279,21 @@ class RecordWriter:
     since the last one (frames out, the motion of the newest ``keep`` frames, the
     newest checkpoint). An update the store refuses means a resume elsewhere took the session over:
     ``on_taken_over`` is called once. A store that does not answer costs the session nothing but its
-    resumability (logged once).
+    resumability (logged once) until it answers again: what the failed update carried is put back, to go in
+    the next one, which is tried again after ``retry_after_s`` (doubling up to ``retry_max_s`` while the store
+    keeps failing, so a dead store is not called in a loop) — a dropped update would leave the record without
+    those frames' motion and that checkpoint, and a later resume would restart earlier or without previous
+    motion.
     """
 
     def __init__(self, store, session_id: str, generation: int, keep: int = 64, on_taken_over=None,
-                 created=None, min_interval_s: float = 0.0):
+                 created=None, min_interval_s: float = 0.0, retry_after_s: float = 0.25,
+                 retry_max_s: float = 5.0):
+        if not 0 < retry_after_s <= retry_max_s:
+            raise ValueError(f"retry_after_s ({retry_after_s}) must be > 0 and <= retry_max_s ({retry_max_s})")
         self.store, self.session_id, self.generation = store, session_id, generation
         self.min_interval_s = min_interval_s      # at most one update per this long (the store's load)
+        self.retry_after_s, self.retry_max_s = retry_after_s, retry_max_s
         self.on_taken_over = on_taken_over
         self._created = created            # the store's answer to the record's creation (None: it exists)
         self._rows: deque = deque(maxlen=keep)
@@ -297,7 +305,9 @@ class RecordWriter:
         self._failed = False
         self._last = -math.inf             # monotonic time of the last update sent
         self._closed = False
+        self._wake = asyncio.Event()       # set by close(): a send waiting to retry goes at once
         self.sent = 0                      # updates the store accepted
+        self.failures = 0                  # updates that did not reach the store (put back and retried)
 
     def frames_out(self, produced: int, rows) -> None:
         """Frames before ``produced`` are out; ``rows``: (frame, motion row) of those that just left."""
@@ -319,6 +329,19 @@ class RecordWriter:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._send(), name=f"record-{self.session_id[:8]}")
 
+    def _put_back(self, u: Update) -> None:
+        """``u`` did not reach the store: note it again under what was noted since (newer rows after its rows,
+        the newest ``keep`` kept; a checkpoint or clock noted meanwhile is newer than its)."""
+        newer = list(self._rows)
+        self._rows.clear()
+        self._rows.extend(u.rows)
+        self._rows.extend(newer)
+        if self._checkpoint is None:
+            self._checkpoint = u.checkpoint
+        if self._clock is None:
+            self._clock = u.t_first_wall
+        self._dirty = True
+
     async def _send(self) -> None:
         if self._created is not None:
             created, self._created = self._created, None
@@ -332,6 +355,7 @@ class RecordWriter:
                 log.warning("session %s has no resume record (%s): it cannot be resumed on another stream",
                             self.session_id[:8], got["message"])
                 self.store = None
+        backoff = self.retry_after_s
         while self._dirty and self.store is not None:
             wait = self._last + self.min_interval_s - time.monotonic()
             if wait > 0:
@@ -350,6 +374,14 @@ class RecordWriter:
                     log.warning("session %s: its resume record was not updated (%s): it cannot be resumed until "
                                 "the store answers again", self.session_id[:8], type(e).__name__)
                 self._failed = True
+                self.failures += 1
+                self._put_back(u)
+                try:                           # close() cuts this wait short once: its last try goes at once
+                    await asyncio.wait_for(self._wake.wait(), backoff)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                backoff = min(2 * backoff, self.retry_max_s)
                 continue
             if not accepted:
                 self._dirty = False
@@ -359,18 +391,23 @@ class RecordWriter:
                 return
             self.sent += 1
             self._failed = False
+            backoff = self.retry_after_s
 
     async def close(self, drop: bool) -> None:
         """The session's stream ended: send what is left (``drop``: the session ended, forget the record). Once;
-        later calls do nothing."""
+        later calls do nothing. A send still failing after 5 s is given up (the writer retries no more)."""
         if self.store is None or self._closed:
             return
         self._closed = True
+        self._wake.set()
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), 5.0)
             except (Exception, asyncio.CancelledError):  # noqa: BLE001
                 pass
+            finally:
+                if not self._task.done():      # a store that keeps failing: stop retrying it
+                    self._task.cancel()
         if drop and self.store is not None:
             try:
                 await asyncio.wait_for(self.store.drop.remote(self.session_id, self.generation), 5.0)

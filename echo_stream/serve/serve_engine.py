@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from ..chain import PIPELINE, STAGES
-from .backend import StageFault, _moving, best_answer
+from .backend import OnRayCluster, StageFault, _moving, best_answer
 from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 from .serve_scaling import METRIC as SESSIONS_METRIC
@@ -58,6 +58,9 @@ STUCK_AFTER_S = 120.0
 #: how long the release of a failed call's turns waits for its replica's answer, and for each earlier call of
 #: its chain to end (a call still running then takes its turn when it runs: nothing to release)
 RELEASE_WAIT_S = 30.0
+#: a ``release`` that reached no replica (its target not routable for a moment) is sent again after each of
+#: these pauses, while its target is still a live replica of the stage (within :data:`RELEASE_WAIT_S` in all)
+RELEASE_RETRY_S = (0.25, 0.5, 1.0, 2.0)
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -87,16 +90,17 @@ class StageReplica:
     takes requests. Sequenced calls of each stream (one session's calls from one ingress) run in order, one at
     a time, in one worker thread (as an actor with ``max_concurrency=1`` runs one caller's); pings answer at
     once. The replica's own messages: ``placement``, ``stats``, ``release`` (numbers the ingress gives up:
-    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``) and
-    ``forget`` (a stream's last turn: the session closed)."""
+    :meth:`CallOrder.release`), ``part`` (another result of a call with several, kept here: ``Pin.parts``),
+    ``forget`` (a stream's last turn: the session closed) and ``keep`` (sessions still running: the host
+    closes only sessions idle for ``idle_close_s``, :meth:`StageHost.sweep`)."""
 
-    def __init__(self, stage: bytes):
+    def __init__(self, stage: bytes, idle_close_s: float | None = None):
         """``stage``: the stage object, pickled (Serve scans a replica's arguments after its constructor ran,
         and a set-up stage holds what does not pickle)."""
         from echo_stream.actors import MeteredStageHost
         from ray import cloudpickle, serve
 
-        self.host = MeteredStageHost(lambda: cloudpickle.loads(stage))
+        self.host = MeteredStageHost(lambda: cloudpickle.loads(stage), idle_close_s)
         self.host.setup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.order = CallOrder()
@@ -117,6 +121,8 @@ class StageReplica:
             return getattr(self, method)()
         if method == "release":                          # unsequenced: numbers that will never come here
             return await self.order.release(args[0])
+        if method == "keep":                             # unsequenced; in the worker, where the sweep runs
+            return await asyncio.get_running_loop().run_in_executor(self.worker, self.host.keep, *args)
         turns = _pin.turns() if _pin is not None else ()
         if method == "forget":
             return await self._forget(turns)
@@ -259,8 +265,9 @@ def stage_applications(opts) -> dict:
     counts = replica_counts(opts.replicas)
     gpu = reserves_gpus(opts.device, opts.reserve_gpus)
     scale = getattr(opts, "autoscale", None) or {}
+    idle = getattr(opts, "stage_idle_s", None)
     return {name: stage_deployment(name, stages[name], counts[name], gpu, scale.get(name))
-            .bind(cloudpickle.dumps(stages[name])) for name in STAGES}
+            .bind(cloudpickle.dumps(stages[name]), idle) for name in STAGES}
 
 
 class Hub:
@@ -295,7 +302,7 @@ def _unfinished(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError)
 
 
-class ServeBackend:
+class ServeBackend(OnRayCluster):
     """The backend interface of :class:`~echo_stream.serve.backend.RayBackend`, on Serve deployments."""
 
     #: Serve adds and removes replicas itself (``autoscaling_config``): the server's own autoscaler stays off, and
@@ -494,7 +501,9 @@ class ServeBackend:
         call.released = True
         with self._numbering:
             if self._releasing is None:
-                self._releasing = cf.ThreadPoolExecutor(2, thread_name_prefix="serve-release")
+                # a release retried to a replica not routable for a moment waits between its tries: enough
+                # threads that the releases for other replicas do not queue behind it
+                self._releasing = cf.ThreadPoolExecutor(8, thread_name_prefix="serve-release")
         self._releasing.submit(self._release, call)
 
     def _release(self, call: _Call) -> None:
@@ -505,13 +514,7 @@ class ServeBackend:
         after :data:`RELEASE_WAIT_S` is left alone (it takes its turn when it runs). Best effort: a replica that
         is gone took its order with it; a stream that ended (its session closed: :meth:`release`) has none left
         to release."""
-        turns = tuple(t for t in call.pin.turns() if t[0] in self._seq)
-        if turns:
-            try:
-                self.handles[call.stage].call.remote("release", turns, **{PIN_KW: Pin(self.caller, call.pin.target)}
-                                                     ).result(timeout_s=RELEASE_WAIT_S)
-            except Exception:  # noqa: BLE001 - gone or unreachable: nothing there waits for these numbers
-                log.debug("release of %s turns %s failed", call.stage, turns, exc_info=True)
+        self._send_release(call.stage, call.pin.target, call.pin.turns())
         for dep in call.deps:
             if dep.released:
                 continue
@@ -522,6 +525,48 @@ class ServeBackend:
                     dep.released = True
                     self._release(dep)
         call.deps = ()
+
+    async def keep_sessions(self, held: dict[tuple, list[str]], timeout: float = 10.0) -> None:
+        """:meth:`RayBackend.keep_sessions <echo_stream.serve.backend.RayBackend.keep_sessions>`: one
+        unsequenced ``keep`` per slot's replica."""
+        async def one(stage, i, ids):
+            try:
+                await asyncio.wait_for(self.get(self.call(stage, "keep", ids, replica=i, ordered=False)), timeout)
+            except Exception:  # noqa: BLE001 - gone, not yet replaced or busy
+                log.debug("keep on %s slot %d failed", stage, i, exc_info=True)
+        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+
+    def _send_release(self, stage: str, target: str, turns: tuple) -> bool:
+        """Send ``target`` (a replica of ``stage``) the unsequenced ``release`` of ``turns``; whether it got
+        there. A release that reaches no replica (Serve routed it to another, which refused it, or it failed on
+        the way) is sent again after each pause of :data:`RELEASE_RETRY_S` while the target is still one of the
+        stage's live replicas: a hole left in its order would hold the epoch's next call there for
+        ``CallOrder.skip_after_s``. Stops when the target is gone (its order went with it), when the turns'
+        streams ended (nothing waits for them), or after :data:`RELEASE_WAIT_S`."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        for pause in (*RELEASE_RETRY_S, None):
+            turns = tuple(t for t in turns if t[0] in self._seq)
+            left = deadline - time.monotonic()
+            if not turns or left <= 0:
+                return False
+            try:
+                self.handles[stage].call.remote("release", turns, **{PIN_KW: Pin(self.caller, target)}
+                                                ).result(timeout_s=left)
+                return True
+            except Exception:  # noqa: BLE001 - not routable now, gone, or unreachable
+                log.debug("release of %s turns %s on %s failed", stage, turns, target, exc_info=True)
+            if pause is None or not self._is_live(stage, target):
+                return False
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        return False
+
+    def _is_live(self, stage: str, target: str) -> bool:
+        """Whether ``target`` is still one of ``stage``'s live replicas (Ray's named actors; an answer that
+        does not come counts as yes: the retries are bounded anyway)."""
+        try:
+            return target in self._live().get(stage, ())
+        except Exception:  # noqa: BLE001
+            return True
 
     def put(self, value) -> Any:
         return self.ray.put(value)
@@ -677,12 +722,6 @@ class ServeBackend:
         self.rebind()
         return {s: [self.result(self.call(s, "placement", replica=i, ordered=False), timeout)
                     for i in range(len(ids))] for s, ids in self.slots.items()}
-
-    def resume_store(self, ttl_s: float, max_records: int, shards: int) -> list:
-        """The cluster's resume records, shared by every ingress replica (:mod:`echo_stream.actors.resume`)."""
-        from ..actors.resume import resume_store
-
-        return resume_store(ttl_s, max_records, shards)
 
     def shutdown(self) -> None:
         from ray import serve

@@ -89,6 +89,9 @@ class ServeOptions:
     resume_ttl_s: float = 120.0
     resume_max_records: int = 100_000
     resume_shards: int = 4                  # the store's actors (``--resume-shards``; the same on every ingress)
+    #: the stage replicas close a session's state after this long without a call (``--stage-idle-timeout``;
+    #: None: they never do); the server keeps its running sessions' state with a ``keep`` every quarter of it
+    stage_idle_s: float | None = None
 
 
 _NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
@@ -209,6 +212,8 @@ class AvatarServer:
             if self.records is not None else None
         self._scaler = asyncio.get_running_loop().create_task(self._autoscale(), name="autoscaler") \
             if self.opts.autoscale and not getattr(self.backend, "autoscales", False) else None
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_stage_state(), name="stage-keep") \
+            if self.opts.stage_idle_s and hasattr(self.backend, "keep_sessions") else None
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
                                           ("grpc.max_send_message_length", lim)])
@@ -268,7 +273,7 @@ class AvatarServer:
             await b.stop()
         self.portraits.close()
         for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None),
-                     getattr(self, "_toucher", None)):
+                     getattr(self, "_toucher", None), getattr(self, "_keeper", None)):
             if task is not None:
                 task.cancel()
         self._stopped.set()
@@ -306,6 +311,20 @@ class AvatarServer:
             for s in list(self.sessions.values()):
                 if s.id in lost and s.record is not None:
                     s._fail(_taken_over())
+
+    async def _keep_stage_state(self) -> None:
+        """Every quarter of ``stage_idle_s``, tell each stage replica which of its sessions this server still
+        runs: the replicas close the state of sessions with no call for that long (what a lost ingress left:
+        :meth:`~echo_stream.stages.host.StageHost.sweep`), and a running session whose client is silent makes
+        no call."""
+        while True:
+            await asyncio.sleep(self.opts.stage_idle_s / 4)
+            held: dict[tuple, list[str]] = {}
+            for s in list(self.sessions.values()):
+                for stage, replica in s.route.items():
+                    held.setdefault((stage, replica), []).append(s.iid)
+            if held:
+                await self.backend.keep_sessions(held)
 
     async def _watch_stages(self) -> None:
         """Detect stage replicas restarted by Ray even when no call of a session failed (an idle stage died):

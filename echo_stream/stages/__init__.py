@@ -90,3 +90,8 @@ class Stage:
         """How many sessions' state this stage holds (one per open session epoch): a replica's load, which
         autoscaling looks at."""
         return len(getattr(self, "_sessions", ()))
+
+    def session_ids(self) -> list[str]:
+        """The ids of the sessions whose state this stage holds (what its host may close when they sit idle:
+        :meth:`~echo_stream.stages.host.StageHost.sweep`)."""
+        return list(getattr(self, "_sessions", ()))

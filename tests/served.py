@@ -42,9 +42,10 @@ def ray_backend(size: int = SIZE, replicas: dict | None = None, max_replicas: di
 
 
 @contextlib.contextmanager
-def two_node_cluster(head_cpus: int = 4, worker_cpus: int = 2):
+def two_node_cluster(head_cpus: int = 4, worker_cpus: int = 2, system_config: dict | None = None):
     """A ``ray.cluster_utils.Cluster`` on this machine (a head and one worker node, small object stores), with
-    this process connected to it: yields ``(cluster, worker node)``. The nodes' workers import the repository's
+    this process connected to it: yields ``(cluster, worker node)``. ``system_config``: Ray's ``_system_config``
+    for the head (e.g. faster node-death detection). The nodes' workers import the repository's
     ``actors`` through PYTHONPATH, as on a real cluster's image."""
     import os
     from pathlib import Path
@@ -58,7 +59,9 @@ def two_node_cluster(head_cpus: int = 4, worker_cpus: int = 2):
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
-                                                            "object_store_memory": 128 * mb})
+                                                            "object_store_memory": 128 * mb,
+                                                            **({"_system_config": system_config}
+                                                               if system_config else {})})
     worker = cluster.add_node(num_cpus=worker_cpus, object_store_memory=96 * mb)
     try:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -9,6 +9,7 @@ resume record; sessions on the head's ingress whose stage replicas were on it re
 Every session completes with every frame exactly once, in order.
 """
 import asyncio
+import json
 import os
 import socket
 import time
@@ -53,7 +54,8 @@ def test_sessions_outlive_a_lost_node_and_its_ingress():
     audio = media.decode_audio(os.path.join(TTS, "tts2.ogg"))
     n = int(np.ceil(len(audio) / config.SAMPLES_PER_FRAME - 1e-6))
     port = _free_port()
-    with two_node_cluster(head_cpus=8, worker_cpus=4) as (cluster, worker):
+    system = json.loads(os.environ.get("ECHO_STREAM_RAY_SYSTEM_CONFIG") or "{}")    # (scripts/measure_node_loss.py)
+    with two_node_cluster(head_cpus=8, worker_cpus=4, system_config=system) as (cluster, worker):
         try:
             serve.start(proxy_location="Disabled")
             serve.run(build_app({"port": port, "size": SIZE, "ingress_replicas": 2, "max_sessions": 8,
@@ -86,19 +88,33 @@ def test_sessions_outlive_a_lost_node_and_its_ingress():
             serve.shutdown()
     on_worker = where.get(worker.node_id, set())
     assert on_worker and set().union(*where.values()) == {r.session_id for r in results}, where
+    figures = []
     for res in results:
         frames = res.motion_frames
         assert frames == list(range(n)), (res.session_id[:8], [(e.kind, e.first_frame, e.message) for e in res.events])
         assert res.events[-1].kind == pb.Event.ENDED
         gaps = [e for e in res.events if e.kind == pb.Event.GAP]
         assert all(e.frames == 0 for e in gaps)
+        arrivals = sorted(t for t in res.frame_arrival.values() if t > t_loss)
+        fig = {"session": res.session_id[:8], "ingress_lost": res.session_id in on_worker,
+               "longest_wait_for_a_frame_after_the_loss_s": round(max(np.diff([t_loss] + arrivals)), 3),
+               "gap_events": [e.message for e in gaps]}
         if res.session_id in on_worker:              # its ingress was lost: resumed through the other one
             assert len(res.resumes) == 1 and res.resumes[0].resumed and gaps, res.events
             seam = gaps[-1].first_frame
+            fig.update(stream_broke_after_loss_s=round(res.breaks[0] - t_loss, 3),
+                       resumed_open_after_break_s=round(res.resumed_at[0] - res.breaks[0], 3),
+                       next_frame_after_break_s=round(res.frame_arrival[seam] - res.breaks[0], 3))
             print(f"session {res.session_id[:8]} (ingress lost): stream broke {res.breaks[0] - t_loss:.2f} s after "
                   f"the node was removed, resumed stream open {res.resumed_at[0] - res.breaks[0]:.2f} s after the break,"
                   f" frame {seam} {res.frame_arrival[seam] - res.breaks[0]:.2f} s after it; GAP: {gaps[-1].message}")
         else:
             assert not res.resumes
             print(f"session {res.session_id[:8]} (ingress kept): {len(gaps)} GAP event(s)",
-                  [e.message for e in gaps])
+                  [e.message for e in gaps], f"longest wait for a frame after the loss "
+                  f"{fig['longest_wait_for_a_frame_after_the_loss_s']:.2f} s")
+        figures.append(fig)
+    out = os.environ.get("ECHO_STREAM_NODE_LOSS_FIGURES")                          # (scripts/measure_node_loss.py)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"sessions": figures}) + "\n")

@@ -552,6 +552,53 @@ class _FailOnce(InlineBackend):
         return super()._run(stage, method, args, num_returns)
 
 
+class _HangOnce(InlineBackend):
+    """The in-process pipeline, whose memory stage never answers its n-th process call (as a call Serve's
+    router re-routes without end after a node loss): the handle it returns never resolves."""
+
+    def __init__(self, inner: InlineBackend, n: int):
+        self.runner, self._pools = inner.runner, inner._pools
+        self.n = n
+        self.calls = 0
+
+    def call(self, stage, method, *args, num_returns=1, replica=0, session=None):
+        if stage == "memory" and method == "process":
+            self.calls += 1
+            if self.calls == self.n:
+                import concurrent.futures as cf
+
+                from echo_stream.serve.backend import _Handle
+                return _Handle(cf.Future())
+        return super().call(stage, method, *args, num_returns=num_returns, replica=replica, session=session)
+
+
+def test_a_stage_call_that_never_answers_is_a_fault_the_session_recovers_from(backend):
+    """A result that never comes back (no error either) would hold the session for ever: after the deadline the
+    session takes it as a fault, re-opens its stages and replays the input in flight — every frame once, one GAP
+    event, the session ends."""
+    hang = _HangOnce(backend, n=3)
+    st = ServerThread(hang, ServeOptions(port=0, stage_call_deadline_s=1.0))
+    target = f"127.0.0.1:{st.start()}"
+    audio = _audio(3.0, seed=7)
+
+    async def main():
+        async with AvatarClient(target) as c:
+            s = await c.open(output="motion")
+            for i in range(0, len(audio), 1280):
+                await s.send_avatar_audio(audio[i:i + 1280])
+            await s.end()
+            return [m async for m in s.messages()]
+    try:
+        msgs = run(main())
+    finally:
+        st.stop()
+    frames = [m.motion.frame for m in msgs if m.WhichOneof("body") == "motion"]
+    gaps = [m.event for m in msgs if m.WhichOneof("body") == "event" and m.event.kind == pb.Event.GAP]
+    assert hang.calls > 3                        # the session went on past the call that never answered
+    assert len(gaps) == 1 and gaps[0].frames == 0 and "replayed" in gaps[0].message
+    assert msgs[-1].event.kind == pb.Event.ENDED and frames == list(range(75))
+
+
 def _mp3_bytes(x):
     import io
 

@@ -34,6 +34,28 @@ class StageFault(RuntimeError):
     """A stage process died (or was restarted) while it held work of a session."""
 
 
+#: a stage call whose result has not come back this long after the session began waiting for it is taken as a
+#: fault: the session recovers (a new epoch on replicas that answer, the input in flight replayed) instead of
+#: waiting for ever. Seen on Ray Serve right after a node loss: a chained call whose argument came from a
+#: replica on the lost node is re-routed by Serve's router without end (the argument holds Ray's
+#: ActorUnavailableError, which the router takes for the target replica being unreachable), and the session
+#: waited on it for minutes. Longer than the call order's 10 s skip, so that a legitimately late call is not
+#: cut short.
+STAGE_CALL_DEADLINE_S = 20.0
+
+
+async def answered(backend, handle, deadline_s: float = STAGE_CALL_DEADLINE_S):
+    """``backend.get(handle)``, or :class:`StageFault` when it takes longer than ``deadline_s``."""
+    try:
+        return await asyncio.wait_for(backend.get(handle), deadline_s)
+    except asyncio.TimeoutError:
+        abandon = getattr(backend, "abandon", None)
+        if abandon is not None:
+            abandon(handle)
+        raise StageFault(f"a stage call was not answered within {deadline_s:g} s (a replica, or one whose "
+                         "result it takes, is stuck or lost)") from None
+
+
 class OnRayCluster:
     """What a backend whose stages run on a Ray cluster has besides them (:class:`RayBackend` and
     :class:`~echo_stream.serve.serve_engine.ServeBackend`): the cluster's resume records. One method for both

@@ -18,6 +18,7 @@ import logging
 import time
 
 from . import metrics
+from .backend import STAGE_CALL_DEADLINE_S, answered
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class WindowBatcher:
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.stage = stage
+        self.deadline_s = STAGE_CALL_DEADLINE_S     # a batch call not back by then fails its sessions as a fault
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.batches = 0
@@ -91,8 +93,9 @@ class WindowBatcher:
             self.max_seen = max(self.max_seen, len(batch))
             try:
                 sessions = tuple(s for _, _, _, s in batch if s is not None) or None
-                out = await self.backend.get(self.backend.call(self.stage, "process", [p for p, _, _, _ in batch],
-                                                               replica=self.replica, session=sessions))
+                out = await answered(self.backend, self.backend.call(
+                    self.stage, "process", [p for p, _, _, _ in batch], replica=self.replica, session=sessions),
+                    self.deadline_s)
                 metrics.STAGE_LATENCY.labels(self.stage).observe(time.perf_counter() - now)
             except Exception as e:  # noqa: BLE001
                 if len(batch) > 1 and not self.backend.is_fault(e):
@@ -111,8 +114,8 @@ class WindowBatcher:
     async def _one_by_one(self, batch: list) -> None:
         for packet, fut, _, session in batch:
             try:
-                res = (await self.backend.get(self.backend.call(self.stage, "process", [packet], replica=self.replica,
-                                                                session=session)))[0]
+                res = (await answered(self.backend, self.backend.call(
+                    self.stage, "process", [packet], replica=self.replica, session=session), self.deadline_s))[0]
             except Exception as e:  # noqa: BLE001
                 if not fut.done():
                     fut.set_exception(e)

@@ -571,6 +571,15 @@ class ServeBackend(OnRayCluster):
     def put(self, value) -> Any:
         return self.ray.put(value)
 
+    def abandon(self, handle: _Call) -> None:
+        """A call given up on (:func:`.backend.answered`): cancelled, so that Serve's router stops re-routing it.
+        The hole it may leave in its replica's call order is in a stream of the epoch its session leaves to
+        recover (every later call is numbered in the new epoch's streams)."""
+        try:
+            handle.response.cancel()
+        except Exception:  # noqa: BLE001 - done meanwhile, or already cancelled
+            pass
+
     def cancel(self, handles) -> None:
         """Nothing is cancelled: a cancelled call would leave a hole in its replica's call order; the work of a
         dropped epoch runs and its results are discarded."""

@@ -28,6 +28,7 @@ from ..render.portrait import DecodedImage
 from ..protos import echo_stream_pb2 as pb
 from . import metrics, wire
 from .auth import Authenticator
+from .backend import STAGE_CALL_DEADLINE_S
 from .batching import WindowBatcher
 from .portrait_gate import PortraitGate
 from .resume import RecordWriter, Shards, resume_point
@@ -89,6 +90,9 @@ class ServeOptions:
     resume_ttl_s: float = 120.0
     resume_max_records: int = 100_000
     resume_shards: int = 4                  # the store's actors (``--resume-shards``; the same on every ingress)
+    #: a stage call whose result is not back this long after a session (or a batcher) began waiting for it is a
+    #: fault: the session recovers instead of waiting for ever (:data:`~.backend.STAGE_CALL_DEADLINE_S`)
+    stage_call_deadline_s: float = STAGE_CALL_DEADLINE_S
     #: the stage replicas close a session's state after this long without a call (``--stage-idle-timeout``;
     #: None: they never do); the server keeps its running sessions' state with a ``keep`` every quarter of it
     stage_idle_s: float | None = None
@@ -201,10 +205,7 @@ class AvatarServer:
         await asyncio.get_running_loop().run_in_executor(None, warm_up_encoder)
         await asyncio.get_running_loop().run_in_executor(None, self.portraits.start)
         n = self.backend.replica_count(BATCHED)
-        self.batchers = [WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=i)
-                         for i in range(n)]
-        for b in self.batchers:
-            b.start()
+        self.batchers = [self._batcher(i) for i in range(n)]
         self.batcher = self.batchers[0]
         self.records = await asyncio.get_running_loop().run_in_executor(None, self._resume_store)
         self._monitor = asyncio.get_running_loop().create_task(self._watch_stages(), name="stage-monitor")
@@ -347,15 +348,20 @@ class AvatarServer:
                 del known[key]
             self._follow_replicas()
 
+    def _batcher(self, replica: int) -> WindowBatcher:
+        """A started batcher of the diffusion windows bound for ``replica``."""
+        b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=replica)
+        b.deadline_s = self.opts.stage_call_deadline_s
+        b.start()
+        return b
+
     def _follow_replicas(self) -> None:
         """A backend that scales itself (Serve) added diffusion replicas: each gets its batcher (routes index
         batchers by replica); the replica counts are exported. (The actor engine's autoscaler adds its own.)"""
         if not getattr(self.backend, "autoscales", False):
             return
         while len(self.batchers) < self.backend.replica_count(BATCHED):
-            b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=len(self.batchers))
-            b.start()
-            self.batchers.append(b)
+            self.batchers.append(self._batcher(len(self.batchers)))
         running = getattr(self.backend, "running", None)      # replicas Serve runs (slots may stay empty)
         if running:
             for stage in self.opts.autoscale:
@@ -400,9 +406,7 @@ class AvatarServer:
                      n, n + 1, sessions, scaler.spec.target)
             i = await self.backend.add_replica(stage)
             if stage == BATCHED:
-                b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=i)
-                b.start()
-                self.batchers.append(b)
+                self.batchers.append(self._batcher(i))
             metrics.REPLICAS.labels(stage).set(n + 1)
         elif step < 0:
             router.drain(stage, last)
@@ -505,7 +509,8 @@ class AvatarServer:
             o = self.opts
             session = Session(sid, principal, spec, self.backend, self.batchers, o.limits, o.chunk_frames,
                               o.max_inflight, recovery_timeout_s=o.recovery_timeout_s, stride=stride,
-                              geometry=o.geometry, generation=generation)
+                              geometry=o.geometry, generation=generation,
+                              call_deadline_s=o.stage_call_deadline_s)
             self.sessions[sid] = session
             self._opening -= 1
             metrics.SESSIONS_ACTIVE.set(len(self.sessions))

@@ -34,6 +34,7 @@ from ...pipeline import BATCHED, run_chain, stage_after, stage_before, transcrip
 from ...protos import echo_stream_pb2 as pb
 from ...transcript import Segment
 from .. import metrics
+from ..backend import STAGE_CALL_DEADLINE_S, answered
 from ..egress import Outgoing
 from ..wire import Limits, SessionSpec
 from .edge import EdgeDecoders
@@ -57,7 +58,8 @@ class Session(EpochSwitching):
     def __init__(self, session_id: str, principal: str, spec: SessionSpec, backend, batcher,
                  limits: Limits = Limits(), chunk_frames: int = 8, max_inflight: int = 4, outbox_size: int = 48,
                  inbox_size: int = 64, recovery_timeout_s: float = 30.0, stride: int = 16,
-                 geometry: WindowGeometry | None = None, generation: int = 0):
+                 geometry: WindowGeometry | None = None, generation: int = 0,
+                 call_deadline_s: float = STAGE_CALL_DEADLINE_S):
         self.id = session_id
         self.generation = generation     # the how-manieth stream of the session (0: opened; +1 per resume)
         self.principal = principal
@@ -65,6 +67,7 @@ class Session(EpochSwitching):
         self.backend = backend
         self.limits = limits
         self.recovery_timeout_s = recovery_timeout_s
+        self.call_deadline_s = call_deadline_s   # a stage result not back by then is a fault (the session recovers)
         self.geometry = geometry = geometry or default_geometry()
         self.stride = geometry.stride(stride, "stride_frames")   # S' new frames per window
         self.overlap = geometry.known(stride)                   # K' = W - S' known frames
@@ -288,12 +291,12 @@ class Session(EpochSwitching):
             if c.epoch != self.epoch:
                 continue
             try:
-                info = await self.backend.get(c.info)
+                info = await answered(self.backend, c.info, self.call_deadline_s)
                 self.out.add_audio(c.offset, info)
-                wins = await self.backend.get(c.windows)
+                wins = await answered(self.backend, c.windows, self.call_deadline_s)
                 metrics.STAGE_LATENCY.labels(_BEFORE_BATCH).observe(time.perf_counter() - c.t0)
                 if c.checkpoint is not None:
-                    ck = await self.backend.get(c.checkpoint)
+                    ck = await answered(self.backend, c.checkpoint, self.call_deadline_s)
                     if c.epoch == self.epoch and ck is not None:   # None: the stage no longer holds it
                         self.resume.checkpoint = ck
                         if self.record is not None:
@@ -317,7 +320,7 @@ class Session(EpochSwitching):
             if w.epoch != self.epoch:
                 continue
             try:
-                packets = await self.backend.get(w.frames)
+                packets = await answered(self.backend, w.frames, self.call_deadline_s)
                 metrics.STAGE_LATENCY.labels("render").observe(time.perf_counter() - w.t0)
             except asyncio.CancelledError:
                 raise

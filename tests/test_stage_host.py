@@ -119,3 +119,12 @@ def test_server_keeps_its_running_sessions_state_on_their_replicas():
             loop.cancel()
     asyncio.run(main())
     assert kept[0] == {("decode", 0): ["a/2", "b.1/0"], ("memory", 1): ["a/2"], ("memory", 0): ["b.1/0"]}
+
+
+def test_stage_call_deadline_is_checked_before_anything_starts(capsys):
+    from echo_stream import cli
+
+    for bad in ("0.5", "inf", "nan"):
+        assert cli.main(["serve", "--port", "0", "--stage-call-deadline", bad]) == 1
+        err = capsys.readouterr().err
+        assert "--stage-call-deadline" in err and "seconds, at least 1" in err and "Traceback" not in err

@@ -93,6 +93,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a stage replica closes the state of a session that had no call for this long: what an "
                         "abruptly lost server left there (default 600; at least --resume-ttl; a running session's "
                         "server keeps its state however long its client is silent)")
+    p.add_argument("--stage-call-deadline", type=float, default=20.0, metavar="S",
+                   help="a stage result not back this long after a session began waiting for it is taken as a "
+                        "lost replica: the session moves and replays its input in flight (default 20; above the "
+                        "call order's 10 s skip)")
     p.add_argument("--resume-shards", type=int, default=4, metavar="N",
                    help="actors holding the cluster's resume records (default 4; a running session sends about one "
                         "update per generation window, ~1.6/s at stride 16; every server of a cluster must give the "

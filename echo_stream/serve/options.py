@@ -42,6 +42,9 @@ def serve_options(args):
     if not stage_idle >= max(resume_ttl, 1.0) or stage_idle == float("inf"):
         raise InputError("--stage-idle-timeout", f"{stage_idle}: seconds, at least 1 and at least --resume-ttl "
                                                  f"({resume_ttl:g})")
+    call_deadline = getattr(args, "stage_call_deadline", 20.0)
+    if not 1.0 <= call_deadline < float("inf"):
+        raise InputError("--stage-call-deadline", f"{call_deadline}: seconds, at least 1")
     resume_shards = getattr(args, "resume_shards", 4)
     if not 1 <= resume_shards <= 256:
         raise InputError("--resume-shards", f"{resume_shards}: a whole number in 1..256")
@@ -63,7 +66,8 @@ def serve_options(args):
                         tls_cert=read_input_file(args.tls_cert, "TLS certificate"), tls_key=read_input_file(args.tls_key, "TLS key"),
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, autoscale=autoscale,
-                        resume_ttl_s=resume_ttl, resume_shards=resume_shards, stage_idle_s=stage_idle)
+                        resume_ttl_s=resume_ttl, resume_shards=resume_shards, stage_idle_s=stage_idle,
+                        stage_call_deadline_s=call_deadline)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()},

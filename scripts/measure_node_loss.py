@@ -9,6 +9,9 @@ the worker node killed mid-session) ``--runs`` times; each run's per-session fig
 
 - a session whose ingress was on the lost node: when its stream broke, when the resumed stream opened, and
   when its next frame came, after the break;
+- a session on the kept ingress with stage replicas on the lost node: its next frame after the ingress noticed
+  the loss (a call failed, or the stage monitor saw the replica gone; the GAP event says how long recovering
+  took from then);
 - every session: the longest wait for a frame after the node was removed (the frames of a real-time session
   come a window at a time, 0.64 s apart at stride 16, so that is the floor).
 
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
                "resumed_next_frame_after_break_s": _summary([s["next_frame_after_break_s"] for s in lost]),
                "resumed_stream_open_after_break_s": _summary([s["resumed_open_after_break_s"] for s in lost]),
                "stream_broke_after_loss_s": _summary([s["stream_broke_after_loss_s"] for s in lost]),
+               "ingress_kept_next_frame_after_fault_noticed_s": _summary(
+                   [s["next_frame_after_fault_noticed_s"] for s in kept if "next_frame_after_fault_noticed_s" in s]),
                "ingress_kept_longest_wait_for_a_frame_s": _summary(
                    [s["longest_wait_for_a_frame_after_the_loss_s"] for s in kept]),
                "ingress_lost_longest_wait_for_a_frame_s": _summary(

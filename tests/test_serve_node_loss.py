@@ -11,6 +11,7 @@ Every session completes with every frame exactly once, in order.
 import asyncio
 import json
 import os
+import re
 import socket
 import time
 
@@ -110,6 +111,11 @@ def test_sessions_outlive_a_lost_node_and_its_ingress():
                   f" frame {seam} {res.frame_arrival[seam] - res.breaks[0]:.2f} s after it; GAP: {gaps[-1].message}")
         else:
             assert not res.resumes
+            for e, t_gap in zip(res.events, res.event_arrival):      # when the ingress noticed the loss: the
+                if e.kind == pb.Event.GAP:                           # GAP event says how long recovering took
+                    took = float(re.search(r"output stalled ([0-9.]+) s", e.message).group(1))
+                    fig.setdefault("next_frame_after_fault_noticed_s", round(
+                        min(t for f, t in res.frame_arrival.items() if f >= e.first_frame) - (t_gap - took), 3))
             print(f"session {res.session_id[:8]} (ingress kept): {len(gaps)} GAP event(s)",
                   [e.message for e in gaps], f"longest wait for a frame after the loss "
                   f"{fig['longest_wait_for_a_frame_after_the_loss_s']:.2f} s")

@@ -195,6 +195,7 @@ class SessionResult:
     video: bytearray = field(default_factory=bytearray)   # fMP4 stream
     raw_frames: list = field(default_factory=list)        # (frame, (H, W, 3)) for the raw codec
     events: list = field(default_factory=list)            # pb.Event
+    event_arrival: list = field(default_factory=list)     # ... and when each came (client monotonic time)
     stats: pb.SessionStats | None = None
     sent_audio_s: float = 0.0
     wall_s: float = 0.0
@@ -242,6 +243,7 @@ class SessionResult:
             self.video_end = max(self.video_end, int(msg.video.first_frame + msg.video.frames))
         elif body == "event":
             self.events.append(msg.event)
+            self.event_arrival.append(now)
             if msg.event.kind == pb.Event.ENDED:
                 self.stats = msg.event.stats
 

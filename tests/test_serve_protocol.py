@@ -572,20 +572,23 @@ class _HangOnce(InlineBackend):
         return super().call(stage, method, *args, num_returns=num_returns, replica=replica, session=session)
 
 
-def test_a_stage_call_that_never_answers_is_a_fault_the_session_recovers_from(backend):
-    """A result that never comes back (no error either) would hold the session for ever: after the deadline the
-    session takes it as a fault, re-opens its stages and replays the input in flight — every frame once, one GAP
-    event, the session ends."""
-    hang = _HangOnce(backend, n=3)
-    st = ServerThread(hang, ServeOptions(port=0, stage_call_deadline_s=1.0))
+def _one_session(backend, opts, audio, encoded: bool = False):
+    """One motion session of ``audio`` (PCM chunks, or mp3 when ``encoded``) through a server on ``backend``:
+    (every message, the motion frames, the GAP events)."""
+    st = ServerThread(backend, opts)
     target = f"127.0.0.1:{st.start()}"
-    audio = _audio(3.0, seed=7)
 
     async def main():
         async with AvatarClient(target) as c:
             s = await c.open(output="motion")
-            for i in range(0, len(audio), 1280):
-                await s.send_avatar_audio(audio[i:i + 1280])
+            if encoded:
+                data, seconds = _mp3_bytes(audio), len(audio) / 16000
+                for i in range(0, len(data), 400):
+                    await s._write(pb.ClientMessage(pts=seconds * i / len(data), avatar_audio=pb.AudioChunk(
+                        encoded=data[i:i + 400], codec="mp3")))
+            else:
+                for i in range(0, len(audio), 1280):
+                    await s.send_avatar_audio(audio[i:i + 1280])
             await s.end()
             return [m async for m in s.messages()]
     try:
@@ -594,6 +597,15 @@ def test_a_stage_call_that_never_answers_is_a_fault_the_session_recovers_from(ba
         st.stop()
     frames = [m.motion.frame for m in msgs if m.WhichOneof("body") == "motion"]
     gaps = [m.event for m in msgs if m.WhichOneof("body") == "event" and m.event.kind == pb.Event.GAP]
+    return msgs, frames, gaps
+
+
+def test_a_stage_call_that_never_answers_is_a_fault_the_session_recovers_from(backend):
+    """A result that never comes back (no error either) would hold the session for ever: after the deadline the
+    session takes it as a fault, re-opens its stages and replays the input in flight — every frame once, one GAP
+    event, the session ends."""
+    hang = _HangOnce(backend, n=3)
+    msgs, frames, gaps = _one_session(hang, ServeOptions(port=0, stage_call_deadline_s=1.0), _audio(3.0, seed=7))
     assert hang.calls > 3                        # the session went on past the call that never answered
     assert len(gaps) == 1 and gaps[0].frames == 0 and "replayed" in gaps[0].message
     assert msgs[-1].event.kind == pb.Event.ENDED and frames == list(range(75))
@@ -622,29 +634,7 @@ def test_stage_fault_replays_or_announces_the_gap(backend, encoded):
     """A stage failure mid-session: the input in flight is replayed (nothing lost), PCM and encoded audio alike
     (encoded audio is decoded at the ingress: what is in flight is PCM, which can be cut at a frame). Each frame
     leaves at most once, in order, and every missing frame would be inside a GAP event."""
-    st = ServerThread(_FailOnce(backend, n=3), ServeOptions(port=0))
-    target = f"127.0.0.1:{st.start()}"
-    audio = _audio(3.0, seed=6)
-
-    async def main():
-        async with AvatarClient(target) as c:
-            s = await c.open(output="motion")
-            if encoded:
-                data = _mp3_bytes(audio)
-                for i in range(0, len(data), 400):
-                    await s._write(pb.ClientMessage(pts=3.0 * i / len(data), avatar_audio=pb.AudioChunk(
-                        encoded=data[i:i + 400], codec="mp3")))
-            else:
-                for i in range(0, len(audio), 1280):
-                    await s.send_avatar_audio(audio[i:i + 1280])
-            await s.end()
-            return [m async for m in s.messages()]
-    try:
-        msgs = run(main())
-    finally:
-        st.stop()
-    frames = [m.motion.frame for m in msgs if m.WhichOneof("body") == "motion"]
-    gaps = [m.event for m in msgs if m.WhichOneof("body") == "event" and m.event.kind == pb.Event.GAP]
+    msgs, frames, gaps = _one_session(_FailOnce(backend, n=3), ServeOptions(port=0), _audio(3.0, seed=6), encoded)
     assert len(gaps) == 1 and msgs[-1].event.kind == pb.Event.ENDED
     assert frames == sorted(set(frames))
     lost = set(range(gaps[0].first_frame, gaps[0].first_frame + gaps[0].frames))

@@ -369,13 +369,16 @@ async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | Non
                         avatar_id: str | None = None, output: str = "both", codec: str = "fmp4", size: int = 256,
                         seed: int | None = None, realtime: bool = True, tick_frames: int = 2,
                         lead_s: float = 0.0, stride: int | None = None, resume_through=(),
-                        max_resumes: int = 3, resume_wait_s: float = 0.5) -> SessionResult:
+                        max_resumes: int = 3, resume_wait_s: float = 0.25,
+                        resume_timeout_s: float = 15.0) -> SessionResult:
     """Open a session, send ``inp`` while receiving, and collect everything the server sends back.
 
     ``resume_through``: clients of other servers (or of the same load balancer) to resume the session
-    through when its stream breaks (:data:`BROKEN`; at most ``max_resumes`` times, trying them in turn, the
-    first client too, ``resume_wait_s`` apart): the input is sent again from the resumed stream's
-    ``resume_pts``, and the result holds every frame once (``SessionResult.resumes``: the streams' openings).
+    through when its stream breaks (:data:`BROKEN`; at most ``max_resumes`` breaks): they are tried in turn,
+    the first client too, the first try at once and then ``resume_wait_s`` apart, doubling up to 2 s, for up
+    to ``resume_timeout_s`` — a load balancer may still send new connections to the lost server for a while.
+    The input is sent again from the resumed stream's ``resume_pts``, and the result holds every frame once
+    (``SessionResult.resumes``: the streams' openings).
     """
     t = time.monotonic()
     s = await client.open(portrait=portrait, avatar_id=avatar_id, output=output, codec=codec, size=size, seed=seed,
@@ -398,19 +401,19 @@ async def stream_inputs(client: AvatarClient, inp: Inputs, portrait: bytes | Non
             res.sent_audio_s = await sender
             break
         except aio.AioRpcError as e:
-            if not resume_through or e.code() not in BROKEN or tries >= max_resumes:
+            if not resume_through or e.code() not in BROKEN or len(res.breaks) >= max_resumes:
                 raise
             res.breaks.append(time.monotonic())
-            s, wait = None, 0.0
+            s, wait, give_up = None, 0.0, time.monotonic() + resume_timeout_s
             while s is None:                     # the next server that takes the session (the first try at once)
                 target = targets[tries % len(targets)]
                 tries += 1
                 await asyncio.sleep(wait)
-                wait = resume_wait_s
+                wait = min(2.0, max(resume_wait_s, 2 * wait))
                 try:
                     s = await target.resume(cfg, res.session_id, res.next_frame(output))
                 except aio.AioRpcError as e2:
-                    if e2.code() not in BROKEN or tries >= max_resumes:
+                    if e2.code() not in BROKEN or time.monotonic() + wait > give_up:
                         raise
             res.resumed(s.opened)
             start_s = s.opened.resume_pts

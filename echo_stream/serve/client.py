@@ -37,8 +37,13 @@ class AvatarClient:
                  tls: bool = False, max_message_bytes: int = 16 * 1024 * 1024, own_connection: bool = False):
         """``own_connection``: this client's own TCP connection (by default gRPC shares one between the channels
         of a process to the same target, so a TCP load balancer would see one connection for all of them)."""
+        # a connection that fails is tried again after 0.1 s, backing off to 2 s at most (gRPC's defaults: 1 s
+        # growing to 120 s): a live session resuming after its server was lost must not sit out a long backoff
+        # because its first try met the lost server (a load balancer may still send it there for a while)
         opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
         if own_connection:
             opts.append(("grpc.use_local_subchannel_pool", 1))
         if tls or tls_ca:

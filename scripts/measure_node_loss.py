@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="times to run the test (each ~1 min on 2 cores)")
     ap.add_argument("--fast-node-death", action="store_true",
                     help="Ray's GCS declares a silent node dead after 3 x 0.5 s instead of 5 x 3 s")
+    ap.add_argument("--head-cpus", type=int, default=8,
+                    help="the head node's CPUs (default 8). 3 leaves room for its own replicas (2.5 CPUs) and "
+                         "little more, so Serve cannot start most replacements of the lost node's replicas there: "
+                         "as on a cluster whose replacements go to another machine, they do not compete with the "
+                         "recovering sessions for the same cores")
     ap.add_argument("--out", default=None, help="JSON to write (default bench/results/node_loss_2cpu[_fast].json)")
     args = ap.parse_args(argv)
     if args.runs < 1:
@@ -57,11 +62,13 @@ def main(argv=None) -> int:
     from echo_stream.machine import environment
 
     out = Path(args.out or REPO / "bench" / "results" /
-               f"node_loss_{os.cpu_count()}cpu{'_fast_node_death' if args.fast_node_death else ''}.json")
+               f"node_loss_{os.cpu_count()}cpu{'_fast_node_death' if args.fast_node_death else ''}"
+               f"{'' if args.head_cpus == 8 else f'_head{args.head_cpus}'}.json")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         figures = Path(tmp) / "figures.jsonl"
         env = dict(os.environ, ECHO_STREAM_NODE_LOSS_FIGURES=str(figures),
+                   ECHO_STREAM_NODE_LOSS_HEAD_CPUS=str(args.head_cpus),
                    ECHO_STREAM_RAY_SYSTEM_CONFIG=json.dumps(FAST if args.fast_node_death else {}))
         for k in range(args.runs):
             t = time.perf_counter()
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
     doc = {"benchmark": "whole node lost with its ingress (tests/test_serve_node_loss.py)",
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(),
            "config": {"runs": args.runs, "ray_system_config": FAST if args.fast_node_death else "Ray's defaults",
-                      "cluster": "ray.cluster_utils.Cluster: head 8 CPUs + worker 4 CPUs on one machine",
+                      "cluster": f"ray.cluster_utils.Cluster: head {args.head_cpus} CPUs + worker 4 CPUs on one machine",
                       "replicas": "decode=2,features=2,memory=2,diffusion=2,render=2, ingress 2 (one port)",
                       "session": "real-time TTS speech, motion output, stride 16 (a window every 0.64 s)"},
            "summary": {

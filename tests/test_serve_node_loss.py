@@ -56,7 +56,8 @@ def test_sessions_outlive_a_lost_node_and_its_ingress():
     n = int(np.ceil(len(audio) / config.SAMPLES_PER_FRAME - 1e-6))
     port = _free_port()
     system = json.loads(os.environ.get("ECHO_STREAM_RAY_SYSTEM_CONFIG") or "{}")    # (scripts/measure_node_loss.py)
-    with two_node_cluster(head_cpus=8, worker_cpus=4, system_config=system) as (cluster, worker):
+    head_cpus = int(os.environ.get("ECHO_STREAM_NODE_LOSS_HEAD_CPUS") or 8)           # (scripts/measure_node_loss.py)
+    with two_node_cluster(head_cpus=head_cpus, worker_cpus=4, system_config=system) as (cluster, worker):
         try:
             serve.start(proxy_location="Disabled")
             serve.run(build_app({"port": port, "size": SIZE, "ingress_replicas": 2, "max_sessions": 8,

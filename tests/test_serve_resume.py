@@ -15,6 +15,8 @@ FPS = config.FPS
 
 
 class Clock:
+    """A clock that stands still until a test sets ``t`` (also used by tests/test_stage_host.py)."""
+
     def __init__(self):
         self.t = 0.0
 

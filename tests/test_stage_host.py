@@ -12,13 +12,7 @@ from echo_stream.stages.host import StageHost, session_ids_of
 from echo_stream.stages.warmup import pushed_inputs
 from echo_stream.transcript import Segment
 
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
+from .test_serve_resume import Clock
 
 
 def test_host_closes_only_sessions_with_no_call_for_the_idle_time(caplog):

@@ -200,7 +200,7 @@ class RayBackend(OnRayCluster):
             best = await best_answer(self, stage, order, wait, avoid_node)
             if best is not None:
                 if best != mine:
-                    _moving(self, stage, mine, best, avoid_node)
+                    log_move(self, stage, mine, best, avoid_node)
                     self.router.move(route, stage, best)
                 return
             if time.monotonic() > deadline:
@@ -227,12 +227,7 @@ class RayBackend(OnRayCluster):
         """Tell each replica ``(stage, replica)`` that the sessions ``held[...]`` still run here: their state
         is not closed as idle (:meth:`~echo_stream.stages.host.StageHost.sweep`). Best effort: a replica that
         does not answer is asked again next time."""
-        async def one(stage, i, ids):
-            try:
-                await asyncio.wait_for(self.runner.replicas[stage][i].keep.remote(ids), timeout)
-            except Exception:  # noqa: BLE001 - dead, restarting or busy
-                log.debug("keep on %s replica %d failed", stage, i, exc_info=True)
-        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+        await keep_all(held, lambda stage, i, ids: self.runner.replicas[stage][i].keep.remote(ids), timeout)
 
     def shutdown(self) -> None:
         self.runner.shutdown()
@@ -291,7 +286,18 @@ async def best_answer(backend, stage: str, order: list[int], wait: float, avoid:
             a.cancel()
 
 
-def _moving(backend, stage: str, mine: int, to: int, avoid: str | None) -> None:
+async def keep_all(held: dict[tuple, list[str]], send, timeout: float) -> None:
+    """``send(stage, replica, ids)`` (an awaitable: the replica's ``keep``) for every replica of ``held`` at
+    once, each within ``timeout``; best effort: one that does not answer is asked again next time."""
+    async def one(stage, i, ids):
+        try:
+            await asyncio.wait_for(send(stage, i, ids), timeout)
+        except Exception:  # noqa: BLE001 - dead, restarting, not yet replaced or busy
+            log.debug("keep on %s replica %d failed", stage, i, exc_info=True)
+    await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+
+
+def log_move(backend, stage: str, mine: int, to: int, avoid: str | None) -> None:
     nodes = getattr(backend, "replica_nodes", {})
     why = "its node lost the session's ingress" if avoid and nodes.get((stage, mine)) == avoid else \
         "it does not answer"

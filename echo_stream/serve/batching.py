@@ -25,13 +25,13 @@ log = logging.getLogger(__name__)
 
 class WindowBatcher:
     def __init__(self, backend, max_batch: int = 64, max_wait_s: float = 0.004, stage: str = "diffusion",
-                 replica: int = 0):
+                 replica: int = 0, deadline_s: float = STAGE_CALL_DEADLINE_S):
         self.backend = backend
         self.replica = int(replica)
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_s)
         self.stage = stage
-        self.deadline_s = STAGE_CALL_DEADLINE_S     # a batch call not back by then fails its sessions as a fault
+        self.deadline_s = float(deadline_s)     # a batch call not back by then fails its sessions as a fault
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.batches = 0

@@ -32,7 +32,7 @@ import uuid
 from typing import Any
 
 from ..chain import PIPELINE, STAGES
-from .backend import OnRayCluster, StageFault, _moving, best_answer
+from .backend import OnRayCluster, StageFault, best_answer, keep_all, log_move
 from .pinning import PIN_KW, CallOrder, Failed, Pin, ReplicaGone, StuckCheck, failed_argument, rebind_slots
 from .routing import Route, Router
 from .serve_scaling import METRIC as SESSIONS_METRIC
@@ -529,12 +529,8 @@ class ServeBackend(OnRayCluster):
     async def keep_sessions(self, held: dict[tuple, list[str]], timeout: float = 10.0) -> None:
         """:meth:`RayBackend.keep_sessions <echo_stream.serve.backend.RayBackend.keep_sessions>`: one
         unsequenced ``keep`` per slot's replica."""
-        async def one(stage, i, ids):
-            try:
-                await asyncio.wait_for(self.get(self.call(stage, "keep", ids, replica=i, ordered=False)), timeout)
-            except Exception:  # noqa: BLE001 - gone, not yet replaced or busy
-                log.debug("keep on %s slot %d failed", stage, i, exc_info=True)
-        await asyncio.gather(*(one(s, i, ids) for (s, i), ids in held.items()))
+        await keep_all(held, lambda stage, i, ids: self.get(self.call(stage, "keep", ids, replica=i, ordered=False)),
+                       timeout)
 
     def _send_release(self, stage: str, target: str, turns: tuple) -> bool:
         """Send ``target`` (a replica of ``stage``) the unsequenced ``release`` of ``turns``; whether it got
@@ -698,7 +694,7 @@ class ServeBackend(OnRayCluster):
         if best is None:
             return False
         if best != mine:
-            _moving(self, stage, mine, best, avoid_node)
+            log_move(self, stage, mine, best, avoid_node)
             self.router.move(route, stage, best)
         return True
 

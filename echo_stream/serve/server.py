@@ -350,8 +350,8 @@ class AvatarServer:
 
     def _batcher(self, replica: int) -> WindowBatcher:
         """A started batcher of the diffusion windows bound for ``replica``."""
-        b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=replica)
-        b.deadline_s = self.opts.stage_call_deadline_s
+        b = WindowBatcher(self.backend, self.opts.max_batch, self.opts.batch_wait_s, replica=replica,
+                          deadline_s=self.opts.stage_call_deadline_s)
         b.start()
         return b
 

@@ -104,7 +104,7 @@ class StageHost:
 
     def sweep(self) -> list[str]:
         """Close the sessions that had no call for ``idle_close_s`` (at most once every ``sweep_every_s``;
-        otherwise nothing); returns their ids. A session whose state was made by no call this host saw counts
+        otherwise nothing); returns the ids of those closed (one whose close raised is tried again next time). A session whose state was made by no call this host saw counts
         from the first sweep that finds it. Runs where the stage's calls run (the actor, the replica's worker
         thread): closing never races a call of the stage."""
         now = self.clock()
@@ -114,20 +114,21 @@ class StageHost:
         held = set(self.stage.session_ids())
         for sid in [s for s in self._last_call if s not in held]:   # closed, or called without state here
             del self._last_call[sid]
-        idle = [sid for sid in held if now - self._last_call.setdefault(sid, now) >= self.idle_close_s]
-        for sid in idle:
+        closed = []
+        for sid in [sid for sid in held if now - self._last_call.setdefault(sid, now) >= self.idle_close_s]:
             try:
                 self.stage.close_session(sid)
             except Exception:  # noqa: BLE001 - the next sweep tries again
                 log.exception("%s: closing idle session %s failed", self.stage.name, sid)
                 continue
             del self._last_call[sid]
-            self.reclaimed += 1
-        if idle:
+            closed.append(sid)
+        self.reclaimed += len(closed)
+        if closed:
             log.warning("%s: closed the state of %d session(s) with no call for %g s or more (left by an ingress "
-                        "lost without closing them): %s", self.stage.name, len(idle), self.idle_close_s, ", ".join(sorted(idle)[:8])
-                        + (" ..." if len(idle) > 8 else ""))
-        return idle
+                        "lost without closing them): %s", self.stage.name, len(closed), self.idle_close_s,
+                        ", ".join(sorted(closed)[:8]) + (" ..." if len(closed) > 8 else ""))
+        return closed
 
     def stats(self) -> dict:
         import resource

@@ -52,7 +52,9 @@ def test_sessions_outlive_a_lost_node_and_its_ingress():
     from echo_stream.serve.client import AvatarClient, Inputs, stream_inputs
     from echo_stream.serve.serve_engine import build_app
 
-    audio = media.decode_audio(os.path.join(TTS, "tts2.ogg"))
+    # two utterances, 8.6 s: long enough that the first session still runs when the node is lost, however many
+    # connections it took until both ingresses held a session (up to 8, 0.4 s apart)
+    audio = np.concatenate([media.decode_audio(os.path.join(TTS, f"tts{i}.ogg")) for i in (2, 3)])
     n = int(np.ceil(len(audio) / config.SAMPLES_PER_FRAME - 1e-6))
     port = _free_port()
     system = json.loads(os.environ.get("ECHO_STREAM_RAY_SYSTEM_CONFIG") or "{}")    # (scripts/measure_node_loss.py)

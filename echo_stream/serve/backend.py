@@ -256,10 +256,17 @@ async def answers(backend, stage: str, replica: int, timeout: float) -> bool:
     return True
 
 
-async def best_answer(backend, stage: str, order: list[int], wait: float, avoid: str | None = None) -> int | None:
+#: once a replica of a stage has answered, how long a better one that is still silent is waited for: a replica
+#: on a lost node is silent for the whole ping timeout, and a session recovering would otherwise wait for it
+ANSWER_GRACE_S = 0.25
+
+
+async def best_answer(backend, stage: str, order: list[int], wait: float, avoid: str | None = None,
+                      grace: float = ANSWER_GRACE_S) -> int | None:
     """The first replica of ``order`` (best first) that answers a ping within ``wait`` s; None: none did. All
     are asked at once, and the answer is known as soon as every better one answered or failed — not after the
-    slowest (a replica on a lost node is silent for the whole ``wait``).
+    slowest (a replica on a lost node is silent for the whole ``wait``) — or ``grace`` s after the first
+    answer, whichever comes first: then the best one that answered is taken.
 
     ``avoid``: a node whose replicas are taken only when no other answers. A session resumed after its ingress
     was lost avoids that ingress's node: when a whole node goes down, its replicas can still answer for a
@@ -267,20 +274,37 @@ async def best_answer(backend, stage: str, order: list[int], wait: float, avoid:
     later — while re-opening elsewhere costs nothing more, since a resumed session opens every stage anew from
     its record anyway. Replicas known to be there (from earlier pings) are not waited for."""
     nodes = getattr(backend, "replica_nodes", {})
+
+    def avoided(i: int) -> bool:                     # (known from an earlier ping, or from this very answer)
+        return bool(avoid) and nodes.get((stage, i)) == avoid
+
     if avoid:
-        order = [i for i in order if nodes.get((stage, i)) != avoid] + \
-            [i for i in order if nodes.get((stage, i)) == avoid]
+        order = [i for i in order if not avoided(i)] + [i for i in order if avoided(i)]
     asks = {i: asyncio.ensure_future(backend._answers(stage, i, wait)) for i in order}
-    fallback = None
+    loop = asyncio.get_running_loop()
+    answered: dict[int, bool] = {}
+    first_ok: float | None = None                    # when the first replica not avoided answered
     try:
-        for i in order:
-            if not await asks[i]:
-                continue
-            if avoid and nodes.get((stage, i)) == avoid:       # (learned from this very answer)
-                fallback = i if fallback is None else fallback
-                continue
-            return i
-        return fallback
+        while True:
+            for i in order:
+                if i not in answered:
+                    break                            # a better one has not answered yet
+                if answered[i] and not avoided(i):
+                    return i
+            else:                                    # all answered or failed: one on the avoided node, if any
+                return next((i for i in order if answered[i]), None)
+            timeout = None
+            if first_ok is not None:
+                timeout = first_ok + grace - loop.time()
+                if timeout <= 0:                     # the better ones are still silent: the best that answered
+                    return next(i for i in order if answered.get(i) and not avoided(i))
+            await asyncio.wait([asks[i] for i in order if i not in answered], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for i in order:
+                if i not in answered and asks[i].done():
+                    answered[i] = bool(asks[i].result())
+                    if answered[i] and not avoided(i) and first_ok is None:
+                        first_ok = loop.time()
     finally:
         for a in asks.values():
             a.cancel()

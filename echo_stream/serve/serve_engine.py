@@ -342,6 +342,7 @@ class ServeBackend(OnRayCluster):
             time.sleep(0.2)
         self.router = Router({s: len(v) for s, v in self.slots.items()})
         self.replica_nodes: dict[tuple, str] = {}     # (stage, slot): Ray node id, as its replica's last ping said
+        self._undraining: set = set()                  # refresh tasks asking drained slots in the background
 
     # -- starting
     @classmethod
@@ -641,9 +642,18 @@ class ServeBackend(OnRayCluster):
                         nums.pop(key, None)
         return moved
 
-    async def refresh(self, timeout: float = 1.0) -> None:
-        """:meth:`rebind`, then the drained slots whose replica answers take new sessions again."""
+    async def refresh(self, timeout: float = 1.0, wait: bool = True) -> None:
+        """:meth:`rebind`, then the drained slots whose replica answers take new sessions again (``wait=False``:
+        they are asked in the background)."""
         await asyncio.get_running_loop().run_in_executor(None, self.rebind)
+        task = asyncio.ensure_future(self._undrain(timeout))
+        if wait:
+            await task
+        else:
+            self._undraining.add(task)
+            task.add_done_callback(self._undraining.discard)
+
+    async def _undrain(self, timeout: float) -> None:
         drained = [(s, i) for s, idx in self.router.draining.items() for i in sorted(idx)]
         oks = await asyncio.gather(*(self._answers(s, i, timeout) for s, i in drained))
         for (stage, i), ok in zip(drained, oks):
@@ -663,7 +673,9 @@ class ServeBackend(OnRayCluster):
         asked at once (a lost node takes a replica of several stages: their silences overlap, they do not add
         up), one re-bind (:meth:`refresh`) between rounds."""
         deadline = time.monotonic() + timeout
-        await self.refresh(move_after_s)
+        # the drained slots' replicas are asked meanwhile, not first: a silent one would hold the session for the
+        # whole ping timeout before its own stages are even asked
+        await self.refresh(move_after_s, wait=False)
         pending = list(STAGES)
         while True:
             settled = await asyncio.gather(*(self._settle(s, route, move_after_s, deadline, avoid_node)

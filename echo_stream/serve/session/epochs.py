@@ -95,6 +95,7 @@ class EpochSwitching:
                 # the session's replicas; one that does not answer (lost with its node) is replaced by one that
                 # does: the new epoch opens there from the checkpoint
                 await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
+                asked = time.perf_counter() - t
                 await self._open_epoch()
             except SessionFailed:
                 raise
@@ -118,7 +119,8 @@ class EpochSwitching:
                 kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
                 message=(f"a pipeline stage replica was lost; the session continued on another one "
                          f"({', '.join(moved)})" if moved else "a pipeline stage failed and was restarted")
-                + f"; output stalled {took:.2f} s at frame {stalled_at}; {what}")), resume if gap else None))
+                + f"; output stalled {took:.2f} s at frame {stalled_at} (replicas asked {asked:.2f} s, stages opened "
+                  f"{took - asked:.2f} s); {what}")), resume if gap else None))
             self.chunker.prepend(items, seconds)
             self.ready.set()
             if self.chunker.items or self.end_pushed:   # replayed input (+ the end the old epoch took with it)

@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import time
 
+import numpy as np
+
 import pytest
 
 from echo_stream import cli
@@ -87,13 +89,15 @@ async def _watch(stop: asyncio.Event, replicas, seen: list, st, routes: dict) ->
         await asyncio.sleep(0.1)
 
 
-async def _realtime_session(c, i: int, until: asyncio.Event, seed: int):
+async def _realtime_session(c, i: int, until: asyncio.Event, seed: int, opened: dict | None = None):
     """A motion session of client ``c`` sending audio in real time until ``until`` is set (and at least 1 s);
-    returns (its result, seconds sent)."""
+    returns (its result, seconds sent). ``opened``: gets ``{session id: i}``."""
     from echo_stream.serve.client import SessionResult
 
     audio = mediagen.speech_like(120.0, 16000, seed=seed)
     s = await c.open(output="motion", seed=i)
+    if opened is not None:
+        opened[s.session_id] = i
     res = SessionResult(session_id=s.session_id)
 
     async def read():
@@ -112,7 +116,7 @@ async def _realtime_session(c, i: int, until: asyncio.Event, seed: int):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "cluster"])
+@pytest.mark.parametrize("where", ["cluster"])
 def test_diffusion_scales_up_under_load_and_back_down(where):
     """Two sessions on one diffusion replica (target 1 session per replica) -> a second replica starts (on the
     two-node cluster: spread to the other node); a third session opened then lands
@@ -224,3 +228,63 @@ def test_serve_engine_scales_diffusion_on_the_sessions_its_replicas_hold():
         for res, seconds in results:
             replicated.check_exactly_once(res, replicated.frames_of(seconds))
             assert not replicated.gaps(res) and res.stats.recoveries == 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_with_rebalancing_sessions_move_onto_a_new_replica_and_off_a_drained_one():
+    """``--rebalance-interval`` on local Ray (target 1 session per replica): two sessions on one diffusion
+    replica -> a second replica starts and one session moves onto it (GAP "balance", no frame lost); the session
+    on replica 0 ends -> replica 1 drains, its session moves back to 0 (GAP "drain") and replica 1 is removed
+    while that session still runs. Every frame of both sessions exactly once, in order."""
+    from echo_stream.serve.client import AvatarClient
+
+    spec = ScaleSpec(1, 2, target=1.0, up_delay_s=0.3, down_delay_s=1.0)
+    with _autoscaled_backend("local") as (backend, _), \
+            server_thread(backend, max_sessions=4, autoscale={"diffusion": spec}, autoscale_interval_s=0.2,
+                          rebalance_interval_s=0.3, rebalance_cooldown_s=1.0) as (st, target):
+        router = backend.router
+
+        def on(replica):
+            return [sid for sid, s in list(st.server.sessions.items()) if s.route["diffusion"] == replica]
+
+        async def wait_for(what, ok, within):
+            t = time.monotonic()
+            while not ok():
+                assert time.monotonic() < t + within, f"{what} not within {within} s: loads {router.load}"
+                await asyncio.sleep(0.1)
+            print(f"{what}: {time.monotonic() - t:.1f} s")
+
+        async def main():
+            ends, index = [asyncio.Event(), asyncio.Event()], {}
+            async with AvatarClient(target) as c:
+                runs = [asyncio.get_running_loop().create_task(_realtime_session(c, i, ends[i], 80 + i, index))
+                        for i in range(2)]
+                await wait_for("diffusion scaled up", lambda: router.counts["diffusion"] == 2, 150)
+                await wait_for("a session moved onto the new replica", lambda: len(on(1)) == 1 and len(on(0)) == 1,
+                               30)
+                stay, go = on(1)[0], on(0)[0]
+                ends[index[go]].set()                                  # the session on replica 0 ends
+                await wait_for("replica 1 drained, its session moved off and the replica removed",
+                               lambda: router.counts["diffusion"] == 1, 60)
+                assert stay in st.server.sessions and st.server.sessions[stay].route["diffusion"] == 0
+                ends[index[stay]].set()
+                return await asyncio.gather(*runs)
+
+        results = asyncio.run(main())
+    whys = []
+    for res, seconds in results:
+        replicated.check_exactly_once(res, replicated.frames_of(seconds))
+        assert all(e.frames == 0 and "no frame was lost" in e.message for e in replicated.gaps(res))
+        assert res.stats.recoveries == 0
+        whys.append(sorted(e.message.split("(")[1].split(":")[0] for e in replicated.gaps(res)))
+        t = res.frame_arrival
+        d = np.diff(sorted(t.values()))                          # a window's frames arrive together
+        usual = float(np.median(d[d > 0.05]))                    # between windows
+        for e in replicated.gaps(res):                           # what a move costs the session's output
+            before = max(t[f] for f in t if f < e.first_frame)
+            after = min(t[f] for f in t if f >= e.first_frame)
+            print(f"move at frame {e.first_frame}: its frame {after - before:.2f} s after the frame before "
+                  f"(between windows: {usual:.2f} s median); {e.message}")
+    # one session moved for balance (0 -> 1), and that one moved back when replica 1 drained (1 -> 0)
+    assert sorted(whys) == [[], ["balance", "drain"]], whys

@@ -68,7 +68,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "here is not named in --replicas; it starts with MIN). One more replica when the sessions per "
                         "replica stay above --scale-target for --scale-up-delay s; the last replica drains (no new "
                         "sessions) when they stay below for --scale-down-delay s, and goes when its sessions have "
-                        "ended (none is moved). The cluster must hold MAX replicas (checked at start)")
+                        "ended (or moved: --rebalance-interval). The cluster must hold MAX replicas (checked at start)")
+    p.add_argument("--rebalance-interval", type=float, default=0.0, metavar="S",
+                   help="every S seconds, move a few running sessions to another replica of a stage: onto a replica "
+                        "the autoscaler added (or one back from a fault) while others hold 2+ sessions more, and "
+                        "off a replica drained to scale down, which then goes at once. A moved session re-opens "
+                        "from its checkpoint: a short stall, no frame lost, a GAP event (default 0: never)")
     p.add_argument("--scale-target", type=float, default=4.0, metavar="SESSIONS",
                    help="sessions per replica the autoscaler aims at (default 4)")
     p.add_argument("--scale-up-delay", type=float, default=2.0, metavar="S",

@@ -18,6 +18,8 @@ FRAMES = Counter("echo_stream_frames_total", "frames delivered to clients", ["ki
 ERRORS = Counter("echo_stream_errors_total", "errors returned to clients by gRPC status", ["code"])
 GAPS = Counter("echo_stream_gap_frames_total", "frames announced as gaps after a stage failure")
 RECOVERIES = Counter("echo_stream_recoveries_total", "session recoveries after a stage failure")
+MOVES = Counter("echo_stream_session_moves_total", "planned moves of running sessions to another stage replica "
+                "(--rebalance-interval)", ["why"])
 INTERRUPTS = Counter("echo_stream_interrupts_total", "session interrupts")
 MESSAGES_IN = Counter("echo_stream_messages_received_total", "client messages received", ["kind"])
 STAGE_LATENCY = Histogram("echo_stream_stage_latency_seconds",

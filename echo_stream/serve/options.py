@@ -45,6 +45,9 @@ def serve_options(args):
     call_deadline = getattr(args, "stage_call_deadline", 20.0)
     if not 1.0 <= call_deadline < float("inf"):
         raise InputError("--stage-call-deadline", f"{call_deadline}: seconds, at least 1")
+    rebalance = getattr(args, "rebalance_interval", 0.0)
+    if not (rebalance == 0 or 0.1 <= rebalance < float("inf")):
+        raise InputError("--rebalance-interval", f"{rebalance}: seconds, at least 0.1 (0: sessions never move)")
     resume_shards = getattr(args, "resume_shards", 4)
     if not 1 <= resume_shards <= 256:
         raise InputError("--resume-shards", f"{resume_shards}: a whole number in 1..256")
@@ -67,7 +70,7 @@ def serve_options(args):
                         limits=Limits(max_lead_s=args.max_lead), avatars=avatars, drain_timeout_s=args.drain_timeout,
                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, autoscale=autoscale,
                         resume_ttl_s=resume_ttl, resume_shards=resume_shards, stage_idle_s=stage_idle,
-                        stage_call_deadline_s=call_deadline)
+                        stage_call_deadline_s=call_deadline, rebalance_interval_s=rebalance)
     popts = PipelineOptions(checkpoint=args.checkpoint, config=args.config, device=args.device,
                             size=(args.size, args.size), stride=args.stride or None, replicas=replicas,
                             max_replicas={stage: spec.max for stage, spec in autoscale.items()},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,10 @@ class ServeOptions:
     #: the stage replicas close a session's state after this long without a call (``--stage-idle-timeout``;
     #: None: they never do); the server keeps its running sessions' state with a ``keep`` every quarter of it
     stage_idle_s: float | None = None
+    #: running sessions move between a stage's replicas every this many seconds, to even out the load and to
+    #: empty a replica drained for scale-down (``--rebalance-interval``; 0: never: :mod:`.rebalance`)
+    rebalance_interval_s: float = 0.0
+    rebalance_cooldown_s: float = 30.0      # a session moved (or resumed) is not moved again for this long
 
 
 _NO_TOKEN = ("missing or unknown bearer token: send metadata 'authorization: Bearer <token>' with a token the "
@@ -215,6 +220,8 @@ class AvatarServer:
             if self.opts.autoscale and not getattr(self.backend, "autoscales", False) else None
         self._keeper = asyncio.get_running_loop().create_task(self._keep_stage_state(), name="stage-keep") \
             if self.opts.stage_idle_s and hasattr(self.backend, "keep_sessions") else None
+        self._balancer = asyncio.get_running_loop().create_task(self._rebalance(), name="rebalance") \
+            if self.opts.rebalance_interval_s > 0 and hasattr(self.backend, "router") else None
         lim = self.opts.limits.max_message_bytes
         self.server = aio.server(options=[("grpc.max_receive_message_length", lim),
                                           ("grpc.max_send_message_length", lim)])
@@ -274,7 +281,8 @@ class AvatarServer:
             await b.stop()
         self.portraits.close()
         for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None),
-                     getattr(self, "_toucher", None), getattr(self, "_keeper", None)):
+                     getattr(self, "_toucher", None), getattr(self, "_keeper", None),
+                     getattr(self, "_balancer", None)):
             if task is not None:
                 task.cancel()
         self._stopped.set()
@@ -347,6 +355,37 @@ class AvatarServer:
             for key in set(known) - set(now):      # a replica removed by autoscaling
                 del known[key]
             self._follow_replicas()
+
+    async def _rebalance(self) -> None:
+        """Every ``rebalance_interval_s``, a few running sessions move to another replica of a stage (policy:
+        :mod:`.rebalance`). A session is movable once it has sent a frame, while no epoch switch is under way,
+        before its end, and not within ``rebalance_cooldown_s`` of its last move."""
+        from .rebalance import plan_moves
+
+        since: dict[str, float] = {}                 # session id -> when it last moved
+        while True:
+            await asyncio.sleep(self.opts.rebalance_interval_s)
+            now = time.monotonic()
+            running = {sid: s for sid, s in list(self.sessions.items()) if not s.done.is_set()}
+            since = {sid: since.get(sid, -math.inf) for sid in running}
+
+            def movable(sid: str) -> bool:
+                s = running[sid]
+                return s.produced > 0 and s.ready.is_set() and not s.end_pushed and \
+                    now - since[sid] >= self.opts.rebalance_cooldown_s
+
+            for m in plan_moves(self.backend.router, {sid: s.route for sid, s in running.items()}, movable):
+                since[m.session] = now
+                asyncio.get_running_loop().create_task(self._move(running[m.session], m))
+
+    async def _move(self, session: Session, m) -> None:
+        try:
+            if await session.move({m.stage: m.target}, m.why):
+                log.info("session %s moved: %s", session.id[:8], m.why)
+        except SessionFailed as e:
+            session._fail(e)
+        except Exception as e:  # noqa: BLE001
+            session._fail(session.failure_from(e, "a move to another replica"))
 
     def _batcher(self, replica: int) -> WindowBatcher:
         """A started batcher of the diffusion windows bound for ``replica``."""

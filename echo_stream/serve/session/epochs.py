@@ -73,60 +73,86 @@ class EpochSwitching:
                 return
             log.warning("session %s: stage failure (%s: %s); recovering", self.id[:8], type(e).__name__,
                         str(e).splitlines()[0][:120] if str(e) else "")
-            t = time.perf_counter()
-            self._new_epoch()
-            self.link.discard(self._drop_queued())
             self.stats.recoveries += 1
             metrics.RECOVERIES.inc()
-            replay = self.ledger.replay(self.produced)
-            self.out.drop_audio()
-            stalled_at = self.produced
-            if replay is not None:
-                resume, items, seconds = replay.first_frame, replay.items, replay.seconds
-                gap = 0
-            else:
-                resume = max(self.produced, math.ceil(self.ledger.pushed_s * FPS - 1e-6))
-                items, seconds = [], 0.0
-                gap = resume - self.produced
-                self.arrivals.keep_after(self.ledger.pushed_s)
-            self.ledger.restart(resume)
-            before = dict(self.route)
-            try:
-                # the session's replicas; one that does not answer (lost with its node) is replaced by one that
-                # does: the new epoch opens there from the checkpoint
-                await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
-                asked = time.perf_counter() - t
-                await self._open_epoch()
-            except SessionFailed:
-                raise
-            except Exception as e2:  # noqa: BLE001
-                raise SessionFailed("UNAVAILABLE", "a pipeline stage failed and did not recover within "
-                                                   f"{self.recovery_timeout_s:g} s (error id "
-                                                   f"{log_error(e2, 'recovery')}): retry the session") from None
-            took = time.perf_counter() - t
-            moved = [f"{s} replica {before[s]} -> {i}" for s, i in self.route.items() if before[s] != i]
-            if replay is not None:
-                what = "no frame was lost: the input in flight was replayed"
-            elif gap:
-                self.stats.gap_frames += gap
-                metrics.GAPS.inc(gap)
-                self.out.produced = resume
-                what = (f"frames {stalled_at}..{resume - 1} are lost (their input could not be replayed); "
-                        "output continues")
-            else:
-                what = "no input was in flight: no frame lost"
-            await self.outbox.put(Outgoing(pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
-                kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
-                message=(f"a pipeline stage replica was lost; the session continued on another one "
-                         f"({', '.join(moved)})" if moved else "a pipeline stage failed and was restarted")
-                + f"; output stalled {took:.2f} s at frame {stalled_at} (replicas asked {asked:.2f} s, stages opened "
-                  f"{took - asked:.2f} s); {what}")), resume if gap else None))
-            self.chunker.prepend(items, seconds)
-            self.ready.set()
-            if self.chunker.items or self.end_pushed:   # replayed input (+ the end the old epoch took with it)
-                await self._push(end=self.end_pushed)
-            log.warning("session %s: recovered in %.2f s (epoch %d, %d frames replayed from %d, %d lost)",
-                        self.id[:8], took, self.epoch, max(0, stalled_at - resume) if gap == 0 else 0, resume, gap)
+            await self._reopen()
+
+    async def move(self, moves: dict[str, int], why: str) -> bool:
+        """A planned move (:mod:`~echo_stream.serve.rebalance`): the session re-opens on replica ``moves[stage]``
+        of each stage named, as after a fault but with nothing lost — a new epoch from its checkpoint, the input
+        in flight replayed, one GAP event (no frame lost) saying ``why``. False (nothing done) when the session
+        is switching epochs, ending or already there."""
+        async with self.lock:
+            if self.done.is_set() or self.failure is not None or self.end_pushed or not self.ready.is_set() \
+                    or all(self.route.get(stage) == to for stage, to in moves.items()):
+                return False
+            metrics.MOVES.labels(why.split(":")[0]).inc()
+            await self._reopen(moves, why)
+            return True
+
+    async def _reopen(self, moves: dict[str, int] | None = None, why: str | None = None) -> None:
+        """Under the lock: the next epoch, on replicas that answer (``moves``: these first), from the checkpoint;
+        the input in flight replayed, else the frames it held announced lost; one GAP event."""
+        t = time.perf_counter()
+        self._new_epoch()
+        self.link.discard(self._drop_queued())
+        replay = self.ledger.replay(self.produced)
+        self.out.drop_audio()
+        stalled_at = self.produced
+        if replay is not None:
+            resume, items, seconds = replay.first_frame, replay.items, replay.seconds
+            gap = 0
+        else:
+            resume = max(self.produced, math.ceil(self.ledger.pushed_s * FPS - 1e-6))
+            items, seconds = [], 0.0
+            gap = resume - self.produced
+            self.arrivals.keep_after(self.ledger.pushed_s)
+        self.ledger.restart(resume)
+        before = dict(self.route)
+        for stage, to in (moves or {}).items():      # (state closed on the old replicas by _new_epoch)
+            if self.route[stage] != to:
+                self.backend.router.move(self.route, stage, to)
+        try:
+            # the session's replicas; one that does not answer (lost with its node) is replaced by one that
+            # does: the new epoch opens there from the checkpoint
+            await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
+            asked = time.perf_counter() - t
+            await self._open_epoch()
+        except SessionFailed:
+            raise
+        except Exception as e2:  # noqa: BLE001
+            raise SessionFailed("UNAVAILABLE", "a pipeline stage failed and did not recover within "
+                                               f"{self.recovery_timeout_s:g} s (error id "
+                                               f"{log_error(e2, 'recovery')}): retry the session") from None
+        took = time.perf_counter() - t
+        moved = [f"{s} replica {before[s]} -> {i}" for s, i in self.route.items() if before[s] != i]
+        if replay is not None:
+            what = "no frame was lost: the input in flight was replayed"
+        elif gap:
+            self.stats.gap_frames += gap
+            metrics.GAPS.inc(gap)
+            self.out.produced = resume
+            what = (f"frames {stalled_at}..{resume - 1} are lost (their input could not be replayed); "
+                    "output continues")
+        else:
+            what = "no input was in flight: no frame lost"
+        if why is not None:
+            cause = f"the session moved to another replica ({why}; {', '.join(moved)})"
+        elif moved:
+            cause = f"a pipeline stage replica was lost; the session continued on another one ({', '.join(moved)})"
+        else:
+            cause = "a pipeline stage failed and was restarted"
+        await self.outbox.put(Outgoing(pb.ServerMessage(pts=stalled_at / FPS, event=pb.Event(
+            kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
+            message=cause + f"; output stalled {took:.2f} s at frame {stalled_at} (replicas asked {asked:.2f} s, "
+                            f"stages opened {took - asked:.2f} s); {what}")), resume if gap else None))
+        self.chunker.prepend(items, seconds)
+        self.ready.set()
+        if self.chunker.items or self.end_pushed:   # replayed input (+ the end the old epoch took with it)
+            await self._push(end=self.end_pushed)
+        log.warning("session %s: %s in %.2f s (epoch %d, %d frames replayed from %d, %d lost)", self.id[:8],
+                    "moved" if why is not None else "recovered", took, self.epoch,
+                    max(0, stalled_at - resume) if gap == 0 else 0, resume, gap)
 
     async def _recover_soon(self, epoch: int, e: BaseException) -> None:
         """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""

@@ -1,0 +1,81 @@
+"""Moving running sessions between replicas of a stage: ``echo-stream serve --rebalance-interval S``.
+
+A session's state lives on one replica of each stage, chosen when it opens (:class:`~.routing.Router`: the
+least loaded). Without moves, a replica added by the autoscaler, or one that came back after a fault, gets new
+sessions only, while the long sessions stay crowded on the others; and a replica drained to scale down stays
+until its last session ends. With ``--rebalance-interval S``, every S seconds the ingress plans a few moves
+(:func:`plan_moves`) and each moved session re-opens on its new replica exactly as after a replica loss
+(:meth:`~echo_stream.serve.session.epochs.EpochSwitching.move`): a new epoch from its LCU checkpoint and previous
+motion, the input in flight replayed — no frame lost or repeated, one GAP event that says why, and an output
+stall of about one stage open (0.05–0.3 s measured on 2 cores) plus the replayed window.
+
+The plan, per stage with at least two replicas:
+
+1. sessions on a **draining** replica (autoscaling down) move to the least loaded replica that takes
+   sessions — so the drained replica goes as soon as its sessions have moved, not when they end;
+2. otherwise, while the most loaded replica holds at least ``spread`` (2) sessions more than the least
+   loaded one, one of its sessions moves there (a difference of 1 cannot be evened out).
+
+At most ``per_stage`` moves per stage and round; a session moved (or one recovering, ending, just opened) is
+not moved again for ``cooldown_s`` (the server's part: :attr:`movable`). The loads are this ingress's router
+table: with several ingresses, each balances its own sessions (as when it opens them).
+
+Off by default (``S`` = 0): a move costs its session a short stall, which a deployment with fixed replica
+counts does not need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..chain import STAGES
+
+
+@dataclass(frozen=True)
+class Move:
+    """Session ``session`` moves from replica ``source`` of ``stage`` to replica ``target``; ``why`` is for
+    its GAP event and the metric (``"balance: ..."``, ``"drain: ..."``)."""
+
+    session: str
+    stage: str
+    source: int
+    target: int
+    why: str
+
+
+def plan_moves(router, routes: dict[str, dict], movable, per_stage: int = 1, spread: int = 2) -> list[Move]:
+    """The moves of one round: ``router`` (its ``counts``, ``load``, ``draining``), each running session's
+    route (``{session id: {stage: replica}}``) and ``movable(session id)`` (may it move now). The loads are
+    updated as if the moves were done, so one round never moves a session back and forth."""
+    moves: list[Move] = []
+    moved: set[str] = set()
+    for stage in STAGES:
+        n = router.counts.get(stage, 1)
+        if n < 2:
+            continue
+        load = list(router.load[stage])
+        open_ = [i for i in range(n) if i not in router.draining[stage]]
+        if not open_:
+            continue
+        on = {i: sorted(sid for sid, r in routes.items() if r.get(stage) == i and sid not in moved
+                        and movable(sid)) for i in range(n)}
+        for _ in range(per_stage):
+            target = min(open_, key=lambda i: (load[i], i))
+            draining = [i for i in range(n) if i not in open_ and on[i]]
+            if draining:
+                source = draining[0]
+                why = f"drain: {stage} replica {source} is drained to scale down"
+            else:
+                source = max(open_, key=lambda i: (load[i], -i))
+                if load[source] - load[target] < spread or not on[source]:
+                    break
+                why = (f"balance: {stage} replica {source} held {load[source]} sessions, replica {target} "
+                       f"{load[target]}")
+            sid = on[source].pop(0)
+            moves.append(Move(sid, stage, source, target, why))
+            moved.add(sid)
+            for i in on:
+                if sid in on[i]:
+                    on[i].remove(sid)
+            load[source] -= 1
+            load[target] += 1
+    return moves

@@ -9,11 +9,13 @@ or ends does not flap the replicas).
 
 Scaling up starts a new actor (its ``setup`` loads and warms its models, off the event loop); it joins the
 router when it answers, and new sessions go to it first (it is the least loaded); sessions already
-running stay where their state is. Scaling down **drains** the stage's last replica: the router stops
-sending new sessions there (and recovering sessions do not move there); when its last session has ended
-it is removed (its actor killed, its batcher stopped). Running sessions are never moved to scale down, so
-no session gets a GAP for it; a replica with long sessions stays until they end (a load rise meanwhile
-takes the drain back). Only the last replica is ever removed, so replica numbers stay dense.
+running stay where their state is, unless ``--rebalance-interval`` moves some there (:mod:`.rebalance`).
+Scaling down **drains** the stage's last replica: the router stops sending new sessions there (and
+recovering sessions do not move there); when its last session has ended it is removed (its actor killed,
+its batcher stopped). Without ``--rebalance-interval`` running sessions are never moved, so no session gets
+a GAP for it, and a replica with long sessions stays until they end (a load rise meanwhile takes the drain
+back); with it, the drained replica's sessions move off and it goes at once. Only the last replica is ever
+removed, so replica numbers stay dense.
 """
 from __future__ import annotations
 

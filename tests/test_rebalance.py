@@ -72,6 +72,15 @@ def test_a_drained_replica_is_emptied_even_when_that_unbalances_the_others():
     assert all(m.why.startswith("drain: diffusion replica 1") for m in moves)
 
 
+def test_no_move_for_balance_while_the_autoscaler_wants_fewer_replicas():
+    routes = _routes([0, 0, 0, 1])
+    router = _router({"diffusion": 3}, routes)
+    assert plan_moves(router, routes, lambda sid: True, surplus=lambda stage, sessions, n: True) == []
+    router.drain("diffusion", 1)                    # ... but a drained replica is still emptied
+    moves = plan_moves(router, routes, lambda sid: True, surplus=lambda stage, sessions, n: True)
+    assert [(m.source, m.target) for m in moves] == [(1, 2)]
+
+
 def test_a_session_moves_on_one_stage_per_round_and_stages_with_one_replica_are_skipped():
     routes = {f"s{k}": {s: 0 for s in STAGES} for k in range(3)}
     router = _router({"diffusion": 2, "render": 2}, routes)
@@ -86,13 +95,28 @@ class TwoReplicaInline(InlineBackend):
     """The in-process pipeline behind a router with ``counts`` replicas per stage: every replica is the same
     in-process stage (state is per epoch id, so a move still opens the session anew from its checkpoint)."""
 
-    def __init__(self, inner: InlineBackend, counts: dict):
+    def __init__(self, inner: InlineBackend, counts: dict, silent: set = frozenset()):
         self.runner, self._pools = inner.runner, inner._pools
         self.router = Router({s: counts.get(s, 1) for s in STAGES})
         self.asked: list[dict] = []
+        self.silent = silent                        # (stage, replica) whose pings never answer
+        self.transcripts: list[tuple[str, str, float]] = []   # (stage id, text, start) of add_transcript calls
+        self.opened: list[tuple[str, int]] = []     # (stage id, replica) of each diffusion set_seed (an epoch open)
 
     def call(self, stage, method, *args, num_returns=1, replica=0, session=None):
         assert replica < self.router.counts[stage], (stage, replica)
+        if method == "ping" and (stage, replica) in self.silent:
+            import concurrent.futures as cf
+
+            from echo_stream.serve.backend import _Handle
+            return _Handle(cf.Future())
+        if stage == "diffusion" and method == "set_seed":
+            self.opened.append((args[0], replica))
+        if method == "add_transcript":
+            from echo_stream import schemas
+            b = args[0]
+            self.transcripts += zip(schemas.column(b, "session_id"), schemas.column(b, "text").tolist(),
+                                    schemas.column(b, "pts").tolist())
         return super().call(stage, method, *args, num_returns=num_returns, replica=0, session=session)
 
     def assign(self, session_id, warm=None):
@@ -116,7 +140,7 @@ def _speech(*names):
     return np.concatenate([media.decode_audio(os.path.join(TTS, n)) for n in names])
 
 
-def _serve_sessions(backend, opts, audios, during=None):
+def _serve_sessions(backend, opts, audios, during=None, transcript=()):
     """Sessions of ``audios`` (real time) through a server on ``backend``; ``during(server)`` runs 1 s after
     they opened. Returns their results."""
     st = ServerThread(backend, opts)
@@ -125,7 +149,8 @@ def _serve_sessions(backend, opts, audios, during=None):
     async def main():
         clients = [AvatarClient(target) for _ in audios]
         runs = [asyncio.get_running_loop().create_task(stream_inputs(
-            c, Inputs(a), output="motion", seed=i, realtime=True)) for i, (c, a) in enumerate(zip(clients, audios))]
+            c, Inputs(a, transcript=list(transcript)), output="motion", seed=i, realtime=True))
+            for i, (c, a) in enumerate(zip(clients, audios))]
         await asyncio.sleep(1.0)
         if during is not None:                       # on the server's loop, as the autoscaler would
             async def step():
@@ -144,13 +169,16 @@ def _serve_sessions(backend, opts, audios, during=None):
 def test_sessions_move_onto_an_added_replica_with_every_frame_once(inline):
     """Two sessions on the only diffusion replica; a second one is added (as the autoscaler would): one session
     moves there — every frame once, in order, one GAP event naming the move and no frame lost — and the
-    router's loads are [1, 1]."""
+    router's loads are [1, 1]. The transcript segments its old epoch still held are sent into the new one."""
+    from echo_stream.transcript import Segment
+
     backend = TwoReplicaInline(inline, {})
     audio = _speech("tts0.ogg")
     n = int(np.ceil(len(audio) / config.SAMPLES_PER_FRAME - 1e-6))
+    words = [Segment(k * 0.2, k * 0.2 + 0.2, "user", f"w{k}") for k in range(25)]
     before = metrics.MOVES.labels("balance")._value.get()
     results, st = _serve_sessions(backend, ServeOptions(port=0, rebalance_interval_s=0.2), [audio, audio],
-                                  during=lambda server: backend.router.add("diffusion"))
+                                  during=lambda server: backend.router.add("diffusion"), transcript=words)
     moved = []
     for res in results:
         assert res.motion_frames == list(range(n)), [(e.kind, e.message) for e in res.events]
@@ -163,9 +191,16 @@ def test_sessions_move_onto_an_added_replica_with_every_frame_once(inline):
                 in gaps[0].message and "diffusion replica 0 -> 1" in gaps[0].message, gaps[0].message
             assert "no frame was lost" in gaps[0].message
     assert len(moved) == 1                          # one move evens 2:0 out; the other session stays
+    sent = {}                                        # epoch -> [(text, start)] of the moved session
+    for iid, text, start in backend.transcripts:
+        if iid.startswith(moved[0] + "/"):
+            sent.setdefault(int(iid.rsplit("/", 1)[1]), []).append(text)
+    again = [w for w in sent[1] if w in sent[0]]    # sent into epoch 0, then again into epoch 1
+    assert again and sent[0] + sent[1][len(again):] == [w.text for w in words], sent
+    assert sent[0][-len(again):] == again           # the latest ones: those from the epoch's first frame on
     assert metrics.MOVES.labels("balance")._value.get() == before + 1
     assert backend.router.load["diffusion"] == [0, 0]     # both released at their end
-    assert any(r.get("diffusion") == 1 for r in backend.asked)
+    assert (moved[0] + "/1", 1) in backend.opened  # the new epoch opened on replica 1
 
 
 def test_without_the_interval_nobody_moves(inline):
@@ -174,4 +209,17 @@ def test_without_the_interval_nobody_moves(inline):
     results, _ = _serve_sessions(backend, ServeOptions(port=0), [audio, audio],
                                  during=lambda server: backend.router.add("diffusion"))
     assert all(not [e for e in r.events if e.kind == pb.Event.GAP] for r in results)
-    assert not backend.asked
+    assert all(iid.endswith("/0") for iid, _ in backend.opened)
+
+
+def test_a_move_to_a_replica_that_does_not_answer_is_not_made(inline):
+    """The new replica is silent: its session is not moved (nothing dropped, no GAP), and it stays counted
+    where it is."""
+    backend = TwoReplicaInline(inline, {}, silent={("diffusion", 1)})
+    audio = _speech("tts3.ogg")
+    results, _ = _serve_sessions(backend, ServeOptions(port=0, rebalance_interval_s=0.3), [audio, audio],
+                                 during=lambda server: backend.router.add("diffusion"))
+    n = int(np.ceil(len(audio) / config.SAMPLES_PER_FRAME - 1e-6))
+    for res in results:
+        assert res.motion_frames == list(range(n)) and not [e for e in res.events if e.kind == pb.Event.GAP]
+    assert all(iid.endswith("/0") for iid, _ in backend.opened)   # no epoch switch began

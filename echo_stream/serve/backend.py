@@ -296,8 +296,11 @@ async def best_answer(backend, stage: str, order: list[int], wait: float, avoid:
             timeout = None
             if first_ok is not None:
                 timeout = first_ok + grace - loop.time()
-                if timeout <= 0:                     # the better ones are still silent: the best that answered
-                    return next(i for i in order if answered.get(i) and not avoided(i))
+                best = next((i for i in order if answered.get(i) and not avoided(i)), None)
+                if best is None:                     # (it turned out to be on the avoided node)
+                    first_ok = timeout = None
+                elif timeout <= 0:                   # the better ones are still silent: the best that answered
+                    return best
             await asyncio.wait([asks[i] for i in order if i not in answered], timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
             for i in order:

@@ -16,8 +16,11 @@ The plan, per stage with at least two replicas:
 2. otherwise, while the most loaded replica holds at least ``spread`` (2) sessions more than the least
    loaded one, one of its sessions moves there (a difference of 1 cannot be evened out).
 
-At most ``per_stage`` moves per stage and round; a session moved (or one recovering, ending, just opened) is
-not moved again for ``cooldown_s`` (the server's part: :attr:`movable`). The loads are this ingress's router
+At most ``per_stage`` moves per stage and round. Nothing moves for balance while the stage's autoscaler
+wants fewer replicas than it has (the session would move back when the replica drains). A session moves
+once it has sent a frame, and not within ``rebalance_cooldown_s`` of its last epoch switch (a move, a
+recovery, a resume) — the server's part (``AvatarServer._rebalance``); the session itself re-checks the
+plan under its lock and asks its targets before it drops anything (``Session.move``). The loads are this ingress's router
 table: with several ingresses, each balances its own sessions (as when it opens them).
 
 Off by default (``S`` = 0): a move costs its session a short stall, which a deployment with fixed replica
@@ -42,18 +45,22 @@ class Move:
     why: str
 
 
-def plan_moves(router, routes: dict[str, dict], movable, per_stage: int = 1, spread: int = 2) -> list[Move]:
-    """The moves of one round: ``router`` (its ``counts``, ``load``, ``draining``), each running session's
-    route (``{session id: {stage: replica}}``) and ``movable(session id)`` (may it move now). The loads are
-    updated as if the moves were done, so one round never moves a session back and forth."""
+def plan_moves(router, routes: dict[str, dict], movable, per_stage: int = 1, spread: int = 2,
+               surplus=None) -> list[Move]:
+    """The moves of one round: ``router`` (its ``load`` and ``draining``), each running session's route
+    (``{session id: {stage: replica}}``) and ``movable(session id)`` (may it move now). The loads are updated
+    as if the moves were done, so one round never moves a session back and forth. ``surplus(stage, sessions,
+    replicas)``: True when the stage's autoscaler will soon take a replica away — then nothing is moved for
+    balance (it would be moved back when that replica drains), only off a drained replica."""
     moves: list[Move] = []
     moved: set[str] = set()
     for stage in STAGES:
-        n = router.counts.get(stage, 1)
+        load = list(router.load.get(stage, ()))     # (its length, not counts: a replica being added in a thread)
+        n = len(load)
         if n < 2:
             continue
-        load = list(router.load[stage])
-        open_ = [i for i in range(n) if i not in router.draining[stage]]
+        balance = surplus is None or not surplus(stage, sum(load), n)
+        open_ = [i for i in range(n) if i not in router.draining.get(stage, ())]
         if not open_:
             continue
         on = {i: sorted(sid for sid, r in routes.items() if r.get(stage) == i and sid not in moved
@@ -66,7 +73,7 @@ def plan_moves(router, routes: dict[str, dict], movable, per_stage: int = 1, spr
                 why = f"drain: {stage} replica {source} is drained to scale down"
             else:
                 source = max(open_, key=lambda i: (load[i], -i))
-                if load[source] - load[target] < spread or not on[source]:
+                if not balance or load[source] - load[target] < spread or not on[source]:
                     break
                 why = (f"balance: {stage} replica {source} held {load[source]} sessions, replica {target} "
                        f"{load[target]}")

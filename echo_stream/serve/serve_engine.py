@@ -654,7 +654,15 @@ class ServeBackend(OnRayCluster):
             task.add_done_callback(self._undraining.discard)
 
     async def _undrain(self, timeout: float) -> None:
-        drained = [(s, i) for s, idx in self.router.draining.items() for i in sorted(idx)]
+        try:
+            await self._undrain_once(timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - asked again at the next refresh
+            log.debug("asking the drained slots failed", exc_info=True)
+
+    async def _undrain_once(self, timeout: float) -> None:
+        drained = [(s, i) for s, idx in list(self.router.draining.items()) for i in sorted(list(idx))]
         oks = await asyncio.gather(*(self._answers(s, i, timeout) for s, i in drained))
         for (stage, i), ok in zip(drained, oks):
             if ok:

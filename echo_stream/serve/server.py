@@ -220,6 +220,7 @@ class AvatarServer:
             if self.opts.autoscale and not getattr(self.backend, "autoscales", False) else None
         self._keeper = asyncio.get_running_loop().create_task(self._keep_stage_state(), name="stage-keep") \
             if self.opts.stage_idle_s and hasattr(self.backend, "keep_sessions") else None
+        self._moving: set = set()                      # sessions' moves under way (rebalancing)
         self._balancer = asyncio.get_running_loop().create_task(self._rebalance(), name="rebalance") \
             if self.opts.rebalance_interval_s > 0 and hasattr(self.backend, "router") else None
         lim = self.opts.limits.max_message_bytes
@@ -282,7 +283,7 @@ class AvatarServer:
         self.portraits.close()
         for task in (getattr(self, "_monitor", None), getattr(self, "_scaler", None),
                      getattr(self, "_toucher", None), getattr(self, "_keeper", None),
-                     getattr(self, "_balancer", None)):
+                     getattr(self, "_balancer", None), *getattr(self, "_moving", ())):
             if task is not None:
                 task.cancel()
         self._stopped.set()
@@ -358,30 +359,44 @@ class AvatarServer:
 
     async def _rebalance(self) -> None:
         """Every ``rebalance_interval_s``, a few running sessions move to another replica of a stage (policy:
-        :mod:`.rebalance`). A session is movable once it has sent a frame, while no epoch switch is under way,
-        before its end, and not within ``rebalance_cooldown_s`` of its last move."""
+        :mod:`.rebalance`): once they have sent a frame, before their end, and not within
+        ``rebalance_cooldown_s`` of their last epoch switch."""
         from .rebalance import plan_moves
+        from .serve_scaling import wanted
 
-        since: dict[str, float] = {}                 # session id -> when it last moved
+        scales = {} if getattr(self.backend, "autoscales", False) else self.opts.autoscale
+
+        def surplus(stage: str, sessions: int, replicas: int) -> bool:
+            spec = scales.get(stage)
+            return spec is not None and wanted(sessions, spec.target, spec.min) < replicas
+
         while True:
             await asyncio.sleep(self.opts.rebalance_interval_s)
-            now = time.monotonic()
-            running = {sid: s for sid, s in list(self.sessions.items()) if not s.done.is_set()}
-            since = {sid: since.get(sid, -math.inf) for sid in running}
+            try:
+                now = time.monotonic()
+                running = {sid: s for sid, s in list(self.sessions.items()) if not s.done.is_set()}
 
-            def movable(sid: str) -> bool:
-                s = running[sid]
-                return s.produced > 0 and s.ready.is_set() and not s.end_pushed and \
-                    now - since[sid] >= self.opts.rebalance_cooldown_s
+                def movable(sid: str) -> bool:
+                    s = running[sid]
+                    return s.produced > 0 and s.ready.is_set() and not s.end_pushed and \
+                        now - s.last_switch >= self.opts.rebalance_cooldown_s
 
-            for m in plan_moves(self.backend.router, {sid: s.route for sid, s in running.items()}, movable):
-                since[m.session] = now
-                asyncio.get_running_loop().create_task(self._move(running[m.session], m))
+                for m in plan_moves(self.backend.router, {sid: s.route for sid, s in running.items()}, movable,
+                                    surplus=surplus):
+                    task = asyncio.get_running_loop().create_task(self._move(running[m.session], m))
+                    self._moving.add(task)
+                    task.add_done_callback(self._moving.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. the router changing under a re-bind: next round
+                log.warning("rebalancing failed (error id %s); trying again next round", log_error(e, "rebalance"))
 
     async def _move(self, session: Session, m) -> None:
         try:
-            if await session.move({m.stage: m.target}, m.why):
+            if await session.move({m.stage: (m.source, m.target)}, m.why):
                 log.info("session %s moved: %s", session.id[:8], m.why)
+        except asyncio.CancelledError:
+            raise
         except SessionFailed as e:
             session._fail(e)
         except Exception as e:  # noqa: BLE001

@@ -26,7 +26,9 @@ queues, the tasks, the lock that orders epoch switches, and the failure.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 
 from ... import config, schemas
 from ...geometry import WindowGeometry, default_geometry
@@ -95,6 +97,10 @@ class Session(EpochSwitching):
         self.closed = False
         self._tasks: list[asyncio.Task] = []
         self._recovery_task = None
+        #: when the session last switched epochs after a fault or a move (or was resumed): monotonic seconds
+        self.last_switch = -math.inf
+        #: the latest transcript segments sent (session timeline), for a new epoch
+        self.transcript_sent: deque = deque(maxlen=64)
         #: the session's resume record in the cluster's store (:class:`~echo_stream.serve.resume.RecordWriter`;
         #: None: not resumable) and, for a resumed stream, the cut of the input sent again
         self.record = None
@@ -151,6 +157,7 @@ class Session(EpochSwitching):
             self.pacer.t_first = time.monotonic() - max(0.0, time.time() - record.t_first_wall)
             self.pacer.received_s = point.pts
         await self.link.open_epoch(self.stride, Restore(point.checkpoint, point.prev_motion))
+        self.last_switch = time.monotonic()
 
     async def announce_resume(self, point, took_s: float, steps: dict | None = None) -> None:
         """The GAP event that starts a resumed stream (``took_s``: from the stream's first message to the stages
@@ -248,6 +255,7 @@ class Session(EpochSwitching):
             metrics.QUEUE_DEPTH.labels("input").dec()
             if kind == "transcript":
                 await self.ready.wait()
+                self.transcript_sent.append(item)        # (sent again into a new epoch after a fault or a move)
                 t0 = self.ledger.epoch_t0                # stage times are relative to the epoch's frame 0
                 self.call("memory", "add_transcript", transcript_batch(self.iid, [
                     Segment(max(0.0, item["pts"] - t0), max(0.0, item["end_pts"] - t0), item["speaker"],
@@ -301,6 +309,8 @@ class Session(EpochSwitching):
                         self.resume.checkpoint = ck
                         if self.record is not None:
                             self.record.checkpoint(ck)
+                if c.epoch != self.epoch:                   # switched meanwhile: the batcher is the new replica's
+                    continue
                 for w in wins:
                     out = await self.link.batcher.submit(w, self.link.iid_of(c.epoch))
                     if c.epoch != self.epoch:

@@ -77,17 +77,32 @@ class EpochSwitching:
             metrics.RECOVERIES.inc()
             await self._reopen()
 
-    async def move(self, moves: dict[str, int], why: str) -> bool:
-        """A planned move (:mod:`~echo_stream.serve.rebalance`): the session re-opens on replica ``moves[stage]``
-        of each stage named, as after a fault but with nothing lost — a new epoch from its checkpoint, the input
-        in flight replayed, one GAP event (no frame lost) saying ``why``. False (nothing done) when the session
-        is switching epochs, ending or already there."""
+    async def move(self, moves: dict[str, tuple[int, int]], why: str, answer_s: float = 1.0) -> bool:
+        """A planned move (:mod:`~echo_stream.serve.rebalance`): ``moves[stage] = (source, target)``; the session
+        re-opens on replica ``target`` of each stage named, as after a fault but with nothing lost — a new
+        epoch from its checkpoint, the input in flight replayed, one GAP event (no frame lost) saying ``why``.
+
+        False (nothing done) when the plan no longer holds once the session's epoch switches are its own (it
+        recovered meanwhile, or the target drains or went), when it is ending, or when a target does not answer
+        within ``answer_s`` — asked before anything is dropped, so a move never lands on a silent replica."""
+        from ..backend import answers
+
+        router = self.backend.router
+
+        def holds() -> bool:
+            return not (self.done.is_set() or self.failure is not None or self.end_pushed or not self.ready.is_set()
+                        or (self._recovery_task is not None and not self._recovery_task.done())) and all(
+                self.route.get(stage) == source and source != target and target < len(router.load[stage])
+                and target not in router.draining[stage] for stage, (source, target) in moves.items())
         async with self.lock:
-            if self.done.is_set() or self.failure is not None or self.end_pushed or not self.ready.is_set() \
-                    or all(self.route.get(stage) == to for stage, to in moves.items()):
+            if not holds():
+                return False
+            ok = await asyncio.gather(*(answers(self.backend, stage, target, answer_s)
+                                        for stage, (_, target) in moves.items()))
+            if not all(ok) or not holds():
                 return False
             metrics.MOVES.labels(why.split(":")[0]).inc()
-            await self._reopen(moves, why)
+            await self._reopen({stage: target for stage, (_, target) in moves.items()}, why)
             return True
 
     async def _reopen(self, moves: dict[str, int] | None = None, why: str | None = None) -> None:
@@ -113,11 +128,21 @@ class EpochSwitching:
             if self.route[stage] != to:
                 self.backend.router.move(self.route, stage, to)
         try:
-            # the session's replicas; one that does not answer (lost with its node) is replaced by one that
-            # does: the new epoch opens there from the checkpoint
-            await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
-            asked = time.perf_counter() - t
-            await self._open_epoch()
+            if moves is None:
+                # the session's replicas; one that does not answer (lost with its node) is replaced by one that
+                # does: the new epoch opens there from the checkpoint
+                await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
+            asked = time.perf_counter() - t          # (a move asked its targets before it began)
+            try:
+                await self._open_epoch()
+            except Exception as e3:
+                if moves is None or not self.backend.is_fault(e3):
+                    raise
+                # a replica died since the move was planned: recover as from any fault
+                log.warning("session %s: a stage failed while it moved (%s); recovering", self.id[:8],
+                            type(e3).__name__)
+                await self.backend.wait_ready(self.recovery_timeout_s, route=self.route)
+                await self._open_epoch()
         except SessionFailed:
             raise
         except Exception as e2:  # noqa: BLE001
@@ -146,6 +171,8 @@ class EpochSwitching:
             kind=pb.Event.GAP, first_frame=stalled_at, frames=gap,
             message=cause + f"; output stalled {took:.2f} s at frame {stalled_at} (replicas asked {asked:.2f} s, "
                             f"stages opened {took - asked:.2f} s); {what}")), resume if gap else None))
+        self._resend_transcript(resume)
+        self.last_switch = time.monotonic()
         self.chunker.prepend(items, seconds)
         self.ready.set()
         if self.chunker.items or self.end_pushed:   # replayed input (+ the end the old epoch took with it)
@@ -153,6 +180,19 @@ class EpochSwitching:
         log.warning("session %s: %s in %.2f s (epoch %d, %d frames replayed from %d, %d lost)", self.id[:8],
                     "moved" if why is not None else "recovered", took, self.epoch,
                     max(0, stalled_at - resume) if gap == 0 else 0, resume, gap)
+
+    def _resend_transcript(self, frame: int) -> None:
+        """The transcript segments starting at global frame ``frame`` or later, sent again: the old epoch's memory
+        state held them until its memory folded in their frames (the LCU memory's text), that state was closed
+        with the epoch, and the new epoch folds in the frames from ``frame`` on."""
+        from ...pipeline import transcript_batch
+        from ...transcript import Segment
+
+        t0 = self.ledger.epoch_t0
+        again = [Segment(max(0.0, it["pts"] - t0), max(0.0, it["end_pts"] - t0), it["speaker"], it["text"])
+                 for it in self.transcript_sent if it["pts"] >= frame / FPS - 1e-9]
+        if again:
+            self.call("memory", "add_transcript", transcript_batch(self.iid, again))
 
     async def _recover_soon(self, epoch: int, e: BaseException) -> None:
         """Recover in its own task: the caller (generate / egress) keeps draining its queue meanwhile."""

@@ -393,7 +393,7 @@ def test_serve_wait_ready_asks_every_stage_at_once_and_moves_off_silent_replicas
             asking.discard(stage)
             return (stage, i) not in silent
 
-        async def refresh(timeout=1.0):
+        async def refresh(timeout=1.0, wait=True):
             pass
         b._answers, b.refresh = answers, refresh
         before = dict(route)
@@ -438,7 +438,7 @@ def test_a_resumed_session_avoids_the_node_of_its_lost_ingress(engine):
         async def ask(stage, i, timeout):
             return await answers(b, stage, i, timeout)
 
-        async def refresh(timeout=1.0):
+        async def refresh(timeout=1.0, wait=True):
             pass
         b._answers, b.refresh = ask, refresh
         route = {s: 0 for s in STAGES}

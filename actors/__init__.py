@@ -71,6 +71,14 @@ class MeteredStageHost(StageHost):
                 pass
         return idle
 
+    @ray.method(concurrency_group="ping")
+    def ping(self) -> str:
+        """The answer to an ingress's ping (its Ray node id), on a thread of its own: not queued behind the
+        stage's work, so a busy replica is not taken for a lost one (``serve.backend.best_answer`` waits
+        ``ANSWER_GRACE_S`` for it). Like every method it runs only after the constructor, which sets a restarted
+        actor up first."""
+        return self.node or self.stage.name
+
     def call(self, method: str, *args, **kwargs):
         if method == "ping" and self.node:
             return self.node
@@ -102,7 +110,7 @@ class MeteredStageHost(StageHost):
 
 
 #: The remote class every stage actor is an instance of.
-StageActor = ray.remote(MeteredStageHost)
+StageActor = ray.remote(concurrency_groups={"ping": 1})(MeteredStageHost)
 
 
 def make_stage_actor(stage: Stage, name: str | None = None, max_restarts: int = 0,

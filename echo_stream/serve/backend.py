@@ -332,12 +332,16 @@ def log_move(backend, stage: str, mine: int, to: int, avoid: str | None) -> None
 
 
 def warm_route(call, get, warmup) -> None:
-    """One synthetic session (``warmup.SESSION``) through one replica of each stage: ``call(stage, method, *args,
-    num_returns=1)`` returns a handle, ``get(handle)`` its value (blocking). The windows come back here for
-    batching, as a served session's do; the egress's first column conversions are paid too."""
+    """One synthetic session (``warmup.SESSION`` and a random suffix) through one replica of each stage:
+    ``call(stage, method, *args, num_returns=1)`` returns a handle, ``get(handle)`` its value (blocking). The
+    windows come back here for batching, as a served session's do; the egress's first column conversions are
+    paid too. The suffix: the ingresses of a deployment start at once and warm the same replicas — with one id,
+    one's close ended the other's session mid-way and its start failed ("unknown pushed session")."""
+    import uuid
+
     from .. import render, schemas
 
-    sid = warmup.SESSION
+    sid = f"{warmup.SESSION}.{uuid.uuid4().hex[:12]}"
     try:
         get(call("decode", "open_stream", sid))
         get(call("render", "open_session", sid, str(render.SAMPLE_PORTRAIT)))

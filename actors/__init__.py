@@ -80,8 +80,8 @@ class MeteredStageHost(StageHost):
         return self.node or self.stage.name
 
     def call(self, method: str, *args, **kwargs):
-        if method == "ping" and self.node:
-            return self.node
+        if method == "ping":                         # (the Serve engine's replicas ask through here)
+            return self.ping()
         t = time.perf_counter()
         tags = {"stage": self.stage.name, "method": method}
         try:

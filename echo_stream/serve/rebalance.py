@@ -6,8 +6,8 @@ sessions only, while the long sessions stay crowded on the others; and a replica
 until its last session ends. With ``--rebalance-interval S``, every S seconds the ingress plans a few moves
 (:func:`plan_moves`) and each moved session re-opens on its new replica exactly as after a replica loss
 (:meth:`~echo_stream.serve.session.epochs.EpochSwitching.move`): a new epoch from its LCU checkpoint and previous
-motion, the input in flight replayed — no frame lost or repeated, one GAP event that says why, and an output
-stall of about one stage open (0.05–0.3 s measured on 2 cores) plus the replayed window.
+motion, the input in flight replayed — no frame lost or repeated, one GAP event that says why; the re-open
+took 0.01–0.03 s on local Ray (2 cores), and the window in flight is computed again.
 
 The plan, per stage with at least two replicas:
 
@@ -20,8 +20,8 @@ At most ``per_stage`` moves per stage and round. Nothing moves for balance while
 wants fewer replicas than it has (the session would move back when the replica drains). A session moves
 once it has sent a frame, and not within ``rebalance_cooldown_s`` of its last epoch switch (a move, a
 recovery, a resume) — the server's part (``AvatarServer._rebalance``); the session itself re-checks the
-plan under its lock and asks its targets before it drops anything (``Session.move``). The loads are this ingress's router
-table: with several ingresses, each balances its own sessions (as when it opens them).
+plan under its lock and asks its targets before it drops anything (``Session.move``). The loads are this
+ingress's router table: with several ingresses, each balances its own sessions (as when it opens them).
 
 Off by default (``S`` = 0): a move costs its session a short stall, which a deployment with fixed replica
 counts does not need.
@@ -80,9 +80,6 @@ def plan_moves(router, routes: dict[str, dict], movable, per_stage: int = 1, spr
             sid = on[source].pop(0)
             moves.append(Move(sid, stage, source, target, why))
             moved.add(sid)
-            for i in on:
-                if sid in on[i]:
-                    on[i].remove(sid)
             load[source] -= 1
             load[target] += 1
     return moves
